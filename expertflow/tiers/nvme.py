@@ -1,0 +1,331 @@
+"""NVMe tier: read one expert (all its tensors) from disk into a caller-provided host buffer.
+
+Two read modes, same result (the expert's tensors back to back in canonical order, see ``ExpertSpec``):
+
+* ``mmap``: each file is mapped once; a read is one memcpy per tensor out of the page cache.
+* ``direct``: ``O_DIRECT`` preads of 4 KiB-aligned spans straight into the (page-aligned) buffer, bypassing
+  the page cache, then an in-place compaction of the tensors to their canonical offsets. A packed checkpoint
+  (``expertflow pack``) is laid out so that this is a single read with nothing to move.
+
+Blocking reads run in a thread pool owned by the tier; the async API bounds concurrent reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from expertflow.errors import CheckpointError, ChecksumError, ConfigError, ExpertReadError, StoreClosedError
+from expertflow.tiers.checksum import expert_checksum
+from expertflow.tiers.layout import ExpertKey, ExpertLayout, ExpertSpec
+
+log = logging.getLogger(__name__)
+
+BLOCK = 4096
+ReadMode = Literal["mmap", "direct"]
+
+
+def buffer_address(buf: memoryview) -> int:
+    """Address of a writable buffer's first byte."""
+    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data) if len(buf) else 0
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One aligned read: ``length`` bytes of ``file`` from ``file_offset`` into the buffer at ``buf_offset``."""
+
+    file: str
+    file_offset: int
+    length: int
+    buf_offset: int
+    # (index of tensor in spec, position of its first byte in the buffer after the read)
+    placed: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    runs: tuple[_Run, ...]
+    extent: int  # bytes of buffer the raw reads touch
+    needs_move: bool  # some tensor is not already at its canonical offset
+    in_place: bool  # canonical offsets never exceed raw positions, so ascending memmove is safe
+
+
+def plan_direct(spec: ExpertSpec, block: int = BLOCK) -> _Plan:
+    """Aligned reads for one expert: tensors adjacent on disk (in canonical order) share one read."""
+    groups: list[list[int]] = []
+    for i, t in enumerate(spec.tensors):
+        if groups:
+            prev = spec.tensors[groups[-1][-1]]
+            if prev.file == t.file and prev.offset + prev.nbytes == t.offset:
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    runs = []
+    pos = 0
+    needs_move = False
+    in_place = True
+    for group in groups:
+        first, last = spec.tensors[group[0]], spec.tensors[group[-1]]
+        start = first.offset // block * block
+        end = -(-(last.offset + last.nbytes) // block) * block
+        placed = []
+        for i in group:
+            raw = pos + spec.tensors[i].offset - start
+            placed.append((i, raw))
+            needs_move |= raw != spec.offsets[i]
+            in_place &= raw >= spec.offsets[i]
+        runs.append(_Run(first.file, start, end - start, pos, tuple(placed)))
+        pos += end - start
+    return _Plan(tuple(runs), pos, needs_move, in_place)
+
+
+class NvmeTier:
+    """Reads experts of one checkpoint from disk. Owns its file descriptors, maps and read threads."""
+
+    name = "nvme"
+
+    def __init__(
+        self,
+        layout: ExpertLayout,
+        mode: ReadMode = "mmap",
+        *,
+        max_concurrent_reads: int = 4,
+        verify_checksums: bool = True,
+    ) -> None:
+        if mode not in ("mmap", "direct"):
+            raise ConfigError(f"read mode must be 'mmap' or 'direct', got {mode!r}")
+        if max_concurrent_reads < 1:
+            raise ConfigError("max_concurrent_reads must be >= 1")
+        self.layout = layout
+        self.mode: ReadMode = mode
+        self.verify_checksums = verify_checksums
+        self.max_concurrent_reads = max_concurrent_reads
+        self._closed = False
+        self._lock = threading.Lock()
+        self._maps: dict[str, mmap.mmap] = {}
+        self._fds: dict[str, int] = {}
+        self._direct_ok = True
+        self._plans: dict[ExpertKey, _Plan] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self._sem_loop: asyncio.AbstractEventLoop | None = None
+        self.bytes_read = 0
+        self.reads = 0
+        try:
+            self._open_files()
+            if mode == "direct":
+                self._plans = {k: plan_direct(s) for k, s in layout.experts.items()}
+        except BaseException:
+            self.close()
+            raise
+
+    # --- resources -------------------------------------------------------------------------------
+
+    def _open_files(self) -> None:
+        files = sorted({t.file for s in self.layout.experts.values() for t in s.tensors})
+        for file in files:
+            if self.mode == "mmap":
+                try:
+                    with open(file, "rb") as f:
+                        self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                except (OSError, ValueError) as exc:
+                    raise CheckpointError(f"cannot map file: {exc}", file=file) from exc
+                continue
+            flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+            fd = -1
+            if self._direct_ok and hasattr(os, "O_DIRECT"):
+                try:
+                    fd = os.open(file, flags | os.O_DIRECT)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise CheckpointError(f"cannot open file: {exc.strerror}", file=file) from exc
+                    self._direct_ok = False
+            if fd < 0:
+                if self._direct_ok is False or not hasattr(os, "O_DIRECT"):
+                    log.warning(
+                        "O_DIRECT is refused by the filesystem of %s; falling back to buffered reads "
+                        "(reads now go through the page cache)",
+                        file,
+                    )
+                    self._direct_ok = False
+                try:
+                    fd = os.open(file, flags)
+                except OSError as exc:
+                    raise CheckpointError(f"cannot open file: {exc.strerror}", file=file) from exc
+            self._fds[file] = fd
+        for s in self.layout.experts.values():
+            for t in s.tensors:
+                size = len(self._maps[t.file]) if self.mode == "mmap" else os.fstat(self._fds[t.file]).st_size
+                if t.offset + t.nbytes > size:
+                    raise CheckpointError(
+                        f"expert {s.key} needs bytes up to {t.offset + t.nbytes} but the file has {size}",
+                        file=t.file,
+                        tensor=t.source,
+                    )
+
+    @property
+    def direct_io(self) -> bool:
+        """True when reads really bypass the page cache."""
+        return self.mode == "direct" and self._direct_ok
+
+    def close(self) -> None:
+        """Release threads, maps and descriptors. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> NvmeTier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- sizes -----------------------------------------------------------------------------------
+
+    def buffer_nbytes(self, key: ExpertKey | None = None) -> int:
+        """Bytes a host buffer needs to receive an expert (``key``) or any expert (``None``) in this mode."""
+        if self.mode == "mmap":
+            return self.layout.spec(key).nbytes if key is not None else self.layout.max_expert_nbytes
+        if key is not None:
+            return max(self._plans[key].extent, self.layout.spec(key).nbytes)
+        return max((max(p.extent, self.layout.experts[k].nbytes) for k, p in self._plans.items()), default=0)
+
+    @property
+    def buffer_alignment(self) -> int:
+        """Alignment a buffer's address must have for this mode."""
+        return BLOCK if self.mode == "direct" else 1
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    def read_into(self, key: ExpertKey, buf: memoryview) -> int:
+        """Read every tensor of ``key`` into ``buf`` (canonical layout); returns the expert's nbytes.
+
+        Blocking; safe to call from several threads at once on different buffers.
+        """
+        if self._closed:
+            raise StoreClosedError("NVMe tier is closed")
+        spec = self.layout.spec(key)
+        need = self.buffer_nbytes(key)
+        if len(buf) < need:
+            raise ExpertReadError(f"buffer of {len(buf)} bytes is smaller than the {need} needed", key=key)
+        if buf.readonly:
+            raise ExpertReadError("buffer is read-only", key=key)
+        try:
+            if self.mode == "mmap":
+                self._read_mmap(spec, buf)
+            else:
+                self._read_direct(spec, self._plans[key], buf)
+        except OSError as exc:
+            raise ExpertReadError(f"read failed: {exc.strerror or exc}", key=key) from exc
+        if self.verify_checksums and spec.checksum is not None:
+            got = expert_checksum(buf[: spec.nbytes])
+            if got != spec.checksum:
+                raise ChecksumError(
+                    f"expert {key}: checksum {got:016x} != recorded {spec.checksum:016x} (corrupt pack file)",
+                    file=spec.tensors[0].file,
+                )
+        self.reads += 1
+        self.bytes_read += spec.nbytes
+        return spec.nbytes
+
+    def _read_mmap(self, spec: ExpertSpec, buf: memoryview) -> None:
+        for t, off in spec.views():
+            with memoryview(self._maps[t.file]) as mv:
+                buf[off : off + t.nbytes] = mv[t.offset : t.offset + t.nbytes]
+
+    def _read_direct(self, spec: ExpertSpec, plan: _Plan, buf: memoryview) -> None:
+        if self._direct_ok and buffer_address(buf) % BLOCK:
+            raise ExpertReadError(f"direct reads need a {BLOCK}-byte aligned buffer", key=spec.key)
+        for run in plan.runs:
+            dest = buf[run.buf_offset : run.buf_offset + run.length]
+            got = os.preadv(self._fds[run.file], [dest], run.file_offset)
+            last_needed = max(p + spec.tensors[i].nbytes for i, p in run.placed) - run.buf_offset
+            if got < last_needed:
+                raise CheckpointError(
+                    f"short read: {got} of {last_needed} bytes at offset {run.file_offset} (file truncated?)",
+                    file=run.file,
+                )
+        if not plan.needs_move:
+            return
+        placed = [(i, p) for run in plan.runs for i, p in run.placed]
+        if plan.in_place:
+            base = buffer_address(buf)
+            for i, raw in placed:  # ascending canonical offsets, each at or below its raw position
+                if raw != spec.offsets[i]:
+                    ctypes.memmove(base + spec.offsets[i], base + raw, spec.tensors[i].nbytes)
+        else:
+            staged = bytes(buf[: plan.extent])
+            for i, raw in placed:
+                n = spec.tensors[i].nbytes
+                buf[spec.offsets[i] : spec.offsets[i] + n] = staged[raw : raw + n]
+
+    def read_expert(self, key: ExpertKey) -> bytearray:
+        """Convenience for tools: a fresh buffer holding the expert (not for the hot path)."""
+        raw = mmap.mmap(-1, max(self.buffer_nbytes(key), 1))
+        try:
+            with memoryview(raw) as mv:
+                n = self.read_into(key, mv)
+                return bytearray(mv[:n])
+        finally:
+            raw.close()
+
+    # --- async -----------------------------------------------------------------------------------
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._sem is None or self._sem_loop is not loop:
+            self._sem = asyncio.Semaphore(self.max_concurrent_reads)
+            self._sem_loop = loop
+        return self._sem
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._closed:
+                raise StoreClosedError("NVMe tier is closed")
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.max_concurrent_reads, thread_name_prefix="ef-nvme")
+            return self._executor
+
+    async def read(self, key: ExpertKey, buf: memoryview) -> int:
+        """Async :meth:`read_into`, at most ``max_concurrent_reads`` at once.
+
+        If the caller is cancelled, the read still runs to completion before the cancellation propagates,
+        so the buffer is never written after the caller gets it back.
+        """
+        async with self._semaphore():
+            fut = asyncio.get_running_loop().run_in_executor(self._pool(), self.read_into, key, buf)
+            try:
+                return await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                try:
+                    await fut
+                except BaseException:  # noqa: S110 - the read's outcome no longer matters, only its end
+                    pass
+                raise
+
+    async def read_many(self, items: Sequence[tuple[ExpertKey, memoryview]]) -> list[int]:
+        """Read several experts concurrently (bounded)."""
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(self.read(k, b)) for k, b in items]
+        return [t.result() for t in tasks]
