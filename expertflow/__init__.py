@@ -14,25 +14,30 @@ from expertflow.errors import (
     StoreClosedError,
     UnsupportedModelError,
 )
+from expertflow.pipeline.store import AsyncExpertStore, ExpertHandle, ExpertStore, StoreStats
 from expertflow.tiers.layout import ExpertKey, ExpertLayout
 from expertflow.tiers.safetensors_index import open_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncExpertStore",
     "BudgetError",
     "CheckpointError",
     "ChecksumError",
     "ConfigError",
     "ExpertFlowError",
+    "ExpertHandle",
     "ExpertKey",
     "ExpertLayout",
     "ExpertReadError",
+    "ExpertStore",
     "FingerprintMismatchError",
     "ProtocolError",
     "RemoteError",
     "StoreClosedError",
     "StoreConfig",
+    "StoreStats",
     "UnsupportedModelError",
     "__version__",
     "open_checkpoint",

@@ -191,28 +191,35 @@ class ExpertLayout:
         return max((s.nbytes for s in self.experts.values()), default=0)
 
     def fingerprint(self) -> str:
-        """Hash of the expert layout (names, dtypes, shapes, sizes): equal iff experts are interchangeable.
+        """Hash of the expert layout (model type, roles, dtypes, shapes, sizes): equal iff the structure is.
 
         File names and offsets are left out so that a packed copy of a checkpoint has the fingerprint of its
-        source; checksums are in, where known, so that two checkpoints with other weights differ.
+        source. Checksums and weights are left out too (a pack has checksums, its source has none): two
+        checkpoints with the same expert shapes but other weights share a fingerprint.
         """
         h = hashlib.sha256()
         h.update(self.model_type.encode())
         for key in sorted(self.experts):
             spec = self.experts[key]
-            entry = [key.layer, key.expert, [[t.role, t.dtype, list(t.shape), t.nbytes] for t in spec.tensors]]
+            entry = [
+                key.layer,
+                key.expert,
+                [[t.role, t.dtype, list(t.shape), t.nbytes] for t in spec.tensors],
+            ]
             h.update(json.dumps(entry, separators=(",", ":")).encode())
         return h.hexdigest()[:32]
 
 
 # --- recognising expert tensors by name ------------------------------------------------------------
 
+# Indices are bounded to 9 digits: a crafted name with a huge number must not become a huge int (or a
+# ValueError from Python's int-string limit); such a tensor is simply not an expert.
 _PER_EXPERT = re.compile(
-    r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|feed_forward)\.experts)"
-    r"\.(?P<expert>\d+)\.(?P<role>.+)$"
+    r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d{1,9})\.(?:mlp|block_sparse_moe|feed_forward)\.experts)"
+    r"\.(?P<expert>\d{1,9})\.(?P<role>.+)$"
 )
 _FUSED = re.compile(
-    r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|feed_forward)\.experts)"
+    r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d{1,9})\.(?:mlp|block_sparse_moe|feed_forward)\.experts)"
     r"\.(?P<role>[A-Za-z_][A-Za-z0-9_]*)$"
 )
 _SHARED = re.compile(r"\.(shared_expert|shared_experts|shared_mlp)(\.|$)")
@@ -268,11 +275,19 @@ def build_layout(
                 file=fused[0].file,
             )
         n = counts.pop()
+        if n == 0:
+            raise CheckpointError(
+                "fused expert tensor holds no experts (leading dimension 0)",
+                file=fused[0].file,
+                tensor=fused[0].name,
+            )
         for t in fused:
             role = t.name.rsplit(".", 1)[1]
             if t.nbytes % n:
                 raise CheckpointError(
-                    f"fused tensor of {t.nbytes} bytes does not split into {n} experts", file=t.file, tensor=t.name
+                    f"fused tensor of {t.nbytes} bytes does not split into {n} experts",
+                    file=t.file,
+                    tensor=t.name,
                 )
             step = t.nbytes // n
             for e in range(n):
@@ -305,7 +320,9 @@ def _check_uniform(specs: Mapping[ExpertKey, ExpertSpec], root: str) -> None:
         layer_specs.sort(key=lambda s: s.key)
         ids = [s.key.expert for s in layer_specs]
         if ids != list(range(len(ids))):
-            missing = sorted(set(range(max(ids) + 1)) - set(ids))
+            present = set(ids)
+            # The first few gaps, without materialising range(max(ids)): a crafted id can be huge.
+            missing = [i for i in range(min(max(ids) + 1, len(ids) + 8)) if i not in present]
             raise CheckpointError(f"layer {layer} is missing experts {missing[:8]}", file=root)
         ref = layer_specs[0]
         ref_sig = [(t.role, t.dtype, t.shape) for t in ref.tensors]

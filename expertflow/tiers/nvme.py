@@ -13,6 +13,7 @@ Blocking reads run in a thread pool owned by the tier; the async API bounds conc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import logging
@@ -27,7 +28,7 @@ from typing import Literal
 import numpy as np
 
 from expertflow.errors import CheckpointError, ChecksumError, ConfigError, ExpertReadError, StoreClosedError
-from expertflow.tiers.checksum import expert_checksum
+from expertflow.tiers.checksum import spec_checksum
 from expertflow.tiers.layout import ExpertKey, ExpertLayout, ExpertSpec
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,18 @@ class _Plan:
 
 
 def plan_direct(spec: ExpertSpec, block: int = BLOCK) -> _Plan:
-    """Aligned reads for one expert: tensors adjacent on disk (in canonical order) share one read."""
+    """Aligned reads for one expert: tensors close together on disk (in canonical order) share one read.
+
+    "Close" is a forward gap shorter than a block: reading a few padding bytes is cheaper than another
+    request, and it keeps a packed expert (whose tensors sit at their canonical, possibly padded, offsets)
+    one read with nothing to move.
+    """
     groups: list[list[int]] = []
     for i, t in enumerate(spec.tensors):
         if groups:
             prev = spec.tensors[groups[-1][-1]]
-            if prev.file == t.file and prev.offset + prev.nbytes == t.offset:
+            gap = t.offset - (prev.offset + prev.nbytes)
+            if prev.file == t.file and 0 <= gap < block:
                 groups[-1].append(i)
                 continue
         groups.append([i])
@@ -239,7 +246,7 @@ class NvmeTier:
         except OSError as exc:
             raise ExpertReadError(f"read failed: {exc.strerror or exc}", key=key) from exc
         if self.verify_checksums and spec.checksum is not None:
-            got = expert_checksum(buf[: spec.nbytes])
+            got = spec_checksum(spec, buf)
             if got != spec.checksum:
                 raise ChecksumError(
                     f"expert {key}: checksum {got:016x} != recorded {spec.checksum:016x} (corrupt pack file)",
@@ -315,17 +322,46 @@ class NvmeTier:
         """
         async with self._semaphore():
             fut = asyncio.get_running_loop().run_in_executor(self._pool(), self.read_into, key, buf)
-            try:
-                return await asyncio.shield(fut)
-            except asyncio.CancelledError:
+            cancelled = False
+            # A thread cannot be stopped: however often we are cancelled, wait for the read to end.
+            while not fut.done():
                 try:
-                    await fut
-                except BaseException:  # noqa: S110 - the read's outcome no longer matters, only its end
-                    pass
-                raise
+                    await asyncio.shield(fut)
+                except asyncio.CancelledError:
+                    cancelled = True
+                except BaseException:
+                    break
+            if cancelled:
+                with contextlib.suppress(BaseException):
+                    fut.result()  # the read's outcome no longer matters, only that it has ended
+                raise asyncio.CancelledError
+            return fut.result()
 
     async def read_many(self, items: Sequence[tuple[ExpertKey, memoryview]]) -> list[int]:
-        """Read several experts concurrently (bounded)."""
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(self.read(k, b)) for k, b in items]
+        """Read several experts concurrently (bounded); nbytes of each, in order.
+
+        On the first failure (or cancellation) the other reads are cancelled, and this returns only once none
+        of them can still write into its buffer; then the first failure is raised.
+        """
+        tasks = [asyncio.ensure_future(self.read(k, b)) for k, b in items]
+        if not tasks:
+            return []
+        cancelled = False
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        except asyncio.CancelledError:
+            cancelled = True
+        if cancelled or any(t.done() and not t.cancelled() and t.exception() for t in tasks):
+            for t in tasks:
+                t.cancel()
+        while not all(t.done() for t in tasks):
+            try:
+                await asyncio.wait(tasks)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+        for t in tasks:
+            if not t.cancelled() and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
         return [t.result() for t in tasks]

@@ -98,7 +98,9 @@ def _parse_entry(file: str, name: str, entry: object, data_start: int, data_size
         raise CheckpointError(f"data_offsets {offsets!r} is not a pair of integers", file=file, tensor=name)
     begin, end = offsets
     if not 0 <= begin <= end:
-        raise CheckpointError(f"data_offsets {offsets} are not ordered and non-negative", file=file, tensor=name)
+        raise CheckpointError(
+            f"data_offsets {offsets} are not ordered and non-negative", file=file, tensor=name
+        )
     if end > data_size:
         raise CheckpointError(
             f"data_offsets end {end} beyond the {data_size}-byte data area (truncated file?)",
@@ -146,12 +148,16 @@ def checkpoint_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
         files: dict[str, Path] = {}
         for tensor, fname in weight_map.items():
             if not isinstance(fname, str) or not isinstance(tensor, str):
-                raise CheckpointError(f"weight_map entry {tensor!r}: {fname!r} is not a file name", file=str(index))
-            shard = (root / fname).resolve()
-            if shard.parent != root.resolve():
+                raise CheckpointError(
+                    f"weight_map entry {tensor!r}: {fname!r} is not a file name", file=str(index)
+                )
+            # Judge the name, not where it resolves to: in the Hugging Face cache every shard is a symlink
+            # into ../../blobs, which is fine; a name with a directory part ("../x", "/abs") is not.
+            if Path(fname).name != fname or fname in ("", ".", ".."):
                 raise CheckpointError(
                     f"shard {fname!r} is outside the model directory", file=str(index), tensor=tensor
                 )
+            shard = (root / fname).resolve()
             if fname not in files:
                 if not shard.is_file():
                     raise CheckpointError(
@@ -186,7 +192,9 @@ def scan_checkpoint(path: str | os.PathLike[str]) -> tuple[list[TensorInfo], dic
             if t.name in seen:
                 raise CheckpointError(f"tensor also stored in {seen[t.name]}", file=t.file, tensor=t.name)
             seen[t.name] = t.file
-            tensors.append(TensorInfo(t.name, str(Path(t.file).resolve()), t.offset, t.nbytes, t.dtype, t.shape))
+            tensors.append(
+                TensorInfo(t.name, str(Path(t.file).resolve()), t.offset, t.nbytes, t.dtype, t.shape)
+            )
     if weight_map is not None:
         for name, fname in weight_map.items():
             where = seen.get(name)
@@ -197,7 +205,9 @@ def scan_checkpoint(path: str | os.PathLike[str]) -> tuple[list[TensorInfo], dic
         extra = sorted(set(seen) - set(weight_map))
         if extra:
             raise CheckpointError(
-                f"{len(extra)} tensors are in shards but not in the index", file=seen[extra[0]], tensor=extra[0]
+                f"{len(extra)} tensors are in shards but not in the index",
+                file=seen[extra[0]],
+                tensor=extra[0],
             )
     return tensors, config, files
 

@@ -1,0 +1,426 @@
+"""``expertflow bench decode``: greedy decode across budgets and policies, against peers, in one run.
+
+Every contender runs in its own subprocess (fresh page cache accounting, honest peak memory), optionally
+inside a cgroup-v1 memory limit that also charges the page cache — without it, "disk offload" would be
+served from RAM after the first token and the comparison would mean nothing.
+
+Contenders: plain ``transformers`` with the whole model in RAM (the ceiling); ``accelerate`` disk offload of
+the experts modules (``device_map`` + ``offload_folder``); ExpertFlow with no cache (load on demand), with
+LRU, and with prediction + predictive eviction (the full system).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from expertflow.bench.report import BenchResult
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One configuration to run: a peer or an ExpertFlow setting at a host budget (fraction of expert bytes)."""
+
+    name: str
+    kind: str  # transformers | accelerate | expertflow
+    budget: float | None = None
+    policy: str = "lru"
+    predictor: str = "none"
+
+    @property
+    def label(self) -> str:
+        return self.name if self.budget is None else f"{self.name} @{self.budget:.0%}"
+
+
+def default_contenders(budgets: Sequence[float]) -> list[Contender]:
+    out = [
+        Contender("transformers (RAM)", "transformers"),
+        Contender("accelerate disk offload", "accelerate"),
+    ]
+    for b in budgets:
+        out.append(Contender("expertflow no-cache", "expertflow", b, "none", "none"))
+        out.append(Contender("expertflow lru", "expertflow", b, "lru", "none"))
+        out.append(Contender("expertflow predictive", "expertflow", b, "predictive", "combined"))
+    return out
+
+
+@dataclass
+class WorkerSpec:
+    model: str
+    contender: dict[str, Any]
+    prompt: list[int]
+    new_tokens: int
+    read_mode: str = "direct"
+    offload_dir: str = ""
+    host_bytes: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --- the worker (runs in the subprocess) ------------------------------------------------------------------
+
+
+def _experts_device_map(model: Any) -> dict[str, str]:
+    """accelerate device_map: every experts module on "disk", everything else on the CPU."""
+
+    def is_experts(mod: Any) -> bool:
+        p = getattr(mod, "gate_up_proj", None)
+        return p is not None and getattr(p, "ndim", 0) == 3
+
+    def has_experts(mod: Any) -> bool:
+        return any(is_experts(m) for m in mod.modules())
+
+    dm: dict[str, str] = {}
+
+    def assign(prefix: str, mod: Any) -> None:
+        if is_experts(mod):
+            dm[prefix] = "disk"
+        elif not has_experts(mod):
+            dm[prefix] = "cpu"
+        else:
+            for name, child in mod.named_children():
+                assign(f"{prefix}.{name}" if prefix else name, child)
+            for name, _ in mod.named_parameters(recurse=False):
+                dm[f"{prefix}.{name}" if prefix else name] = "cpu"
+
+    assign("", model)
+    return dm
+
+
+def run_worker(spec: WorkerSpec) -> dict[str, Any]:
+    """Load the contender's model, decode, return the measurements (called inside the subprocess)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from expertflow.model.generate import generate
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    c = Contender(**spec.contender)
+    t0 = time.perf_counter()
+    if c.kind == "transformers":
+        model = AutoModelForCausalLM.from_pretrained(spec.model, dtype="auto").eval()
+    elif c.kind == "accelerate":
+        config = AutoConfig.from_pretrained(spec.model)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        device_map = _experts_device_map(skeleton)
+        del skeleton
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.model, dtype="auto", device_map=device_map, offload_folder=spec.offload_dir
+        ).eval()
+    else:
+        from expertflow.config import StoreConfig
+        from expertflow.model.loader import load_model
+
+        model = load_model(
+            spec.model,
+            config=StoreConfig(
+                host_bytes=spec.host_bytes,
+                policy=c.policy,  # type: ignore[arg-type]
+                predictor=c.predictor,  # type: ignore[arg-type]
+                read_mode=spec.read_mode,  # type: ignore[arg-type]
+            ),
+        )
+    load_seconds = time.perf_counter() - t0
+    result = generate(model, spec.prompt, spec.new_tokens)
+    out = {
+        "label": c.label,
+        "contender": asdict(c),
+        "load_seconds": load_seconds,
+        "tokens_per_second": result.tokens_per_second,
+        "ms_per_token": 1e3 / result.tokens_per_second if result.tokens_per_second else None,
+        "prefill_seconds": result.prefill_seconds,
+        "new_tokens": result.new_tokens,
+        "tokens": result.tokens,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "stats": result.stats,
+        "prediction": result.prediction,
+    }
+    close = getattr(model, "close", None)
+    if callable(close):
+        close()
+    return out
+
+
+# --- checkpoints the decode bench builds -----------------------------------------------------------------
+
+# Mixtral-architecture presets (random weights, built once with transformers' save_pretrained).
+DECODE_PRESETS: dict[str, dict[str, Any]] = {
+    # For tests: builds in a second.
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_local_experts=4, dtype="float32"
+    ),
+    # make demo / quick runs: ~100 MiB of experts.
+    "small": dict(
+        hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_local_experts=8, dtype="bfloat16"
+    ),
+    # DESIGN.md's peer baseline shape: 1.4 GB of bf16 experts, meant to run under a memory cgroup.
+    "beyond-ram": dict(
+        hidden_size=1024, intermediate_size=3584, num_hidden_layers=8, num_local_experts=8, dtype="bfloat16"
+    ),
+}
+
+
+def build_preset(name: str, workdir: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Build (once) a random-weight Mixtral checkpoint of preset ``name`` under ``workdir``."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    params = dict(DECODE_PRESETS[name])
+    dtype = getattr(torch, params.pop("dtype"))
+    root = Path(workdir) / f"mixtral-{name}"
+    if (root / "config.json").is_file() and any(root.glob("*.safetensors")):
+        return root
+    log(f"building the {name} checkpoint in {root} (once)")
+    config = MixtralConfig(
+        vocab_size=256,
+        num_attention_heads=8 if params["hidden_size"] >= 256 else 4,
+        num_key_value_heads=2,
+        num_experts_per_tok=2,
+        max_position_embeddings=1024,
+        **params,
+    )
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = MixtralForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # random, non-degenerate routing and experts
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.05)
+    tmp = root.with_name(root.name + ".partial")
+    model.save_pretrained(tmp, max_shard_size="400MB")
+    tmp.rename(root)
+    return root
+
+
+# --- the driver --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit_bytes: int | None) -> Iterator[Path | None]:
+    """A fresh cgroup-v1 memory group limited to ``limit_bytes`` (page cache included), removed afterwards."""
+    if limit_bytes is None:
+        yield None
+        return
+    if not (CGROUP_ROOT / "cgroup.procs").exists():
+        raise RuntimeError("a memory limit needs the cgroup v1 memory controller at /sys/fs/cgroup/memory")
+    group = CGROUP_ROOT / f"expertflow-bench-{os.getpid()}-{time.monotonic_ns()}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        yield group
+    finally:
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_contender(spec: WorkerSpec, *, limit_bytes: int | None, timeout: float) -> dict[str, Any]:
+    """Run one contender in a subprocess (inside the memory cgroup when limited); returns its JSON."""
+    drop_caches()
+    with memory_cgroup(limit_bytes) as group:
+
+        def enter_group() -> None:
+            if group is not None:
+                (group / "cgroup.procs").write_text(str(os.getpid()))
+
+        proc = subprocess.run(
+            [sys.executable, "-m", "expertflow.bench.decode", "--worker", json.dumps(asdict(spec))],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            preexec_fn=enter_group,
+            check=False,
+        )
+        peak_group = None
+        if group is not None:
+            with contextlib.suppress(OSError):
+                peak_group = int((group / "memory.max_usage_in_bytes").read_text())
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or "").strip().splitlines()[-3:]
+        return {
+            "label": Contender(**spec.contender).label,
+            "error": f"exit {proc.returncode}: {' | '.join(tail)}",
+        }
+    out = json.loads(lines[-1])
+    out["peak_cgroup_bytes"] = peak_group
+    return out
+
+
+def bench_decode(
+    model_dir: str,
+    *,
+    budgets: Sequence[float] = (1.0, 0.5, 0.25, 0.1),
+    contenders: Sequence[Contender] | None = None,
+    prompt: Sequence[int] = tuple(range(1, 17)),
+    new_tokens: int = 32,
+    read_mode: str = "direct",
+    memory_limit: int | None = None,
+    workdir: str | Path = ".bench",
+    timeout: float = 1800.0,
+    log: Callable[[str], None] = print,
+) -> BenchResult:
+    """Every contender on the same checkpoint and prompt; rows with tokens/s, stall, bytes, bound, efficiency."""
+    from expertflow.bench.tiers import dd_direct
+    from expertflow.tiers.safetensors_index import open_checkpoint
+
+    layout = open_checkpoint(model_dir)
+    expert_bytes = layout.expert_bytes
+    contenders = list(contenders or default_contenders(budgets))
+    offload = Path(workdir) / "accelerate-offload"
+    offload.mkdir(parents=True, exist_ok=True)
+    files = sorted({t.file for s in layout.experts.values() for t in s.tensors})
+    drop_caches()
+    dd = dd_direct(files, layout.max_expert_nbytes)
+    bandwidth = dd.gbps * 1e9 if dd else None
+    result = BenchResult("decode", [])
+    result.notes.append(
+        f"checkpoint {model_dir}: {layout.model_type}, {len(layout.experts)} experts, "
+        f"{expert_bytes / 2**20:.1f} MiB of experts, {layout.non_expert_bytes / 2**20:.1f} MiB non-expert"
+    )
+    result.notes.append(
+        f"read bandwidth for the bound: dd iflag=direct = {dd.gbps if dd else float('nan'):.2f} GB/s"
+    )
+    if memory_limit:
+        result.notes.append(
+            f"every contender ran in a memory cgroup of {memory_limit / 2**20:.0f} MiB (page cache included)"
+        )
+    compute_s: float | None = None
+    for c in contenders:
+        host = None if c.budget is None else int(expert_bytes * c.budget)
+        spec = WorkerSpec(model_dir, asdict(c), list(prompt), new_tokens, read_mode, str(offload), host)
+        log(f"running {c.label} ...")
+        # The RAM ceiling is the compute time the bound uses; it is run without the memory limit.
+        limit = None if c.kind == "transformers" else memory_limit
+        row = run_contender(spec, limit_bytes=limit, timeout=timeout)
+        if "error" not in row and c.kind == "transformers":
+            compute_s = 1 / row["tokens_per_second"] if row["tokens_per_second"] else None
+        result.rows.append(row)
+        log(
+            f"  {row.get('tokens_per_second', float('nan')):.2f} tok/s"
+            if "error" not in row
+            else f"  {row['error']}"
+        )
+    for row in result.rows:
+        _add_bound(row, compute_s, bandwidth)
+    reference = next(
+        (r["tokens"] for r in result.rows if r.get("contender", {}).get("kind") == "transformers"), None
+    )
+    for row in result.rows:
+        if reference is not None and "tokens" in row:
+            row["same_tokens_as_transformers"] = row["tokens"] == reference
+    result.summary = _summary(result.rows)
+    return result
+
+
+def _add_bound(row: dict[str, Any], compute_s: float | None, bandwidth: float | None) -> None:
+    stats = row.get("stats") or {}
+    tokens = max(1, row.get("new_tokens", 1))
+    bytes_read = sum((stats.get("bytes_read") or {}).values())
+    row["MiB_read_per_token"] = bytes_read / tokens / 2**20 if stats else None
+    row["stall_ms_per_token"] = 1e3 * stats.get("stall_seconds", 0.0) / tokens if stats else None
+    row["hit_rate"] = stats.get("hit_rate") if stats else None
+    if compute_s is None or not row.get("tokens_per_second"):
+        return
+    io_s = bytes_read / tokens / bandwidth if bandwidth and stats else 0.0
+    bound = max(compute_s, io_s)
+    row["bound_ms_per_token"] = 1e3 * bound
+    row["overlap_efficiency"] = bound * row["tokens_per_second"]
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    by = {r["label"]: r for r in rows if "error" not in r}
+    acc = next((r for r in by.values() if r["contender"]["kind"] == "accelerate"), None)
+    out: dict[str, Any] = {}
+    for label, r in by.items():
+        if acc and r["contender"]["kind"] == "expertflow" and acc["tokens_per_second"]:
+            out[f"{label} / accelerate"] = round(r["tokens_per_second"] / acc["tokens_per_second"], 2)
+    return out
+
+
+COLUMNS = [
+    "label",
+    "tokens_per_second",
+    "ms_per_token",
+    "stall_ms_per_token",
+    "MiB_read_per_token",
+    "hit_rate",
+    "bound_ms_per_token",
+    "overlap_efficiency",
+    "peak_rss_bytes",
+    "peak_cgroup_bytes",
+    "same_tokens_as_transformers",
+]
+
+
+def plot_decode(result: BenchResult, path: str | Path) -> Path:
+    """tokens/s vs host budget per policy, with the peers as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in result.rows:
+        if "error" in r:
+            continue
+        c = r["contender"]
+        if c["kind"] == "expertflow":
+            series.setdefault(c["name"], []).append((100 * c["budget"], r["tokens_per_second"]))
+        else:
+            ax.axhline(
+                r["tokens_per_second"],
+                linestyle="--",
+                linewidth=1,
+                label=c["name"],
+                color="gray" if c["kind"] == "transformers" else "red",
+            )
+    for name, pts in series.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel("host budget (% of expert bytes)")
+    ax.set_ylabel("tokens/s")
+    ax.set_title("Greedy decode throughput vs memory budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _worker_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", required=True)
+    args = parser.parse_args(argv)
+    spec = WorkerSpec(**json.loads(args.worker))
+    print(json.dumps(run_worker(spec), default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))

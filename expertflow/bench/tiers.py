@@ -1,0 +1,312 @@
+"""``expertflow bench tiers``: throughput and per-expert latency of each path, beside its raw limit.
+
+Paths and the limit each is compared with (measured in the same run, on the same bytes):
+
+* NVMe ``direct`` (O_DIRECT preads, 1 and N in flight)  vs  ``dd iflag=direct`` with the expert size as block
+* NVMe ``mmap``, cold page cache                         vs  ``dd iflag=direct``
+* NVMe ``mmap``, warm page cache                         vs  memcpy of the same sizes
+* host -> device slot copy                               vs  memcpy of the same sizes
+* remote over ``tcp://127.0.0.1`` and ``ipc://``          vs  raw ZeroMQ PUSH/PULL with the same message size
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from expertflow.bench.report import BenchResult
+from expertflow.tiers.device import CopyDeviceTier
+from expertflow.tiers.host import HostPool
+from expertflow.tiers.layout import ExpertKey, ExpertLayout
+from expertflow.tiers.nvme import BLOCK, NvmeTier
+
+
+@dataclass
+class Timing:
+    nbytes: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def latency_ms(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return 1e3 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def drop_page_cache(files: Sequence[str]) -> str:
+    """Evict ``files`` from the page cache; returns the method used (said in the report)."""
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return "posix_fadvise(DONTNEED) + drop_caches"
+    except OSError:
+        return "posix_fadvise(DONTNEED)"
+
+
+def dd_direct(files: Sequence[str], block: int) -> Timing | None:
+    """``dd iflag=direct`` over every file; None where dd is missing or O_DIRECT is refused."""
+    dd = shutil.which("dd")
+    if dd is None:
+        return None
+    bs = max(BLOCK, block // BLOCK * BLOCK)
+    total = 0
+    seconds = 0.0
+    for file in files:
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [dd, f"if={file}", "of=/dev/null", f"bs={bs}", "iflag=direct"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        seconds += time.perf_counter() - t0
+        if proc.returncode != 0:
+            return None
+        m = re.search(r"^(\d+) bytes", proc.stderr, re.MULTILINE)
+        total += int(m.group(1)) if m else os.path.getsize(file)
+    return Timing(total, seconds, [])
+
+
+def read_experts(tier: NvmeTier, keys: Sequence[ExpertKey], concurrency: int) -> Timing:
+    """Read ``keys`` through the NVMe tier with ``concurrency`` reads in flight, into host-pool buffers."""
+    pool = HostPool(tier.buffer_nbytes(), tier.buffer_nbytes() * concurrency + BLOCK)
+    latencies: list[float] = []
+
+    async def run() -> int:
+        queue: asyncio.Queue[ExpertKey] = asyncio.Queue()
+        for k in keys:
+            queue.put_nowait(k)
+        done = 0
+
+        async def reader(i: int) -> None:
+            nonlocal done
+            buf = pool.buffer(i)
+            while not queue.empty():
+                key = queue.get_nowait()
+                t0 = time.perf_counter()
+                n = await tier.read(key, buf)  # read first: `done += await` would race the other readers
+                done += n
+                latencies.append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(reader(i) for i in range(concurrency)))
+        return done
+
+    try:
+        t0 = time.perf_counter()
+        nbytes = asyncio.run(run())
+        return Timing(nbytes, time.perf_counter() - t0, latencies)
+    finally:
+        pool.close()
+
+
+WORKING_SET = 512 << 20  # larger than any CPU cache: copies run at DRAM speed, as the store's do
+
+
+def memcpy(nbytes: int, count: int) -> Timing:
+    """Plain tensor copies of ``nbytes`` between preallocated buffers rotating over a DRAM-sized working set."""
+    n = max(2, WORKING_SET // nbytes)
+    src = torch.ones(n, nbytes, dtype=torch.uint8)
+    dst = torch.zeros(n, nbytes, dtype=torch.uint8)  # first touch outside the timing
+    latencies = []
+    t0 = time.perf_counter()
+    for i in range(count):
+        s = time.perf_counter()
+        dst[i % n].copy_(src[(i * 7 + 3) % n])
+        latencies.append(time.perf_counter() - s)
+    return Timing(nbytes * count, time.perf_counter() - t0, latencies)
+
+
+def host_to_device(nbytes: int, count: int, device: str = "cpu") -> Timing:
+    """Copies from host-pool buffers into device-tier slots (the store's upload path), same working set as memcpy."""
+    n = max(2, WORKING_SET // nbytes)
+    pool = HostPool(nbytes, nbytes * n + BLOCK * n)
+    tier = CopyDeviceTier(device, pool.num_buffers, pool.buffer_nbytes)
+    try:
+        pool.tensor.fill_(1)
+        latencies = []
+        m = pool.num_buffers
+
+        async def run() -> None:
+            for i in range(count):
+                s = time.perf_counter()
+                slot = i % m
+                await tier.upload(pool, (i * 7 + 3) % m, slot, nbytes)
+                tier.wait_ready(slot)
+                if tier.device.type == "cuda":
+                    torch.cuda.synchronize()
+                latencies.append(time.perf_counter() - s)
+
+        t0 = time.perf_counter()
+        asyncio.run(run())
+        return Timing(nbytes * count, time.perf_counter() - t0, latencies)
+    finally:
+        tier.close()
+        pool.close()
+
+
+def _row(path: str, timing: Timing, limit_name: str, limit: Timing | None, expert_nbytes: int, **extra: Any):
+    row: dict[str, Any] = {
+        "path": path,
+        "expert_MiB": expert_nbytes / 2**20,
+        "GB/s": timing.gbps,
+        "p50_ms": timing.latency_ms(0.5),
+        "p99_ms": timing.latency_ms(0.99),
+        "limit": limit_name,
+        "limit_GB/s": limit.gbps if limit else None,
+        "fraction": timing.gbps / limit.gbps if limit and limit.gbps else None,
+    }
+    row.update(extra)
+    return row
+
+
+def run_tiers(
+    layout: ExpertLayout,
+    *,
+    max_experts: int | None = None,
+    concurrency: int = 4,
+    remote: Callable[[ExpertLayout, Sequence[ExpertKey]], list[dict[str, Any]]] | None = None,
+    log: Callable[[str], None] = print,
+) -> BenchResult:
+    """Measure every path on the experts of ``layout`` (the first ``max_experts`` of them)."""
+    keys = layout.keys()[: max_experts or None]
+    expert_nbytes = layout.spec(keys[0]).nbytes
+    files = sorted({t.file for k in keys for t in layout.spec(k).tensors})
+    total = sum(layout.spec(k).nbytes for k in keys)
+    result = BenchResult("tiers", [])
+    log(
+        f"{len(keys)} experts of {expert_nbytes / 2**20:.2f} MiB ({total / 1e9:.2f} GB) in {len(files)} files"
+    )
+
+    method = drop_page_cache(files)
+    dd = dd_direct(files, expert_nbytes)
+    result.notes.append(
+        "dd: `dd if=FILE of=/dev/null bs=<expert size> iflag=direct` over the same files (whole files)"
+    )
+
+    with NvmeTier(layout, "direct") as tier:
+        direct_note = "O_DIRECT" if tier.direct_io else "O_DIRECT refused: buffered reads"
+        for qd in sorted({1, concurrency}):
+            drop_page_cache(files)
+            t = read_experts(tier, keys, qd)
+            result.rows.append(_row(f"nvme direct qd={qd}", t, "dd iflag=direct", dd, expert_nbytes))
+            log(f"nvme direct qd={qd}: {t.gbps:.2f} GB/s ({direct_note})")
+
+    mc = memcpy(expert_nbytes, max(4, min(len(keys), 64)))
+    with NvmeTier(layout, "mmap") as tier:
+        drop_page_cache(files)
+        cold = read_experts(tier, keys, concurrency)
+        result.rows.append(
+            _row(f"nvme mmap cold qd={concurrency}", cold, "dd iflag=direct", dd, expert_nbytes)
+        )
+        warm = read_experts(tier, keys, concurrency)
+        result.rows.append(_row(f"nvme mmap warm qd={concurrency}", warm, "memcpy", mc, expert_nbytes))
+        log(f"mmap cold {cold.gbps:.2f} GB/s, warm {warm.gbps:.2f} GB/s")
+    result.notes.append(f"cold page cache: {method} before each cold measurement")
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    h2d = host_to_device(expert_nbytes, max(4, min(len(keys), 64)), device)
+    result.rows.append(_row(f"host -> {device} slot", h2d, "memcpy", mc, expert_nbytes))
+    if device == "cpu":
+        result.notes.append(
+            "no GPU: host -> device is the CPU slot copy the store would do with a separate tier"
+        )
+    if dd is not None:
+        result.rows.append(_row("dd iflag=direct (limit)", dd, "", None, expert_nbytes))
+    result.rows.append(_row("memcpy (limit)", mc, "", None, expert_nbytes))
+
+    if remote is not None:
+        result.rows.extend(remote(layout, keys))
+    result.summary = {
+        r["path"]: round(r["fraction"], 3) for r in result.rows if r.get("fraction") is not None
+    }
+    return result
+
+
+def plot_tiers(result: BenchResult, path: str | Path) -> Path:
+    """Bar chart: each path's GB/s beside its limit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result.rows if r.get("limit")]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["GB/s"] for r in rows], width=0.4, label="ExpertFlow path")
+    ax.bar(
+        [x + 0.2 for x in xs], [r["limit_GB/s"] or 0 for r in rows], width=0.4, label="raw limit", alpha=0.6
+    )
+    ax.set_xticks(list(xs), [r["path"] for r in rows], rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("GB/s")
+    ax.set_title("Throughput per tier vs its raw limit (same run)")
+    ax.legend()
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def bench_tiers(
+    *,
+    model: str | None,
+    preset: str,
+    size_bytes: int,
+    workdir: str | Path,
+    out_dir: str | Path,
+    max_experts: int | None = None,
+    concurrency: int = 4,
+    remote: bool = True,
+    log: Callable[[str], None] = print,
+) -> BenchResult:
+    """The whole ``expertflow bench tiers`` run: checkpoint (given or built), measurements, JSON/MD/PNG."""
+    from expertflow.bench.checkpoints import PRESETS, describe, write_expert_file
+    from expertflow.tiers.safetensors_index import open_checkpoint
+
+    if model is None:
+        shape = PRESETS[preset]
+        root = Path(workdir) / f"bench-{preset}-{size_bytes >> 20}MiB"
+        log(f"building {describe(shape)} checkpoint of {size_bytes / 2**30:.2f} GiB in {root} (once)")
+        write_expert_file(root, shape, size_bytes, on_shard=lambda i, n: log(f"  shard {i}/{n} written"))
+        model = str(root)
+    layout = open_checkpoint(model)
+    remote_fn = None
+    if remote:
+        try:
+            from expertflow.bench.remote import measure_remote
+        except ImportError:
+            log("remote tier not available in this build; skipping remote rows")
+        else:
+            remote_fn = measure_remote
+    result = run_tiers(layout, max_experts=max_experts, concurrency=concurrency, remote=remote_fn, log=log)
+    result.notes.append(f"checkpoint: {model} ({layout.model_type}, {len(layout.experts)} experts)")
+    result.write(out_dir)
+    plot_tiers(result, Path(out_dir) / "tiers.png")
+    return result

@@ -1,0 +1,218 @@
+"""Command lines: ``expertflow`` (inspect, pack, ...) and ``expertflow-store`` (serve, stat, ...).
+
+Argument parsing and printing only; every command calls a library function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from expertflow.config import POLICIES, PREDICTORS, READ_MODES, StoreConfig, parse_size
+from expertflow.errors import ExpertFlowError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from expertflow.tiers.inspect import describe, format_table
+    from expertflow.tiers.safetensors_index import open_checkpoint
+
+    desc = describe(open_checkpoint(args.path))
+    print(json.dumps(desc, indent=2) if args.json else format_table(desc))
+    return 0
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from expertflow.tiers.pack import pack_checkpoint
+
+    out = pack_checkpoint(args.src, args.dst, progress=not args.no_progress)
+    print(f"packed {args.src} -> {out}")
+    return 0
+
+
+def _store_config(args: argparse.Namespace) -> StoreConfig:
+    return StoreConfig(
+        device=args.device,
+        device_slots=args.device_slots,
+        host_bytes=parse_size(args.host_mem) if args.host_mem else None,
+        read_mode=args.read_mode,
+        policy=args.policy,
+        predictor=args.predictor,
+        remote=tuple(args.remote or ()),
+    )
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from expertflow.model.generate import encode_prompt, format_summary, generate
+    from expertflow.model.loader import load_model
+
+    ids = encode_prompt(args.path, args.prompt, args.token_ids, args.byte_tokens)
+    model = load_model(args.path, device=args.device, config=_store_config(args))
+    try:
+
+        def show(token: int) -> None:
+            text = chr(token) if args.byte_tokens and 32 <= token < 127 else f"[{token}]"
+            print(text, end="", flush=True)
+
+        result = generate(model, ids, args.max_new_tokens, on_token=show)
+        print()
+        if args.json:
+            print(json.dumps(result.as_dict(), indent=2, default=str))
+        else:
+            print(format_summary(result))
+    finally:
+        model.close()
+    return 0
+
+
+def _add_store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="compute device (cpu, cuda:0)")
+    p.add_argument("--device-slots", type=int, default=None, help="expert slots on a GPU")
+    p.add_argument("--host-mem", default=None, help="host buffer budget, e.g. 512MiB (default: all experts)")
+    p.add_argument(
+        "--read-mode", choices=READ_MODES, default="mmap", help="NVMe reads: mmap or direct (O_DIRECT)"
+    )
+    p.add_argument("--policy", choices=POLICIES, default="lru", help="eviction policy")
+    p.add_argument(
+        "--predictor", choices=PREDICTORS, default="combined", help="expert prediction for prefetch"
+    )
+    p.add_argument("--remote", action="append", help="expert daemon address (repeatable), tried before NVMe")
+
+
+def _add_prompt_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", help="prompt text (uses the checkpoint's tokenizer, or --byte-tokens)")
+    p.add_argument(
+        "--token-ids", help="prompt as comma-separated token ids, for checkpoints without a tokenizer"
+    )
+    p.add_argument("--byte-tokens", action="store_true", help="byte-level model: token id = UTF-8 byte")
+
+
+def _cmd_bench_tiers(args: argparse.Namespace) -> int:
+    from expertflow.bench.report import markdown_table
+    from expertflow.bench.tiers import bench_tiers
+
+    result = bench_tiers(
+        model=args.model,
+        preset=args.preset,
+        size_bytes=parse_size(args.size),
+        workdir=args.workdir,
+        out_dir=args.out,
+        max_experts=args.max_experts,
+        concurrency=args.concurrency,
+        remote=not args.no_remote,
+    )
+    print(markdown_table(result.rows))
+    print(f"written to {args.out}/tiers.json, tiers.md, tiers.png")
+    return 0
+
+
+def _cmd_bench_decode(args: argparse.Namespace) -> int:
+    from expertflow.bench.decode import COLUMNS, bench_decode, build_preset, plot_decode
+    from expertflow.bench.report import markdown_table
+
+    model = args.model or str(build_preset(args.preset, args.workdir))
+    result = bench_decode(
+        model,
+        budgets=[float(b) for b in args.budgets.split(",")],
+        new_tokens=args.new_tokens,
+        read_mode=args.read_mode,
+        memory_limit=parse_size(args.memory_limit) if args.memory_limit else None,
+        workdir=args.workdir,
+    )
+    result.write(args.out, COLUMNS)
+    plot_decode(result, f"{args.out}/decode.png")
+    print(markdown_table(result.rows, COLUMNS))
+    print(f"written to {args.out}/decode.json, decode.md, decode.png")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="expertflow", description="Run MoE models whose experts live on disk."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="experts, sizes and files of a checkpoint: size your budgets")
+    p.add_argument("path", help="Hugging Face model directory (or an ExpertFlow pack)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("pack", help="convert to the expert-major, 4 KiB-aligned pack format")
+    p.add_argument("src", help="Hugging Face model directory")
+    p.add_argument("dst", help="output directory (must not exist)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_pack)
+
+    p = sub.add_parser("generate", help="greedy generation with experts offloaded; prints a summary")
+    p.add_argument("path", help="Hugging Face model directory")
+    _add_prompt_options(p)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_store_options(p)
+    p.set_defaults(func=_cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks: tiers, decode, policies").add_subparsers(
+        dest="bench", required=True
+    )
+    p = bench.add_parser("tiers", help="GB/s and latency per tier vs its raw limit")
+    p.add_argument("--model", help="checkpoint to read (default: build one of --preset's expert shape)")
+    p.add_argument("--preset", default="olmoe-1b-7b", help="expert shape of a real model family")
+    p.add_argument("--size", default="2GiB", help="bytes of experts in the built checkpoint")
+    p.add_argument("--max-experts", type=int, default=None)
+    p.add_argument("--concurrency", type=int, default=4, help="reads in flight for the concurrent rows")
+    p.add_argument("--no-remote", action="store_true", help="skip the remote-tier rows")
+    p.add_argument("--workdir", default=".bench", help="where built checkpoints are kept")
+    p.add_argument("--out", default="benchmarks", help="where JSON, Markdown and PNG go")
+    p.set_defaults(func=_cmd_bench_tiers)
+
+    p = bench.add_parser("decode", help="tokens/s across budgets and policies vs transformers and accelerate")
+    p.add_argument("--model", help="checkpoint (default: build --preset)")
+    p.add_argument("--preset", default="small", choices=["tiny", "small", "beyond-ram"])
+    p.add_argument("--budgets", default="1.0,0.5,0.25,0.1", help="host budgets as fractions of expert bytes")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--read-mode", choices=READ_MODES, default="direct")
+    p.add_argument("--memory-limit", default=None, help="cgroup memory limit for every contender, e.g. 1GiB")
+    p.add_argument("--workdir", default=".bench")
+    p.add_argument("--out", default="benchmarks")
+    p.set_defaults(func=_cmd_bench_decode)
+    return parser
+
+
+def build_store_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expertflow-store", description="Serve experts over the network.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_subparsers(dest="command", required=True)
+    return parser
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    func: Handler = args.func
+    try:
+        return func(args)
+    except ExpertFlowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _run(build_parser(), argv)
+
+
+def store_main(argv: Sequence[str] | None = None) -> int:
+    return _run(build_store_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Which module holds a layer's routed experts, and how the tensors of a slot fill its parameters.
+
+No table per model family lives here. transformers already declares, in ``conversion_mapping.py``, how the
+per-expert tensors on disk become the fused parameters of its ``*Experts`` modules: renames
+(``block_sparse_moe`` -> ``mlp``), stacking experts (``MergeModulelist``), concatenating gate and up
+(``Concatenate``), transposing (``Transpose``). We replay those declarations on tensor *names* only, so every
+family with the ``@use_experts_implementation`` seam is covered by the same code:
+
+* Mixtral / Phi-MoE: ``gate_up_proj <- ("w1.weight", "w3.weight")``, ``down_proj <- "w2.weight"``;
+* Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3: ``gate_up_proj <- ("gate_proj.weight", "up_proj.weight")``;
+* GPT-OSS (fused on disk, no conversion): ``gate_up_proj``, ``gate_up_proj_bias``, ``down_proj``, ...;
+* Qwen3-VL-MoE (fused on disk, transposed in the official files): ``gate_up_proj <- "gate_up_proj"``, ``.T``.
+
+A conversion we cannot express as a view of slot memory (interleaving, chunking, dequantising) makes the
+family unsupported with a precise error rather than a silent copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (
+    Concatenate,
+    MergeModulelist,
+    Transpose,
+    WeightConverter,
+    WeightRenaming,
+    apply_renamings,
+    rename_source_key,
+)
+
+from expertflow.errors import CheckpointError, ConfigError, UnsupportedModelError
+from expertflow.tiers.dtypes import torch_dtype
+from expertflow.tiers.layout import ExpertKey, ExpertLayout, TensorSlice
+
+# Expert kernels of transformers' ExpertsInterface that skip routing entries whose expert id is
+# ``>= num_experts`` once the module is flagged expert-parallel (that is how transformers' own expert
+# parallelism masks experts that live on another rank; our "other rank" is "not resident yet"):
+# ``grouped_mm`` sorts them past the last group and never multiplies them; ``batched_mm`` clamps the id and
+# zeroes the weight. The families' eager loops are not uniform (GPT-OSS one-hot encodes ids with exactly
+# ``num_experts`` classes and would fail), so eager is never used for offloaded experts.
+SENTINEL_SAFE_IMPLEMENTATIONS: tuple[str, ...] = ("grouped_mm", "batched_mm")
+DEFAULT_IMPLEMENTATION = "grouped_mm"
+
+
+def choose_implementation(requested: str | None) -> str:
+    """The expert kernel for offloaded experts: the model's own choice when it handles sentinels, else grouped_mm."""
+    return requested if requested in SENTINEL_SAFE_IMPLEMENTATIONS else DEFAULT_IMPLEMENTATION
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """True for an instance of a class decorated with transformers' ``@use_experts_implementation``."""
+    return hasattr(module, "_is_expert_parallel") and hasattr(module, "is_concatenated")
+
+
+def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every fused routed-experts module of ``model`` by its qualified name."""
+    return {name: m for name, m in model.named_modules() if is_experts_module(m)}
+
+
+@dataclass(frozen=True)
+class ParamFill:
+    """One parameter of an experts module as a view of slot memory.
+
+    ``roles`` are the expert's on-disk tensors, adjacent in the slot, concatenated along their first dimension
+    (``store.stacked(layer, roles)``); ``transpose`` swaps the two per-expert dimensions of that view.
+    """
+
+    param: str
+    roles: tuple[str, ...]
+    transpose: bool = False
+
+    def view(self, stacked: torch.Tensor) -> torch.Tensor:
+        """``stacked`` is ``[num_slots, *per_expert]``; returns the parameter's ``[num_slots, ...]`` view."""
+        return stacked.transpose(1, 2) if self.transpose else stacked
+
+
+@dataclass(frozen=True)
+class ExpertsAdapter:
+    """How layer ``layer``'s experts module (at ``module_path``) runs on slots."""
+
+    layer: int
+    module_path: str
+    num_experts: int
+    dtype: torch.dtype
+    fills: tuple[ParamFill, ...]
+
+
+class KeyMapper:
+    """On-disk tensor name -> in-memory state-dict key, the way ``from_pretrained`` renames it."""
+
+    def __init__(self, model: PreTrainedModel, meta_state_keys: set[str]) -> None:
+        transforms = get_model_conversion_mapping(model)
+        self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        self.prefix: str = getattr(model, "base_model_prefix", "") or ""
+        # rename_source_key only needs membership tests on the meta state dict.
+        self._keys = dict.fromkeys(meta_state_keys, True)
+
+    def map(self, name: str) -> tuple[str, WeightConverter | None, str | None]:
+        """The in-memory key, the converter that matched (if any) and the converter's source pattern."""
+        renamed = apply_renamings(name, self.renamings)
+        converter: WeightConverter | None = None
+        pattern: str | None = None
+        for c in self.converters:
+            out, pat = c.rename_source_key(renamed)
+            if pat is not None:
+                renamed, converter, pattern = out, c, pat
+                break
+        key, _ = rename_source_key(renamed, [], [], self.prefix or None, self._keys)
+        return key, converter, pattern
+
+
+def _check_ops(converter: WeightConverter, fused_on_disk: bool, arch: str, tensor: str) -> bool:
+    """Whether the converter's operations are expressible as slot views; returns whether one is a transpose."""
+    transpose = False
+    for op in converter.operations:
+        if isinstance(op, MergeModulelist) and op.dim == 0 and not fused_on_disk:
+            continue
+        if isinstance(op, Concatenate) and op.dim == 1:
+            continue
+        if isinstance(op, Transpose) and {op.dim0, op.dim1} == {1, 2}:
+            transpose = True
+            continue
+        raise UnsupportedModelError(
+            f"{arch} converts its expert tensors with {type(op).__name__}"
+            f"({', '.join(f'{k}={v}' for k, v in vars(op).items())}), which is not a view of the stored bytes; "
+            "ExpertFlow cannot compute on such experts in place",
+            tensor=tensor,
+        )
+    return transpose
+
+
+def _per_expert_shape(slices: list[TensorSlice]) -> tuple[int, ...]:
+    first = slices[0].shape
+    if not first:
+        return ()
+    return (sum(t.shape[0] for t in slices), *first[1:])
+
+
+def derive_adapters(
+    model: nn.Module, layout: ExpertLayout, mapper: KeyMapper, dtype: torch.dtype
+) -> dict[int, ExpertsAdapter]:
+    """One adapter per MoE layer of ``layout``, checked against the (meta-device) ``model`` it will run in.
+
+    Raises :class:`UnsupportedModelError` when an expert tensor does not belong to a fused experts module, and
+    :class:`CheckpointError` when the checkpoint and the config disagree (expert count, shapes, missing tensors).
+    """
+    arch = layout.architecture
+    modules = experts_modules(model)
+    if not modules:
+        raise UnsupportedModelError(
+            f"{arch} has no fused routed-experts module (transformers' @use_experts_implementation seam); "
+            "ExpertFlow cannot offload its experts",
+            file=layout.root,
+        )
+    counts = layout.experts_per_layer()
+    adapters: dict[int, ExpertsAdapter] = {}
+    for layer in layout.moe_layers:
+        spec = layout.spec(ExpertKey(layer, 0))
+        by_param: dict[str, list[tuple[int, TensorSlice, bool]]] = {}
+        module_path: str | None = None
+        for t in spec.tensors:
+            fused_on_disk = t.source.rsplit(".", 1)[-1] == t.role
+            # Per-expert names carry the expert id; map expert 0's name, as transformers' patterns use ``*``.
+            key, converter, pattern = mapper.map(t.source)
+            path, _, param = key.rpartition(".")
+            module = modules.get(path)
+            if module is None:
+                raise UnsupportedModelError(
+                    f"expert tensor maps to {key!r}, which is not a parameter of a fused experts module of "
+                    f"{arch}; ExpertFlow cannot offload these experts",
+                    file=t.file,
+                    tensor=t.source,
+                )
+            if module_path is not None and path != module_path:
+                raise CheckpointError(
+                    f"experts of layer {layer} map to two modules: {module_path} and {path}", tensor=t.source
+                )
+            module_path = path
+            order, transpose = 0, False
+            if converter is not None:
+                transpose = _check_ops(converter, fused_on_disk, arch, t.source)
+                order = (
+                    converter.source_patterns.index(pattern) if pattern in converter.source_patterns else 0
+                )
+            by_param.setdefault(param, []).append((order, t, transpose))
+        if module_path is None:
+            raise CheckpointError(f"layer {layer} has an expert without tensors", file=layout.root)
+        module = modules[module_path]
+        num_experts = int(getattr(module, "num_experts", -1))
+        if num_experts != counts[layer]:
+            raise CheckpointError(
+                f"the config gives {module_path} {num_experts} experts, but the checkpoint has {counts[layer]} "
+                f"in layer {layer}",
+                file=spec.tensors[0].file,
+                tensor=spec.tensors[0].source,
+            )
+        params = dict(module.named_parameters(recurse=False))
+        missing = sorted(set(params) - set(by_param))
+        if missing:
+            raise CheckpointError(
+                f"the checkpoint has no tensors for {', '.join(f'{module_path}.{p}' for p in missing)} "
+                f"(layer {layer} has {[t.role for t in spec.tensors]})",
+                file=layout.root,
+            )
+        fills = []
+        for param, entries in sorted(by_param.items()):
+            if param not in params:
+                raise CheckpointError(
+                    f"expert tensor maps to {module_path}.{param}, which that module does not have",
+                    tensor=entries[0][1].source,
+                )
+            entries.sort(key=lambda e: e[0])
+            slices = [t for _, t, _ in entries]
+            fills.append(
+                _fill(param, slices, any(tr for _, _, tr in entries), params[param], dtype, module_path)
+            )
+        adapters[layer] = ExpertsAdapter(layer, module_path, num_experts, dtype, tuple(fills))
+
+    unmapped = sorted(set(modules) - {a.module_path for a in adapters.values()})
+    if unmapped:
+        raise CheckpointError(
+            f"the config has routed experts at {unmapped[:4]}{' ...' if len(unmapped) > 4 else ''}, "
+            "but the checkpoint has no expert tensors for them",
+            file=layout.root,
+        )
+    return adapters
+
+
+def _fill(
+    param: str,
+    slices: list[TensorSlice],
+    may_transpose: bool,
+    target: torch.Tensor,
+    dtype: torch.dtype,
+    module_path: str,
+) -> ParamFill:
+    expected = tuple(target.shape[1:])
+    shape = _per_expert_shape(slices)
+    name = slices[0].source
+    # Like transformers' Transpose(check_dims=True): transpose only when the stored shape is the other way round.
+    transpose = False
+    if shape != expected:
+        if may_transpose and len(shape) == 2 and shape[::-1] == expected:
+            transpose = True
+        else:
+            raise CheckpointError(
+                f"expert tensors {[t.role for t in slices]} give {module_path}.{param} a per-expert shape of "
+                f"{list(shape)}, but the config expects {list(expected)}",
+                file=slices[0].file,
+                tensor=name,
+            )
+    stored = {torch_dtype(t.dtype) for t in slices}
+    if stored != {dtype}:
+        raise ConfigError(
+            f"expert tensor {name} is stored as {sorted(map(str, stored))} but the model would run in {dtype}; "
+            f"experts are computed in place without conversion, so load with dtype={stored.pop()}"
+        )
+    return ParamFill(param, tuple(t.role for t in slices), transpose)

@@ -1,0 +1,192 @@
+"""Greedy generation with timing and the store's statistics: what ``expertflow generate`` prints."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from expertflow.config import format_size
+from expertflow.errors import ConfigError
+
+
+@dataclass
+class GenerationResult:
+    """Tokens and timings of one generation; ``stats`` is the store's counters for this run only."""
+
+    prompt_tokens: int
+    tokens: list[int]
+    prefill_seconds: float
+    decode_seconds: float
+    stats: dict[str, Any] = field(default_factory=dict)
+    prediction: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode throughput: tokens after the first, over the time after the first."""
+        n = self.new_tokens - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "tokens": self.tokens,
+            "prefill_seconds": self.prefill_seconds,
+            "decode_seconds": self.decode_seconds,
+            "tokens_per_second": self.tokens_per_second,
+            "stats": self.stats,
+            "prediction": self.prediction,
+        }
+
+
+class _Streamer:
+    """transformers streamer protocol: the prompt first, then one tensor per new token."""
+
+    def __init__(self, on_token: Callable[[int], None] | None) -> None:
+        self.on_token = on_token
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+        for t in value.reshape(-1).tolist():
+            self.tokens.append(int(t))
+            if self.on_token is not None:
+                self.on_token(int(t))
+
+    def end(self) -> None:
+        pass
+
+
+def _delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in after.items():
+        b = before.get(k)
+        if isinstance(v, bool) or b is None:
+            out[k] = v
+        elif isinstance(v, (int, float)) and isinstance(b, (int, float)):
+            out[k] = v - b
+        elif isinstance(v, dict) and isinstance(b, dict):
+            out[k] = {kk: vv - b.get(kk, 0) for kk, vv in v.items()}
+        else:
+            out[k] = v
+    hits, misses = out.get("device_hits", 0), out.get("device_misses", 0)
+    out["hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
+    return out
+
+
+def generate(
+    model: Any,
+    input_ids: Sequence[int],
+    max_new_tokens: int,
+    *,
+    on_token: Callable[[int], None] | None = None,
+) -> GenerationResult:
+    """Greedy decode ``max_new_tokens`` after ``input_ids`` with ``model.generate`` (any HF causal LM).
+
+    When the model was loaded by :func:`expertflow.load_model`, the result carries the store's counters
+    for this call (hits, misses, bytes per source, stall, prefetch) and the predictor's precision/recall.
+    """
+    if not input_ids:
+        raise ConfigError("the prompt is empty: give --prompt text or --token-ids")
+    if max_new_tokens < 1:
+        raise ConfigError("max_new_tokens must be >= 1")
+    store = getattr(model, "expert_store", None)
+    before = store.stats().as_dict() if store is not None else {}
+    streamer = _Streamer(on_token)
+    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            streamer=streamer,
+            pad_token_id=0,
+        )
+    t_end = time.perf_counter()
+    first = streamer.times[0] if streamer.times else t_end
+    result = GenerationResult(
+        prompt_tokens=len(input_ids),
+        tokens=streamer.tokens,
+        prefill_seconds=first - t0,
+        decode_seconds=t_end - first,
+    )
+    if store is not None:
+        result.stats = _delta(store.stats().as_dict(), before)
+    predictor = getattr(model, "expert_predictor", None)
+    if predictor is not None:
+        result.prediction = predictor.stats()
+    return result
+
+
+def encode_prompt(
+    model_dir: str | Path, prompt: str | None, token_ids: str | None, byte_tokens: bool
+) -> list[int]:
+    """Token ids from ``--token-ids 1,2,3``, from UTF-8 bytes, or from the checkpoint's tokenizer."""
+    if token_ids:
+        try:
+            return [int(t) for t in token_ids.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise ConfigError(f"--token-ids must be comma-separated integers, got {token_ids!r}") from None
+    if prompt is None:
+        raise ConfigError("give --prompt or --token-ids")
+    if byte_tokens:
+        return list(prompt.encode("utf-8"))
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{model_dir} has no tokenizer ({exc.__class__.__name__}); pass --token-ids 1,2,3 "
+            "or --byte-tokens for byte-level models"
+        ) from None
+    return list(tok(prompt)["input_ids"])
+
+
+def format_summary(result: GenerationResult) -> str:
+    """The summary block ``expertflow generate`` prints after the tokens."""
+    s = result.stats
+    lines = [
+        f"tokens: {result.prompt_tokens} prompt + {result.new_tokens} generated",
+        f"prefill {result.prefill_seconds:.3f} s, decode {result.tokens_per_second:.2f} tokens/s",
+    ]
+    if s:
+        lines.append(
+            f"device tier: hit rate {s.get('hit_rate', 0.0):.1%} "
+            f"({s.get('device_hits', 0)} hits, {s.get('device_misses', 0)} misses)"
+        )
+        if s.get("host_hits", 0) or s.get("host_misses", 0):
+            total = s["host_hits"] + s["host_misses"]
+            lines.append(f"host tier: hit rate {s['host_hits'] / total:.1%} ({s['host_hits']} hits)")
+        for name, nbytes in sorted((s.get("bytes_read") or {}).items()):
+            lines.append(f"read from {name}: {format_size(nbytes)} in {s['reads'].get(name, 0)} reads")
+        lines.append(f"stall (compute waiting for experts): {s.get('stall_seconds', 0.0):.3f} s")
+        lines.append(
+            f"prefetch: {s.get('prefetch_issued', 0)} issued, {s.get('prefetch_used', 0)} used, "
+            f"{s.get('prefetch_wasted', 0)} wasted, {s.get('prefetch_cancelled', 0)} cancelled"
+        )
+    pred = result.prediction.get("by_distance") if result.prediction else None
+    if pred:
+        parts = [
+            f"d={d}: P {v.get('precision', 0):.2f} R {v.get('recall', 0):.2f}"
+            for d, v in sorted(pred.items())
+        ]
+        lines.append("prediction: " + ", ".join(parts))
+    return "\n".join(lines)

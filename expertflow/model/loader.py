@@ -1,0 +1,363 @@
+"""load_model(): a Hugging Face MoE model whose routed experts live in an ExpertStore.
+
+The model is built on the meta device, so no expert parameter is ever allocated. Every non-expert tensor is
+read from the checkpoint (renamed the way ``from_pretrained`` renames it) onto the compute device; each fused
+experts module is replaced by an :class:`~expertflow.model.moe_block.OffloadedExperts` over the store.
+Anything the checkpoint and the config disagree on is an error, never a silent fallback to loading
+everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+import transformers
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
+
+from expertflow.config import StoreConfig, format_size
+from expertflow.errors import BudgetError, CheckpointError, ConfigError, UnsupportedModelError
+from expertflow.model.adapters import (
+    ExpertsAdapter,
+    KeyMapper,
+    choose_implementation,
+    derive_adapters,
+    experts_modules,
+)
+from expertflow.model.moe_block import OffloadedExperts, SlotStore
+from expertflow.tiers.dtypes import torch_dtype
+from expertflow.tiers.host import round_up
+from expertflow.tiers.layout import ExpertLayout, TensorInfo
+from expertflow.tiers.nvme import BLOCK
+from expertflow.tiers.safetensors_index import open_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class ExpertFlowModelMixin:
+    """Added to the model's class: access to the store, and deterministic release of it."""
+
+    expert_store: Any
+    expert_layers: dict[int, OffloadedExperts]
+    _expertflow_close: Callable[[], None]
+
+    def close(self) -> None:
+        """Close the expert store (when load_model created it). Idempotent."""
+        self._expertflow_close()
+
+    def expert_stats(self) -> Any:
+        """The store's statistics (hits, misses, bytes read, stalls, prefetches)."""
+        return self.expert_store.stats()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    device: str | torch.device | None = None,
+    config: StoreConfig | None = None,
+    store: SlotStore | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    layout: ExpertLayout | None = None,
+) -> PreTrainedModel:
+    """Load the MoE checkpoint at ``path`` with its routed experts served by an ExpertStore.
+
+    ``device`` overrides ``config.device``. ``dtype`` defaults to the config's (``config.json`` ``dtype``), else
+    the experts' stored dtype; experts are computed in their stored dtype, so the two must agree. Pass ``store``
+    to share an existing store (the caller then owns it); otherwise one is created from ``config`` and closed by
+    ``model.close()``, the context manager, or garbage collection. ``layout`` saves re-reading the headers
+    when the caller already has ``open_checkpoint(path)``.
+
+    Raises :class:`UnsupportedModelError` (no routed experts / no experts seam), :class:`CheckpointError`
+    (config and weights disagree, naming the tensor) and :class:`BudgetError` (budget below one layer's top-k).
+    """
+    root = Path(path)
+    config = config or StoreConfig()
+    if device is not None and torch.device(device) != torch.device(config.device):
+        config = config.with_(device=str(torch.device(device)))
+    target = torch.device(config.device)
+    layout = layout or open_checkpoint(root)
+    store_layout = getattr(store, "layout", None)
+    if store_layout is not None and store_layout.fingerprint() != layout.fingerprint():
+        raise ConfigError(
+            f"the store serves the experts of {store_layout.root}, which differ from those of {root}"
+        )
+    if not layout.experts:
+        raise UnsupportedModelError(
+            f"{layout.architecture} (model_type {layout.model_type!r}) has no routed experts: no tensor is named "
+            "like '...layers.N.mlp.experts.E...'; ExpertFlow runs Mixture-of-Experts checkpoints only",
+            file=str(root),
+        )
+    hf_config = _hf_config(root)
+    dtype = _resolve_dtype(dtype, hf_config, layout)
+    model = _meta_model(hf_config, dtype, layout)
+    meta_keys = set(model.state_dict().keys())
+    mapper = KeyMapper(model, meta_keys)
+    adapters = derive_adapters(model, layout, mapper, dtype)
+    plan = _plan_non_experts(model, layout, mapper, {a.module_path for a in adapters.values()})
+    top_k = _top_k(hf_config)
+    _check_budget(config, layout, top_k)
+
+    owned = store is None
+    if store is None:
+        from expertflow.pipeline.store import ExpertStore
+
+        store = ExpertStore(layout, config)
+    close_store: Callable[[], None] = getattr(store, "close", lambda: None) if owned else (lambda: None)
+    try:
+        if store.num_slots < top_k:
+            raise BudgetError(
+                f"the store has {store.num_slots} expert slots but one token needs its top-{top_k} experts "
+                f"resident together; give it at least {top_k} slots "
+                f"(host budget >= {format_size(top_k * _slot_nbytes(store, layout))})"
+            )
+        store_device = getattr(store, "device", target)
+        if torch.device(store_device) != target:
+            raise ConfigError(f"the store computes on {store_device}, but the model is loaded on {target}")
+        expert_layers = _swap_experts(model, adapters, store, hf_config)
+        _load_non_experts(model, plan, target, dtype)
+        _finish(model, root)
+    except BaseException:
+        close_store()
+        raise
+
+    cls = type(model)
+    # Same name and module as the family's class: transformers looks some behaviour up by class name.
+    model.__class__ = type(cls.__name__, (ExpertFlowModelMixin, cls), {"__module__": cls.__module__})
+    extended = cast(Any, model)
+    extended.expert_store = store
+    extended.expert_layers = expert_layers
+    extended._expertflow_close = weakref.finalize(model, close_store)
+    model.eval()
+    return model
+
+
+# --- building the skeleton ------------------------------------------------------------------------
+
+
+def _hf_config(root: Path) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(root, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise UnsupportedModelError(
+            f"transformers cannot build a config from config.json: {exc}", file=str(root / "config.json")
+        ) from exc
+
+
+def _resolve_dtype(
+    dtype: torch.dtype | None, hf_config: PretrainedConfig, layout: ExpertLayout
+) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    configured = getattr(hf_config, "dtype", None)
+    if isinstance(configured, str):
+        configured = getattr(torch, configured, None)
+    if isinstance(configured, torch.dtype):
+        return configured
+    first = next(iter(layout.experts.values()))
+    return torch_dtype(first.tensors[0].dtype)
+
+
+def _model_class(hf_config: PretrainedConfig) -> type[PreTrainedModel] | None:
+    """The class ``config.architectures`` names (e.g. a VLM's ForConditionalGeneration), if transformers has it."""
+    for name in getattr(hf_config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+            return cls
+    return None
+
+
+def _meta_model(hf_config: PretrainedConfig, dtype: torch.dtype, layout: ExpertLayout) -> PreTrainedModel:
+    cls = _model_class(hf_config)
+    try:
+        with torch.device("meta"):
+            if cls is not None:
+                return cls._from_config(hf_config, dtype=dtype)
+            return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    except ValueError as exc:
+        raise UnsupportedModelError(
+            f"transformers has no model class for {layout.architecture} (model_type {layout.model_type!r}): {exc}",
+            file=layout.root,
+        ) from exc
+
+
+def _top_k(hf_config: PretrainedConfig) -> int:
+    text = hf_config.get_text_config()
+    for name in ("num_experts_per_tok", "moe_topk", "top_k"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1
+
+
+def _slot_nbytes(store: SlotStore, layout: ExpertLayout) -> int:
+    arena = getattr(store, "slot_arena", None)
+    if isinstance(arena, torch.Tensor) and arena.dim() == 2:
+        return int(arena.shape[1])
+    return round_up(layout.max_expert_nbytes, BLOCK)
+
+
+def _check_budget(config: StoreConfig, layout: ExpertLayout, top_k: int) -> None:
+    """Refuse, before allocating anything, a budget that cannot hold one token's experts at once."""
+    per_expert = round_up(layout.max_expert_nbytes, BLOCK)
+    if config.host_bytes is not None and config.host_bytes < top_k * per_expert:
+        raise BudgetError(
+            f"host budget {format_size(config.host_bytes)} is below the minimum of "
+            f"{format_size(top_k * per_expert)} ({top_k * per_expert} bytes): one token routes to {top_k} experts "
+            f"of {format_size(per_expert)} each, and they must be resident together"
+        )
+    if config.device_slots is not None and config.device_slots < top_k:
+        raise BudgetError(
+            f"device_slots={config.device_slots} is below the minimum of {top_k}: one token routes to "
+            f"{top_k} experts, and they must be resident together"
+        )
+
+
+# --- experts ----------------------------------------------------------------------------------------
+
+
+def _swap_experts(
+    model: nn.Module, adapters: dict[int, ExpertsAdapter], store: SlotStore, hf_config: PretrainedConfig
+) -> dict[int, OffloadedExperts]:
+    modules = experts_modules(model)
+    requested = hf_config.get_text_config()._experts_implementation
+    implementation = choose_implementation(requested)
+    if implementation != requested:
+        log.info(
+            "offloaded experts use %s instead of %s (it skips non-resident experts)",
+            implementation,
+            requested,
+        )
+    swapped: dict[int, OffloadedExperts] = {}
+    for layer, adapter in adapters.items():
+        parent_path, _, attr = adapter.module_path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        offloaded = OffloadedExperts(modules[adapter.module_path], adapter, store, implementation)
+        setattr(parent, attr, offloaded)
+        swapped[layer] = offloaded
+    return swapped
+
+
+# --- non-expert weights -----------------------------------------------------------------------------
+
+LoadPlan = dict[str, list[tuple[TensorInfo, str]]]  # file -> (tensor on disk, state-dict key)
+
+
+def _plan_non_experts(
+    model: PreTrainedModel, layout: ExpertLayout, mapper: KeyMapper, expert_paths: set[str]
+) -> LoadPlan:
+    """Map and check every non-expert tensor before anything is allocated: shapes, and nothing missing."""
+    state = {
+        k: v for k, v in model.state_dict(keep_vars=True).items() if k.rpartition(".")[0] not in expert_paths
+    }
+    plan: LoadPlan = {}
+    planned: set[str] = set()
+    unexpected: list[str] = []
+    for info, _kind in layout.non_expert:
+        key, converter, _ = mapper.map(info.name)
+        if converter is not None:
+            raise UnsupportedModelError(
+                f"non-expert tensor needs a conversion ({converter!r}) that ExpertFlow does not replay",
+                file=info.file,
+                tensor=info.name,
+            )
+        if key not in state:
+            unexpected.append(info.name)
+            continue
+        expected = tuple(state[key].shape)
+        if tuple(info.shape) != expected:
+            raise CheckpointError(
+                f"tensor has shape {list(info.shape)}, but the config makes {key} {list(expected)}",
+                file=info.file,
+                tensor=info.name,
+            )
+        plan.setdefault(info.file, []).append((info, key))
+        planned.add(key)
+    if unexpected:
+        log.warning(
+            "%d checkpoint tensors are not used by the model, e.g. %s", len(unexpected), unexpected[:3]
+        )
+    # A tied pair needs one side on disk; from_pretrained ties symmetrically, and so do we.
+    tied = model.all_tied_weights_keys
+    covered = set(planned)
+    for tgt, src in tied.items():
+        if tgt in planned or src in planned:
+            covered |= {tgt, src}
+    missing = sorted(k for k in set(state) - covered if not _non_persistent(model, k))
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint has no tensor for {len(missing)} model weights, e.g. {missing[:4]}",
+            file=layout.root,
+        )
+    return plan
+
+
+def _non_persistent(model: nn.Module, key: str) -> bool:
+    module_path, _, name = key.rpartition(".")
+    return name in model.get_submodule(module_path)._non_persistent_buffers_set
+
+
+def _load_non_experts(
+    model: PreTrainedModel, plan: LoadPlan, device: torch.device, dtype: torch.dtype
+) -> None:
+    """Read the planned tensors onto ``device`` in the model's dtype, then tie weights."""
+    state = model.state_dict(keep_vars=True)
+    fp32_patterns = list(model._get_dtype_plan(dtype))
+    loaded: set[str] = set()
+    with ExitStack() as files, torch.no_grad():
+        for file, entries in plan.items():
+            handle = files.enter_context(safe_open(file, framework="pt", device=str(device)))
+            for info, key in entries:
+                tensor = handle.get_tensor(info.name)
+                current = state[key]
+                if tensor.is_floating_point():
+                    keep_fp32 = any(p in key for p in fp32_patterns)
+                    tensor = tensor.to(torch.float32 if keep_fp32 else current.dtype)
+                _set_tensor(model, key, tensor, current)
+                loaded.add(key)
+    model.tie_weights(missing_keys=set(state) - loaded, recompute_mapping=False)
+
+
+def _set_tensor(
+    model: nn.Module, key: str, tensor: torch.Tensor, current: torch.Tensor, *, initialized: bool = True
+) -> None:
+    """Put ``tensor`` in place of ``key``; ``initialized`` tells transformers' initialisation to leave it alone."""
+    module_path, _, name = key.rpartition(".")
+    module = model.get_submodule(module_path)
+    if name in module._parameters:
+        tensor = nn.Parameter(tensor, requires_grad=current.requires_grad)
+        module._parameters[name] = tensor
+    else:
+        module._buffers[name] = tensor
+    tensor._is_hf_initialized = initialized  # type: ignore[attr-defined]
+
+
+def _finish(model: PreTrainedModel, root: Path) -> None:
+    """Materialise non-persistent buffers (rotary tables...) the way from_pretrained does, and check for leftovers."""
+    device = next(p.device for p in model.parameters() if not p.is_meta)
+    with torch.no_grad():
+        for name, buffer in list(model.named_non_persistent_buffers()):
+            if buffer.is_meta:
+                _set_tensor(model, name, torch.empty_like(buffer, device=device), buffer, initialized=False)
+    model.initialize_weights()
+    leftovers = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise CheckpointError(f"weights left uninitialised: {leftovers[:4]}", file=str(root))
+    if (root / "generation_config.json").is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(root, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable generation_config.json: %s", exc)

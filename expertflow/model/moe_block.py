@@ -1,0 +1,120 @@
+"""OffloadedExperts: a family's own experts module, computing on an ExpertStore's slots in waves.
+
+The family's MoE block stays untouched: its router picks ``top_k_index`` / ``top_k_weights`` and calls
+``self.experts(hidden_states, top_k_index, top_k_weights)`` as usual. That call lands here. We keep an
+instance of the family's experts class whose parameters are views of the store's slot arena
+(``[num_slots, ...]``), translate expert ids to slot ids and call that instance's own forward, so the expert
+math (activation, GPT-OSS's clamped SwiGLU, biases, transposed layouts) is the reference's by construction.
+
+Experts already resident are computed at once; the others are masked out of that call (slot id
+``num_slots``, weight 0, which the chosen kernel skips) and computed in a later wave when they land. The
+waves' outputs are summed: each (token, expert) pair is computed exactly once.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from expertflow.model.adapters import ExpertsAdapter
+from expertflow.tiers.layout import ExpertKey
+
+RouteHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+class SlotHandle(Protocol):
+    key: ExpertKey
+    slot: int
+
+
+class SlotStore(Protocol):
+    """What OffloadedExperts needs from :class:`~expertflow.pipeline.store.ExpertStore`."""
+
+    num_slots: int
+
+    def stacked(self, layer: int, roles: str | tuple[str, ...]) -> torch.Tensor: ...
+
+    def fetch_as_ready(self, keys: Sequence[ExpertKey]) -> Iterator[Sequence[SlotHandle]]: ...
+
+    def release(self, handles: Iterable[Any]) -> None: ...
+
+
+class OffloadedExperts(nn.Module):
+    """Replaces one layer's ``*Experts`` module; called exactly like it.
+
+    ``experts`` is the family's module (built on the meta device); its parameters are swapped for slot views
+    and it is kept out of the module tree, so ``state_dict``, ``.to()`` and weight initialisation never see
+    the store's memory. ``route_hooks`` are called with ``(layer, hidden_states, top_k_index)`` before the
+    experts are requested, e.g. by a predictor that prefetches for the next layers.
+    """
+
+    def __init__(
+        self, experts: nn.Module, adapter: ExpertsAdapter, store: SlotStore, implementation: str
+    ) -> None:
+        super().__init__()
+        self.layer = adapter.layer
+        self.num_experts = adapter.num_experts
+        self.implementation = implementation
+        self.store = store
+        self.route_hooks: list[RouteHook] = []
+        self.calls = 0
+        self.waves = 0
+        for fill in adapter.fills:
+            del experts._parameters[fill.param]
+            # [num_slots, *per_expert] view over the slot arena; the kernel indexes it with slot ids.
+            setattr(experts, fill.param, fill.view(store.stacked(adapter.layer, fill.roles)))
+        # A private config so that our kernel choice does not leak into the rest of the model.
+        config: Any = copy.copy(experts.config)
+        config._experts_implementation_internal = implementation
+        # Expert-parallel mode makes the kernel skip ids >= num_experts: our "not resident in this wave".
+        experts.__dict__.update(config=config, num_experts=store.num_slots, _is_expert_parallel=True)
+        self._sentinel = store.num_slots
+        self.__dict__["_experts"] = experts  # unregistered on purpose (see the class docstring)
+
+    @property
+    def experts_class(self) -> type[nn.Module]:
+        return type(self.__dict__["_experts"])
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        experts: nn.Module = self.__dict__["_experts"]
+        self.calls += 1
+        for hook in self.route_hooks:
+            hook(self.layer, hidden_states, top_k_index)
+        needed = torch.unique(top_k_index).tolist()
+        keys = [ExpertKey(self.layer, int(e)) for e in needed]
+        device = top_k_index.device
+        slot_of = torch.empty(self.num_experts, dtype=torch.long, device=device)  # expert id -> slot id
+        out: torch.Tensor | None = None
+        pending = len(keys)
+        for wave in self.store.fetch_as_ready(keys):
+            try:
+                self.waves += 1
+                pending -= len(wave)
+                ids = torch.tensor([h.key.expert for h in wave], dtype=torch.long, device=device)
+                slots = torch.tensor([h.slot for h in wave], dtype=torch.long, device=device)
+                slot_of.fill_(self._sentinel)
+                slot_of[ids] = slots
+                slot_index = slot_of[top_k_index]  # [tokens, top_k]
+                if out is None and pending == 0:
+                    weights = top_k_weights  # everything resident: one call, exactly the reference's
+                else:
+                    weights = top_k_weights.masked_fill(slot_index == self._sentinel, 0)
+                part = experts(hidden_states, slot_index, weights)
+            finally:
+                self.store.release(wave)
+            out = part if out is None else out + part
+        if out is None:  # no tokens routed here
+            return torch.zeros_like(hidden_states)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"layer={self.layer}, experts={self.num_experts}, class={self.experts_class.__name__}, "
+            f"slots={self._sentinel}, implementation={self.implementation}"
+        )

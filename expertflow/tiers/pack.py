@@ -1,0 +1,407 @@
+"""The ExpertFlow pack: an expert-major, 4 KiB-aligned copy of a checkpoint's experts.
+
+A pack directory holds:
+
+* ``experts.bin``: every expert's tensors back to back in canonical order, at exactly the offsets of
+  :class:`~expertflow.tiers.layout.ExpertSpec` relative to the expert's first byte, each expert starting on a
+  4 KiB boundary. A direct (``O_DIRECT``) read of an expert is then one aligned read with nothing to move.
+* ``model.safetensors``: the non-expert weights (embeddings, attention, routers, shared experts...).
+* ``config.json`` and the tokenizer / generation files of the source, copied.
+* ``expertflow-manifest.json``: where each expert is, its tensors, and an xxh3-64 checksum of its bytes.
+
+A pack is built in a hidden temporary directory beside the destination, every file is fsynced, the manifest is
+written last and the directory is renamed into place: a pack that exists is complete.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from tqdm import tqdm
+
+from expertflow.errors import CheckpointError, UnsupportedModelError
+from expertflow.tiers.checksum import spec_checksum
+from expertflow.tiers.layout import (
+    DTYPE_SIZES,
+    ExpertKey,
+    ExpertLayout,
+    ExpertSpec,
+    TensorSlice,
+    _check_uniform,
+    classify_non_expert,
+    pack_offsets,
+    role_rank,
+)
+from expertflow.tiers.nvme import BLOCK, NvmeTier, buffer_address
+from expertflow.tiers.safetensors_index import (
+    INDEX_NAME,
+    PACK_MANIFEST_NAME,
+    read_config,
+    read_header,
+)
+
+FORMAT = "expertflow-pack"
+FORMAT_VERSION = 1
+DATA_NAME = "experts.bin"
+NON_EXPERT_NAME = "model.safetensors"
+ALIGNMENT = BLOCK
+# Weight files of any format are never copied into a pack; everything else at the top level (config,
+# tokenizer, generation config, chat template, licence...) travels with it.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+
+def pack_checkpoint(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, progress: bool = True
+) -> Path:
+    """Convert the checkpoint at ``src`` into a pack at ``dst`` (which must not exist, or be empty).
+
+    Returns the pack's path. Raises :class:`CheckpointError` for a bad source or destination and
+    :class:`UnsupportedModelError` when the source has no routed experts.
+    """
+    from expertflow.tiers.safetensors_index import open_checkpoint
+
+    source = Path(src)
+    target = Path(dst)
+    layout = open_checkpoint(source)
+    if not layout.experts:
+        raise UnsupportedModelError(
+            f"{layout.architecture} has no routed experts: there is nothing to pack", file=str(source)
+        )
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise CheckpointError("pack destination exists and is not an empty directory", file=str(target))
+    if target.resolve() == source.resolve():
+        raise CheckpointError("pack destination is the source directory", file=str(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        entries = _write_experts(layout, tmp / DATA_NAME, progress)
+        _write_non_experts(layout, tmp / NON_EXPERT_NAME)
+        _copy_side_files(source, tmp)
+        manifest = _manifest(layout, entries, (tmp / DATA_NAME).stat().st_size)
+        _write_durably(tmp / PACK_MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+        _fsync_dir(tmp)
+        if target.exists():
+            target.rmdir()  # empty, checked above; rename() cannot replace a directory on every platform
+        os.rename(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_experts(layout: ExpertLayout, path: Path, progress: bool) -> list[dict[str, Any]]:
+    """Write every expert to ``path`` at 4 KiB-aligned offsets; the manifest entries of what was written."""
+    entries: list[dict[str, Any]] = []
+    show = progress and sys.stderr.isatty()
+    with (
+        NvmeTier(layout, "mmap") as tier,
+        open(path, "wb") as out,
+        tqdm(
+            total=layout.expert_bytes, unit="B", unit_scale=True, desc="packing experts", disable=not show
+        ) as bar,
+    ):
+        # A plain bytearray, not an mmap: if a write fails, the traceback may still hold views of it, and
+        # nothing here must then fail to close over the real error. (mmap-mode reads need no alignment.)
+        scratch = bytearray(_round_up(max(layout.max_expert_nbytes, 1), ALIGNMENT))
+        buf = memoryview(scratch)
+        base = buffer_address(buf)
+        pos = 0
+        for key in sorted(layout.experts):
+            spec = layout.spec(key)
+            span = _round_up(spec.nbytes, ALIGNMENT)
+            # Padding must be zero in the file: clear what the previous expert left in the scratch buffer.
+            ctypes.memset(base, 0, span)
+            tier.read_into(key, buf)
+            _write_block(out, buf[:span])
+            entries.append(_expert_entry(spec, pos, spec_checksum(spec, buf)))
+            pos += span
+            bar.update(spec.nbytes)
+        out.flush()
+        os.fsync(out.fileno())
+    return entries
+
+
+def _write_block(out: BinaryIO, data: memoryview) -> None:
+    """One expert's aligned span (tensors and zero padding) appended to ``experts.bin``."""
+    out.write(data)
+
+
+def _expert_entry(spec: ExpertSpec, offset: int, checksum: int) -> dict[str, Any]:
+    return {
+        "layer": spec.key.layer,
+        "expert": spec.key.expert,
+        "offset": offset,
+        "nbytes": spec.nbytes,
+        "checksum": f"{checksum:016x}",
+        "tensors": [
+            {
+                "role": t.role,
+                "source": t.source,
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "offset": off,
+                "nbytes": t.nbytes,
+            }
+            for t, off in spec.views()
+        ],
+    }
+
+
+def _write_non_experts(layout: ExpertLayout, path: Path) -> None:
+    """The non-expert tensors, unchanged (names, dtypes, bytes), as one safetensors file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    by_file: dict[str, list[str]] = {}
+    for info, _kind in layout.non_expert:
+        by_file.setdefault(info.file, []).append(info.name)
+    tensors = {}
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt") as handle:
+            for name in names:
+                tensors[name] = handle.get_tensor(name)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _copy_side_files(source: Path, dst: Path) -> None:
+    """config.json, tokenizer and generation files: every top-level non-weight file of the source."""
+    for f in sorted(source.iterdir()):
+        if not f.is_file() or f.name in (INDEX_NAME, PACK_MANIFEST_NAME) or f.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        shutil.copyfile(f, dst / f.name)
+        with open(dst / f.name, "rb+") as g:
+            os.fsync(g.fileno())
+
+
+def _manifest(layout: ExpertLayout, entries: list[dict[str, Any]], data_nbytes: int) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "alignment": ALIGNMENT,
+        "fingerprint": layout.fingerprint(),
+        "model_type": layout.model_type,
+        "architecture": layout.architecture,
+        "source": {"root": layout.root, "files": [os.path.basename(f) for f in layout.files]},
+        "data_file": DATA_NAME,
+        "data_nbytes": data_nbytes,
+        "non_expert_file": NON_EXPERT_NAME,
+        "checksum": "xxh3-64 of the expert's tensor bytes in order, padding excluded",
+        "experts": entries,
+    }
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+def load_packed_layout(root: str | os.PathLike[str]) -> ExpertLayout:
+    """The layout of a pack directory, with every manifest field checked against ``experts.bin``.
+
+    Raises :class:`CheckpointError` naming the manifest (and the expert or tensor) for anything inconsistent:
+    wrong types, an unknown format version, offsets outside ``experts.bin`` or not aligned, overlapping
+    experts, byte counts that disagree with dtype and shape, or a fingerprint that does not match the entries.
+    """
+    root_path = Path(root).resolve()
+    manifest_path = root_path / PACK_MANIFEST_NAME
+    where = str(manifest_path)
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"pack manifest is unreadable: {exc}", file=where) from exc
+    if not isinstance(manifest, dict):
+        raise CheckpointError("pack manifest is not a JSON object", file=where)
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(
+            f"not an ExpertFlow pack manifest (format {manifest.get('format')!r})", file=where
+        )
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"pack format version {manifest.get('version')!r} is not supported (this ExpertFlow reads "
+            f"version {FORMAT_VERSION}); re-run `expertflow pack` on the original checkpoint",
+            file=where,
+        )
+    if manifest.get("alignment") != ALIGNMENT:
+        raise CheckpointError(f"pack alignment {manifest.get('alignment')!r} is not {ALIGNMENT}", file=where)
+    model_type = _get(manifest, "model_type", str, where)
+    architecture = _get(manifest, "architecture", str, where)
+    fingerprint = _get(manifest, "fingerprint", str, where)
+    data_name = _get(manifest, "data_file", str, where)
+    non_expert_name = _get(manifest, "non_expert_file", str, where)
+    data_file = _inside(root_path, data_name, where)
+    non_expert_file = _inside(root_path, non_expert_name, where)
+    declared = _get(manifest, "data_nbytes", int, where)
+    try:
+        size = data_file.stat().st_size
+    except OSError as exc:
+        raise CheckpointError(f"pack data file is missing: {exc.strerror}", file=str(data_file)) from exc
+    if size != declared:
+        raise CheckpointError(
+            f"pack data file has {size} bytes, the manifest records {declared} (truncated or replaced?)",
+            file=str(data_file),
+        )
+    raw_experts = manifest.get("experts")
+    if not isinstance(raw_experts, list):
+        raise CheckpointError("manifest 'experts' is not a list", file=where)
+
+    specs: dict[ExpertKey, ExpertSpec] = {}
+    for i, entry in enumerate(raw_experts):
+        spec = _parse_expert(entry, i, str(data_file), size, where)
+        if spec.key in specs:
+            raise CheckpointError(f"expert {spec.key} is listed twice", file=where)
+        specs[spec.key] = spec
+    _check_no_overlap(specs, where)
+    _check_uniform(specs, where)
+
+    config = read_config(root_path)
+    non_expert = tuple(
+        sorted(
+            ((t, classify_non_expert(t.name)) for t in read_header(non_expert_file)), key=lambda p: p[0].name
+        )
+    )
+    layout = ExpertLayout(
+        root=str(root_path),
+        architecture=architecture,
+        model_type=model_type,
+        experts=dict(sorted(specs.items())),
+        non_expert=non_expert,
+        files=(str(data_file), str(non_expert_file)),
+        packed=True,
+        config=config,
+    )
+    if layout.fingerprint() != fingerprint:
+        raise CheckpointError(
+            f"manifest fingerprint {fingerprint} does not match its expert entries ({layout.fingerprint()}): "
+            "the manifest was edited",
+            file=where,
+        )
+    return layout
+
+
+def _get(obj: Mapping[str, Any], name: str, kind: type, where: str, context: str = "") -> Any:
+    value: Any = obj.get(name)
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok or (kind is int and value < 0):
+        expected = "a non-negative integer" if kind is int else f"a {kind.__name__}"
+        raise CheckpointError(
+            f"{context}manifest field {name!r} is {value!r}, expected {expected}", file=where
+        )
+    return value
+
+
+def _inside(root: Path, name: str, where: str) -> Path:
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise CheckpointError(f"pack file name {name!r} is not a plain file name in the pack", file=where)
+    return root / name
+
+
+def _parse_expert(entry: object, index: int, data_file: str, size: int, where: str) -> ExpertSpec:
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"expert entry #{index} is not an object", file=where)
+    ctx = f"expert entry #{index}: "
+    key = ExpertKey(_get(entry, "layer", int, where, ctx), _get(entry, "expert", int, where, ctx))
+    ctx = f"expert {key}: "
+    offset = _get(entry, "offset", int, where, ctx)
+    nbytes = _get(entry, "nbytes", int, where, ctx)
+    checksum_hex = _get(entry, "checksum", str, where, ctx)
+    try:
+        checksum = int(checksum_hex, 16)
+    except ValueError:
+        checksum = -1
+    if len(checksum_hex) != 16 or checksum < 0:
+        raise CheckpointError(f"{ctx}checksum {checksum_hex!r} is not 16 hex digits", file=where)
+    if offset % ALIGNMENT:
+        raise CheckpointError(f"{ctx}offset {offset} is not {ALIGNMENT}-byte aligned", file=where)
+    if offset + nbytes > size:
+        raise CheckpointError(
+            f"{ctx}bytes {offset}..{offset + nbytes} run past the end of the {size}-byte data file",
+            file=where,
+        )
+    raw_tensors = entry.get("tensors")
+    if not isinstance(raw_tensors, list) or not raw_tensors:
+        raise CheckpointError(f"{ctx}'tensors' is not a non-empty list", file=where)
+    slices: list[TensorSlice] = []
+    rel_offsets: list[int] = []
+    for t in raw_tensors:
+        if not isinstance(t, dict):
+            raise CheckpointError(f"{ctx}a tensor entry is not an object", file=where)
+        role = _get(t, "role", str, where, ctx)
+        tctx = f"{ctx}tensor {role!r}: "
+        source = _get(t, "source", str, where, tctx)
+        dtype = _get(t, "dtype", str, where, tctx)
+        if dtype not in DTYPE_SIZES:
+            raise CheckpointError(f"{tctx}unknown dtype {dtype!r}", file=where, tensor=source)
+        shape = t.get("shape")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise CheckpointError(f"{tctx}shape {shape!r} is not a list of sizes", file=where, tensor=source)
+        rel = _get(t, "offset", int, where, tctx)
+        tbytes = _get(t, "nbytes", int, where, tctx)
+        if tbytes != math.prod(shape) * DTYPE_SIZES[dtype]:
+            raise CheckpointError(
+                f"{tctx}{tbytes} bytes disagree with shape {shape} of {dtype}", file=where, tensor=source
+            )
+        if rel + tbytes > nbytes:
+            raise CheckpointError(
+                f"{tctx}bytes {rel}..{rel + tbytes} run past the expert's {nbytes} bytes",
+                file=where,
+                tensor=source,
+            )
+        slices.append(TensorSlice(role, source, data_file, offset + rel, tbytes, dtype, tuple(shape)))
+        rel_offsets.append(rel)
+    roles = [s.role for s in slices]
+    if len(set(roles)) != len(roles):
+        raise CheckpointError(f"{ctx}tensor roles repeat: {roles}", file=where)
+    if roles != sorted(roles, key=role_rank):
+        raise CheckpointError(f"{ctx}tensors are not in canonical order: {roles}", file=where)
+    canonical, total = pack_offsets(slices)
+    if tuple(rel_offsets) != canonical or total != nbytes:
+        raise CheckpointError(
+            f"{ctx}tensor offsets {rel_offsets} / size {nbytes} are not the canonical layout "
+            f"{list(canonical)} / {total}",
+            file=where,
+        )
+    return ExpertSpec(key=key, tensors=tuple(slices), offsets=canonical, nbytes=nbytes, checksum=checksum)
+
+
+def _check_no_overlap(specs: Mapping[ExpertKey, ExpertSpec], where: str) -> None:
+    ordered = sorted(specs.values(), key=lambda s: s.tensors[0].offset)
+    for prev, spec in itertools.pairwise(ordered):
+        prev_end = prev.tensors[0].offset + prev.nbytes
+        if spec.tensors[0].offset < prev_end:
+            raise CheckpointError(f"experts {prev.key} and {spec.key} overlap in the data file", file=where)

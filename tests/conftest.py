@@ -1,0 +1,62 @@
+"""Session fixtures: real tiny MoE checkpoints, built on first use and shared by every test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.checkpoints import FAMILIES, FamilyUnavailable, save_checkpoint
+
+# The repository sits beside the shared directory (/work/main and /work/shared; CI clones the same way).
+SHARED_MODEL_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "tiny-mixtral-pystdlib"
+
+
+class CheckpointCache:
+    """Saved tiny checkpoints under one directory, each built the first time a test asks for it.
+
+    Tests must treat the returned directories as read-only; copy one before corrupting it.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._built: dict[tuple[str, bool], Path] = {}
+
+    def get(self, family: str, sharded: bool = True) -> Path:
+        """The checkpoint directory of ``family``: sharded with an index, or one ``model.safetensors``."""
+        if family not in FAMILIES:
+            raise KeyError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+        key = (family, sharded)
+        if key not in self._built:
+            path = self.root / f"{family}-{'sharded' if sharded else 'single'}"
+            try:
+                save_checkpoint(family, path, shard_size="200KB" if sharded else None)
+            except FamilyUnavailable as exc:
+                pytest.skip(str(exc))
+            self._built[key] = path
+        return self._built[key]
+
+    @property
+    def mixtral_single_file(self) -> Path:
+        """Mixtral saved as a single ``model.safetensors`` without an index (same weights as the sharded one)."""
+        return self.get("mixtral", sharded=False)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> CheckpointCache:
+    """Lazily built tiny checkpoints of every MoE family: ``checkpoints.get(family, sharded=True)``."""
+    return CheckpointCache(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="session")
+def mixtral_single_file(checkpoints: CheckpointCache) -> Path:
+    """The tiny Mixtral checkpoint as one ``model.safetensors`` file, no index."""
+    return checkpoints.mixtral_single_file
+
+
+@pytest.fixture(scope="session")
+def shared_model_dir() -> Path:
+    """The trained tiny Mixtral in ``../shared/models`` (skips when the shared directory is absent)."""
+    if not (SHARED_MODEL_DIR / "config.json").is_file():
+        pytest.skip(f"trained model not found at {SHARED_MODEL_DIR} (clone shared/ beside the repository)")
+    return SHARED_MODEL_DIR

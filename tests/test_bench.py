@@ -1,0 +1,77 @@
+"""The benchmarks run end to end on small configurations and write honest, complete reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from expertflow.bench.checkpoints import PRESETS, ExpertShape, write_expert_file
+from expertflow.bench.report import BenchResult, markdown_table
+from expertflow.bench.tiers import bench_tiers, dd_direct, memcpy, read_experts
+from expertflow.tiers.nvme import NvmeTier
+from expertflow.tiers.safetensors_index import open_checkpoint
+
+SMALL = ExpertShape("test", hidden=64, intermediate=128, experts=4, layers=3, top_k=2)
+
+
+def test_bench_checkpoint_has_real_family_expert_shapes(tmp_path):
+    root = write_expert_file(tmp_path / "ck", SMALL, total_bytes=10 * SMALL.expert_nbytes, shard_bytes=4 * SMALL.expert_nbytes)
+    layout = open_checkpoint(root)
+    assert len(layout.experts) == 10
+    assert len(layout.files) == 3  # sharded with an index, like save_pretrained output
+    assert layout.max_expert_nbytes == SMALL.expert_nbytes
+    assert PRESETS["mixtral-8x7b"].expert_nbytes == 3 * 4096 * 14336 * 2
+
+
+def test_read_experts_moves_every_byte_of_every_expert(tmp_path):
+    layout = open_checkpoint(write_expert_file(tmp_path / "ck", SMALL, 6 * SMALL.expert_nbytes))
+    for mode in ("mmap", "direct"):
+        with NvmeTier(layout, mode) as tier:
+            t = read_experts(tier, layout.keys(), concurrency=2)
+        assert t.nbytes == layout.expert_bytes and len(t.latencies) == 6
+
+
+def test_limits_are_measured_on_the_same_bytes(tmp_path):
+    layout = open_checkpoint(write_expert_file(tmp_path / "ck", SMALL, 6 * SMALL.expert_nbytes))
+    dd = dd_direct(list(layout.files), SMALL.expert_nbytes)
+    if dd is None:
+        pytest.skip("dd with iflag=direct is not available here")
+    assert dd.nbytes >= layout.expert_bytes
+    assert memcpy(1 << 16, 8).nbytes == 8 << 16
+
+
+def test_bench_tiers_writes_table_json_and_plot(tmp_path):
+    result = bench_tiers(
+        model=None,
+        preset="olmoe-1b-7b",
+        size_bytes=40 << 20,
+        workdir=tmp_path / "work",
+        out_dir=tmp_path / "out",
+        concurrency=2,
+        remote=False,
+        log=lambda _: None,
+    )
+    paths = {r["path"] for r in result.rows}
+    assert {"nvme direct qd=1", "nvme direct qd=2", "nvme mmap cold qd=2", "nvme mmap warm qd=2"} <= paths
+    for r in result.rows:
+        if r["limit"]:
+            assert r["fraction"] == pytest.approx(r["GB/s"] / r["limit_GB/s"])
+    data = json.loads((tmp_path / "out" / "tiers.json").read_text())
+    assert data["machine"]["cpus"] and data["command"] and data["rows"]
+    assert any("cold page cache" in n for n in data["notes"])
+    assert (tmp_path / "out" / "tiers.png").stat().st_size > 1000
+    assert "| path |" in (tmp_path / "out" / "tiers.md").read_text()
+
+
+def test_markdown_table_formats_rows():
+    table = markdown_table([{"a": 1.23456, "b": "x"}, {"a": 12345.6, "b": None}])
+    assert table.splitlines()[0] == "| a | b |"
+    assert "1.23" in table and "12,346" in table
+
+
+def test_bench_result_records_summary_and_notes(tmp_path):
+    r = BenchResult("x", [{"k": 1}], notes=["method"], summary={"ratio": 2.0})
+    r.write(tmp_path)
+    md = (tmp_path / "x.md").read_text()
+    assert "- ratio: 2.0" in md and "- method" in md

@@ -1,0 +1,113 @@
+"""load_model() refuses bad input with a precise, typed error and never falls back to loading everything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from expertflow.config import StoreConfig
+from expertflow.errors import BudgetError, CheckpointError, ConfigError, UnsupportedModelError
+from expertflow.model.loader import load_model
+from expertflow.tiers.safetensors_index import open_checkpoint
+
+TINY = dict(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=64,
+)
+
+
+def _save(root: Path, model_type: str, dtype: torch.dtype = torch.float32, **overrides: object) -> Path:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(root)
+    return root
+
+
+def _edit_config(root: Path, **changes: object) -> None:
+    path = root / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def mixtral4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Mixtral with 4 experts per layer, top-2."""
+    return _save(tmp_path_factory.mktemp("mixtral4"), "mixtral", num_local_experts=4, num_experts_per_tok=2)
+
+
+def test_dense_model_is_unsupported_because_it_has_no_routed_experts(tmp_path: Path) -> None:
+    root = _save(tmp_path / "llama", "llama")
+    with pytest.raises(UnsupportedModelError, match="no routed experts"):
+        load_model(root)
+
+
+def test_expert_count_mismatch_names_the_tensor(mixtral4: Path, tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    root.mkdir()
+    for f in mixtral4.iterdir():
+        (root / f.name).write_bytes(f.read_bytes())
+    _edit_config(root, num_local_experts=8)
+    with pytest.raises(CheckpointError, match="8 experts, but the checkpoint has 4") as info:
+        load_model(root)
+    assert info.value.tensor is not None and "experts.0." in info.value.tensor
+
+
+def test_hidden_size_mismatch_names_the_tensor(mixtral4: Path, tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    root.mkdir()
+    for f in mixtral4.iterdir():
+        (root / f.name).write_bytes(f.read_bytes())
+    _edit_config(root, hidden_size=32)
+    with pytest.raises(CheckpointError, match=r"expects \[") as info:
+        load_model(root)
+    assert info.value.tensor is not None
+    assert info.value.tensor in str(info.value)
+
+
+def test_missing_non_expert_tensor_is_a_checkpoint_error(mixtral4: Path, tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    root.mkdir()
+    for f in mixtral4.iterdir():
+        (root / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(root / "model.safetensors"))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(root / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"no tensor for 1 model weights.*model\.norm\.weight"):
+        load_model(root)
+
+
+def test_host_budget_below_top_k_experts_says_the_minimum(mixtral4: Path) -> None:
+    layout = open_checkpoint(mixtral4)
+    one_expert = -(-layout.max_expert_nbytes // 4096) * 4096
+    with pytest.raises(BudgetError, match=f"minimum of .*{2 * one_expert} bytes"):
+        load_model(mixtral4, config=StoreConfig(host_bytes=2 * one_expert - 1))
+
+
+def test_device_slots_below_top_k_say_the_minimum(mixtral4: Path) -> None:
+    with pytest.raises(BudgetError, match="below the minimum of 2"):
+        load_model(mixtral4, config=StoreConfig(device_slots=1))
+
+
+def test_dtype_other_than_the_stored_experts_is_refused(tmp_path: Path) -> None:
+    root = _save(
+        tmp_path / "bf16", "mixtral", dtype=torch.bfloat16, num_local_experts=4, num_experts_per_tok=2
+    )
+    with pytest.raises(ConfigError, match=r"dtype=torch\.bfloat16"):
+        load_model(root, dtype=torch.float32)
+
+
+def test_directory_without_config_is_a_checkpoint_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"config\.json is missing"):
+        load_model(tmp_path)

@@ -1,0 +1,119 @@
+"""The core promise: a model whose experts stream through a small ExpertStore computes what transformers computes.
+
+For every family the reference is the unmodified transformers model loaded fully in memory from the same
+directory (fp32). The offloaded model gets a host budget of 2 * top_k experts, so experts are evicted and read
+again many times, and most MoE calls are computed in several waves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from expertflow.config import StoreConfig
+from expertflow.errors import StoreClosedError
+from expertflow.model.loader import load_model
+from expertflow.pipeline.store import ExpertStore
+from expertflow.tiers.layout import ExpertLayout
+from expertflow.tiers.safetensors_index import open_checkpoint
+from tests.checkpoints import FAMILIES
+
+PROMPT_LEN = 12
+NEW_TOKENS = 32
+
+
+def _reference(root: Path) -> PreTrainedModel:
+    config = AutoConfig.from_pretrained(root)
+    cls = getattr(transformers, (config.architectures or [""])[0], None) or AutoModelForCausalLM
+    return cls.from_pretrained(root, dtype=torch.float32).eval()
+
+
+def _top_k(root: Path) -> int:
+    return int(AutoConfig.from_pretrained(root).get_text_config().num_experts_per_tok)
+
+
+def _small_budget(layout: ExpertLayout, experts: int) -> StoreConfig:
+    slot = -(-layout.max_expert_nbytes // 4096) * 4096
+    return StoreConfig(host_bytes=experts * slot, predictor="none")
+
+
+def _prompt(vocab: int, batch: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, PROMPT_LEN), generator=g)
+
+
+def _resident_bytes(model: torch.nn.Module) -> int:
+    seen: dict[int, int] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_offloaded_model_matches_transformers_logits_and_greedy_tokens(family: str, checkpoints) -> None:
+    root = Path(checkpoints.get(family))
+    layout = open_checkpoint(root)
+    top_k = _top_k(root)
+    reference = _reference(root)
+    vocab = reference.config.get_text_config().vocab_size
+
+    with load_model(root, config=_small_budget(layout, 2 * top_k)) as model:
+        assert model.expert_store.num_slots == 2 * top_k < len(layout.experts)
+        # No expert weight is held by the model: what it owns is the non-expert part of the checkpoint.
+        assert _resident_bytes(model) <= layout.non_expert_bytes + 4096
+        assert all(not list(m.parameters()) for m in model.expert_layers.values())
+
+        prompt = _prompt(vocab, batch=2, seed=7)
+        with torch.no_grad():
+            expected = reference(prompt).logits
+            actual = model(prompt).logits
+        diff = (actual - expected).abs().max().item()
+        scale = expected.abs().max().item()
+        assert diff <= 1e-5 * max(scale, 1.0), f"{family}: max |diff| {diff:.3g} at logit scale {scale:.3g}"
+
+        one = prompt[:1]
+        with torch.no_grad():
+            want = reference.generate(
+                one, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
+            )
+            got = model.generate(one, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        assert want.shape[1] == PROMPT_LEN + NEW_TOKENS
+        assert torch.equal(got, want), f"{family}: greedy tokens differ"
+
+        stats = model.expert_stats()
+        # Experts were evicted and read again, and non-resident experts were computed in later waves.
+        assert stats.device_misses > len(layout.experts)
+        assert stats.evictions > 0
+        layers = model.expert_layers.values()
+        assert sum(m.waves for m in layers) > sum(m.calls for m in layers)
+
+
+def test_closing_the_model_closes_the_store_it_created(checkpoints) -> None:
+    root = Path(checkpoints.get(FAMILIES[0]))
+    model = load_model(root)
+    prompt = _prompt(model.config.get_text_config().vocab_size, batch=1, seed=1)
+    model.close()
+    model.close()  # idempotent
+    with pytest.raises(StoreClosedError), torch.no_grad():
+        model(prompt)
+
+
+def test_a_shared_store_outlives_the_model_and_serves_a_second_one(checkpoints) -> None:
+    root = Path(checkpoints.get(FAMILIES[0]))
+    layout = open_checkpoint(root)
+    with ExpertStore(layout, _small_budget(layout, 2 * _top_k(root))) as store:
+        first = load_model(root, store=store)
+        prompt = _prompt(first.config.get_text_config().vocab_size, batch=1, seed=3)
+        with torch.no_grad():
+            expected = first(prompt).logits
+        first.close()
+        second = load_model(root, store=store)
+        with torch.no_grad():
+            actual = second(prompt).logits
+        # Residency differs between the runs, so waves (and summation order) may too: round-off only.
+        assert (actual - expected).abs().max().item() <= 1e-5 * max(expected.abs().max().item(), 1.0)
+        assert store.stats().device_hits > 0

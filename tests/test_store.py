@@ -1,0 +1,403 @@
+"""Invariants of the tiered store (DESIGN.md): budgets, single flight, pins, priorities, errors, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import random
+import threading
+
+import pytest
+import torch
+
+from expertflow.config import StoreConfig
+from expertflow.errors import BudgetError, ExpertReadError, StoreClosedError
+from expertflow.pipeline.store import AsyncExpertStore, ExpertStore
+from expertflow.tiers.layout import ExpertKey
+from expertflow.tiers.nvme import NvmeTier
+from expertflow.tiers.safetensors_index import open_checkpoint
+from tests.store_helpers import GatedSource, reference_tensors, write_moe_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory):
+    root = write_moe_checkpoint(tmp_path_factory.mktemp("store") / "moe")
+    return root, open_checkpoint(root), reference_tensors(root)
+
+
+def budget_for(layout, n: int, mode: str = "mmap") -> int:
+    """Host bytes that hold exactly ``n`` expert buffers."""
+    nv = NvmeTier(layout, mode)
+    try:
+        per = -(-nv.buffer_nbytes() // 4096) * 4096
+    finally:
+        nv.close()
+    return per * n
+
+
+async def open_store(layout, slots: int, *, gated=False, fail=(), mode="mmap", separate=False, **cfg):
+    source = GatedSource(NvmeTier(layout, mode), gated=gated, fail=fail)
+    cfg.setdefault("fetch_timeout", 5.0)
+    config = StoreConfig(host_bytes=budget_for(layout, slots, mode), read_mode=mode, **cfg)
+    store = await AsyncExpertStore.open(layout, config, sources=[source], separate_device=separate)
+    store._owned_sources.append(source)  # the test's source is closed with the store
+    return store, source
+
+
+def assert_expert_equals(handle, reference) -> None:
+    layer, expert = handle.key.layer, handle.key.expert
+    for role in ("w1.weight", "w2.weight", "w3.weight"):
+        name = f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{role}"
+        assert torch.equal(handle.tensor(role), reference[name]), (handle.key, role)
+
+
+@pytest.mark.parametrize("mode", ["mmap", "direct"])
+@pytest.mark.parametrize("separate", [False, True], ids=["shared-slots", "copy-slots"])
+async def test_fetched_experts_hold_the_checkpoint_weights(ckpt, mode, separate):
+    _, layout, ref = ckpt
+    store, _ = await open_store(layout, 4, mode=mode, separate=separate)
+    try:
+        for layer in range(3):
+            keys = [ExpertKey(layer, e) for e in (1, 5, 2)]
+            handles = await store.fetch(keys)
+            assert [h.key for h in handles] == keys
+            for h in handles:
+                assert_expert_equals(h, ref)
+            store.release(handles)
+        assert store.stats().device_misses == 9
+    finally:
+        await store.aclose()
+
+
+async def test_stacked_view_matches_each_slot(ckpt):
+    _, layout, ref = ckpt
+    store, _ = await open_store(layout, 3)
+    try:
+        handles = await store.fetch([ExpertKey(0, 3), ExpertKey(0, 6)])
+        gate_up = store.stacked(0, ("w1.weight", "w3.weight"))
+        down = store.stacked(0, "w2.weight")
+        assert gate_up.shape == (store.num_slots, 96, 32) and down.shape == (store.num_slots, 32, 48)
+        for h in handles:
+            prefix = f"model.layers.0.block_sparse_moe.experts.{h.key.expert}"
+            expected = torch.cat([ref[f"{prefix}.w1.weight"], ref[f"{prefix}.w3.weight"]])
+            assert torch.equal(gate_up[h.slot], expected)
+            assert torch.equal(down[h.slot], ref[f"{prefix}.w2.weight"])
+    finally:
+        await store.aclose()
+
+
+async def test_concurrent_fetches_of_one_key_share_a_single_read(ckpt):
+    _, layout, _ = ckpt
+    store, source = await open_store(layout, 4, gated=True)
+    try:
+        key = ExpertKey(1, 4)
+        tasks = [asyncio.create_task(store.fetch([key])) for _ in range(6)]
+        assert await asyncio.wait_for(source.started.get(), 5) == key
+        await asyncio.sleep(0.01)
+        source.open_all()
+        results = await asyncio.gather(*tasks)
+        assert source.reads == {key: 1}
+        assert len({h[0].slot for h in results}) == 1
+        for h in results:
+            store.release(h)
+    finally:
+        await store.aclose()
+
+
+async def test_budget_and_pins_hold_under_seeded_random_load(ckpt):
+    """Many concurrent fetches, prefetches and cancels: never more residents than slots, pinned bytes intact."""
+    _, layout, ref = ckpt
+    slots = 5
+    store, _ = await open_store(layout, slots, max_concurrent_reads=3)
+    rng = random.Random(7)
+    all_keys = layout.keys()
+    violations: list[str] = []
+
+    async def client(seed: int) -> None:
+        r = random.Random(seed)
+        for _ in range(25):
+            keys = r.sample(all_keys, r.randint(1, 2))
+            handles = await store.fetch(keys)
+            await asyncio.sleep(r.random() * 0.002)
+            # Pinned experts must still hold their own bytes after other clients churned the cache.
+            for h in handles:
+                try:
+                    assert_expert_equals(h, ref)
+                except AssertionError as exc:
+                    violations.append(str(exc))
+            store.release(handles)
+            if r.random() < 0.5:
+                store.prefetch(r.sample(all_keys, 3), priority=r.random())
+            if r.random() < 0.1:
+                store.cancel_prefetches()
+
+    async def watchdog(done: asyncio.Event) -> None:
+        while not done.is_set():
+            resident = len(store.resident())
+            holders = len(store._slots.holder)
+            if resident > slots or holders > slots:
+                violations.append(f"{resident} resident, {holders} slots held > {slots}")
+            await asyncio.sleep(0)
+
+    try:
+        done = asyncio.Event()
+        dog = asyncio.create_task(watchdog(done))
+        await asyncio.gather(*(client(rng.randrange(1 << 30)) for _ in range(2)))
+        done.set()
+        await dog
+        assert violations == []
+        assert store.pool.nbytes <= budget_for(layout, slots)
+        assert store.pinned() == []
+        stats = store.stats()
+        assert stats.evictions > 0 and stats.device_misses > slots
+    finally:
+        await store.aclose()
+
+
+async def test_pinned_expert_is_never_evicted(ckpt):
+    _, layout, ref = ckpt
+    store, _ = await open_store(layout, 3)
+    try:
+        held = await store.fetch([ExpertKey(0, 0)])
+        for e in range(1, 8):  # more experts than slots pass through the two free slots
+            h = await store.fetch([ExpertKey(1, e)])
+            store.release(h)
+        assert ExpertKey(0, 0) in store.resident()
+        assert_expert_equals(held[0], ref)
+        store.release(held)
+    finally:
+        await store.aclose()
+
+
+async def test_demand_fetch_overtakes_queued_prefetches(ckpt):
+    _, layout, _ = ckpt
+    store, source = await open_store(layout, 6, gated=True, max_concurrent_reads=1)
+    try:
+        store.prefetch([ExpertKey(2, e) for e in range(4)], priority=1.0)
+        first = await asyncio.wait_for(source.started.get(), 5)  # the single loader is busy with one prefetch
+        demand = asyncio.create_task(store.fetch([ExpertKey(0, 7)]))
+        await asyncio.sleep(0.01)
+        source.open_all()
+        handles = await demand
+        await asyncio.sleep(0.05)
+        assert source.log[0] == first
+        assert source.log[1] == ExpertKey(0, 7)  # ahead of the three prefetches still queued
+        store.release(handles)
+    finally:
+        await store.aclose()
+
+
+async def test_nearer_prefetches_are_loaded_first(ckpt):
+    _, layout, _ = ckpt
+    store, source = await open_store(layout, 6, gated=True, max_concurrent_reads=1)
+    try:
+        store.prefetch([ExpertKey(0, 0)], priority=0.0)
+        await asyncio.wait_for(source.started.get(), 5)
+        store.prefetch([ExpertKey(2, 1)], priority=0.2)
+        store.prefetch([ExpertKey(1, 1)], priority=0.9)
+        source.open_all()
+        for _ in range(2):
+            await asyncio.wait_for(source.started.get(), 5)
+        assert source.log[1:] == [ExpertKey(1, 1), ExpertKey(2, 1)]
+    finally:
+        await store.aclose()
+
+
+async def test_cancelled_prefetches_return_their_buffers(ckpt):
+    _, layout, _ = ckpt
+    store, source = await open_store(layout, 4, gated=True, max_concurrent_reads=2)
+    try:
+        store.prefetch([ExpertKey(1, e) for e in range(4)])
+        await asyncio.wait_for(source.started.get(), 5)
+        await asyncio.wait_for(source.started.get(), 5)  # two loading, two queued
+        assert len(store._slots.free) == 2
+        cancelled = store.cancel_prefetches()
+        assert cancelled == 4
+        source.open_all()
+        for _ in range(100):
+            if len(store._slots.free) == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert len(store._slots.free) == 4 and store.resident() == []
+        assert store.stats().prefetch_cancelled == 4
+        # The store keeps working after cancellations.
+        handles = await store.fetch([ExpertKey(1, 0)])
+        store.release(handles)
+    finally:
+        await store.aclose()
+
+
+async def test_prefetched_expert_counts_as_used_when_demanded(ckpt):
+    _, layout, _ = ckpt
+    store, _ = await open_store(layout, 4)
+    try:
+        store.prefetch([ExpertKey(2, 2), ExpertKey(2, 3)], priority=1.0)
+        for _ in range(100):
+            if len(store.resident()) == 2:
+                break
+            await asyncio.sleep(0.01)
+        handles = await store.fetch([ExpertKey(2, 2)])
+        stats = store.stats()
+        assert stats.device_hits == 1 and stats.prefetch_issued == 2 and stats.prefetch_used == 1
+        store.release(handles)
+    finally:
+        await store.aclose()
+
+
+async def test_read_error_reaches_only_the_callers_of_that_key(ckpt):
+    _, layout, ref = ckpt
+    bad = ExpertKey(0, 5)
+    store, source = await open_store(layout, 4, fail=[bad])
+    try:
+        results = await asyncio.gather(
+            store.fetch([bad]),
+            store.fetch([bad]),
+            store.fetch([ExpertKey(0, 1)]),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], ExpertReadError) and isinstance(results[1], ExpertReadError)
+        assert source.reads[bad] == 1  # both callers joined the one failed read
+        assert_expert_equals(results[2][0], ref)
+        store.release(results[2])
+        # The failed load gave its slot back: every slot is free or holds a resident expert.
+        assert len(store._slots.free) + len(store.resident()) == store.num_slots
+        source.fail.clear()
+        handles = await store.fetch([bad])  # retried, not cached as failed
+        assert_expert_equals(handles[0], ref)
+        store.release(handles)
+    finally:
+        await store.aclose()
+
+
+async def test_all_slots_pinned_gives_budget_error_not_overflow(ckpt):
+    _, layout, _ = ckpt
+    store, _ = await open_store(layout, 2, fetch_timeout=0.3)
+    try:
+        held = await store.fetch([ExpertKey(0, 0), ExpertKey(0, 1)])
+        with pytest.raises(BudgetError, match="pinned"):
+            await store.fetch([ExpertKey(0, 2)])
+        with pytest.raises(BudgetError, match="slots"):
+            await store.fetch([ExpertKey(1, e) for e in range(3)])
+        store.release(held)
+        handles = await store.fetch([ExpertKey(0, 2)])
+        store.release(handles)
+    finally:
+        await store.aclose()
+
+
+async def test_fetch_as_ready_yields_resident_experts_first(ckpt):
+    _, layout, ref = ckpt
+    store, source = await open_store(layout, 4, gated=True)
+    try:
+        source.open_all()
+        warm = await store.fetch([ExpertKey(1, 6)])
+        store.release(warm)
+        source.gated = True
+        waves = []
+        gen = store.fetch_as_ready([ExpertKey(1, 0), ExpertKey(1, 6), ExpertKey(1, 7)])
+        first = await gen.__anext__()
+        waves.append([h.key for h in first])
+        assert waves[0] == [ExpertKey(1, 6)]  # computed while the other two are still being read
+        store.release(first)
+        source.open_all()
+        async for wave in gen:
+            for h in wave:
+                assert_expert_equals(h, ref)
+            waves.append([h.key for h in wave])
+            store.release(wave)
+        assert sorted(k for w in waves[1:] for k in w) == [ExpertKey(1, 0), ExpertKey(1, 7)]
+    finally:
+        await store.aclose()
+
+
+async def test_fetch_as_ready_serves_more_keys_than_slots_when_waves_are_released(ckpt):
+    _, layout, ref = ckpt
+    store, _ = await open_store(layout, 2)
+    try:
+        seen = []
+        async for wave in store.fetch_as_ready([ExpertKey(2, e) for e in range(6)]):
+            for h in wave:
+                assert_expert_equals(h, ref)
+                seen.append(h.key.expert)
+            store.release(wave)
+        assert sorted(seen) == list(range(6))
+    finally:
+        await store.aclose()
+
+
+async def test_next_layer_loads_while_current_layer_computes(ckpt):
+    """Overlap: reads for layer l+1 start while layer l's experts are pinned by compute."""
+    _, layout, _ = ckpt
+    store, source = await open_store(layout, 6, gated=True)
+    try:
+        source.open_all()
+        current = await store.fetch([ExpertKey(0, 1), ExpertKey(0, 2)])
+        source.gated = True
+        store.prefetch([ExpertKey(1, 3), ExpertKey(1, 4)], priority=1.0)
+        started = {await asyncio.wait_for(source.started.get(), 5) for _ in range(4)} - {
+            ExpertKey(0, 1),
+            ExpertKey(0, 2),
+        }
+        assert started == {ExpertKey(1, 3), ExpertKey(1, 4)}
+        assert set(store.pinned()) >= {ExpertKey(0, 1), ExpertKey(0, 2)}  # layer 0 still in use meanwhile
+        source.open_all()
+        store.release(current)
+        nxt = await store.fetch([ExpertKey(1, 3), ExpertKey(1, 4)])
+        assert store.stats().prefetch_used == 2
+        store.release(nxt)
+    finally:
+        await store.aclose()
+
+
+async def test_separate_device_tier_keeps_host_copies_inclusive(ckpt):
+    _, layout, ref = ckpt
+    source = GatedSource(NvmeTier(layout))
+    config = StoreConfig(host_bytes=budget_for(layout, 6), device_slots=2, fetch_timeout=5.0)
+    store = await AsyncExpertStore.open(layout, config, sources=[source], separate_device=True)
+    store._owned_sources.append(source)
+    try:
+        for e in (0, 1, 2, 0, 1, 2):
+            h = await store.fetch([ExpertKey(0, e)])
+            assert_expert_equals(h[0], ref)
+            store.release(h)
+        stats = store.stats()
+        assert sum(source.reads.values()) == 3  # device misses on the second pass are host hits
+        assert stats.host_hits == 3 and stats.host_misses == 3
+        assert stats.bytes_uploaded == 6 * layout.spec(ExpertKey(0, 0)).nbytes
+    finally:
+        await store.aclose()
+
+
+async def test_closed_store_fails_waiters_and_refuses_new_work(ckpt):
+    _, layout, _ = ckpt
+    store, source = await open_store(layout, 2, gated=True)
+    waiter = asyncio.create_task(store.fetch([ExpertKey(0, 0)]))
+    await asyncio.wait_for(source.started.get(), 5)
+    await store.aclose()
+    with pytest.raises(StoreClosedError):
+        await waiter
+    with pytest.raises(StoreClosedError):
+        await store.fetch([ExpertKey(0, 1)])
+
+
+def test_sync_store_shuts_down_without_leaking_threads_or_files(ckpt):
+    root, _, ref = ckpt
+    gc.collect()
+    threads_before = set(threading.enumerate())
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for _ in range(2):
+        with ExpertStore(root, StoreConfig(host_bytes=4 << 20, read_mode="direct")) as store:
+            handles = store.fetch([ExpertKey(0, 1), ExpertKey(2, 7)])
+            assert_expert_equals(handles[0], ref)
+            store.prefetch([ExpertKey(1, 1)])
+            waves = list(store.fetch_as_ready([ExpertKey(1, 2), ExpertKey(1, 3)]))
+            assert sum(len(w) for w in waves) == 2
+            store.release(handles)
+            for w in waves:
+                store.release(w)
+            assert store.stats().device_misses >= 4
+            del handles, waves
+    gc.collect()
+    assert set(threading.enumerate()) - threads_before == set()
+    assert len(os.listdir("/proc/self/fd")) == fds_before
