@@ -14,7 +14,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m expertflow.demo")
     parser.add_argument("--workdir", default=".demo")
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--budget", type=float, default=0.25, help="host budget as a fraction of expert bytes")
+    parser.add_argument(
+        "--budget", type=float, default=0.25, help="host budget as a fraction of expert bytes"
+    )
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
 

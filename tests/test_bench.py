@@ -16,7 +16,9 @@ SMALL = ExpertShape("test", hidden=64, intermediate=128, experts=4, layers=3, to
 
 
 def test_bench_checkpoint_has_real_family_expert_shapes(tmp_path):
-    root = write_expert_file(tmp_path / "ck", SMALL, total_bytes=10 * SMALL.expert_nbytes, shard_bytes=4 * SMALL.expert_nbytes)
+    root = write_expert_file(
+        tmp_path / "ck", SMALL, total_bytes=10 * SMALL.expert_nbytes, shard_bytes=4 * SMALL.expert_nbytes
+    )
     layout = open_checkpoint(root)
     assert len(layout.experts) == 10
     assert len(layout.files) == 3  # sharded with an index, like save_pretrained output

@@ -1,0 +1,243 @@
+"""Eviction policies for a tier's slots: LRU, LFU, static (profiled), predictive, and Belady (offline optimum).
+
+A policy only ranks keys; the store decides what is evictable (resident and unpinned) and passes those
+as candidates, so no policy can evict a pinned expert.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
+
+from expertflow.errors import ConfigError
+from expertflow.tiers.layout import ExpertKey
+
+
+class EvictionPolicy(Protocol):
+    """What a tier's slot table asks of a policy."""
+
+    def on_insert(self, key: ExpertKey) -> None: ...
+
+    def on_access(self, key: ExpertKey) -> None: ...
+
+    def on_remove(self, key: ExpertKey) -> None: ...
+
+    def choose_victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey | None: ...
+
+
+class LRUPolicy:
+    """Least recently used (the mixtral-offloading policy). O(1) updates."""
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[ExpertKey, None] = OrderedDict()
+
+    def on_insert(self, key: ExpertKey) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def on_access(self, key: ExpertKey) -> None:
+        if key in self._order:
+            self._order.move_to_end(key)
+
+    def on_remove(self, key: ExpertKey) -> None:
+        self._order.pop(key, None)
+
+    def choose_victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey | None:
+        if not candidates:
+            return None
+        allowed = set(candidates)
+        for key in self._order:  # oldest first
+            if key in allowed:
+                return key
+        return min(allowed)  # candidates never inserted (should not happen): deterministic choice
+
+
+class LFUPolicy:
+    """Least frequently used, with exponential decay so old popularity fades; LRU breaks ties.
+
+    Counts survive eviction (an expert that was popular is kept when it comes back).
+    """
+
+    def __init__(self, decay: float = 0.999) -> None:
+        if not 0 < decay <= 1:
+            raise ConfigError("LFU decay must be in (0, 1]")
+        self.decay = decay
+        self._count: dict[ExpertKey, float] = defaultdict(float)
+        self._stamp: dict[ExpertKey, int] = {}
+        self._clock = 0
+
+    def _touch(self, key: ExpertKey) -> None:
+        self._clock += 1
+        # Decay lazily: a count is stored relative to scale decay**clock.
+        self._count[key] += self.decay ** (-self._clock) if self.decay < 1 else 1.0
+        self._stamp[key] = self._clock
+        if self.decay < 1 and self._clock % 10_000 == 0:
+            self._rescale()
+
+    def _rescale(self) -> None:
+        factor = self.decay**self._clock
+        self._count = defaultdict(float, {k: v * factor for k, v in self._count.items()})
+        self._stamp = {k: s - self._clock for k, s in self._stamp.items()}
+        self._clock = 0
+
+    def on_insert(self, key: ExpertKey) -> None:
+        self._touch(key)
+
+    def on_access(self, key: ExpertKey) -> None:
+        self._touch(key)
+
+    def on_remove(self, key: ExpertKey) -> None:
+        pass
+
+    def frequency(self, key: ExpertKey) -> float:
+        return self._count.get(key, 0.0) * (self.decay**self._clock if self.decay < 1 else 1.0)
+
+    def choose_victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey | None:
+        if not candidates:
+            return None
+        return min(candidates, key=lambda k: (self._count.get(k, 0.0), self._stamp.get(k, -math.inf), k))
+
+
+class StaticPolicy:
+    """A profiled set of experts stays resident; everything else is evicted LRU (and before any pinned-set key)."""
+
+    def __init__(self, keys: Iterable[ExpertKey] = ()) -> None:
+        self.keep = frozenset(keys)
+        self._lru = LRUPolicy()
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[ExpertKey, float], capacity: int) -> StaticPolicy:
+        """Keep the ``capacity`` most frequent experts of a profile (e.g. a routing trace)."""
+        ranked = sorted(counts, key=lambda k: (-counts[k], k))
+        return cls(ranked[:capacity])
+
+    def on_insert(self, key: ExpertKey) -> None:
+        self._lru.on_insert(key)
+
+    def on_access(self, key: ExpertKey) -> None:
+        self._lru.on_access(key)
+
+    def on_remove(self, key: ExpertKey) -> None:
+        self._lru.on_remove(key)
+
+    def choose_victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey | None:
+        others = [k for k in candidates if k not in self.keep]
+        return self._lru.choose_victim(others or list(candidates))
+
+
+class PredictivePolicy:
+    """Evict the expert least likely to be needed soon.
+
+    The score blends a predictor's view (``scores(key)``, higher = needed sooner, e.g. gate look-ahead) with
+    statistics the policy keeps itself: decayed use frequency and how far the key's layer is ahead of the
+    layer computed last (in decode, the layer just computed is needed again only after a full pass).
+    """
+
+    def __init__(
+        self,
+        scores: Callable[[ExpertKey], float] | None = None,
+        *,
+        num_layers: int | None = None,
+        decay: float = 0.99,
+        weight_prediction: float = 4.0,
+        weight_frequency: float = 1.0,
+        weight_distance: float = 1.0,
+    ) -> None:
+        self.scores = scores
+        self.num_layers = num_layers
+        self._lfu = LFUPolicy(decay)
+        self._last_layer: int | None = None
+        self.w_pred, self.w_freq, self.w_dist = weight_prediction, weight_frequency, weight_distance
+        self._max_layer = 0
+
+    def on_insert(self, key: ExpertKey) -> None:
+        self._max_layer = max(self._max_layer, key.layer)
+        self._lfu.on_insert(key)
+
+    def on_access(self, key: ExpertKey) -> None:
+        self._max_layer = max(self._max_layer, key.layer)
+        self._last_layer = key.layer
+        self._lfu.on_access(key)
+
+    def on_remove(self, key: ExpertKey) -> None:
+        self._lfu.on_remove(key)
+
+    def _distance(self, key: ExpertKey) -> float:
+        """0 for the next layer to run, approaching 1 for the layer that just ran."""
+        if self._last_layer is None:
+            return 0.0
+        n = (self.num_layers or self._max_layer + 1) or 1
+        ahead = (key.layer - self._last_layer - 1) % n
+        return ahead / max(1, n - 1)
+
+    def score(self, key: ExpertKey) -> float:
+        pred = self.scores(key) if self.scores is not None else 0.0
+        freq = self._lfu.frequency(key)
+        freq_norm = freq / (1.0 + freq)
+        return self.w_pred * pred + self.w_freq * freq_norm - self.w_dist * self._distance(key)
+
+    def choose_victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey | None:
+        if not candidates:
+            return None
+        return min(candidates, key=lambda k: (self.score(k), k))
+
+
+class BeladyPolicy:
+    """Offline optimum: evict the key whose next use is furthest in the future. Needs the whole sequence.
+
+    Call :meth:`advance` with the position of each access before the cache handles it.
+    """
+
+    def __init__(self, future: Sequence[ExpertKey]) -> None:
+        self._uses: dict[ExpertKey, list[int]] = defaultdict(list)
+        for i, k in enumerate(future):
+            self._uses[k].append(i)
+        self._ptr: dict[ExpertKey, int] = defaultdict(int)
+        self._pos = 0
+
+    def advance(self, position: int) -> None:
+        self._pos = position
+
+    def next_use(self, key: ExpertKey) -> float:
+        uses = self._uses.get(key, [])
+        i = self._ptr[key]
+        while i < len(uses) and uses[i] <= self._pos:
+            i += 1
+        self._ptr[key] = i
+        return uses[i] if i < len(uses) else math.inf
+
+    def on_insert(self, key: ExpertKey) -> None:
+        pass
+
+    def on_access(self, key: ExpertKey) -> None:
+        pass
+
+    def on_remove(self, key: ExpertKey) -> None:
+        pass
+
+    def choose_victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey | None:
+        if not candidates:
+            return None
+        return max(candidates, key=lambda k: (self.next_use(k), k))
+
+
+POLICY_NAMES = ("lru", "lfu", "static", "predictive", "belady")
+
+
+def make_policy(name: str, **kwargs: object) -> EvictionPolicy:
+    """Policy by name. ``static`` takes ``keys``; ``predictive`` takes ``scores``; ``belady`` takes ``future``."""
+    if name == "lru":
+        return LRUPolicy()
+    if name == "lfu":
+        return LFUPolicy(**kwargs)  # type: ignore[arg-type]
+    if name == "static":
+        return StaticPolicy(**kwargs)  # type: ignore[arg-type]
+    if name == "predictive":
+        return PredictivePolicy(**kwargs)  # type: ignore[arg-type]
+    if name == "belady":
+        if "future" not in kwargs:
+            raise ConfigError("the belady policy needs the future access sequence (offline evaluation only)")
+        return BeladyPolicy(**kwargs)  # type: ignore[arg-type]
+    raise ConfigError(f"unknown eviction policy {name!r}; choose one of {POLICY_NAMES}")
