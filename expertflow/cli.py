@@ -130,6 +130,20 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_policies(args: argparse.Namespace) -> int:
+    from expertflow.bench.policies import bench_policies, plot_policies
+    from expertflow.bench.report import markdown_table
+
+    result = bench_policies(
+        args.trace, capacities=[int(c) for c in args.capacities.split(",")], partitioned=not args.shared_cache
+    )
+    result.write(args.out)
+    plot_policies(result, f"{args.out}/policies.png")
+    print(markdown_table(result.rows))
+    print(f"written to {args.out}/policies.json, policies.md, policies.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expertflow", description="Run MoE models whose experts live on disk."
@@ -180,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=".bench")
     p.add_argument("--out", default="benchmarks")
     p.set_defaults(func=_cmd_bench_decode)
+
+    p = bench.add_parser("policies", help="replay routing traces through every policy, beside Belady")
+    p.add_argument("--trace", action="append", required=True, help="trace file (.npz; repeatable)")
+    p.add_argument("--capacities", default="2,3,4,6", help="experts cached per layer")
+    p.add_argument(
+        "--shared-cache", action="store_true", help="one cache for all layers instead of one per layer"
+    )
+    p.add_argument("--out", default="benchmarks")
+    p.set_defaults(func=_cmd_bench_policies)
     return parser
 
 

@@ -1,0 +1,59 @@
+"""``expertflow bench policies``: replay routing traces through every policy at several capacities, beside Belady."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from expertflow.bench.report import BenchResult
+from expertflow.pipeline.traces import RoutingTrace, compare_policies, load
+
+POLICIES = ("lru", "lfu", "static", "predictive", "belady")
+
+
+def bench_policies(
+    trace_files: Sequence[str | Path],
+    *,
+    capacities: Sequence[int] = (2, 3, 4, 6),
+    partitioned: bool = True,
+    log: Callable[[str], None] = print,
+) -> BenchResult:
+    traces: dict[str, RoutingTrace] = {}
+    for f in trace_files:
+        for name, t in load(f).items():
+            traces[f"{Path(f).stem}:{name}"] = t
+    rows = compare_policies(traces, capacities, POLICIES, partitioned=partitioned, progress=log)
+    result = BenchResult("policies", rows)
+    tokens = sum(t.tokens for t in traces.values())
+    result.notes.append(f"{len(traces)} traces, {tokens} tokens: " + ", ".join(traces))
+    result.notes.append(
+        "capacity = experts cached per layer "
+        + ("(one cache per layer)" if partitioned else "(one shared cache of capacity x layers)")
+    )
+    result.notes.append(
+        "static keeps the most frequent experts of the *other* traces (no profiling on the test trace)"
+    )
+    result.notes.append("predictive uses only routing statistics learned from the past of the trace")
+    result.summary = {f"predictive/belady @{r['capacity']}": round(r["predictive/belady"], 3) for r in rows}
+    return result
+
+
+def plot_policies(result: BenchResult, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    caps = [r["capacity"] for r in result.rows]
+    for p in POLICIES:
+        style = {"linestyle": "--", "color": "black"} if p == "belady" else {"marker": "o"}
+        ax.plot(caps, [r[p] for r in result.rows], label=p, **style)
+    ax.set_xlabel("experts cached per layer")
+    ax.set_ylabel("hit rate")
+    ax.set_title("Expert cache hit rate vs capacity (replayed routing traces)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
