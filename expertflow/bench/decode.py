@@ -161,9 +161,9 @@ DECODE_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_local_experts=4, dtype="float32"
     ),
-    # make demo / quick runs: ~100 MiB of experts.
+    # make demo / quick runs: 192 MiB of fp32 experts (fp32: exact comparison with transformers is meaningful).
     "small": dict(
-        hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_local_experts=8, dtype="bfloat16"
+        hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_local_experts=8, dtype="float32"
     ),
     # DESIGN.md's peer baseline shape: 1.4 GB of bf16 experts, meant to run under a memory cgroup.
     "beyond-ram": dict(
