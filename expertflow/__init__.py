@@ -20,6 +20,16 @@ from expertflow.tiers.safetensors_index import open_checkpoint
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # load_model pulls in transformers (seconds to import); only pay for it when it is used.
+    if name == "load_model":
+        from expertflow.model.loader import load_model
+
+        return load_model
+    raise AttributeError(f"module 'expertflow' has no attribute {name!r}")
+
+
 __all__ = [
     "AsyncExpertStore",
     "BudgetError",
@@ -40,5 +50,6 @@ __all__ = [
     "StoreStats",
     "UnsupportedModelError",
     "__version__",
+    "load_model",
     "open_checkpoint",
 ]

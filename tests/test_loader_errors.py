@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from expertflow.config import StoreConfig
 from expertflow.errors import BudgetError, CheckpointError, ConfigError, UnsupportedModelError
 from expertflow.model.loader import load_model
+from expertflow.pipeline.store import ExpertStore
 from expertflow.tiers.safetensors_index import open_checkpoint
 
 TINY = dict(
@@ -111,3 +112,9 @@ def test_dtype_other_than_the_stored_experts_is_refused(tmp_path: Path) -> None:
 def test_directory_without_config_is_a_checkpoint_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"config\.json is missing"):
         load_model(tmp_path)
+
+
+def test_a_store_over_other_experts_is_refused(mixtral4: Path, tmp_path: Path) -> None:
+    other = _save(tmp_path / "other", "mixtral", num_local_experts=6, num_experts_per_tok=2)
+    with ExpertStore(open_checkpoint(other)) as store, pytest.raises(ConfigError, match="differ"):
+        load_model(mixtral4, store=store)

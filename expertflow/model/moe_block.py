@@ -106,6 +106,10 @@ class OffloadedExperts(nn.Module):
                 else:
                     weights = top_k_weights.masked_fill(slot_index == self._sentinel, 0)
                 part = experts(hidden_states, slot_index, weights)
+                if part.device.type == "cuda":
+                    # Kernels run asynchronously: a released slot may be refilled by the copy stream at once,
+                    # so the kernels reading this wave's slots must be done first.
+                    torch.cuda.current_stream(part.device).synchronize()
             finally:
                 self.store.release(wave)
             out = part if out is None else out + part
