@@ -77,3 +77,25 @@ def test_bench_result_records_summary_and_notes(tmp_path):
     r.write(tmp_path)
     md = (tmp_path / "x.md").read_text()
     assert "- ratio: 2.0" in md and "- method" in md
+
+
+def test_bench_decode_runs_every_contender_with_identical_tokens(tmp_path):
+    """Tiny preset, one budget: peers and ExpertFlow run in subprocesses and agree token for token."""
+    from expertflow.bench.decode import Contender, bench_decode, build_preset
+
+    root = build_preset("tiny", tmp_path / "work", log=lambda _: None)
+    contenders = [
+        Contender("transformers (RAM)", "transformers"),
+        Contender("accelerate disk offload", "accelerate"),
+        Contender("expertflow lru", "expertflow", 0.5, "lru", "none"),
+    ]
+    result = bench_decode(
+        str(root), contenders=contenders, new_tokens=4, workdir=tmp_path / "work", log=lambda _: None
+    )
+    rows = {r["label"]: r for r in result.rows}
+    assert all("error" not in r for r in rows.values()), rows
+    assert all(r["same_tokens_as_transformers"] for r in rows.values())
+    ef = rows["expertflow lru @50%"]
+    assert ef["MiB_read_per_token"] > 0 and ef["bound_ms_per_token"] > 0
+    assert ef["stats"]["device_misses"] > 0
+    assert "expertflow lru @50% / accelerate" in result.summary

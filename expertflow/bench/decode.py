@@ -295,7 +295,8 @@ def bench_decode(
     offload.mkdir(parents=True, exist_ok=True)
     files = sorted({t.file for s in layout.experts.values() for t in s.tensors})
     drop_caches()
-    dd = dd_direct(files, layout.max_expert_nbytes)
+    # The bound needs the disk's best rate: large sequential direct reads, whatever the expert size.
+    dd = dd_direct(files, max(4 << 20, layout.max_expert_nbytes))
     bandwidth = dd.gbps * 1e9 if dd else None
     result = BenchResult("decode", [])
     result.notes.append(
@@ -303,7 +304,7 @@ def bench_decode(
         f"{expert_bytes / 2**20:.1f} MiB of experts, {layout.non_expert_bytes / 2**20:.1f} MiB non-expert"
     )
     result.notes.append(
-        f"read bandwidth for the bound: dd iflag=direct = {dd.gbps if dd else float('nan'):.2f} GB/s"
+        f"read bandwidth for the bound: dd iflag=direct bs>=4MiB = {dd.gbps if dd else float('nan'):.2f} GB/s"
     )
     if memory_limit:
         result.notes.append(
@@ -325,6 +326,16 @@ def bench_decode(
             if "error" not in row
             else f"  {row['error']}"
         )
+    # Disk speed varies between runs here (0.55-2 GB/s): measure again and keep the best rate, so the
+    # bound stays a lower bound.
+    drop_caches()
+    dd_after = dd_direct(files, max(4 << 20, layout.max_expert_nbytes))
+    if dd_after is not None and (bandwidth is None or dd_after.gbps * 1e9 > bandwidth):
+        bandwidth = dd_after.gbps * 1e9
+    result.notes.append(
+        f"dd before/after the run: {dd.gbps if dd else float('nan'):.2f} / "
+        f"{dd_after.gbps if dd_after else float('nan'):.2f} GB/s; the bound uses the faster"
+    )
     for row in result.rows:
         _add_bound(row, compute_s, bandwidth)
     reference = next(
