@@ -43,6 +43,10 @@ class SlotStore(Protocol):
     def release(self, handles: Iterable[Any]) -> None: ...
 
 
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 class OffloadedExperts(nn.Module):
     """Replaces one layer's ``*Experts`` module; called exactly like it.
 
@@ -112,10 +116,16 @@ class OffloadedExperts(nn.Module):
                     torch.cuda.current_stream(part.device).synchronize()
             finally:
                 self.store.release(wave)
-            out = part if out is None else out + part
+            if pending == 0 and out is None:
+                return part  # a single wave: the reference's own call, bit for bit
+            # The kernel sums a token's top-k contributions in fp32 and rounds once. Summing rounded wave
+            # outputs would round twice, so accumulate the waves wider and round once at the end: bitwise equal
+            # to the reference whenever a token's contributions come at most one per wave (always for top-2).
+            wide = part.to(_accumulator_dtype(part.dtype))
+            out = wide if out is None else out + wide
         if out is None:  # no tokens routed here
             return torch.zeros_like(hidden_states)
-        return out
+        return out.to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
         return (
