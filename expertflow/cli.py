@@ -69,6 +69,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from expertflow.model.generate import encode_prompt, generate
+    from expertflow.model.loader import load_model
+    from expertflow.model.tracing import RoutingRecorder
+    from expertflow.pipeline.traces import save
+
+    ids = encode_prompt(args.path, args.prompt, args.token_ids, args.byte_tokens)
+    with load_model(args.path, device=args.device, config=_store_config(args)) as model:
+        recorder = RoutingRecorder(model, meta={"model": str(args.path), "prompt_tokens": len(ids)})
+        generate(model, ids, args.max_new_tokens)
+        trace = recorder.finish()
+    save(trace, args.out)
+    print(f"{trace.tokens} tokens x {trace.num_layers} MoE layers (top-{trace.top_k}) -> {args.out}")
+    return 0
+
+
 def _add_store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="compute device (cpu, cuda:0)")
     p.add_argument("--device-slots", type=int, default=None, help="expert slots on a GPU")
@@ -169,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_store_options(p)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("trace", help="record the routing of a run, for `expertflow bench policies --trace`")
+    p.add_argument("path", help="Hugging Face model directory")
+    _add_prompt_options(p)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--out", required=True, help="trace file to write (.npz)")
+    _add_store_options(p)
+    p.set_defaults(func=_cmd_trace)
 
     bench = sub.add_parser("bench", help="benchmarks: tiers, decode, policies").add_subparsers(
         dest="bench", required=True

@@ -23,7 +23,8 @@ from torch import nn
 from expertflow.model.adapters import ExpertsAdapter
 from expertflow.tiers.layout import ExpertKey
 
-RouteHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+# (layer, hidden_states [tokens, H], top_k_index [tokens, k], top_k_weights [tokens, k])
+RouteHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class SlotHandle(Protocol):
@@ -52,7 +53,7 @@ class OffloadedExperts(nn.Module):
 
     ``experts`` is the family's module (built on the meta device); its parameters are swapped for slot views
     and it is kept out of the module tree, so ``state_dict``, ``.to()`` and weight initialisation never see
-    the store's memory. ``route_hooks`` are called with ``(layer, hidden_states, top_k_index)`` before the
+    the store's memory. ``route_hooks`` are called with ``(layer, hidden_states, top_k_index, top_k_weights)`` before the
     experts are requested, e.g. by a predictor that prefetches for the next layers.
     """
 
@@ -89,7 +90,7 @@ class OffloadedExperts(nn.Module):
         experts: nn.Module = self.__dict__["_experts"]
         self.calls += 1
         for hook in self.route_hooks:
-            hook(self.layer, hidden_states, top_k_index)
+            hook(self.layer, hidden_states, top_k_index, top_k_weights)
         needed = torch.unique(top_k_index).tolist()
         keys = [ExpertKey(self.layer, int(e)) for e in needed]
         device = top_k_index.device

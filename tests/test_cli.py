@@ -1,0 +1,65 @@
+"""The command lines do what the README says, with library errors turned into clear messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from expertflow.cli import build_parser, main
+from expertflow.pipeline.traces import load
+
+
+def test_generate_prints_tokens_and_a_summary_under_a_small_budget(checkpoints, capsys):
+    path = checkpoints.get("mixtral")
+    rc = main(
+        ["generate", str(path), "--token-ids", "1,2,3,4", "--max-new-tokens", "6", "--host-mem", "400KiB"]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "tokens: 4 prompt + 6 generated" in out
+    assert "device tier: hit rate" in out and "read from nvme" in out and "stall" in out
+
+
+def test_generate_json_reports_store_counters(checkpoints, capsys):
+    path = checkpoints.get("qwen3_moe")
+    rc = main(
+        ["generate", str(path), "--token-ids", "5,6,7", "--max-new-tokens", "4", "--json", "--policy", "lfu"]
+    )
+    assert rc == 0
+    payload = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert payload["new_tokens"] == 4 and len(payload["tokens"]) == 4
+    assert payload["stats"]["device_misses"] > 0
+
+
+def test_trace_records_every_token_and_moe_layer(checkpoints, tmp_path, capsys):
+    path = checkpoints.get("deepseek_v2")  # dense first layer: the trace holds MoE layers only
+    out = tmp_path / "run.npz"
+    assert main(["trace", str(path), "--token-ids", "1,2,3", "--max-new-tokens", "5", "--out", str(out)]) == 0
+    trace = load(out)["run"]
+    assert trace.layer_ids == (1, 2)
+    assert trace.tokens == 3 + 4  # prompt, then one forward per generated token after the first
+    assert trace.top_k == 2
+
+
+def test_errors_are_messages_with_exit_code_2(tmp_path, capsys):
+    assert main(["generate", str(tmp_path), "--token-ids", "1"]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path), "--token-ids", "x,y"]) == 2
+    assert "--token-ids" in capsys.readouterr().err
+
+
+def test_every_documented_command_exists():
+    parser = build_parser()
+    for argv in (
+        ["inspect", "d"],
+        ["pack", "a", "b"],
+        ["generate", "d"],
+        ["trace", "d", "--out", "f"],
+        ["bench", "tiers"],
+        ["bench", "decode"],
+        ["bench", "policies", "--trace", "t"],
+    ):
+        assert parser.parse_args(argv).func
+    with pytest.raises(SystemExit):
+        parser.parse_args(["nonsense"])
