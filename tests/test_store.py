@@ -401,3 +401,24 @@ def test_sync_store_shuts_down_without_leaking_threads_or_files(ckpt):
     gc.collect()
     assert set(threading.enumerate()) - threads_before == set()
     assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_failed_wave_unpins_every_key_exactly_once(ckpt):
+    root, layout, _ = ckpt
+    bad = ExpertKey(2, 3)
+
+    class FailOne(NvmeTier):
+        async def read(self, key, buf):
+            if key == bad:
+                raise ExpertReadError("injected", key=key)
+            return await super().read(key, buf)
+
+    source = FailOne(layout)
+    with ExpertStore(layout, StoreConfig(host_bytes=budget_for(layout, 4)), sources=[source]) as store:
+        with pytest.raises(ExpertReadError):
+            for wave in store.fetch_as_ready([ExpertKey(2, 1), bad, ExpertKey(2, 5)]):
+                store.release(wave)
+        store._call(lambda: None)  # let queued releases run
+        assert store._call(store.async_store.pinned) == []
+        assert all(e.pins >= 0 for e in store.async_store._entries.values())
+    source.close()

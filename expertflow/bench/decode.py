@@ -303,12 +303,9 @@ def bench_decode(
         f"checkpoint {model_dir}: {layout.model_type}, {len(layout.experts)} experts, "
         f"{expert_bytes / 2**20:.1f} MiB of experts, {layout.non_expert_bytes / 2**20:.1f} MiB non-expert"
     )
-    result.notes.append(
-        f"read bandwidth for the bound: dd iflag=direct bs>=4MiB = {dd.gbps if dd else float('nan'):.2f} GB/s"
-    )
     if memory_limit:
         result.notes.append(
-            f"every contender ran in a memory cgroup of {memory_limit / 2**20:.0f} MiB (page cache included)"
+            f"every contender but the RAM ceiling ran in a memory cgroup of {memory_limit / 2**20:.0f} MiB (page cache included)"
         )
     compute_s: float | None = None
     for c in contenders:
@@ -332,9 +329,19 @@ def bench_decode(
     dd_after = dd_direct(files, max(4 << 20, layout.max_expert_nbytes))
     if dd_after is not None and (bandwidth is None or dd_after.gbps * 1e9 > bandwidth):
         bandwidth = dd_after.gbps * 1e9
+    # Several aligned reads in flight can beat dd's single stream: the device demonstrably does that much.
+    from expertflow.bench.tiers import read_experts
+    from expertflow.tiers.nvme import NvmeTier
+
+    drop_caches()
+    with NvmeTier(layout, "direct") as tier:
+        sample = layout.keys()[: max(1, (1 << 30) // max(1, layout.max_expert_nbytes))]
+        qd4 = read_experts(tier, sample, 4)
+    bandwidth = max(bandwidth or 0.0, qd4.gbps * 1e9)
     result.notes.append(
-        f"dd before/after the run: {dd.gbps if dd else float('nan'):.2f} / "
-        f"{dd_after.gbps if dd_after else float('nan'):.2f} GB/s; the bound uses the faster"
+        f"device read rate: dd before/after the run {dd.gbps if dd else float('nan'):.2f} / "
+        f"{dd_after.gbps if dd_after else float('nan'):.2f} GB/s, 4 aligned O_DIRECT reads in flight "
+        f"{qd4.gbps:.2f} GB/s; the bound uses the fastest ({bandwidth / 1e9:.2f} GB/s)"
     )
     for row in result.rows:
         _add_bound(row, compute_s, bandwidth)

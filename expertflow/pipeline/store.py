@@ -389,33 +389,56 @@ class AsyncExpertStore:
         Keys may outnumber slots as long as the caller releases each wave before asking for the next.
         Errors of a key are raised when its wave would come; handles not yet yielded are unpinned on exit.
         """
-        entries = self._pin(keys)
-        pending = list(entries)
+        pending = self._pin(keys)
         try:
             while pending:
-                ready = [e for e in pending if e.ready.done()]
-                if not ready:
-                    t0 = time.perf_counter()
-                    try:
-                        await asyncio.wait(
-                            [e.ready for e in pending],
-                            timeout=self.config.fetch_timeout,
-                            return_when=asyncio.FIRST_COMPLETED,
-                        )
-                    finally:
-                        self._stats.stall_seconds += time.perf_counter() - t0
-                    ready = [e for e in pending if e.ready.done()]
-                    if not ready:
-                        raise ExpertReadError(
-                            f"no expert became resident within {self.config.fetch_timeout} s"
-                        )
-                for e in ready:
-                    pending.remove(e)
-                    e.ready.result()
-                yield [self._handle(e) for e in ready]
+                wave, pending = await self.next_wave(pending)
+                yield wave
         finally:
             if pending:
                 self._unpin(pending)
+
+    async def next_wave(self, pending: list[Entry]) -> tuple[list[ExpertHandle], list[Entry]]:
+        """Wait until some of the pinned ``pending`` entries are resident; their handles and the rest.
+
+        On error nothing is unpinned here: the caller still holds ``pending`` and unpins all of it.
+        """
+        ready = [e for e in pending if e.ready.done()]
+        if not ready:
+            t0 = time.perf_counter()
+            try:
+                await asyncio.wait(
+                    [e.ready for e in pending],
+                    timeout=self.config.fetch_timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                self._stats.stall_seconds += time.perf_counter() - t0
+            ready = [e for e in pending if e.ready.done()]
+            if not ready:
+                raise ExpertReadError(f"no expert became resident within {self.config.fetch_timeout} s")
+        rest = [e for e in pending if not e.ready.done()]
+        failed = [e for e in ready if e.ready.cancelled() or e.ready.exception() is not None]
+        if failed:
+            failed[0].ready.result()  # raises the key's own error
+        return [self._handle(e) for e in ready], rest
+
+    async def begin_waves(self, keys: Sequence[ExpertKey]) -> tuple[list[ExpertHandle], list[Entry]]:
+        """Pin every key; the handles of those already resident (possibly none) and the pending entries.
+
+        One call (one loop round-trip from a sync caller) when the whole layer is resident.
+        """
+        entries = self._pin(keys)
+        ready = [
+            e for e in entries if e.ready.done() and not e.ready.cancelled() and e.ready.exception() is None
+        ]
+        if len(ready) == len(entries):
+            return [self._handle(e) for e in ready], []
+        rest = [e for e in entries if e not in ready]
+        return [self._handle(e) for e in ready], rest
+
+    def unpin_pending(self, pending: Iterable[Entry]) -> None:
+        self._unpin(pending)
 
     def release(self, handles: Iterable[ExpertHandle]) -> None:
         """Unpin handles; released experts become evictable. Releasing twice is a no-op."""
@@ -707,20 +730,18 @@ class ExpertStore:
         return self.runtime.run(self._store.fetch(keys, timeout=timeout))
 
     def fetch_as_ready(self, keys: Sequence[ExpertKey]) -> Iterator[list[ExpertHandle]]:
-        agen = self._store.fetch_as_ready(keys)
-
-        async def next_wave() -> list[ExpertHandle] | None:
-            try:
-                return await agen.__anext__()
-            except StopAsyncIteration:
-                return None
-
+        store = self._store
+        first, pending = self.runtime.run(store.begin_waves(keys))
         try:
-            while (wave := self.runtime.run(next_wave())) is not None:
+            if first:
+                yield first
+            while pending:
+                wave, pending = self.runtime.run(store.next_wave(pending))
                 yield wave
         finally:
-            if not self._store._closed:
-                self.runtime.run(agen.aclose())
+            if pending and not store._closed:
+                rest = pending
+                self.runtime.loop.call_soon_threadsafe(store.unpin_pending, rest)
 
     def prefetch(self, keys: Iterable[ExpertKey], priority: float = 0.0) -> None:
         keys = list(keys)
