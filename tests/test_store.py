@@ -404,7 +404,7 @@ def test_sync_store_shuts_down_without_leaking_threads_or_files(ckpt):
 
 
 def test_failed_wave_unpins_every_key_exactly_once(ckpt):
-    root, layout, _ = ckpt
+    _, layout, _ = ckpt
     bad = ExpertKey(2, 3)
 
     class FailOne(NvmeTier):
