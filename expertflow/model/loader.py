@@ -140,6 +140,11 @@ def load_model(
     extended = cast(Any, model)
     extended.expert_store = store
     extended.expert_layers = expert_layers
+    extended.expert_predictor = None
+    if store_owned_config := getattr(store, "config", None):
+        from expertflow.model.prefetch import attach_predictor
+
+        extended.expert_predictor = attach_predictor(model, store, store_owned_config)
     extended._expertflow_close = weakref.finalize(model, close_store)
     model.eval()
     return model

@@ -68,6 +68,7 @@ class OffloadedExperts(nn.Module):
         self.route_hooks: list[RouteHook] = []
         self.calls = 0
         self.waves = 0
+        self.last_stalled = False
         for fill in adapter.fills:
             del experts._parameters[fill.param]
             # [num_slots, *per_expert] view over the slot arena; the kernel indexes it with slot ids.
@@ -97,8 +98,11 @@ class OffloadedExperts(nn.Module):
         slot_of = torch.empty(self.num_experts, dtype=torch.long, device=device)  # expert id -> slot id
         out: torch.Tensor | None = None
         pending = len(keys)
+        self.last_stalled = False
         for wave in self.store.fetch_as_ready(keys):
             try:
+                # Did compute have to wait for some of this layer's experts? (set by the store per fetch)
+                self.last_stalled = bool(getattr(self.store, "last_fetch_waited", False))
                 self.waves += 1
                 pending -= len(wave)
                 ids = torch.tensor([h.key.expert for h in wave], dtype=torch.long, device=device)

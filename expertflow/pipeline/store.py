@@ -708,6 +708,7 @@ class ExpertStore:
         self.layout = self._store.layout
         self.device = self._store.device
         self.num_slots = self._store.num_slots
+        self.last_fetch_waited = False
 
     @property
     def slot_arena(self) -> torch.Tensor:
@@ -732,6 +733,7 @@ class ExpertStore:
     def fetch_as_ready(self, keys: Sequence[ExpertKey]) -> Iterator[list[ExpertHandle]]:
         store = self._store
         first, pending = self.runtime.run(store.begin_waves(keys))
+        self.last_fetch_waited = bool(pending)
         try:
             if first:
                 yield first
@@ -740,20 +742,29 @@ class ExpertStore:
                 yield wave
         finally:
             if pending and not store._closed:
-                rest = pending
-                self.runtime.loop.call_soon_threadsafe(store.unpin_pending, rest)
+                self._post(store.unpin_pending, pending)
 
     def prefetch(self, keys: Iterable[ExpertKey], priority: float = 0.0) -> None:
-        keys = list(keys)
-        self.runtime.loop.call_soon_threadsafe(self._store.prefetch, keys, priority)
+        self._post(self._store.prefetch, list(keys), priority)
 
     def cancel_prefetches(self, keep: Iterable[ExpertKey] = ()) -> int:
         keep = list(keep)
         return int(self._call(lambda: self._store.cancel_prefetches(keep)))  # type: ignore[call-overload]
 
+    def cancel_prefetches_nowait(self, keep: Iterable[ExpertKey] = ()) -> None:
+        """Like :meth:`cancel_prefetches`, without waiting for the loop (for the compute hot path)."""
+        self._post(self._store.cancel_prefetches, list(keep))
+
     def release(self, handles: Iterable[ExpertHandle]) -> None:
-        handles = list(handles)
-        self.runtime.loop.call_soon_threadsafe(self._store.release, handles)
+        self._post(self._store.release, list(handles))
+
+    def _post(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn`` on the loop without waiting. Hints and releases after close() are no-ops."""
+        try:
+            self.runtime.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the store is gone, nothing to hint or release
+            if not self.runtime.loop.is_closed():
+                raise
 
     def set_scorer(self, scorer: Callable[[ExpertKey], float] | None) -> None:
         self._call(lambda: self._store.set_scorer(scorer))

@@ -1,0 +1,125 @@
+"""Wire a :class:`~expertflow.pipeline.predictor.Predictor` into a model loaded by ``load_model``.
+
+The model side supplies what the predictor cannot know: for each MoE layer, its pre-router norm and its
+router (the gate look-ahead), and the residual stream at the point a layer routes (captured by a pre-hook on
+that layer's post-attention norm). After layer ``l`` routes, the predictor's keys for layers ``l+1..l+d`` are
+prefetched, nearer layers at higher priority; stale prefetches are cancelled when a new forward starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from expertflow.config import StoreConfig
+from expertflow.pipeline.predictor import Gate, Predictor
+from expertflow.tiers.layout import ExpertKey
+
+log = logging.getLogger(__name__)
+
+_NORM_NAMES = ("post_attention_layernorm", "post_feedforward_layernorm_pre", "ln_2")
+_ROUTER_NAMES = ("gate", "router")
+
+
+def _router_weight(router: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    weight = getattr(router, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        return None
+    bias = getattr(router, "bias", None)
+    return weight, bias if isinstance(bias, torch.Tensor) else None
+
+
+def find_gates(model: nn.Module) -> tuple[dict[int, Gate], dict[int, nn.Module]]:
+    """For each offloaded layer: ``norm -> router logits`` as a function of the residual stream, and the norm."""
+    names = {id(m): n for n, m in model.named_modules()}
+    gates: dict[int, Gate] = {}
+    norms: dict[int, nn.Module] = {}
+    for layer, experts in model.expert_layers.items():  # type: ignore[union-attr,operator]
+        path = names.get(id(experts), "")
+        block_path, _, _ = path.rpartition(".")
+        decoder_path, _, _ = block_path.rpartition(".")
+        try:
+            block = model.get_submodule(block_path)
+            decoder = model.get_submodule(decoder_path)
+        except AttributeError:
+            continue
+        norm = next(
+            (getattr(decoder, n) for n in _NORM_NAMES if isinstance(getattr(decoder, n, None), nn.Module)),
+            None,
+        )
+        router = next(
+            (getattr(block, n) for n in _ROUTER_NAMES if isinstance(getattr(block, n, None), nn.Module)), None
+        )
+        wb = _router_weight(router) if router is not None else None
+        if norm is None or wb is None:
+            log.info("layer %d: no norm/router found for gate look-ahead; statistics only", layer)
+            continue
+        weight, bias = wb
+
+        def gate(
+            x: torch.Tensor, norm: nn.Module = norm, weight: torch.Tensor = weight, bias: Any = bias
+        ) -> torch.Tensor:
+            return F.linear(norm(x).to(weight.dtype), weight, bias)
+
+        gates[layer] = gate
+        norms[layer] = norm
+    return gates, norms
+
+
+def attach_predictor(model: Any, store: Any, config: StoreConfig) -> Predictor | None:
+    """Install prediction + prefetch on ``model`` (from ``load_model``); returns the predictor (or None)."""
+    if config.predictor == "none" or not model.expert_layers:
+        return None
+    text = model.config.get_text_config()
+    top_k = int(getattr(text, "num_experts_per_tok", 0) or getattr(text, "top_k", 0) or 2)
+    layers = model.expert_layers
+    gates, norms = find_gates(model)
+    predictor = Predictor(
+        list(layers),
+        {layer: m.num_experts for layer, m in layers.items()},
+        top_k,
+        mode=config.predictor,
+        depth=config.prefetch_depth,
+        max_depth=config.max_prefetch_depth,
+        gates=gates,
+    )
+    residual: dict[int, torch.Tensor] = {}
+
+    def capture(layer: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            residual[layer] = args[0]
+
+        return hook
+
+    handles = [norm.register_forward_pre_hook(capture(layer)) for layer, norm in norms.items()]
+    order = sorted(layers)
+    first = order[0]
+
+    def on_route(layer: int, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+        if layer == first:
+            keep = [k for k, _ in predictor.predict_cache]
+            store.cancel_prefetches_nowait(keep)
+        pos = order.index(layer)
+        if pos > 0:
+            predictor.record_stall(bool(getattr(layers[order[pos - 1]], "last_stalled", False)))
+        predictor.observe(layer, index)
+        state = residual.get(layer, hidden)
+        preds = predictor.predict(layer, state)
+        predictor.predict_cache = preds
+        by_priority: dict[float, list[ExpertKey]] = defaultdict(list)
+        for key, pr in preds:
+            by_priority[pr].append(key)
+        for pr, keys in sorted(by_priority.items(), reverse=True):
+            store.prefetch(keys, priority=pr)
+
+    for m in layers.values():
+        m.route_hooks.append(on_route)
+    if config.policy == "predictive":
+        store.set_scorer(predictor.scores)
+    model._expertflow_prefetch_hooks = handles
+    return predictor

@@ -1,0 +1,105 @@
+"""Expert prediction: learned statistics, gate look-ahead, measured precision/recall, adaptive depth, wiring."""
+
+from __future__ import annotations
+
+import torch
+
+from expertflow.config import StoreConfig
+from expertflow.model.loader import load_model
+from expertflow.pipeline.predictor import Predictor
+from expertflow.tiers.layout import ExpertKey
+
+
+def test_statistics_learn_a_deterministic_layer_to_layer_transition():
+    p = Predictor([0, 1], 4, top_k=1, mode="stats", depth=1)
+    for t in range(40):
+        e = t % 4
+        p.predict(0, torch.zeros(1, 8))  # before learning, predictions may be wrong
+        p.observe(0, torch.tensor([[e]]))
+        p.predict(0, torch.zeros(1, 8))
+        p.observe(1, torch.tensor([[(e + 1) % 4]]))
+    p._hits.clear()
+    for e in range(4):
+        p.observe(0, torch.tensor([[e]]))
+        preds = p.predict(0, torch.zeros(1, 8))
+        assert ExpertKey(1, (e + 1) % 4) in {k for k, _ in preds}
+        p.observe(1, torch.tensor([[(e + 1) % 4]]))
+    assert p.stats()["by_distance"][1]["recall"] == 1.0
+
+
+def test_lookahead_with_the_true_router_predicts_perfectly_and_nearer_layers_first():
+    w1, w2 = torch.randn(6, 8), torch.randn(6, 8)
+    p = Predictor(
+        [0, 1, 2], 6, top_k=2, mode="lookahead", depth=2, gates={1: lambda x: x @ w1.T, 2: lambda x: x @ w2.T}
+    )
+    x = torch.randn(3, 8)
+    p.observe(0, torch.tensor([[0, 1]] * 3))
+    preds = p.predict(0, x)
+    assert {k.layer for k, _ in preds} == {1, 2}
+    assert min(pr for k, pr in preds if k.layer == 1) > max(pr for k, pr in preds if k.layer == 2)
+    p.observe(1, (x @ w1.T).topk(2).indices)
+    p.observe(2, (x @ w2.T).topk(2).indices)
+    by_d = p.stats()["by_distance"]
+    assert by_d[1]["recall"] == by_d[2]["recall"] == 1.0 and by_d[1]["precision"] == 1.0
+
+
+def test_precision_and_recall_count_exactly_what_was_predicted():
+    p = Predictor(
+        [0, 1],
+        4,
+        top_k=2,
+        mode="lookahead",
+        depth=1,
+        gates={1: lambda x: torch.tensor([[4.0, 3.0, 0.0, 0.0]])},
+    )
+    p.observe(0, torch.tensor([[2, 3]]))
+    p.predict(0, torch.zeros(1, 2))  # predicts {0, 1}
+    p.observe(1, torch.tensor([[1, 2]]))  # one of two right
+    d1 = p.stats()["by_distance"][1]
+    assert (d1["precision"], d1["recall"], d1["predicted"], d1["actual"]) == (0.5, 0.5, 2, 2)
+
+
+def test_adaptive_depth_grows_on_stalls_and_shrinks_when_quiet():
+    p = Predictor([0, 1, 2, 3], 8, top_k=2, max_depth=3)
+    assert p.depth == 1
+    p.record_stall(True)
+    p.record_stall(True)
+    p.record_stall(True)
+    assert p.depth == 3
+    for _ in range(4 * 4):
+        p.record_stall(False)
+    assert p.depth == 2
+    p.record_timing(0, read_seconds=0.3, compute_seconds=0.1)
+    assert p.depth == 3
+
+
+def test_prefetch_changes_no_output_and_its_predictions_are_used(checkpoints):
+    path = checkpoints.get("mixtral")
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    outs = {}
+    for predictor in ("none", "combined"):
+        config = StoreConfig(host_bytes=400 << 10, predictor=predictor, policy="predictive", prefetch_depth=2)
+        with load_model(path, config=config) as model:
+            outs[predictor] = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+            stats = model.expert_store.stats()
+            if predictor == "combined":
+                assert model.expert_predictor is not None
+                by_d = model.expert_predictor.stats()["by_distance"]
+                assert by_d[1]["actual"] > 0
+                assert stats.prefetch_issued > 0
+            else:
+                assert model.expert_predictor is None and stats.prefetch_issued == 0
+    assert torch.equal(outs["none"], outs["combined"])
+
+
+def test_prediction_on_the_trained_model_beats_chance(shared_model_dir):
+    text = b"import json\n\ndef load(path):\n    with open(path) as f:\n        return json.load(f)\n" * 2
+    ids = torch.tensor([list(text)])
+    config = StoreConfig(host_bytes=4 << 20, predictor="combined", prefetch_depth=2)
+    with load_model(shared_model_dir, config=config) as model, torch.no_grad():
+        past = None
+        for t in range(ids.shape[1]):
+            out = model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+        by_d = model.expert_predictor.stats()["by_distance"]
+    assert by_d[1]["recall"] > 0.5  # random top-2 of 8 would be 0.25
