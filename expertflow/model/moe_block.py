@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from expertflow.model.adapters import ExpertsAdapter
+from expertflow.pipeline.schedule import plan_layer
 from expertflow.tiers.layout import ExpertKey
 
 # (layer, hidden_states [tokens, H], top_k_index [tokens, k], top_k_weights [tokens, k])
@@ -92,8 +93,8 @@ class OffloadedExperts(nn.Module):
         self.calls += 1
         for hook in self.route_hooks:
             hook(self.layer, hidden_states, top_k_index, top_k_weights)
-        needed = torch.unique(top_k_index).tolist()
-        keys = [ExpertKey(self.layer, int(e)) for e in needed]
+        # Most-wanted experts are requested first; the store yields the resident ones before any read.
+        keys = [ExpertKey(self.layer, e) for e in plan_layer(top_k_index)]
         device = top_k_index.device
         slot_of = torch.empty(self.num_experts, dtype=torch.long, device=device)  # expert id -> slot id
         out: torch.Tensor | None = None
