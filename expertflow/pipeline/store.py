@@ -209,7 +209,14 @@ class AsyncExpertStore:
             owned.append(nvme)
             sources = []
             if config.remote:
-                from expertflow.tiers.remote import RemoteTier
+                try:
+                    from expertflow.tiers.remote import RemoteTier
+                except ImportError:
+                    nvme.close()
+                    raise ConfigError(
+                        "remote expert servers are not available in this version of ExpertFlow; "
+                        "remove `remote` from the StoreConfig (or --remote)"
+                    ) from None
 
                 remote = await RemoteTier.connect(layout, config)
                 owned.append(remote)
