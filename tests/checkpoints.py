@@ -455,3 +455,20 @@ def classify_disk_name(family: str, name: str) -> tuple[str, re.Match[str] | Non
         if pattern is not None and (m := re.fullmatch(pattern, name)):
             return kind, m
     return "other", None
+
+
+def save_dense_checkpoint(path: Path, *, layers: int = 2, seed: int = 0) -> Path:
+    """A real dense (non-MoE) Llama checkpoint: what ExpertFlow must refuse, or report as having no experts."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        config = transformers.AutoConfig.for_model(
+            "llama",
+            vocab_size=32,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
+import mmap
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -94,3 +96,16 @@ class GatedSource:
 
     def close(self) -> None:
         self.nvme.close()
+
+
+@contextmanager
+def aligned(nbytes: int, fill: int = 0xA5) -> Iterator[memoryview]:
+    """A page-aligned buffer full of junk, so that bytes a read forgets to write cannot pass as correct."""
+    raw = mmap.mmap(-1, max(nbytes, 1))
+    raw.write(bytes([fill]) * len(raw))
+    view = memoryview(raw)
+    try:
+        yield view
+    finally:
+        view.release()
+        raw.close()

@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from expertflow.cli import main as cli_main
 from expertflow.config import format_size
@@ -18,7 +16,7 @@ from expertflow.tiers.layout import TensorKind
 from expertflow.tiers.nvme import BLOCK
 from expertflow.tiers.pack import pack_checkpoint
 from expertflow.tiers.safetensors_index import open_checkpoint, scan_checkpoint
-from tests.checkpoints import FAMILIES, expected_expert_counts
+from tests.checkpoints import FAMILIES, expected_expert_counts, save_dense_checkpoint
 
 
 def round_up(n: int) -> int:
@@ -28,19 +26,7 @@ def round_up(n: int) -> int:
 @pytest.fixture(scope="module")
 def dense_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real dense (non-MoE) checkpoint."""
-    root = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        "llama",
-        vocab_size=32,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(root)
-    return root
+    return save_dense_checkpoint(tmp_path_factory.mktemp("llama"))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import mmap
 import os
 import shutil
 import struct
 import threading
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from expertflow.tiers.layout import ExpertKey, ExpertLayout
 from expertflow.tiers.nvme import BLOCK, NvmeTier, buffer_address, plan_direct
 from expertflow.tiers.safetensors_index import open_checkpoint
 from tests.checkpoints import FAMILIES
+from tests.store_helpers import aligned
 
 MODES = ("mmap", "direct")
 
@@ -48,19 +47,6 @@ def reference_experts(layout: ExpertLayout) -> dict[ExpertKey, list[bytes]]:
                 parts.append(tensor_bytes(full[key.expert] if fused else full))
             out[key] = parts
     return out
-
-
-@contextmanager
-def aligned(nbytes: int, fill: int = 0xA5) -> Iterator[memoryview]:
-    """A page-aligned buffer full of junk, so that bytes a read forgets to write cannot pass as correct."""
-    raw = mmap.mmap(-1, max(nbytes, 1))
-    raw.write(bytes([fill]) * len(raw))
-    view = memoryview(raw)
-    try:
-        yield view
-    finally:
-        view.release()
-        raw.close()
 
 
 def assert_expert(layout: ExpertLayout, key: ExpertKey, buf: memoryview, expected: list[bytes]) -> None:

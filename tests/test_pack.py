@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import shutil
 import signal
@@ -11,8 +10,8 @@ import struct
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,8 @@ from expertflow.tiers.layout import ExpertKey
 from expertflow.tiers.nvme import BLOCK, NvmeTier, plan_direct
 from expertflow.tiers.pack import DATA_NAME, NON_EXPERT_NAME, load_packed_layout, pack_checkpoint
 from expertflow.tiers.safetensors_index import PACK_MANIFEST_NAME, open_checkpoint
-from tests.checkpoints import FAMILIES
+from tests.checkpoints import FAMILIES, save_dense_checkpoint
+from tests.store_helpers import aligned
 
 MODES = ("mmap", "direct")
 REPO = Path(__file__).resolve().parents[1]
@@ -53,18 +53,6 @@ class Packs:
 @pytest.fixture(scope="module")
 def packs(checkpoints: Any, tmp_path_factory: pytest.TempPathFactory) -> Packs:
     return Packs(checkpoints, tmp_path_factory.mktemp("packs"))
-
-
-@contextmanager
-def aligned(nbytes: int, fill: int = 0x5A) -> Iterator[memoryview]:
-    raw = mmap.mmap(-1, max(nbytes, 1))
-    raw.write(bytes([fill]) * len(raw))
-    view = memoryview(raw)
-    try:
-        yield view
-    finally:
-        view.release()
-        raw.close()
 
 
 def expert_tensors(tier: NvmeTier, key: ExpertKey, buf: memoryview) -> list[bytes]:
@@ -448,19 +436,7 @@ def test_pack_refuses_a_non_empty_destination_and_accepts_an_empty_one(
 
 
 def test_pack_refuses_a_dense_model(tmp_path: Path) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        "llama",
-        vocab_size=32,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "llama")
+    save_dense_checkpoint(tmp_path / "llama", layers=1)
     with pytest.raises(UnsupportedModelError, match="nothing to pack"):
         pack_checkpoint(tmp_path / "llama", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
