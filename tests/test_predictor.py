@@ -103,3 +103,18 @@ def test_prediction_on_the_trained_model_beats_chance(shared_model_dir):
             past = out.past_key_values
         by_d = model.expert_predictor.stats()["by_distance"]
     assert by_d[1]["recall"] > 0.5  # random top-2 of 8 would be 0.25
+
+
+def test_distances_predicted_no_better_than_chance_are_not_prefetched():
+    g = torch.Generator().manual_seed(0)
+    p = Predictor([0, 1], 8, top_k=2, mode="stats", depth=1, warmup=32)
+    for _ in range(100):  # random routing: nothing to learn
+        p.observe(0, torch.randperm(8, generator=g)[:2].view(1, 2))
+        p.predict(0, torch.zeros(1, 4))
+        p.observe(1, torch.randperm(8, generator=g)[:2].view(1, 2))
+    d1 = p.stats()["by_distance"][1]
+    assert d1["precision"] < 0.4 and not d1["prefetching"]
+    p.observe(0, torch.tensor([[0, 1]]))
+    assert p.predict(0, torch.zeros(1, 4)) == []  # still scored against the routing, but nothing fetched
+    p.observe(1, torch.tensor([[2, 3]]))
+    assert p.stats()["by_distance"][1]["predicted"] > d1["predicted"]

@@ -41,6 +41,8 @@ class Predictor:
         max_depth: int = 3,
         gates: Mapping[int, Gate] | None = None,
         stats_weight: float = 0.5,
+        min_precision: float = 0.4,
+        warmup: int = 64,
     ) -> None:
         if mode not in ("none", "lookahead", "stats", "combined"):
             raise ConfigError(f"unknown predictor mode {mode!r}")
@@ -58,6 +60,10 @@ class Predictor:
         self._depth = 1 if depth == 0 else min(depth, max_depth)
         self.gates = dict(gates or {})
         self.stats_weight = stats_weight
+        # Prefetching what will not be used costs bandwidth the demand reads need: a distance whose measured
+        # precision stays below this (random top-2 of 8 is 0.25) is predicted and scored, but not prefetched.
+        self.min_precision = min_precision
+        self.warmup = warmup
         # transitions[l][a, b]: times expert a at MoE layer l was followed by expert b at the next MoE layer
         self._trans: dict[int, torch.Tensor] = {}
         self._prev_token: dict[int, torch.Tensor] = {}  # last token's experts per layer (as a 0/1 vector)
@@ -193,6 +199,8 @@ class Predictor:
             for s in sets:
                 for e in s:
                     want[e] += 1
+            if not self.worth_prefetching(d):
+                continue
             base = 1.0 / d  # nearer layers first
             for e, n in want.items():
                 pr = base * (0.5 + 0.5 * n / tokens)
@@ -200,6 +208,11 @@ class Predictor:
                 out.append((key, pr))
                 self._scores[key] = pr
         return out
+
+    def worth_prefetching(self, distance: int) -> bool:
+        """Whether predictions at ``distance`` have been right often enough to spend bandwidth on them."""
+        tp, npred, _ = self._hits.get(distance, (0, 0, 0))
+        return npred < self.warmup or tp / npred >= self.min_precision
 
     def scores(self, key: ExpertKey) -> float:
         """How soon ``key`` is likely needed (0 = not predicted); used by the predictive eviction policy."""
@@ -214,4 +227,6 @@ class Predictor:
                 "predicted": npred,
                 "actual": nact,
             }
+        for d, v in by_distance.items():
+            v["prefetching"] = self.worth_prefetching(d)
         return {"mode": self.mode, "depth": self._depth, "by_distance": by_distance}
