@@ -43,6 +43,10 @@ def _store_config(args: argparse.Namespace) -> StoreConfig:
         policy=args.policy,
         predictor=args.predictor,
         remote=tuple(args.remote or ()),
+        remote_replicas=args.remote_replicas,
+        remote_timeout=args.remote_timeout,
+        curve_server_key=args.curve_server_key,
+        curve_client_secret=args.curve_client_secret,
     )
 
 
@@ -97,6 +101,9 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
         "--predictor", choices=PREDICTORS, default="combined", help="expert prediction for prefetch"
     )
     p.add_argument("--remote", action="append", help="expert daemon address (repeatable), tried before NVMe")
+    p.add_argument("--remote-replicas", type=int, default=1, help="servers that hold each expert")
+    p.add_argument("--remote-timeout", type=float, default=5.0, help="seconds to wait for one remote expert")
+    _curve_client_args(p)
 
 
 def _add_prompt_options(p: argparse.ArgumentParser) -> None:
@@ -230,17 +237,126 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _curve_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--curve-server-key", help="the server's public key file (CurveZMQ)")
+    p.add_argument("--curve-client-secret", help="this client's secret key file (CurveZMQ)")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from expertflow.services.server import ServerConfig, run_server
+
+    config = ServerConfig(
+        binds=tuple(args.bind or ("tcp://127.0.0.1:5555",)),
+        mem_bytes=parse_size(args.mem) if args.mem else None,
+        policy=args.policy,
+        read_mode=args.read_mode,
+        preload=args.preload,
+        curve_secret=args.curve_secret,
+        allow_keys=args.allow_keys,
+        grace=args.grace,
+    )
+    asyncio.run(run_server(args.path, config))
+    return 0
+
+
+def _query(args: argparse.Namespace, what: str) -> object:
+    import asyncio
+
+    from expertflow.services.client import ExpertClient
+
+    async def ask() -> object:
+        async with ExpertClient(
+            args.address,
+            timeout=args.timeout,
+            curve_server_key=args.curve_server_key,
+            curve_client_secret=args.curve_client_secret,
+        ) as client:
+            return await (client.stat() if what == "stat" else client.ping())
+
+    return asyncio.run(ask())
+
+
+def _cmd_stat(args: argparse.Namespace) -> int:
+    from expertflow.services.monitoring import prometheus_text
+
+    counters = _query(args, "stat")
+    assert isinstance(counters, dict)
+    if args.json:
+        print(json.dumps(counters, indent=2, sort_keys=True))
+    elif args.prometheus:
+        print(prometheus_text(counters, args.address), end="")
+    else:
+        width = max(map(len, counters), default=0)
+        for name in sorted(counters):
+            print(f"{name:<{width}}  {counters[name]}")
+    return 0
+
+
+def _cmd_ping(args: argparse.Namespace) -> int:
+    rtt = _query(args, "ping")
+    assert isinstance(rtt, float)
+    print(f"{args.address}: alive, {rtt * 1e3:.2f} ms")
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from expertflow.services.keys import keygen
+
+    public, secret = keygen(args.dir, args.name)
+    print(f"public key {public} (give to the other side)\nsecret key {secret} (keep private)")
+    return 0
+
+
 def build_store_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertflow-store", description="Serve experts over the network.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="serve a checkpoint's experts from a RAM cache over ZeroMQ")
+    p.add_argument("path", help="Hugging Face model directory (or an ExpertFlow pack)")
+    p.add_argument(
+        "--bind",
+        action="append",
+        help="address to listen on (repeatable), e.g. tcp://0.0.0.0:5555, ipc:///run/x",
+    )
+    p.add_argument("--mem", default=None, help="RAM cache budget, e.g. 64GiB (default: every expert)")
+    p.add_argument("--preload", action="store_true", help="fill the cache at start-up")
+    p.add_argument("--policy", choices=POLICIES, default="lru", help="cache eviction policy")
+    p.add_argument("--read-mode", choices=READ_MODES, default="mmap", help="how the cache reads from disk")
+    p.add_argument("--curve-secret", help="the server's secret key file: require CurveZMQ")
+    p.add_argument("--allow-keys", help="directory of client public keys allowed in (needs --curve-secret)")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight replies get on shutdown")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
+    p.set_defaults(func=_cmd_serve)
+
+    for name, func, text in (
+        ("stat", _cmd_stat, "print a server's counters"),
+        ("ping", _cmd_ping, "check that a server answers"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("address", help="server address, e.g. tcp://memhost:5555")
+        p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+        _curve_client_args(p)
+        if name == "stat":
+            fmt = p.add_mutually_exclusive_group()
+            fmt.add_argument("--json", action="store_true", help="JSON output")
+            fmt.add_argument("--prometheus", action="store_true", help="Prometheus text exposition format")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("keygen", help="create a CurveZMQ key pair")
+    p.add_argument("dir", help="directory for NAME.key and NAME.key_secret")
+    p.add_argument("--name", default="server", help="file name stem (default: server)")
+    p.set_defaults(func=_cmd_keygen)
     return parser
 
 
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
+    level = getattr(args, "log_level", None) or ("DEBUG" if args.verbose else "INFO")
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     func: Handler = args.func

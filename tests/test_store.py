@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from expertflow.config import StoreConfig
-from expertflow.errors import BudgetError, ConfigError, ExpertReadError, StoreClosedError
+from expertflow.errors import BudgetError, ExpertReadError, StoreClosedError
 from expertflow.pipeline.store import AsyncExpertStore, ExpertStore
 from expertflow.tiers.layout import ExpertKey
 from expertflow.tiers.nvme import NvmeTier
@@ -423,14 +423,3 @@ def test_failed_wave_unpins_every_key_exactly_once(ckpt):
         assert all(e.pins >= 0 for e in store.async_store._entries.values())
     source.close()
 
-
-async def test_remote_config_is_a_clear_error_until_the_remote_tier_exists(ckpt):
-    _, layout, _ = ckpt
-    try:
-        import expertflow.tiers.remote  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("remote tier present")
-    with pytest.raises(ConfigError, match="remote expert servers are not available"):
-        await AsyncExpertStore.open(layout, StoreConfig(remote=("tcp://127.0.0.1:5555",)))

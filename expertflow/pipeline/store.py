@@ -209,16 +209,13 @@ class AsyncExpertStore:
             owned.append(nvme)
             sources = []
             if config.remote:
-                try:
-                    from expertflow.tiers.remote import RemoteTier
-                except ImportError:
-                    nvme.close()
-                    raise ConfigError(
-                        "remote expert servers are not available in this version of ExpertFlow; "
-                        "remove `remote` from the StoreConfig (or --remote)"
-                    ) from None
+                from expertflow.tiers.remote import RemoteTier
 
-                remote = await RemoteTier.connect(layout, config)
+                try:
+                    remote = await RemoteTier.connect(layout, config)
+                except BaseException:
+                    nvme.close()
+                    raise
                 owned.append(remote)
                 sources.append(remote)
             sources.append(nvme)
@@ -678,7 +675,11 @@ class AsyncExpertStore:
         self._entries.clear()
         self._stacked_cache.clear()
         for s in self._owned_sources:
-            s.close()
+            aclose = getattr(s, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            else:
+                s.close()
         self.device_tier.close()
         self.slot_arena = torch.empty(0, dtype=torch.uint8)
         self.pool.close()

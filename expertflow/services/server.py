@@ -1,0 +1,463 @@
+"""The ``expertflow-store serve`` daemon: serves a checkpoint's experts from a RAM cache over ZeroMQ.
+
+One ``zmq.asyncio`` ROUTER socket (bound to every ``--bind`` address) receives requests from any number of
+DEALER clients. The RAM cache is an :class:`~expertflow.pipeline.store.AsyncExpertStore` on the CPU: the
+same budgets, policies and NVMe reads as a local store. A ``get`` is served by its own task, which pins
+experts as they become resident and sends each one as soon as it is ready, straight out of the cache
+buffer (``copy=False``); the pin is dropped only when libzmq has let go of the buffer (message tracker).
+
+Every request is decoded by :mod:`expertflow.services.protocol`; anything malformed gets an error reply (or
+is dropped by libzmq when larger than the header limit), never an exception out of the receive loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from expertflow.config import StoreConfig
+from expertflow.errors import ConfigError, ExpertFlowError
+from expertflow.pipeline.store import AsyncExpertStore, ExpertHandle
+from expertflow.services import protocol as P
+from expertflow.services.keys import load_secret_key, server_authenticator
+from expertflow.tiers.base import ExpertSource
+from expertflow.tiers.checksum import spec_checksum
+from expertflow.tiers.fingerprint import content_fingerprint
+from expertflow.tiers.layout import ExpertKey, ExpertLayout
+from expertflow.tiers.safetensors_index import open_checkpoint
+
+log = logging.getLogger("expertflow.server")
+
+_VERSION = "1"
+try:
+    from importlib.metadata import version as _pkg_version
+
+    _VERSION = _pkg_version("expertflow")
+except Exception:  # pragma: no cover - running from a source tree without metadata
+    pass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What ``expertflow-store serve`` is asked to do."""
+
+    binds: tuple[str, ...] = ("tcp://127.0.0.1:5555",)
+    mem_bytes: int | None = None  # RAM cache budget (default: every expert)
+    policy: str = "lru"
+    read_mode: str = "mmap"
+    preload: bool = False
+    curve_secret: str | None = None  # secret certificate file of the server
+    allow_keys: str | None = None  # directory of allowed client public certificates
+    grace: float = 5.0  # seconds in-flight replies get to finish on shutdown
+    fetch_timeout: float = 60.0
+    limits: P.Limits = field(default_factory=P.Limits)
+
+    def __post_init__(self) -> None:
+        if not self.binds:
+            raise ConfigError("the server needs at least one --bind address")
+        if self.allow_keys and not self.curve_secret:
+            raise ConfigError("--allow-keys needs --curve-secret (the server's own key pair)")
+        if self.grace < 0:
+            raise ConfigError("grace must be >= 0")
+
+
+class _ClientGone(Exception):
+    """The peer of a reply disconnected: its request is abandoned."""
+
+
+class ExpertServer:
+    """A running expert server. Start with ``await ExpertServer.start(...)``; stop with :meth:`aclose`."""
+
+    def __init__(
+        self,
+        layout: ExpertLayout,
+        config: ServerConfig,
+        store: AsyncExpertStore,
+        fingerprint: str,
+    ) -> None:
+        self.layout = layout
+        self.config = config
+        self.store = store
+        self.fingerprint = fingerprint
+        self.limits = config.limits
+        self.endpoints: list[str] = []
+        self._ctx = zmq.asyncio.Context()
+        self._auth: Any = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._send_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._per_client: Counter[bytes] = Counter()
+        self._tracked: list[tuple[zmq.MessageTracker, ExpertHandle]] = []
+        self._tracked_event = asyncio.Event()
+        self._checksums: dict[ExpertKey, int] = {}
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._closed = False
+        self._started = time.monotonic()
+        self.counters: Counter[str] = Counter()
+        self._loops: list[asyncio.Task[None]] = []
+        self._info = P.ServerInfo(
+            version=_VERSION,
+            experts=len(layout.experts),
+            layers=layout.moe_layers,
+            max_keys=self.limits.max_keys,
+            max_in_flight=self.limits.max_in_flight,
+        )
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    @classmethod
+    async def start(
+        cls,
+        checkpoint: str | Path | ExpertLayout,
+        config: ServerConfig,
+        *,
+        sources: list[ExpertSource] | None = None,
+    ) -> ExpertServer:
+        """Open the checkpoint and its cache, bind every address and start serving.
+
+        ``sources`` replace the checkpoint's NVMe tier as the cache's backing store (the caller owns them).
+        """
+        layout = (
+            checkpoint
+            if isinstance(checkpoint, ExpertLayout)
+            else await asyncio.to_thread(open_checkpoint, checkpoint)
+        )
+        fingerprint = await asyncio.to_thread(content_fingerprint, layout)
+        store_config = StoreConfig(
+            device="cpu",
+            host_bytes=config.mem_bytes,
+            policy=config.policy,  # type: ignore[arg-type]
+            read_mode=config.read_mode,  # type: ignore[arg-type]
+            fetch_timeout=config.fetch_timeout,
+            prefetch_depth=0,
+        )
+        store = await AsyncExpertStore.open(layout, store_config, sources=sources, separate_device=False)
+        server = cls(layout, config, store, fingerprint)
+        try:
+            server._bind()
+        except BaseException:
+            await server.aclose()
+            raise
+        server._loops = [
+            asyncio.create_task(server._receive_loop(), name="expertflow-server-recv"),
+            asyncio.create_task(server._release_loop(), name="expertflow-server-release"),
+        ]
+        if config.preload:
+            server._preload()
+        log.info(
+            "serving %d experts (%s) of %s on %s; cache %d experts (%.2f GiB), policy %s",
+            len(layout.experts),
+            fingerprint,
+            layout.root,
+            ", ".join(server.endpoints),
+            store.num_slots,
+            store.pool.nbytes / 2**30,
+            config.policy,
+        )
+        return server
+
+    def _bind(self) -> None:
+        sock = self._ctx.socket(zmq.ROUTER)
+        self._sock = sock
+        sock.setsockopt(zmq.LINGER, int(self.config.grace * 1000))
+        # Requests never carry payload: anything bigger than a header is dropped by libzmq unbuffered.
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_header_bytes)
+        # Know when a client is gone instead of queueing replies for nobody.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # Unsent replies are bounded by the pinned cache buffers, not by a message count.
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
+        if self.config.curve_secret:
+            public, secret = load_secret_key(self.config.curve_secret)
+            self._auth = server_authenticator(self._ctx, self.config.allow_keys)
+            sock.curve_server = True
+            sock.curve_publickey = public
+            sock.curve_secretkey = secret
+        for address in self.config.binds:
+            try:
+                sock.bind(address)
+            except zmq.ZMQError as exc:
+                raise ConfigError(f"cannot bind {address}: {exc}") from None
+            self.endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+
+    def _preload(self) -> None:
+        # Fill the cache in key order until it is full; prefetches beyond capacity are simply dropped.
+        keys = self.layout.keys()[: self.store.num_slots]
+        self.store.prefetch(keys)
+        log.info("preloading %d experts", len(keys))
+
+    def request_stop(self) -> None:
+        """Begin a graceful shutdown (safe to call from a signal handler)."""
+        self._stop.set()
+
+    async def serve_forever(self) -> None:
+        """Serve until :meth:`request_stop` (SIGTERM/SIGINT in the daemon), then shut down gracefully."""
+        try:
+            await self._stop.wait()
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Refuse new work, let in-flight replies finish for up to ``grace`` s, then release everything."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping = True
+        if self._tasks:
+            log.info("shutting down: %d requests in flight", len(self._tasks))
+            _, pending = await asyncio.wait(list(self._tasks), timeout=self.config.grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close(linger=int(self.config.grace * 1000))
+        for _, handle in self._tracked:
+            self.store.release([handle])
+        self._tracked.clear()
+        if self._auth is not None:
+            self._auth.stop()
+        self._ctx.term()
+        await self.store.aclose()
+        log.info("stopped")
+
+    # --- receiving ------------------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            try:
+                await self._dispatch(frames)
+            except _ClientGone:
+                self.counters["clients_gone"] += 1
+            except Exception:  # a bug must not take the daemon down; the request is answered or dropped
+                self.counters["internal_errors"] += 1
+                log.exception("unexpected error while handling a request")
+
+    async def _dispatch(self, frames: list[zmq.Frame]) -> None:
+        identity = frames[0].bytes
+        self.counters["requests_total"] += 1
+        try:
+            req = P.decode_request([f.buffer for f in frames[1:]], self.limits)
+        except P.MessageError as exc:
+            rid = exc.request_id if exc.request_id is not None else P.UNKNOWN_REQUEST_ID
+            await self._error(identity, rid, exc.code, str(exc))
+            return
+        self.counters[f"requests_{req.op.value}"] += 1
+        if req.op is P.Op.PING:
+            await self._send(identity, P.encode_pong(req.id))
+        elif req.op is P.Op.HELLO:
+            await self._send(
+                identity, P.encode_hello_reply(req.id, self.fingerprint, self._info, self.limits)
+            )
+        elif req.op is P.Op.STAT:
+            await self._send(identity, P.encode_stat_reply(req.id, self.stat_counters(), self.limits))
+        else:
+            self._start_get(identity, req)
+
+    def _start_get(self, identity: bytes, req: P.Request) -> None:
+        if self._stopping:
+            self._spawn(self._error(identity, req.id, P.ErrorCode.SHUTTING_DOWN, "the server is stopping"))
+            return
+        if self._per_client[identity] >= self.limits.max_in_flight:
+            self._spawn(
+                self._error(
+                    identity,
+                    req.id,
+                    P.ErrorCode.BUSY,
+                    f"{self.limits.max_in_flight} requests of this client are already in flight",
+                )
+            )
+            return
+        self._per_client[identity] += 1
+
+        def done(_: object) -> None:
+            self._per_client[identity] -= 1
+            if self._per_client[identity] <= 0:
+                del self._per_client[identity]
+
+        self._spawn(self._serve_get(identity, req)).add_done_callback(done)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, _ClientGone):
+            self.counters["clients_gone"] += 1
+        elif exc is not None:
+            self.counters["internal_errors"] += 1
+            log.error("request task failed", exc_info=exc)
+
+    # --- serving a get --------------------------------------------------------------------------------
+
+    async def _serve_get(self, identity: bytes, req: P.Request) -> None:
+        known: list[ExpertKey] = []
+        for key in req.keys:
+            if key in self.layout.experts:
+                known.append(key)
+            else:
+                await self._error(identity, req.id, P.ErrorCode.UNKNOWN_EXPERT, "no such expert", key)
+        # Bounded waves: one get never pins more than half of the cache, so gets of many clients interleave.
+        chunk = max(1, self.store.num_slots // 2)
+        for start in range(0, len(known), chunk):
+            await self._serve_chunk(identity, req.id, known[start : start + chunk])
+        await self._send(identity, P.encode_done(req.id))
+
+    async def _serve_chunk(self, identity: bytes, rid: int, keys: Sequence[ExpertKey]) -> None:
+        sent: set[ExpertKey] = set()
+        try:
+            async for wave in self.store.fetch_as_ready(keys):
+                for i, handle in enumerate(wave):
+                    try:
+                        await self._send_expert(identity, rid, handle)
+                    except BaseException:
+                        self.store.release(wave[i:])
+                        raise
+                    sent.add(handle.key)
+        except ExpertFlowError as exc:
+            # One expert could not be read: report it, and serve the rest of the chunk one by one.
+            for key in keys:
+                if key in sent:
+                    continue
+                try:
+                    [handle] = await self.store.fetch([key])
+                except ExpertFlowError as key_exc:
+                    log.warning("expert %s failed: %s", key, key_exc)
+                    await self._error(identity, rid, P.ErrorCode.INTERNAL, f"read failed: {key_exc}", key)
+                    continue
+                await self._send_expert(identity, rid, handle)
+            log.debug("chunk of request %d recovered after %s", rid, exc)
+
+    async def _send_expert(self, identity: bytes, rid: int, handle: ExpertHandle) -> None:
+        """Send one pinned expert from its cache buffer; the pin is dropped once libzmq is done with it."""
+        spec = self.layout.spec(handle.key)
+        try:
+            checksum = self._checksums.get(handle.key)
+            if checksum is None:
+                checksum = self._checksums[handle.key] = spec.checksum or spec_checksum(spec, handle.buffer)
+            entries = [
+                (t.role, t.dtype, t.shape, handle.buffer[off : off + t.nbytes]) for t, off in spec.views()
+            ]
+            frames = P.encode_expert_reply(rid, handle.key, entries, checksum, self.limits)
+            tracker = await self._send(identity, frames, track=True)
+        except BaseException:
+            self.store.release([handle])
+            raise
+        self.counters["experts_sent"] += 1
+        self.counters["bytes_sent"] += spec.nbytes
+        if tracker is None or tracker.done:
+            self.store.release([handle])
+        else:
+            self._tracked.append((tracker, handle))
+            self._tracked_event.set()
+
+    async def _release_loop(self) -> None:
+        """Unpin experts whose replies libzmq has finished sending (or dropped with their peer)."""
+        while True:
+            await self._tracked_event.wait()
+            while self._tracked:
+                still = []
+                for tracker, handle in self._tracked:
+                    if tracker.done:
+                        self.store.release([handle])
+                    else:
+                        still.append((tracker, handle))
+                self._tracked = still
+                if still:
+                    await asyncio.sleep(0.0005)
+            self._tracked_event.clear()
+
+    # --- sending --------------------------------------------------------------------------------------
+
+    async def _send(
+        self, identity: bytes, frames: P.Frames, *, track: bool = False
+    ) -> zmq.MessageTracker | None:
+        assert self._sock is not None
+        async with self._send_lock:  # one multipart message at a time: frames of two replies never interleave
+            try:
+                result = await self._sock.send_multipart([identity, *frames], copy=False, track=track)
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:
+                    raise _ClientGone() from None
+                raise
+        return result if track else None
+
+    async def _error(
+        self,
+        identity: bytes,
+        rid: int,
+        code: P.ErrorCode,
+        message: str,
+        key: ExpertKey | None = None,
+    ) -> None:
+        self.counters["errors_total"] += 1
+        self.counters[f"errors_{code.value.lower()}"] += 1
+        log.debug("request %d: %s %s", rid, code.value, message)
+        with contextlib.suppress(_ClientGone):
+            await self._send(identity, P.encode_error(rid, code, message, key, self.limits))
+
+    # --- monitoring -----------------------------------------------------------------------------------
+
+    def stat_counters(self) -> dict[str, int | float]:
+        """Counters and gauges for ``stat`` (names are stable: monitoring scrapes them)."""
+        s = self.store.stats()
+        out: dict[str, int | float] = {name: int(v) for name, v in sorted(self.counters.items())}
+        out.update(
+            {
+                "uptime_seconds": round(time.monotonic() - self._started, 3),
+                "experts_total": len(self.layout.experts),
+                "cache_capacity_experts": self.store.num_slots,
+                "cache_bytes": self.store.pool.nbytes,
+                "cache_resident_experts": len(self.store.resident()),
+                "cache_pinned_experts": len(self.store.pinned()),
+                "cache_hits": s.device_hits,
+                "cache_misses": s.device_misses,
+                "cache_evictions": s.evictions,
+                "disk_reads": sum(s.reads.values()),
+                "disk_bytes_read": sum(s.bytes_read.values()),
+                "read_errors": s.read_errors,
+                "gets_in_flight": len(self._tasks),
+                "clients_in_flight": len(self._per_client),
+                "replies_unsent": len(self._tracked),
+            }
+        )
+        return out
+
+
+async def run_server(checkpoint: str | Path, config: ServerConfig) -> None:
+    """Run the daemon until SIGTERM or SIGINT, then shut down gracefully."""
+    server = await ExpertServer.start(checkpoint, config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_stop)
+    try:
+        for endpoint in server.endpoints:
+            # One line per endpoint on stdout: scripts (and the tests) read the bound address from it.
+            print(f"listening on {endpoint}", flush=True)
+        await server.serve_forever()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

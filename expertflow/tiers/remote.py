@@ -1,0 +1,228 @@
+"""Remote tier: experts from one or more ``expertflow-store serve`` daemons, with fail-over.
+
+Experts are assigned to servers by rendezvous (highest-random-weight) hashing, so adding or losing a server
+moves only its share of experts; with ``replicas`` > 1 each expert has that many servers in preference order.
+A server that times out or disconnects is skipped and retried later with exponential back-off (and a new
+``hello``, in case it came back serving another checkpoint). A read that no server can answer raises
+``RemoteError``: the store then reads the expert from the next source (the local NVMe tier), so no request is
+lost. Every expert is checked against the local layout (names, dtypes, shapes, sizes) and its checksum before
+one byte of it is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import xxhash
+
+from expertflow.config import StoreConfig
+from expertflow.errors import ChecksumError, FingerprintMismatchError, RemoteError
+from expertflow.services import protocol as P
+from expertflow.services.client import ExpertClient
+from expertflow.tiers.fingerprint import content_fingerprint
+from expertflow.tiers.layout import ExpertKey, ExpertLayout, ExpertSpec
+
+log = logging.getLogger(__name__)
+
+BACKOFF_START = 0.5
+BACKOFF_MAX = 30.0
+# Errors after which a server is taken out of rotation (a retry on the same server would only wait again).
+_SERVER_DOWN = frozenset({"TIMEOUT", "DISCONNECTED", "UNAUTHORIZED", "CLOSED", "SHUTTING_DOWN", "BAD_REPLY"})
+
+
+def rendezvous_order(addresses: Sequence[str], key: ExpertKey) -> list[str]:
+    """Servers in preference order for ``key``: the same on every client, stable when servers come and go."""
+    return sorted(
+        addresses,
+        key=lambda a: xxhash.xxh64_intdigest(f"{a}|{key.layer}|{key.expert}".encode()),
+        reverse=True,
+    )
+
+
+@dataclass
+class _Server:
+    address: str
+    client: ExpertClient
+    down_until: float = 0.0
+    backoff: float = BACKOFF_START
+    needs_hello: bool = True
+    disabled: str | None = None  # a permanent reason (wrong checkpoint)
+
+    def available(self, now: float) -> bool:
+        return self.disabled is None and now >= self.down_until
+
+    def mark_down(self, reason: str) -> None:
+        if self.down_until <= time.monotonic():
+            log.warning(
+                "expert server %s unavailable (%s); retrying in %.1f s", self.address, reason, self.backoff
+            )
+        self.down_until = time.monotonic() + self.backoff
+        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+        self.needs_hello = True
+
+    def mark_up(self) -> None:
+        self.down_until = 0.0
+        self.backoff = BACKOFF_START
+
+
+class RemoteTier:
+    """An :class:`~expertflow.tiers.base.ExpertSource` over expert servers. Create with :meth:`connect`."""
+
+    name = "remote"
+
+    def __init__(
+        self,
+        layout: ExpertLayout,
+        fingerprint: str,
+        servers: list[_Server],
+        *,
+        replicas: int = 1,
+        retries: int = 2,
+    ) -> None:
+        self.layout = layout
+        self.fingerprint = fingerprint
+        self._servers = {s.address: s for s in servers}
+        self.replicas = max(1, min(replicas, len(servers)))
+        self.retries = retries
+        self.counters: dict[str, int] = {"reads": 0, "failovers": 0, "checksum_errors": 0, "errors": 0}
+        self.reads_by_server: dict[str, int] = {s.address: 0 for s in servers}
+
+    @classmethod
+    async def connect(cls, layout: ExpertLayout, config: StoreConfig) -> RemoteTier:
+        """Connect to ``config.remote`` and check each server's checkpoint fingerprint.
+
+        A server serving another checkpoint is refused (``FingerprintMismatchError``); one that does not
+        answer is only logged: it is retried while reading, and reads fall through to NVMe meanwhile.
+        """
+        fingerprint = await asyncio.to_thread(content_fingerprint, layout)
+        servers = []
+        for address in dict.fromkeys(config.remote):
+            client = ExpertClient(
+                address,
+                timeout=config.remote_timeout,
+                curve_server_key=config.curve_server_key,
+                curve_client_secret=config.curve_client_secret,
+            )
+            servers.append(_Server(address, client))
+        tier = cls(
+            layout, fingerprint, servers, replicas=config.remote_replicas, retries=config.remote_retries
+        )
+        try:
+            await asyncio.gather(*(tier._hello(s, strict=True) for s in servers))
+        except BaseException:
+            await tier.aclose()
+            raise
+        return tier
+
+    async def _hello(self, server: _Server, *, strict: bool = False) -> bool:
+        """Check the server's fingerprint; True when it may be used."""
+        try:
+            reply = await server.client.hello()
+        except RemoteError as exc:
+            server.mark_down(f"hello failed: {exc}")
+            return False
+        if reply.fingerprint != self.fingerprint:
+            message = (
+                f"expert server {server.address} serves checkpoint {reply.fingerprint}, "
+                f"this model is {self.fingerprint}"
+            )
+            if strict:
+                raise FingerprintMismatchError(message)
+            log.error("%s; not using it", message)
+            server.disabled = message
+            return False
+        server.needs_hello = False
+        server.mark_up()
+        return True
+
+    # --- ExpertSource ---------------------------------------------------------------------------------
+
+    @property
+    def buffer_alignment(self) -> int:
+        return 64
+
+    def buffer_nbytes(self, key: ExpertKey | None = None) -> int:
+        return self.layout.max_expert_nbytes if key is None else self.layout.spec(key).nbytes
+
+    async def read(self, key: ExpertKey, buf: memoryview) -> int:
+        """Fill ``buf`` with ``key`` in canonical layout from the first server that can provide it."""
+        spec = self.layout.spec(key)
+        now = time.monotonic()
+        order = rendezvous_order([s.address for s in self._servers.values() if s.disabled is None], key)
+        candidates = [self._servers[a] for a in order[: self.replicas]]
+        last: Exception | None = None
+        for rank, server in enumerate(candidates):
+            if not server.available(now):
+                continue
+            if server.needs_hello and not await self._hello(server):
+                continue
+            for attempt in range(self.retries + 1):
+                try:
+                    reply = await server.client.get_one(key)
+                    nbytes = self._place(spec, reply, buf)
+                except ChecksumError as exc:
+                    self.counters["checksum_errors"] += 1
+                    last = exc
+                    continue
+                except RemoteError as exc:
+                    last = exc
+                    if exc.code in _SERVER_DOWN:
+                        server.mark_down(str(exc))
+                        break
+                    await asyncio.sleep(0.01 * (attempt + 1))  # BUSY and read errors: the server is alive
+                    continue
+                server.mark_up()
+                self.counters["reads"] += 1
+                self.reads_by_server[server.address] += 1
+                if rank:
+                    self.counters["failovers"] += 1
+                return nbytes
+        self.counters["errors"] += 1
+        if last is None:
+            raise RemoteError(f"no expert server available for {key}", code="UNAVAILABLE")
+        if isinstance(last, RemoteError):
+            raise last
+        raise RemoteError(f"{key}: {last}", code="CHECKSUM")
+
+    def _place(self, spec: ExpertSpec, reply: P.ExpertReply, buf: memoryview) -> int:
+        """Copy a verified reply into ``buf`` at canonical offsets, after checking it is this expert."""
+        if len(reply.tensors) != len(spec.tensors):
+            raise RemoteError(
+                f"{spec.key}: server sent {len(reply.tensors)} tensors, the local layout has {len(spec.tensors)}",
+                code="BAD_REPLY",
+            )
+        for wire, (t, _) in zip(reply.tensors, spec.views()):
+            if (wire.name, wire.dtype, wire.shape, wire.nbytes) != (t.role, t.dtype, t.shape, t.nbytes):
+                raise RemoteError(
+                    f"{spec.key}: server sent {wire.name} {wire.dtype}{list(wire.shape)}, expected "
+                    f"{t.role} {t.dtype}{list(t.shape)}",
+                    code="BAD_REPLY",
+                )
+        if spec.checksum is not None and reply.checksum != spec.checksum:
+            raise ChecksumError(f"{spec.key}: server's checksum differs from the local pack manifest")
+        for wire, (t, off) in zip(reply.tensors, spec.views()):
+            buf[off : off + t.nbytes] = wire.data
+        return spec.nbytes
+
+    def server_status(self) -> list[dict[str, object]]:
+        now = time.monotonic()
+        return [
+            {
+                "address": s.address,
+                "available": s.available(now),
+                "disabled": s.disabled,
+                "reads": self.reads_by_server[s.address],
+            }
+            for s in self._servers.values()
+        ]
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(s.client.aclose() for s in self._servers.values()))
+
+    def close(self) -> None:
+        for s in self._servers.values():
+            s.client.close()

@@ -1,0 +1,379 @@
+"""The expert daemon: real ``expertflow-store serve`` processes (and in-process servers) on loopback.
+
+Every expert a client receives is compared byte for byte with the checkpoint read by the NVMe tier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from expertflow.errors import ConfigError, RemoteError
+from expertflow.services import protocol as P
+from expertflow.services.client import ExpertClient
+from expertflow.services.keys import keygen
+from expertflow.services.monitoring import prometheus_text
+from expertflow.services.server import ExpertServer, ServerConfig
+from expertflow.tiers.fingerprint import content_fingerprint
+from expertflow.tiers.layout import ExpertKey, ExpertLayout
+from expertflow.tiers.nvme import NvmeTier
+from expertflow.tiers.safetensors_index import open_checkpoint
+from tests.checkpoints import save_checkpoint
+from tests.server_helpers import daemon
+from tests.store_helpers import GatedSource
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def ckpt(checkpoints) -> Path:
+    return checkpoints.get("mixtral")
+
+
+@pytest.fixture(scope="module")
+def layout(ckpt: Path) -> ExpertLayout:
+    return open_checkpoint(ckpt)
+
+
+@pytest.fixture(scope="module")
+def reference(layout: ExpertLayout) -> dict[ExpertKey, list[bytes]]:
+    """Each expert's tensors (canonical order) as the NVMe tier reads them."""
+    with NvmeTier(layout, "mmap") as nvme:
+        out = {}
+        for key in sorted(layout.experts):
+            buf = nvme.read_expert(key)
+            out[key] = [bytes(buf[off : off + t.nbytes]) for t, off in layout.spec(key).views()]
+        return out
+
+
+def _slot(layout: ExpertLayout) -> int:
+    return -(-layout.max_expert_nbytes // 4096) * 4096
+
+
+def _check(reply: P.Reply, reference: dict[ExpertKey, list[bytes]]) -> ExpertKey:
+    assert isinstance(reply, P.ExpertReply), reply
+    P.verify(reply)
+    assert [bytes(t.data) for t in reply.tensors] == reference[reply.key]
+    return reply.key
+
+
+async def _get_all(client: ExpertClient, keys, reference) -> list[ExpertKey]:
+    return [_check(r, reference) async for r in client.get(keys)]
+
+
+# --- daemon processes -----------------------------------------------------------------------------------
+
+
+async def test_daemon_serves_every_expert_byte_exact_over_tcp_and_ipc(
+    ckpt, layout, reference, tmp_path
+) -> None:
+    binds = ("tcp://127.0.0.1:*", f"ipc://{tmp_path}/store.sock")
+    with daemon(ckpt, binds, "--mem", str(4 * _slot(layout))) as proc:
+        assert proc.endpoints[0].startswith("tcp://127.0.0.1:") and proc.endpoints[1].startswith("ipc://")
+        for address in proc.endpoints:
+            async with ExpertClient(address, timeout=10) as client:
+                hello = await client.hello()
+                assert hello.fingerprint == content_fingerprint(layout)
+                assert hello.server.experts == len(layout.experts)
+                assert sorted(await _get_all(client, layout.keys(), reference)) == layout.keys()
+                # A 4-expert cache served 24 experts: it evicted and read again.
+                stats = await client.stat()
+                assert stats["cache_capacity_experts"] == 4 and stats["cache_evictions"] > 0
+        assert proc.terminate() == 0
+    assert "stopped" in proc.log()
+
+
+async def test_many_concurrent_clients_each_get_correct_experts(ckpt, layout, reference) -> None:
+    with daemon(ckpt, ("tcp://127.0.0.1:*",), "--mem", str(6 * _slot(layout))) as proc:
+        rng = random.Random(0)
+        orders = [rng.sample(layout.keys(), len(layout.keys())) for _ in range(12)]
+        clients = [ExpertClient(proc.address, timeout=20) for _ in orders]
+        try:
+            # Each client also pipelines: its keys go out as three requests at once.
+            async def run(client: ExpertClient, keys: list[ExpertKey]) -> list[ExpertKey]:
+                parts = await asyncio.gather(*(_get_all(client, keys[i::3], reference) for i in range(3)))
+                return [k for part in parts for k in part]
+
+            results = await asyncio.gather(*(run(c, o) for c, o in zip(clients, orders)))
+            for got in results:
+                assert sorted(got) == layout.keys()
+            stats = await clients[0].stat()
+            assert stats["experts_sent"] == len(orders) * len(layout.keys())
+            assert stats.get("internal_errors", 0) == 0 and stats.get("errors_total", 0) == 0
+        finally:
+            await asyncio.gather(*(c.aclose() for c in clients))
+
+
+def _fuzz_messages(rng: random.Random, count: int) -> list[list[bytes]]:
+    """Malformed requests of every kind a broken or hostile client could send (each fits the header limit)."""
+    valid_get = msgpack.packb({"v": 1, "op": "get", "id": 7, "keys": [[0, 1], [1, 2]]})
+    junk_values = [None, True, -1, -(2**40), 1.5, "x", b"\x00", [], {}, [[0, 0]], {"a": 1}, [0, 0, 0]]
+    out: list[list[bytes]] = []
+    for i in range(count):
+        kind = i % 10
+        if kind == 0:
+            frames = [rng.randbytes(rng.randint(0, 200))]
+        elif kind == 1:
+            frames = [valid_get[: rng.randint(0, len(valid_get) - 1)]]
+        elif kind == 2:
+            head = {"v": 1, "op": "get", "id": rng.randint(1, 99), "keys": [[0, 1]]}
+            head[rng.choice(["v", "op", "id", "keys"])] = rng.choice(junk_values)
+            frames = [msgpack.packb(head)]
+        elif kind == 3:
+            frames = [
+                msgpack.packb({"v": 1, "op": rng.choice(["put", "GET", "", "expert", "done"]), "id": 3})
+            ]
+        elif kind == 4:
+            frames = [
+                msgpack.packb({"v": 1, "op": "get", "id": 4, "keys": [[0, 0]] * rng.randint(1025, 3000)})
+            ]
+        elif kind == 5:
+            frames = [msgpack.packb({"v": 1, "op": "get", "id": 5, "keys": [[rng.randint(50, 10**6), 0]]})]
+        elif kind == 6:
+            frames = [valid_get, rng.randbytes(rng.randint(0, 100))]
+        elif kind == 7:
+            frames = [b"\x91" * rng.randint(100, 5000)]  # deeply nested arrays
+        elif kind == 8:
+            frames = [msgpack.packb([1, "get", 3]), b""]
+        else:
+            blob = bytearray(valid_get)
+            for _ in range(rng.randint(1, 4)):
+                blob[rng.randrange(len(blob))] = rng.randrange(256)
+            frames = [bytes(blob)]
+        out.append(frames)
+    return out
+
+
+async def test_fuzzed_messages_get_error_replies_and_the_daemon_keeps_serving(
+    ckpt, layout, reference
+) -> None:
+    with daemon(ckpt, ("tcp://127.0.0.1:*",), "--mem", str(4 * _slot(layout))) as proc:
+        ctx = zmq.asyncio.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(proc.address)
+        messages = _fuzz_messages(random.Random(1234), 3000)
+        errors: dict[str, int] = {}
+
+        async def drain() -> None:
+            while True:
+                frames = await sock.recv_multipart()
+                reply = P.decode_reply(frames)  # every reply the daemon sends is itself well formed
+                if isinstance(reply, P.ErrorReply):
+                    errors[reply.code.value] = errors.get(reply.code.value, 0) + 1
+
+        reader = asyncio.create_task(drain())
+        try:
+            for frames in messages:
+                await sock.send_multipart(frames)
+            for _ in range(200):
+                if sum(errors.values()) >= 2700:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            sock.close(linger=0)
+        assert proc.proc.poll() is None, proc.log()
+        assert sum(errors.values()) >= 2700
+        for code in ("BAD_MESSAGE", "UNKNOWN_OP", "TOO_MANY_KEYS", "UNKNOWN_EXPERT"):
+            assert errors.get(code, 0) > 0, errors
+        async with ExpertClient(proc.address, timeout=10) as client:
+            assert sorted(await _get_all(client, layout.keys(), reference)) == layout.keys()
+            stats = await client.stat()
+        assert stats["errors_total"] >= 2700 and stats.get("internal_errors", 0) == 0
+
+
+async def test_an_oversized_request_is_dropped_and_others_are_still_served(ckpt, layout, reference) -> None:
+    with daemon(ckpt, ("tcp://127.0.0.1:*",)) as proc:
+        ctx = zmq.asyncio.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(proc.address)
+        huge = msgpack.packb({"v": 1, "op": "get", "id": 1, "keys": [[i % 3, 0] for i in range(100_000)]})
+        assert len(huge) > P.DEFAULT_LIMITS.max_header_bytes
+        await sock.send_multipart([huge])
+        await sock.send_multipart([b"x" * (10 * 2**20)])
+        await asyncio.sleep(0.3)
+        sock.close(linger=0)
+        async with ExpertClient(proc.address, timeout=10) as client:
+            assert sorted(await _get_all(client, layout.keys()[:5], reference)) == layout.keys()[:5]
+        assert proc.proc.poll() is None
+
+
+def test_stat_cli_prints_json_and_prometheus_counters(ckpt) -> None:
+    with daemon(ckpt, ("tcp://127.0.0.1:*",)) as proc:
+        cli = [sys.executable, "-m", "expertflow.services"]
+        out = subprocess.run(
+            [*cli, "stat", proc.address, "--json"], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        counters = json.loads(out.stdout)
+        assert counters["experts_total"] == 24 and counters["requests_stat"] == 1
+        prom = subprocess.run(
+            [*cli, "stat", proc.address, "--prometheus"], capture_output=True, text=True, timeout=60
+        )
+        assert f'expertflow_store_requests_total{{server="{proc.address}"}} 2' in prom.stdout
+        assert "# TYPE expertflow_store_cache_resident_experts gauge" in prom.stdout
+        ping = subprocess.run([*cli, "ping", proc.address], capture_output=True, text=True, timeout=60)
+        assert ping.returncode == 0 and "alive" in ping.stdout
+    dead = subprocess.run(
+        [*cli, "ping", "tcp://127.0.0.1:1", "--timeout", "0.3"], capture_output=True, text=True, timeout=60
+    )
+    assert dead.returncode == 2 and "TIMEOUT" in dead.stderr
+
+
+def test_serve_refuses_a_wrong_model_directory_with_a_clear_error(tmp_path) -> None:
+    cli = [sys.executable, "-m", "expertflow.services", "serve", str(tmp_path), "--bind", "tcp://127.0.0.1:*"]
+    out = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.startswith("error:") and "Traceback" not in out.stderr
+
+
+# --- CURVE ---------------------------------------------------------------------------------------------
+
+
+async def test_curve_serves_allowed_keys_and_gives_unknown_keys_nothing(
+    ckpt, layout, reference, tmp_path
+) -> None:
+    keygen(tmp_path / "server", "server")
+    keygen(tmp_path / "allowed", "alice")
+    keygen(tmp_path / "other", "mallory")
+    extra = (
+        "--curve-secret",
+        str(tmp_path / "server/server.key_secret"),
+        "--allow-keys",
+        str(tmp_path / "allowed"),
+    )
+    with daemon(ckpt, ("tcp://127.0.0.1:*",), *extra) as proc:
+        server_key = str(tmp_path / "server/server.key")
+        async with ExpertClient(
+            proc.address,
+            timeout=10,
+            curve_server_key=server_key,
+            curve_client_secret=str(tmp_path / "allowed/alice.key_secret"),
+        ) as alice:
+            assert sorted(await _get_all(alice, layout.keys()[:4], reference)) == layout.keys()[:4]
+        async with ExpertClient(
+            proc.address,
+            timeout=5,
+            curve_server_key=server_key,
+            curve_client_secret=str(tmp_path / "other/mallory.key_secret"),
+        ) as mallory:
+            with pytest.raises(RemoteError) as info:
+                await mallory.hello()
+            assert info.value.code == "UNAUTHORIZED"
+        async with ExpertClient(proc.address, timeout=0.5) as plain:
+            with pytest.raises(RemoteError) as info:
+                await plain.ping()
+            assert info.value.code in {"TIMEOUT", "DISCONNECTED"}
+        assert proc.proc.poll() is None
+
+
+def test_keygen_writes_a_key_pair_and_never_overwrites(tmp_path) -> None:
+    cli = [sys.executable, "-m", "expertflow.services", "keygen", str(tmp_path), "--name", "node1"]
+    out = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "node1.key").read_text().count("public-key") == 1
+    assert "secret-key" in (tmp_path / "node1.key_secret").read_text()
+    assert (tmp_path / "node1.key_secret").stat().st_mode & 0o077 == 0
+    again = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr
+
+
+# --- in-process servers: states a test must hold still ----------------------------------------------------
+
+
+async def _gated_server(layout: ExpertLayout, **kw) -> tuple[ExpertServer, GatedSource]:
+    source = GatedSource(NvmeTier(layout, "mmap"), gated=True)
+    config = ServerConfig(binds=("tcp://127.0.0.1:*",), mem_bytes=4 * _slot(layout), **kw)
+    return await ExpertServer.start(layout, config, sources=[source]), source
+
+
+async def test_a_client_gone_mid_reply_leaves_nothing_pinned_and_others_are_served(layout, reference) -> None:
+    server, source = await _gated_server(layout)
+    try:
+        ctx = zmq.asyncio.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect(server.endpoints[0])
+        await sock.send_multipart(P.encode_get(1, layout.keys()))
+        first = await asyncio.wait_for(source.started.get(), 10)
+        source.gate(first).set()
+        await sock.recv_multipart()  # the first expert arrives; then the client vanishes
+        sock.close(linger=0)
+        await asyncio.sleep(0.2)
+        source.open_all()
+        for _ in range(200):
+            if not server._tasks:
+                break
+            await asyncio.sleep(0.05)
+        assert not server._tasks
+        assert server.store.pinned() == []
+        assert server.counters["clients_gone"] == 1
+        async with ExpertClient(server.endpoints[0], timeout=10) as client:
+            assert sorted(await _get_all(client, layout.keys(), reference)) == layout.keys()
+    finally:
+        await server.aclose()
+        source.close()
+
+
+async def test_a_client_over_its_in_flight_limit_gets_busy(layout, reference) -> None:
+    server, source = await _gated_server(layout, limits=P.Limits(max_in_flight=2))
+    try:
+        async with ExpertClient(server.endpoints[0], timeout=10) as client:
+            gets = [asyncio.create_task(_get_all(client, [k], reference)) for k in layout.keys()[:3]]
+            done, _ = await asyncio.wait(gets, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            [busy] = done
+            with pytest.raises(RemoteError) as info:
+                busy.result()
+            assert info.value.code == "BUSY"
+            source.open_all()
+            rest = await asyncio.gather(*[g for g in gets if g is not busy])
+            assert sorted(k for r in rest for k in r) == layout.keys()[:2]
+    finally:
+        await server.aclose()
+        source.close()
+
+
+async def test_shutdown_lets_in_flight_replies_finish_and_refuses_new_gets(layout, reference) -> None:
+    server, source = await _gated_server(layout, grace=10)
+    async with ExpertClient(server.endpoints[0], timeout=10) as client:
+        get = asyncio.create_task(_get_all(client, layout.keys()[:3], reference))
+        await asyncio.wait_for(source.started.get(), 10)
+        closing = asyncio.create_task(server.aclose())
+        await asyncio.sleep(0.1)
+        assert not closing.done()  # waiting for the in-flight get
+        source.open_all()
+        assert sorted(await get) == layout.keys()[:3]
+        await closing
+    source.close()
+
+
+def test_server_config_rejects_allow_list_without_a_server_key() -> None:
+    with pytest.raises(ConfigError, match="--curve-secret"):
+        ServerConfig(allow_keys="/tmp")
+
+
+def test_content_fingerprint_changes_with_weights_not_with_packing(tmp_path, ckpt, layout) -> None:
+    from expertflow.tiers.pack import pack_checkpoint
+
+    other = open_checkpoint(save_checkpoint("mixtral", tmp_path / "other", seed=1))
+    assert other.fingerprint() == layout.fingerprint()  # same structure...
+    assert content_fingerprint(other) != content_fingerprint(layout)  # ...other weights
+    packed = open_checkpoint(pack_checkpoint(ckpt, tmp_path / "packed", progress=False))
+    assert content_fingerprint(packed) == content_fingerprint(layout)
+
+
+def test_prometheus_text_labels_each_counter_with_its_type() -> None:
+    text = prometheus_text({"requests_total": 3, "cache_bytes": 10, "uptime_seconds": 1.5}, 'tcp://h:1"')
+    assert 'expertflow_store_requests_total{server="tcp://h:1\\""} 3' in text
+    assert "# TYPE expertflow_store_requests_total counter" in text
+    assert "# TYPE expertflow_store_cache_bytes gauge" in text
