@@ -422,4 +422,3 @@ def test_failed_wave_unpins_every_key_exactly_once(ckpt):
         assert store._call(store.async_store.pinned) == []
         assert all(e.pins >= 0 for e in store.async_store._entries.values())
     source.close()
-
