@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check expertflow tests
 	$(BIN)/ruff format --check expertflow tests
-	$(BIN)/mypy expertflow/__init__.py expertflow/config.py expertflow/errors.py expertflow/pipeline
+	$(BIN)/mypy expertflow/__init__.py expertflow/config.py expertflow/errors.py expertflow/pipeline \
+		expertflow/services/protocol.py expertflow/services/server.py expertflow/services/client.py \
+		expertflow/services/keys.py expertflow/services/monitoring.py expertflow/tiers/remote.py \
+		expertflow/tiers/fingerprint.py
 
 format: $(STAMP)
 	$(BIN)/ruff format expertflow tests

@@ -60,6 +60,7 @@ class ExpertClient:
         self._pending: dict[int, asyncio.Queue[Any]] = {}
         self._closed = False
         self.connected = False
+        self.lost = False  # was connected, and the connection dropped; cleared on reconnect
         self.unauthorized = False
         self._refused = asyncio.Event()
         self.stale_replies = 0
@@ -159,6 +160,9 @@ class ExpertClient:
             raise RemoteError("client is closed", code="CLOSED", address=self.address)
         if self.unauthorized:
             raise RemoteError("the server refused our CURVE key", code="UNAUTHORIZED", address=self.address)
+        if self.lost:
+            # Until libzmq reconnects, a request would only wait in the pipe for the timeout.
+            raise RemoteError("connection lost", code="DISCONNECTED", address=self.address)
         rid = next(self._ids)
         frames = encode(rid)
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -238,14 +242,16 @@ class ExpertClient:
             kind = event["event"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected = True
+                self.lost = False
             elif kind == zmq.EVENT_DISCONNECTED:
                 if self.connected:
                     log.warning("lost connection to %s", self.address)
+                self.lost = self.connected
                 self.connected = False
                 # Replies that arrived before the disconnect may still wait on the data socket (the monitor is
                 # another socket, with no ordering between the two): let the receiver take them first.
                 for _ in range(200):
-                    if not self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    if not int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                         break
                     await asyncio.sleep(0.001)
                 await asyncio.sleep(0)

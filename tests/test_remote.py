@@ -1,0 +1,200 @@
+"""The remote tier: a model whose experts come from real daemons computes what transformers computes,
+survives a daemon killed mid-generation, and never uses bytes that are not the checkpoint's."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import AutoConfig
+
+from expertflow.config import StoreConfig
+from expertflow.errors import FingerprintMismatchError
+from expertflow.model.generate import generate
+from expertflow.model.loader import load_model
+from expertflow.pipeline.store import AsyncExpertStore
+from expertflow.services import protocol as P
+from expertflow.services.server import ExpertServer, ServerConfig
+from expertflow.tiers.layout import ExpertKey, ExpertLayout
+from expertflow.tiers.nvme import NvmeTier
+from expertflow.tiers.remote import RemoteTier, rendezvous_order
+from expertflow.tiers.safetensors_index import open_checkpoint
+from tests.checkpoints import save_checkpoint
+from tests.server_helpers import daemon
+
+pytestmark = pytest.mark.timeout(180)
+
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def ckpt(checkpoints) -> Path:
+    return checkpoints.get("mixtral")
+
+
+@pytest.fixture(scope="module")
+def layout(ckpt: Path) -> ExpertLayout:
+    return open_checkpoint(ckpt)
+
+
+@pytest.fixture(scope="module")
+def expected(ckpt: Path) -> tuple[list[int], list[int]]:
+    """A prompt and the unmodified transformers model's greedy continuation of it."""
+    config = AutoConfig.from_pretrained(ckpt)
+    model = getattr(transformers, config.architectures[0]).from_pretrained(ckpt, dtype=torch.float32).eval()
+    prompt = torch.randint(0, config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    return prompt[0].tolist(), out[0, prompt.shape[1] :].tolist()
+
+
+def _slot(layout: ExpertLayout) -> int:
+    return -(-layout.max_expert_nbytes // 4096) * 4096
+
+
+def _config(layout: ExpertLayout, remote: list[str], **kw) -> StoreConfig:
+    # A budget of four experts: every MoE layer evicts, so experts are fetched again and again.
+    kw.setdefault("remote_timeout", 5.0)
+    return StoreConfig(host_bytes=4 * _slot(layout), predictor="none", remote=tuple(remote), **kw)
+
+
+def test_rendezvous_order_is_stable_and_spreads_experts() -> None:
+    servers = [f"tcp://10.0.0.{i}:5555" for i in range(4)]
+    keys = [ExpertKey(layer, e) for layer in range(32) for e in range(8)]
+    first = Counter(rendezvous_order(servers, k)[0] for k in keys)
+    assert set(first) == set(servers) and min(first.values()) > len(keys) / 4 * 0.6
+    # Losing a server moves only the experts it held.
+    survivors = servers[:3]
+    for k in keys:
+        full = rendezvous_order(servers, k)
+        if full[0] != servers[3]:
+            assert rendezvous_order(survivors, k)[0] == full[0]
+    assert rendezvous_order(list(reversed(servers)), keys[5]) == rendezvous_order(servers, keys[5])
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+def test_generation_through_a_daemon_matches_transformers(
+    transport, ckpt, layout, expected, tmp_path
+) -> None:
+    prompt, want = expected
+    bind = "tcp://127.0.0.1:*" if transport == "tcp" else f"ipc://{tmp_path}/experts.sock"
+    with (
+        daemon(ckpt, (bind,), "--mem", str(8 * _slot(layout))) as proc,
+        load_model(ckpt, config=_config(layout, [proc.address])) as model,
+    ):
+        result = generate(model, prompt, NEW_TOKENS)
+        stats = model.expert_stats()
+    assert result.tokens == want
+    assert stats.reads.get("remote", 0) > len(layout.experts)  # evicted and fetched again, all remotely
+    assert stats.reads.get("nvme", 0) == 0 and not stats.source_errors
+
+
+@pytest.mark.parametrize("fallback", ["replica", "nvme"])
+def test_a_daemon_killed_mid_generation_is_survived_with_identical_output(
+    fallback, ckpt, layout, expected
+) -> None:
+    prompt, want = expected
+    with daemon(ckpt) as a, daemon(ckpt) as b:
+        servers = [a, b] if fallback == "replica" else [a]
+        config = _config(
+            layout, [s.address for s in servers], remote_replicas=len(servers), remote_timeout=2.0
+        )
+        seen: list[int] = []
+
+        def kill_after_third(token: int) -> None:
+            seen.append(token)
+            if len(seen) == 3:
+                a.kill()
+
+        with load_model(ckpt, config=config) as model:
+            result = generate(model, prompt, NEW_TOKENS, on_token=kill_after_third)
+            stats = model.expert_stats()
+            tier = next(s for s in model.expert_store.async_store.sources if isinstance(s, RemoteTier))
+            by_server = dict(tier.reads_by_server)
+        assert a.proc.returncode is not None  # it really died mid-generation
+    assert result.tokens == want
+    assert by_server[a.address] > 0
+    if fallback == "replica":
+        assert by_server[b.address] > 0 and stats.reads.get("nvme", 0) == 0
+    else:
+        assert stats.reads.get("nvme", 0) > 0
+
+
+def test_a_daemon_serving_other_weights_is_refused(ckpt, layout, tmp_path) -> None:
+    other = save_checkpoint("mixtral", tmp_path / "other", seed=7)
+    with daemon(other) as proc, pytest.raises(FingerprintMismatchError, match="serves checkpoint"):
+        load_model(ckpt, config=_config(layout, [proc.address]))
+
+
+class _LyingServer(ExpertServer):
+    """A real server whose expert replies are wrong in one way; the tier must never use them."""
+
+    mode = "flip"
+
+    async def _send_expert(self, identity, rid, handle) -> None:
+        spec = self.layout.spec(handle.key)
+        good = [bytes(handle.buffer[off : off + t.nbytes]) for t, off in spec.views()]
+        self.store.release([handle])
+        data = [bytearray(b) for b in good]
+        checksum = P.checksum(good)
+        names = [t.role for t in spec.tensors]
+        if self.mode == "flip":
+            data[0][len(data[0]) // 2] ^= 0x01  # transit corruption: checksum of the good bytes
+        elif self.mode == "swap":
+            names[0], names[1] = names[1], names[0]  # consistent checksum, wrong tensor order
+            data[0], data[1] = data[1], data[0]
+            checksum = P.checksum(data)
+        entries = [(n, t.dtype, t.shape, d) for n, t, d in zip(names, spec.tensors, data)]
+        await self._send(identity, P.encode_expert_reply(rid, handle.key, entries, checksum))
+
+
+@pytest.mark.parametrize("mode", ["flip", "swap"])
+async def test_wrong_bytes_from_a_server_are_never_used(mode, layout) -> None:
+    server = await _LyingServer.start(layout, ServerConfig(binds=("tcp://127.0.0.1:*",)))
+    server.mode = mode
+    try:
+        config = StoreConfig(remote=(server.endpoints[0],), remote_retries=1, remote_timeout=5.0)
+        store = await AsyncExpertStore.open(layout, config)
+        try:
+            keys = layout.keys()[:4]
+            handles = await store.fetch(keys)
+            with NvmeTier(layout, "mmap") as nvme:
+                for h in handles:
+                    spec = layout.spec(h.key)
+                    assert bytes(h.buffer[: spec.nbytes]) == bytes(nvme.read_expert(h.key)[: spec.nbytes])
+            stats = store.stats()
+            assert stats.reads == {"nvme": 4} and stats.source_errors == {"remote": 4}
+        finally:
+            await store.aclose()
+    finally:
+        await server.aclose()
+
+
+async def test_a_server_down_at_start_is_used_once_it_comes_up(ckpt, layout, tmp_path) -> None:
+    address = f"ipc://{tmp_path}/late.sock"
+    config = StoreConfig(remote=(address,), remote_timeout=0.3, host_bytes=4 * _slot(layout))
+    store = await AsyncExpertStore.open(layout, config)
+    keys = layout.keys()
+
+    async def touch(key: ExpertKey) -> None:
+        store.release(await store.fetch([key]))
+
+    try:
+        for key in keys[:4]:
+            await touch(key)
+        assert store.stats().reads == {"nvme": 4}  # nobody listening: straight to NVMe
+        with daemon(ckpt, (address,)):
+            # A four-expert cache cycling through 24 experts reads every time; the tier tries the server
+            # again after its back-off, and then serves from it.
+            for i in range(4, 400):
+                await touch(keys[i % len(keys)])
+                if store.stats().reads.get("remote"):
+                    break
+                await asyncio.sleep(0.05)
+            assert store.stats().reads.get("remote", 0) >= 1
+    finally:
+        await store.aclose()
