@@ -51,11 +51,20 @@ def test_bench_tiers_writes_table_json_and_plot(tmp_path):
         workdir=tmp_path / "work",
         out_dir=tmp_path / "out",
         concurrency=2,
-        remote=False,
+        remote=True,
         log=lambda _: None,
     )
     paths = {r["path"] for r in result.rows}
     assert {"nvme direct qd=1", "nvme direct qd=2", "nvme mmap cold qd=2", "nvme mmap warm qd=2"} <= paths
+    # The remote tier through a real daemon, each transport beside raw ZeroMQ of the same message size.
+    assert {
+        "remote tcp qd=2",
+        "remote ipc qd=2",
+        "zmq PUSH/PULL tcp (limit)",
+        "zmq PUSH/PULL ipc (limit)",
+    } <= paths
+    remote = {r["path"]: r for r in result.rows if r["path"].startswith("remote")}
+    assert all(r["limit_GB/s"] > 0 and r["GB/s"] > 0 for r in remote.values())
     for r in result.rows:
         if r["limit"]:
             assert r["fraction"] == pytest.approx(r["GB/s"] / r["limit_GB/s"])

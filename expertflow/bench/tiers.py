@@ -187,7 +187,7 @@ def run_tiers(
     *,
     max_experts: int | None = None,
     concurrency: int = 4,
-    remote: Callable[[ExpertLayout, Sequence[ExpertKey]], list[dict[str, Any]]] | None = None,
+    remote: Callable[..., list[dict[str, Any]]] | None = None,
     log: Callable[[str], None] = print,
 ) -> BenchResult:
     """Measure every path on the experts of ``layout`` (the first ``max_experts`` of them)."""
@@ -238,7 +238,11 @@ def run_tiers(
     result.rows.append(_row("memcpy (limit)", mc, "", None, expert_nbytes))
 
     if remote is not None:
-        result.rows.extend(remote(layout, keys))
+        result.rows.extend(remote(layout, keys, concurrency=concurrency, log=log))
+        result.notes.append(
+            "remote: an `expertflow-store serve` child process with every expert in its RAM cache (warmed by one "
+            "untimed pass); limit: raw ZeroMQ PUSH (child process) -> PULL of the same message size and count"
+        )
     result.summary = {
         r["path"]: round(r["fraction"], 3) for r in result.rows if r.get("fraction") is not None
     }
@@ -299,12 +303,9 @@ def bench_tiers(
     layout = open_checkpoint(model)
     remote_fn = None
     if remote:
-        try:
-            from expertflow.bench.remote import measure_remote
-        except ImportError:
-            log("remote tier not available in this build; skipping remote rows")
-        else:
-            remote_fn = measure_remote
+        from expertflow.bench.remote import measure_remote
+
+        remote_fn = measure_remote
     result = run_tiers(layout, max_experts=max_experts, concurrency=concurrency, remote=remote_fn, log=log)
     result.notes.append(f"checkpoint: {model} ({layout.model_type}, {len(layout.experts)} experts)")
     result.write(out_dir)

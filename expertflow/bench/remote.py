@@ -1,0 +1,173 @@
+"""Remote-tier rows of ``expertflow bench tiers``: a real daemon on loopback vs raw ZeroMQ PUSH/PULL.
+
+For each transport (``tcp://127.0.0.1`` and ``ipc://``) the same run measures
+
+* the remote tier: an ``expertflow-store serve`` child process holding the experts in its RAM cache (filled
+  before timing), read through :class:`~expertflow.tiers.remote.RemoteTier` into host buffers with N reads in
+  flight (checksum verified and copied to canonical offsets, as the store does);
+* the limit: a child process pushing messages of the expert size over a PUSH socket to a PULL socket here,
+  zero-copy on both sides, with nothing done to the bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from expertflow.bench.tiers import Timing, _row
+from expertflow.config import StoreConfig
+from expertflow.tiers.host import HostPool, round_up
+from expertflow.tiers.layout import ExpertKey, ExpertLayout
+from expertflow.tiers.nvme import BLOCK
+from expertflow.tiers.remote import RemoteTier
+
+START_TIMEOUT = 120.0
+
+
+def _push_main(address: str, nbytes: int, count: int) -> None:
+    """Child process of the raw limit: connect, then send one warm-up and ``count`` messages of ``nbytes``."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, -1)
+    sock.connect(address)
+    payload = memoryview(bytearray(os.urandom(min(nbytes, 1 << 16)) * (nbytes // (1 << 16) + 1))[:nbytes])
+    sock.send(b"warm-up")
+    for _ in range(count):
+        sock.send(payload, copy=False)
+    sock.close()
+    ctx.term()
+
+
+def raw_push_pull(bind: str, nbytes: int, count: int) -> Timing:
+    """Raw ZeroMQ throughput of ``count`` messages of ``nbytes`` from another process into this one."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.bind(bind)
+        address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        code = f"from expertflow.bench.remote import _push_main; _push_main({address!r}, {nbytes}, {count})"
+        child = subprocess.Popen([sys.executable, "-c", code])
+        try:
+            if not sock.poll(START_TIMEOUT * 1000):
+                raise RuntimeError("the PUSH process sent nothing")
+            sock.recv()  # warm-up: the connection is up and the child is sending
+            latencies = []
+            total = 0
+            t0 = last = time.perf_counter()
+            for _ in range(count):
+                frame = sock.recv(copy=False)
+                total += len(frame.buffer)
+                now = time.perf_counter()
+                latencies.append(now - last)
+                last = now
+            return Timing(total, time.perf_counter() - t0, latencies)
+        finally:
+            child.wait(60)
+    finally:
+        sock.close()
+        ctx.term()
+
+
+class _Daemon:
+    """An ``expertflow-store serve`` child process; ``address`` is the endpoint it bound."""
+
+    def __init__(self, root: str, bind: str, mem_bytes: int) -> None:
+        argv = [sys.executable, "-m", "expertflow.services", "serve", root, "--bind", bind]
+        argv += ["--mem", str(mem_bytes), "--preload", "--log-level", "WARNING"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening on "):
+            self.close()
+            raise RuntimeError(f"the expert daemon did not start (exit code {self.proc.returncode})")
+        self.address = line.split(" ", 2)[2].strip()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def read_remote(layout: ExpertLayout, address: str, keys: Sequence[ExpertKey], concurrency: int) -> Timing:
+    """Read ``keys`` through a RemoteTier with ``concurrency`` reads in flight (after one untimed pass)."""
+    slot = round_up(layout.max_expert_nbytes, BLOCK)
+    pool = HostPool(slot, slot * concurrency + BLOCK)
+
+    async def run() -> Timing:
+        tier = await RemoteTier.connect(layout, StoreConfig(remote=(address,), remote_timeout=60.0))
+        try:
+
+            async def one_pass(latencies: list[float]) -> int:
+                queue = list(reversed(keys))
+                done = 0
+
+                async def reader(i: int) -> None:
+                    nonlocal done
+                    buf = pool.buffer(i)
+                    while queue:
+                        key = queue.pop()
+                        t0 = time.perf_counter()
+                        n = await tier.read(key, buf)
+                        done += n
+                        latencies.append(time.perf_counter() - t0)
+
+                await asyncio.gather(*(reader(i) for i in range(concurrency)))
+                return done
+
+            await one_pass([])  # the daemon's cache is warm after this (and so are both processes)
+            latencies: list[float] = []
+            t0 = time.perf_counter()
+            nbytes = await one_pass(latencies)
+            return Timing(nbytes, time.perf_counter() - t0, latencies)
+        finally:
+            await tier.aclose()
+
+    try:
+        return asyncio.run(run())
+    finally:
+        pool.close()
+
+
+def measure_remote(
+    layout: ExpertLayout,
+    keys: Sequence[ExpertKey],
+    *,
+    concurrency: int = 4,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Rows for the remote tier over tcp and ipc, each beside raw PUSH/PULL of the same message size."""
+    expert_nbytes = layout.spec(keys[0]).nbytes
+    mem = round_up(layout.max_expert_nbytes, BLOCK) * (len(keys) + 1)
+    rows: list[dict[str, Any]] = []
+    limits: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="expertflow-bench-") as tmp:
+        for transport, bind in (("tcp", "tcp://127.0.0.1:*"), ("ipc", f"ipc://{Path(tmp) / 'experts.sock'}")):
+            raw = raw_push_pull(
+                bind if transport == "tcp" else f"ipc://{Path(tmp) / 'raw.sock'}", expert_nbytes, len(keys)
+            )
+            daemon = _Daemon(layout.root, bind, mem)
+            try:
+                timing = read_remote(layout, daemon.address, keys, concurrency)
+            finally:
+                daemon.close()
+            limit_name = f"zmq PUSH/PULL {transport}"
+            rows.append(_row(f"remote {transport} qd={concurrency}", timing, limit_name, raw, expert_nbytes))
+            limits.append(_row(f"{limit_name} (limit)", raw, "", None, expert_nbytes))
+            log(f"remote {transport}: {timing.gbps:.2f} GB/s vs raw ZeroMQ {raw.gbps:.2f} GB/s")
+    return rows + limits
