@@ -2,11 +2,15 @@
 
 Paths and the limit each is compared with (measured in the same run, on the same bytes):
 
-* NVMe ``direct`` (O_DIRECT preads, 1 and N in flight)  vs  ``dd iflag=direct`` with the expert size as block
-* NVMe ``mmap``, cold page cache                         vs  ``dd iflag=direct``
-* NVMe ``mmap``, warm page cache                         vs  memcpy of the same sizes
-* host -> device slot copy                               vs  memcpy of the same sizes
+* NVMe ``direct`` (O_DIRECT preads, 1 and N in flight)  vs  ``dd iflag=direct`` with the expert size as block,
+  as 1 and N concurrent dd processes
+* NVMe ``mmap``, cold page cache, N in flight            vs  N concurrent ``dd iflag=direct``
+* NVMe ``mmap``, warm page cache, N in flight            vs  memcpy of the same sizes in N threads
+* host -> device slot copy (one at a time)               vs  memcpy of the same sizes in one thread
 * remote over ``tcp://127.0.0.1`` and ``ipc://``          vs  raw ZeroMQ PUSH/PULL with the same message size
+
+Each path is compared with a limit at the same parallelism: a path at 4 reads in flight against a
+single-stream limit can come out above 1, which says nothing about the path.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,8 +71,9 @@ def drop_page_cache(files: Sequence[str]) -> str:
         return "posix_fadvise(DONTNEED)"
 
 
-def dd_direct(files: Sequence[str], block: int) -> Timing | None:
-    """``dd iflag=direct`` over every file; None where dd is missing or O_DIRECT is refused."""
+def dd_direct(files: Sequence[str], block: int, streams: int = 1) -> Timing | None:
+    """``dd iflag=direct`` over every file, as ``streams`` concurrent dd processes each reading its own
+    contiguous share (the raw limit for that many reads in flight); None where dd or O_DIRECT is missing."""
     dd = shutil.which("dd")
     if dd is None:
         return None
@@ -75,18 +81,34 @@ def dd_direct(files: Sequence[str], block: int) -> Timing | None:
     total = 0
     seconds = 0.0
     for file in files:
+        blocks = -(-os.path.getsize(file) // bs)
+        share = -(-blocks // streams)
         t0 = time.perf_counter()
-        proc = subprocess.run(
-            [dd, f"if={file}", "of=/dev/null", f"bs={bs}", "iflag=direct"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        procs = [
+            subprocess.Popen(
+                [
+                    dd,
+                    f"if={file}",
+                    "of=/dev/null",
+                    f"bs={bs}",
+                    "iflag=direct",
+                    f"skip={i * share}",
+                    f"count={share}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(streams)
+            if i * share < blocks
+        ]
+        outputs = [(p.communicate()[1], p.returncode) for p in procs]
         seconds += time.perf_counter() - t0
-        if proc.returncode != 0:
-            return None
-        m = re.search(r"^(\d+) bytes", proc.stderr, re.MULTILINE)
-        total += int(m.group(1)) if m else os.path.getsize(file)
+        for stderr, code in outputs:
+            if code != 0:
+                return None
+            m = re.search(r"^(\d+) bytes", stderr, re.MULTILINE)
+            total += int(m.group(1)) if m else 0
     return Timing(total, seconds, [])
 
 
@@ -125,18 +147,28 @@ def read_experts(tier: NvmeTier, keys: Sequence[ExpertKey], concurrency: int) ->
 WORKING_SET = 512 << 20  # larger than any CPU cache: copies run at DRAM speed, as the store's do
 
 
-def memcpy(nbytes: int, count: int) -> Timing:
-    """Plain tensor copies of ``nbytes`` between preallocated buffers rotating over a DRAM-sized working set."""
-    n = max(2, WORKING_SET // nbytes)
-    src = torch.ones(n, nbytes, dtype=torch.uint8)
-    dst = torch.zeros(n, nbytes, dtype=torch.uint8)  # first touch outside the timing
-    latencies = []
+def memcpy(nbytes: int, count: int, threads: int = 1) -> Timing:
+    """Plain tensor copies of ``nbytes`` between preallocated buffers rotating over a DRAM-sized working set,
+    ``count`` copies split over ``threads`` threads (the limit for that many copies in flight)."""
+    n = max(2, WORKING_SET // threads // nbytes)
+    per_thread = max(1, count // threads)
+    srcs = [torch.ones(n, nbytes, dtype=torch.uint8) for _ in range(threads)]
+    dsts = [
+        torch.zeros(n, nbytes, dtype=torch.uint8) for _ in range(threads)
+    ]  # first touch outside the timing
+    latencies: list[float] = []
+
+    def copy(t: int) -> None:
+        src, dst = srcs[t], dsts[t]
+        for i in range(per_thread):
+            s = time.perf_counter()
+            dst[i % n].copy_(src[(i * 7 + 3) % n])  # torch releases the GIL: threads copy in parallel
+            latencies.append(time.perf_counter() - s)
+
     t0 = time.perf_counter()
-    for i in range(count):
-        s = time.perf_counter()
-        dst[i % n].copy_(src[(i * 7 + 3) % n])
-        latencies.append(time.perf_counter() - s)
-    return Timing(nbytes * count, time.perf_counter() - t0, latencies)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(copy, range(threads)))
+    return Timing(nbytes * per_thread * threads, time.perf_counter() - t0, latencies)
 
 
 def host_to_device(nbytes: int, count: int, device: str = "cpu") -> Timing:
@@ -201,47 +233,65 @@ def run_tiers(
     )
 
     method = drop_page_cache(files)
-    dd = dd_direct(files, expert_nbytes)
+    dd = {qd: dd_direct(files, expert_nbytes, qd) for qd in sorted({1, concurrency})}
     result.notes.append(
-        "dd: `dd if=FILE of=/dev/null bs=<expert size> iflag=direct` over the same files (whole files)"
+        "dd: `dd if=FILE of=/dev/null bs=<expert size> iflag=direct` over the same files (whole files); "
+        "for N reads in flight, N dd processes each reading a contiguous share at once"
     )
+
+    def dd_name(qd: int) -> str:
+        return "dd iflag=direct" + (f" x{qd}" if qd > 1 else "")
 
     with NvmeTier(layout, "direct") as tier:
         direct_note = "O_DIRECT" if tier.direct_io else "O_DIRECT refused: buffered reads"
         for qd in sorted({1, concurrency}):
             drop_page_cache(files)
             t = read_experts(tier, keys, qd)
-            result.rows.append(_row(f"nvme direct qd={qd}", t, "dd iflag=direct", dd, expert_nbytes))
+            result.rows.append(_row(f"nvme direct qd={qd}", t, dd_name(qd), dd[qd], expert_nbytes))
             log(f"nvme direct qd={qd}: {t.gbps:.2f} GB/s ({direct_note})")
 
-    mc = memcpy(expert_nbytes, max(4, min(len(keys), 64)))
+    copies = max(4, min(len(keys), 64))
+    mc = {n: memcpy(expert_nbytes, copies * n, n) for n in sorted({1, concurrency})}
+
+    def mc_name(threads: int) -> str:
+        return "memcpy" + (f" x{threads} threads" if threads > 1 else "")
+
     with NvmeTier(layout, "mmap") as tier:
         drop_page_cache(files)
         cold = read_experts(tier, keys, concurrency)
         result.rows.append(
-            _row(f"nvme mmap cold qd={concurrency}", cold, "dd iflag=direct", dd, expert_nbytes)
+            _row(
+                f"nvme mmap cold qd={concurrency}", cold, dd_name(concurrency), dd[concurrency], expert_nbytes
+            )
         )
         warm = read_experts(tier, keys, concurrency)
-        result.rows.append(_row(f"nvme mmap warm qd={concurrency}", warm, "memcpy", mc, expert_nbytes))
+        result.rows.append(
+            _row(
+                f"nvme mmap warm qd={concurrency}", warm, mc_name(concurrency), mc[concurrency], expert_nbytes
+            )
+        )
         log(f"mmap cold {cold.gbps:.2f} GB/s, warm {warm.gbps:.2f} GB/s")
     result.notes.append(f"cold page cache: {method} before each cold measurement")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    h2d = host_to_device(expert_nbytes, max(4, min(len(keys), 64)), device)
-    result.rows.append(_row(f"host -> {device} slot", h2d, "memcpy", mc, expert_nbytes))
+    h2d = host_to_device(expert_nbytes, copies, device)
+    result.rows.append(_row(f"host -> {device} slot", h2d, "memcpy", mc[1], expert_nbytes))
     if device == "cpu":
         result.notes.append(
             "no GPU: host -> device is the CPU slot copy the store would do with a separate tier"
         )
-    if dd is not None:
-        result.rows.append(_row("dd iflag=direct (limit)", dd, "", None, expert_nbytes))
-    result.rows.append(_row("memcpy (limit)", mc, "", None, expert_nbytes))
+    for qd, timing in dd.items():
+        if timing is not None:
+            result.rows.append(_row(f"{dd_name(qd)} (limit)", timing, "", None, expert_nbytes))
+    for n, timing in mc.items():
+        result.rows.append(_row(f"{mc_name(n)} (limit)", timing, "", None, expert_nbytes))
 
     if remote is not None:
         result.rows.extend(remote(layout, keys, concurrency=concurrency, log=log))
         result.notes.append(
             "remote: an `expertflow-store serve` child process with every expert in its RAM cache (warmed by one "
-            "untimed pass); limit: raw ZeroMQ PUSH (child process) -> PULL of the same message size and count"
+            "untimed pass); limit: raw ZeroMQ PUSH (child process) -> PULL of the same message size and count; "
+            "each the fastest of 3 passes"
         )
     result.summary = {
         r["path"]: round(r["fraction"], 3) for r in result.rows if r.get("fraction") is not None
