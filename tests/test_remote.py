@@ -198,3 +198,40 @@ async def test_a_server_down_at_start_is_used_once_it_comes_up(ckpt, layout, tmp
             assert store.stats().reads.get("remote", 0) >= 1
     finally:
         await store.aclose()
+
+
+def test_generate_cli_takes_experts_from_a_daemon(ckpt, layout, expected, capsys) -> None:
+    import json
+
+    from expertflow.cli import main
+
+    prompt, want = expected
+    with daemon(ckpt) as proc:
+        argv = ["generate", str(ckpt), "--token-ids", ",".join(map(str, prompt))]
+        argv += ["--max-new-tokens", str(NEW_TOKENS), "--host-mem", str(4 * _slot(layout)), "--json"]
+        assert main([*argv, "--remote", proc.address, "--remote-timeout", "10"]) == 0
+    payload = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert payload["tokens"] == want
+    assert payload["stats"]["reads"].get("remote", 0) > 0 and "nvme" not in payload["stats"]["reads"]
+
+
+async def test_a_packed_checkpoint_is_served_with_its_manifest_checksums(ckpt, tmp_path) -> None:
+    from expertflow.services.client import ExpertClient
+    from expertflow.tiers.pack import pack_checkpoint
+
+    packed = open_checkpoint(pack_checkpoint(ckpt, tmp_path / "packed", progress=False))
+    server = await ExpertServer.start(packed, ServerConfig(binds=("tcp://127.0.0.1:*",), preload=True))
+    try:
+        async with ExpertClient(server.endpoints[0], timeout=10) as client:
+            for key in packed.keys()[:6]:
+                reply = await client.get_one(key)
+                assert reply.checksum == packed.spec(key).checksum
+        # The source checkpoint's remote tier accepts the pack's daemon: same experts, same fingerprint.
+        store = await AsyncExpertStore.open(ckpt, StoreConfig(remote=(server.endpoints[0],)))
+        try:
+            store.release(await store.fetch(packed.keys()[:3]))
+            assert store.stats().reads == {"remote": 3}
+        finally:
+            await store.aclose()
+    finally:
+        await server.aclose()

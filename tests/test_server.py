@@ -377,3 +377,15 @@ def test_prometheus_text_labels_each_counter_with_its_type() -> None:
     assert 'expertflow_store_requests_total{server="tcp://h:1\\""} 3' in text
     assert "# TYPE expertflow_store_requests_total counter" in text
     assert "# TYPE expertflow_store_cache_bytes gauge" in text
+
+
+async def test_preload_fills_the_cache_before_any_request(ckpt, layout) -> None:
+    with daemon(ckpt, ("tcp://127.0.0.1:*",), "--mem", str(5 * _slot(layout)), "--preload") as proc:
+        async with ExpertClient(proc.address, timeout=10) as client:
+            for _ in range(200):
+                stats = await client.stat()
+                if stats["cache_resident_experts"] == 5:
+                    break
+                await asyncio.sleep(0.05)
+            assert stats["cache_resident_experts"] == 5 and stats["disk_reads"] == 5
+            assert stats["requests_get"] == 0

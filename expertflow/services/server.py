@@ -105,7 +105,22 @@ class ExpertServer:
         self._stopping = False
         self._closed = False
         self._started = time.monotonic()
-        self.counters: Counter[str] = Counter()
+        # Every counter exists from the start (at 0): a scraper sees stable series, not names appearing later.
+        self.counters: Counter[str] = Counter(
+            {
+                name: 0
+                for name in (
+                    "requests_total",
+                    *(f"requests_{op.value}" for op in sorted(P.REQUEST_OPS, key=lambda o: o.value)),
+                    "errors_total",
+                    *(f"errors_{code.value.lower()}" for code in P.ErrorCode),
+                    "experts_sent",
+                    "bytes_sent",
+                    "clients_gone",
+                    "internal_errors",
+                )
+            }
+        )
         self._loops: list[asyncio.Task[None]] = []
         self._info = P.ServerInfo(
             version=_VERSION,
