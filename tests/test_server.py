@@ -389,3 +389,26 @@ async def test_preload_fills_the_cache_before_any_request(ckpt, layout) -> None:
                 await asyncio.sleep(0.05)
             assert stats["cache_resident_experts"] == 5 and stats["disk_reads"] == 5
             assert stats["requests_get"] == 0
+
+
+async def test_a_cancelled_read_forgets_its_request_and_ignores_the_late_reply(layout, reference) -> None:
+    server, source = await _gated_server(layout)
+    try:
+        async with ExpertClient(server.endpoints[0], timeout=10) as client:
+            key = layout.keys()[0]
+            read = asyncio.create_task(client.get_one(key))
+            await asyncio.wait_for(source.started.get(), 10)
+            read.cancel()
+            await asyncio.gather(read, return_exceptions=True)
+            assert client._pending == {}
+            source.open_all()
+            reply = await client.get_one(layout.keys()[1])  # the connection still works...
+            assert _check(reply, reference) == layout.keys()[1]
+            for _ in range(100):  # ...and the abandoned request's reply is dropped as stale
+                if client.stale_replies:
+                    break
+                await asyncio.sleep(0.02)
+            assert client.stale_replies >= 1
+    finally:
+        await server.aclose()
+        source.close()

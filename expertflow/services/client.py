@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from typing import Any
 
 import zmq
@@ -112,7 +112,7 @@ class ExpertClient:
         reply = await self._single(P.encode_stat)
         return dict(self._expect(reply, P.StatReply).counters)
 
-    async def get(self, keys: Iterable[ExpertKey]) -> AsyncIterator[P.ExpertReply | P.ErrorReply]:
+    async def get(self, keys: Iterable[ExpertKey]) -> AsyncGenerator[P.ExpertReply | P.ErrorReply, None]:
         """Each requested expert (or its per-key error) as it arrives, until the server's ``done``.
 
         An expert reply's tensors alias the received frames; checksums are not verified here
@@ -135,12 +135,14 @@ class ExpertClient:
     async def get_one(self, key: ExpertKey) -> P.ExpertReply:
         """One expert, checksum verified; any error is raised."""
         expert: P.ExpertReply | None = None
-        async for reply in self.get([key]):
-            if isinstance(reply, P.ErrorReply):
-                raise reply.to_exception(self.address)
-            if reply.key != key or expert is not None:
-                raise self._bad_reply(f"asked for {key}, got {reply.key}")
-            expert = reply
+        # aclosing: a cancelled read (a dropped prefetch) forgets its request now, not at garbage collection.
+        async with contextlib.aclosing(self.get([key])) as replies:
+            async for reply in replies:
+                if isinstance(reply, P.ErrorReply):
+                    raise reply.to_exception(self.address)
+                if reply.key != key or expert is not None:
+                    raise self._bad_reply(f"asked for {key}, got {reply.key}")
+                expert = reply
         if expert is None:
             raise self._bad_reply(f"the server finished without sending {key}")
         P.verify(expert)
