@@ -30,6 +30,10 @@ def test_generate_json_reports_store_counters(checkpoints, capsys):
     payload = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert payload["new_tokens"] == 4 and len(payload["tokens"]) == 4
     assert payload["stats"]["device_misses"] > 0
+    # Decode-only counters (what tokens/s covers) leave out the prefill, which read experts too.
+    total, decode = payload["stats"], payload["decode_stats"]
+    assert 0 < decode["device_hits"] + decode["device_misses"] < total["device_hits"] + total["device_misses"]
+    assert sum(decode["bytes_read"].values()) < sum(total["bytes_read"].values())
 
 
 def test_trace_records_every_token_and_moe_layer(checkpoints, tmp_path, capsys):

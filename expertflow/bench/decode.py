@@ -145,6 +145,7 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
         "tokens": result.tokens,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "stats": result.stats,
+        "decode_stats": result.decode_stats,
         "prediction": result.prediction,
     }
     close = getattr(model, "close", None)
@@ -367,8 +368,10 @@ def _best(*timings: Any) -> Any:
 
 
 def _add_bound(row: dict[str, Any], compute_s: float | None, bandwidth: float | None) -> None:
-    stats = row.get("stats") or {}
-    tokens = max(1, row.get("new_tokens", 1))
+    # Per-token figures cover decode only (after the first token), as tokens/s does: the prefill reads
+    # every expert once, and counting it per decoded token would inflate bytes and the bound.
+    stats = row.get("decode_stats") or {}
+    tokens = max(1, row.get("new_tokens", 1) - 1)
     bytes_read = sum((stats.get("bytes_read") or {}).values())
     row["MiB_read_per_token"] = bytes_read / tokens / 2**20 if stats else None
     row["stall_ms_per_token"] = 1e3 * stats.get("stall_seconds", 0.0) / tokens if stats else None

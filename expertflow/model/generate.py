@@ -16,13 +16,15 @@ from expertflow.errors import ConfigError
 
 @dataclass
 class GenerationResult:
-    """Tokens and timings of one generation; ``stats`` is the store's counters for this run only."""
+    """Tokens and timings of one generation. ``stats`` is the store's counters for this run only;
+    ``decode_stats`` the part after the first token (what ``tokens_per_second`` covers: no prefill)."""
 
     prompt_tokens: int
     tokens: list[int]
     prefill_seconds: float
     decode_seconds: float
     stats: dict[str, Any] = field(default_factory=dict)
+    decode_stats: dict[str, Any] = field(default_factory=dict)
     prediction: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -44,6 +46,7 @@ class GenerationResult:
             "decode_seconds": self.decode_seconds,
             "tokens_per_second": self.tokens_per_second,
             "stats": self.stats,
+            "decode_stats": self.decode_stats,
             "prediction": self.prediction,
         }
 
@@ -51,8 +54,11 @@ class GenerationResult:
 class _Streamer:
     """transformers streamer protocol: the prompt first, then one tensor per new token."""
 
-    def __init__(self, on_token: Callable[[int], None] | None) -> None:
+    def __init__(
+        self, on_token: Callable[[int], None] | None, on_first: Callable[[], None] | None = None
+    ) -> None:
         self.on_token = on_token
+        self.on_first = on_first
         self.times: list[float] = []
         self.tokens: list[int] = []
         self._prompt_seen = False
@@ -62,6 +68,8 @@ class _Streamer:
             self._prompt_seen = True
             return
         self.times.append(time.perf_counter())
+        if len(self.times) == 1 and self.on_first is not None:
+            self.on_first()  # prefill is over: decode starts now
         for t in value.reshape(-1).tolist():
             self.tokens.append(int(t))
             if self.on_token is not None:
@@ -106,7 +114,13 @@ def generate(
         raise ConfigError("max_new_tokens must be >= 1")
     store = getattr(model, "expert_store", None)
     before = store.stats().as_dict() if store is not None else {}
-    streamer = _Streamer(on_token)
+    at_first: dict[str, Any] = {}
+
+    def snapshot() -> None:
+        if store is not None:
+            at_first.update(store.stats().as_dict())
+
+    streamer = _Streamer(on_token, snapshot)
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -128,7 +142,9 @@ def generate(
         decode_seconds=t_end - first,
     )
     if store is not None:
-        result.stats = _delta(store.stats().as_dict(), before)
+        end = store.stats().as_dict()
+        result.stats = _delta(end, before)
+        result.decode_stats = _delta(end, at_first or end)
     predictor = getattr(model, "expert_predictor", None)
     if predictor is not None:
         result.prediction = predictor.stats()

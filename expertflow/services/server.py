@@ -247,7 +247,8 @@ class ExpertServer:
         self._tracked.clear()
         if self._auth is not None:
             self._auth.stop()
-        self._ctx.term()
+        # term() waits for the linger of unsent replies: off the loop.
+        await asyncio.to_thread(self._ctx.term)
         await self.store.aclose()
         log.info("stopped")
 
@@ -344,14 +345,16 @@ class ExpertServer:
     async def _serve_chunk(self, identity: bytes, rid: int, keys: Sequence[ExpertKey]) -> None:
         sent: set[ExpertKey] = set()
         try:
-            async for wave in self.store.fetch_as_ready(keys):
-                for i, handle in enumerate(wave):
-                    try:
-                        await self._send_expert(identity, rid, handle)
-                    except BaseException:
-                        self.store.release(wave[i:])
-                        raise
-                    sent.add(handle.key)
+            # aclosing: if the client is gone, the experts of this chunk still loading are unpinned now.
+            async with contextlib.aclosing(self.store.fetch_as_ready(keys)) as waves:
+                async for wave in waves:
+                    for i, handle in enumerate(wave):
+                        try:
+                            await self._send_expert(identity, rid, handle)
+                        except BaseException:
+                            self.store.release(wave[i:])
+                            raise
+                        sent.add(handle.key)
         except ExpertFlowError as exc:
             # One expert could not be read: report it, and serve the rest of the chunk one by one.
             for key in keys:
