@@ -334,19 +334,29 @@ def bench_decode(
     dd_after = _best(dd_direct(files, dd_block), dd_direct(files, dd_block, streams))
     if dd_after is not None and (bandwidth is None or dd_after.gbps * 1e9 > bandwidth):
         bandwidth = dd_after.gbps * 1e9
-    # Several aligned reads in flight can beat dd's single stream: the device demonstrably does that much.
+    # The store's own pattern: experts in random order, re-read, 4 aligned reads in flight. The virtual
+    # disks of small cloud machines are bursty (1.2-3.2 GB/s from one pass to the next), so the bound uses
+    # the best of several passes: the rate the device demonstrably delivers.
+    import random
+
     from expertflow.bench.tiers import read_experts
     from expertflow.tiers.nvme import NvmeTier
 
     drop_caches()
     with NvmeTier(layout, "direct") as tier:
         sample = layout.keys()[: max(1, (1 << 30) // max(1, layout.max_expert_nbytes))]
-        qd4 = read_experts(tier, sample, 4)
+        passes = []
+        for seed in range(3):
+            order = list(sample)
+            random.Random(seed).shuffle(order)
+            passes.append(read_experts(tier, order, streams))
+        qd4 = max(passes, key=lambda t: t.gbps)
     bandwidth = max(bandwidth or 0.0, qd4.gbps * 1e9)
     result.notes.append(
         f"device read rate: dd (best of 1 and {streams} streams) before/after the run "
         f"{dd.gbps if dd else float('nan'):.2f} / "
-        f"{dd_after.gbps if dd_after else float('nan'):.2f} GB/s, 4 aligned O_DIRECT reads in flight "
+        f"{dd_after.gbps if dd_after else float('nan'):.2f} GB/s, {streams} aligned O_DIRECT reads in flight "
+        f"(best of 3 shuffled passes) "
         f"{qd4.gbps:.2f} GB/s; the bound uses the fastest ({bandwidth / 1e9:.2f} GB/s)"
     )
     for row in result.rows:
