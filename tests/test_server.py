@@ -412,3 +412,34 @@ async def test_a_cancelled_read_forgets_its_request_and_ignores_the_late_reply(l
     finally:
         await server.aclose()
         source.close()
+
+
+async def test_one_client_cannot_pin_more_than_its_share_of_the_cache(layout, reference) -> None:
+    source = GatedSource(NvmeTier(layout, "mmap"), gated=True)
+    config = ServerConfig(binds=("tcp://127.0.0.1:*",), mem_bytes=8 * _slot(layout))
+    server = await ExpertServer.start(layout, config, sources=[source])
+    try:
+        assert server.client_cap == 2
+        keys = layout.keys()
+        async with (
+            ExpertClient(server.endpoints[0], timeout=20) as greedy,
+            ExpertClient(server.endpoints[0], timeout=20) as other,
+        ):
+            stuck = [asyncio.create_task(_get_all(greedy, [k], reference)) for k in keys[:10]]
+            for _ in range(2):
+                await asyncio.wait_for(source.started.get(), 10)
+            await asyncio.sleep(0.2)
+            assert len(server.store.pinned()) == 2  # ten gets in flight, two experts held
+            source.gate(keys[20]).set()
+            assert await _get_all(other, [keys[20]], reference) == [keys[20]]  # the other client is served
+            source.open_all()
+            served = await asyncio.gather(*stuck)
+            assert sorted(k for got in served for k in got) == keys[:10]
+        for _ in range(100):
+            if not server._clients:
+                break
+            await asyncio.sleep(0.02)
+        assert server._clients == {} and server.store.pinned() == []
+    finally:
+        await server.aclose()
+        source.close()

@@ -76,6 +76,17 @@ class _ClientGone(Exception):
     """The peer of a reply disconnected: its request is abandoned."""
 
 
+@dataclass(eq=False)
+class _Client:
+    """What one client (ROUTER identity) has in flight."""
+
+    gets: int = 0
+    # Experts pinned for this client: loading, or sent and not yet let go by libzmq. Capped, so that a client
+    # that stops reading its replies cannot pin the whole cache and starve the others.
+    held: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class ExpertServer:
     """A running expert server. Start with ``await ExpertServer.start(...)``; stop with :meth:`aclose`."""
 
@@ -97,8 +108,10 @@ class ExpertServer:
         self._sock: zmq.asyncio.Socket | None = None
         self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._per_client: Counter[bytes] = Counter()
-        self._tracked: list[tuple[zmq.MessageTracker, ExpertHandle]] = []
+        self._clients: dict[bytes, _Client] = {}
+        # Experts one client may hold pinned at once (see _Client.held); gets are served in chunks of this.
+        self.client_cap = max(1, store.num_slots // 4)
+        self._tracked: list[tuple[zmq.MessageTracker, ExpertHandle, _Client]] = []
         self._tracked_event = asyncio.Event()
         self._checksums: dict[ExpertKey, int] = {}
         self._stop = asyncio.Event()
@@ -242,8 +255,8 @@ class ExpertServer:
         await asyncio.gather(*self._loops, return_exceptions=True)
         if self._sock is not None:
             self._sock.close(linger=int(self.config.grace * 1000))
-        for _, handle in self._tracked:
-            self.store.release([handle])
+        for _, handle, client in self._tracked:
+            self._release(handle, client)
         self._tracked.clear()
         if self._auth is not None:
             self._auth.stop()
@@ -291,7 +304,10 @@ class ExpertServer:
         if self._stopping:
             self._spawn(self._error(identity, req.id, P.ErrorCode.SHUTTING_DOWN, "the server is stopping"))
             return
-        if self._per_client[identity] >= self.limits.max_in_flight:
+        client = self._clients.get(identity)
+        if client is None:
+            client = self._clients[identity] = _Client()
+        if client.gets >= self.limits.max_in_flight:
             self._spawn(
                 self._error(
                     identity,
@@ -301,14 +317,17 @@ class ExpertServer:
                 )
             )
             return
-        self._per_client[identity] += 1
+        client.gets += 1
 
         def done(_: object) -> None:
-            self._per_client[identity] -= 1
-            if self._per_client[identity] <= 0:
-                del self._per_client[identity]
+            client.gets -= 1
+            self._forget_idle(identity, client)
 
-        self._spawn(self._serve_get(identity, req)).add_done_callback(done)
+        self._spawn(self._serve_get(identity, req, client)).add_done_callback(done)
+
+    def _forget_idle(self, identity: bytes, client: _Client) -> None:
+        if client.gets == 0 and client.held == 0 and self._clients.get(identity) is client:
+            del self._clients[identity]
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro)
@@ -329,34 +348,46 @@ class ExpertServer:
 
     # --- serving a get --------------------------------------------------------------------------------
 
-    async def _serve_get(self, identity: bytes, req: P.Request) -> None:
+    async def _serve_get(self, identity: bytes, req: P.Request, client: _Client) -> None:
         known: list[ExpertKey] = []
         for key in req.keys:
             if key in self.layout.experts:
                 known.append(key)
             else:
                 await self._error(identity, req.id, P.ErrorCode.UNKNOWN_EXPERT, "no such expert", key)
-        # Bounded waves: one get never pins more than half of the cache, so gets of many clients interleave.
-        chunk = max(1, self.store.num_slots // 2)
+        # Bounded chunks: a get never pins more than the client's cap (nor half the cache), so gets of many
+        # clients interleave and one client cannot hold everything.
+        chunk = max(1, min(self.store.num_slots // 2, self.client_cap))
         for start in range(0, len(known), chunk):
-            await self._serve_chunk(identity, req.id, known[start : start + chunk])
+            await self._serve_chunk(identity, req.id, known[start : start + chunk], client)
         await self._send(identity, P.encode_done(req.id))
 
-    async def _serve_chunk(self, identity: bytes, rid: int, keys: Sequence[ExpertKey]) -> None:
+    async def _serve_chunk(
+        self, identity: bytes, rid: int, keys: Sequence[ExpertKey], client: _Client
+    ) -> None:
+        n = len(keys)
+        while client.held and client.held + n > self.client_cap:
+            client.changed.clear()
+            await client.changed.wait()
+        client.held += n
+        handed = 0  # experts of this chunk turned into handles; each gives its unit back when released
         sent: set[ExpertKey] = set()
         try:
             # aclosing: if the client is gone, the experts of this chunk still loading are unpinned now.
             async with contextlib.aclosing(self.store.fetch_as_ready(keys)) as waves:
                 async for wave in waves:
+                    handed += len(wave)
                     for i, handle in enumerate(wave):
                         try:
-                            await self._send_expert(identity, rid, handle)
+                            await self._send_expert(identity, rid, handle, client)
                         except BaseException:
-                            self.store.release(wave[i:])
+                            for rest in wave[i + 1 :]:
+                                self._release(rest, client)
                             raise
                         sent.add(handle.key)
         except ExpertFlowError as exc:
             # One expert could not be read: report it, and serve the rest of the chunk one by one.
+            log.debug("chunk of request %d: %s; serving its keys one by one", rid, exc)
             for key in keys:
                 if key in sent:
                     continue
@@ -366,10 +397,21 @@ class ExpertServer:
                     log.warning("expert %s failed: %s", key, key_exc)
                     await self._error(identity, rid, P.ErrorCode.INTERNAL, f"read failed: {key_exc}", key)
                     continue
-                await self._send_expert(identity, rid, handle)
-            log.debug("chunk of request %d recovered after %s", rid, exc)
+                handed += 1
+                await self._send_expert(identity, rid, handle, client)
+        finally:
+            self._unhold(client, n - handed)
 
-    async def _send_expert(self, identity: bytes, rid: int, handle: ExpertHandle) -> None:
+    def _unhold(self, client: _Client, count: int) -> None:
+        if count:
+            client.held -= count
+            client.changed.set()
+
+    def _release(self, handle: ExpertHandle, client: _Client) -> None:
+        self.store.release([handle])
+        self._unhold(client, 1)
+
+    async def _send_expert(self, identity: bytes, rid: int, handle: ExpertHandle, client: _Client) -> None:
         """Send one pinned expert from its cache buffer; the pin is dropped once libzmq is done with it."""
         spec = self.layout.spec(handle.key)
         try:
@@ -382,14 +424,14 @@ class ExpertServer:
             frames = P.encode_expert_reply(rid, handle.key, entries, checksum, self.limits)
             tracker = await self._send(identity, frames, track=True)
         except BaseException:
-            self.store.release([handle])
+            self._release(handle, client)
             raise
         self.counters["experts_sent"] += 1
         self.counters["bytes_sent"] += spec.nbytes
         if tracker is None or tracker.done:
-            self.store.release([handle])
+            self._release(handle, client)
         else:
-            self._tracked.append((tracker, handle))
+            self._tracked.append((tracker, handle, client))
             self._tracked_event.set()
 
     async def _release_loop(self) -> None:
@@ -398,15 +440,17 @@ class ExpertServer:
             await self._tracked_event.wait()
             while self._tracked:
                 still = []
-                for tracker, handle in self._tracked:
+                for tracker, handle, client in self._tracked:
                     if tracker.done:
-                        self.store.release([handle])
+                        self._release(handle, client)
                     else:
-                        still.append((tracker, handle))
+                        still.append((tracker, handle, client))
                 self._tracked = still
                 if still:
                     await asyncio.sleep(0.0005)
             self._tracked_event.clear()
+            for identity, client in list(self._clients.items()):
+                self._forget_idle(identity, client)
 
     # --- sending --------------------------------------------------------------------------------------
 
@@ -458,7 +502,7 @@ class ExpertServer:
                 "disk_bytes_read": sum(s.bytes_read.values()),
                 "read_errors": s.read_errors,
                 "gets_in_flight": len(self._tasks),
-                "clients_in_flight": len(self._per_client),
+                "clients_in_flight": sum(1 for c in self._clients.values() if c.gets),
                 "replies_unsent": len(self._tracked),
             }
         )
