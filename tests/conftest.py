@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from expertflow.tiers.layout import ExpertLayout
+from expertflow.tiers.safetensors_index import open_checkpoint
 from tests.checkpoints import FAMILIES, FamilyUnavailable, save_checkpoint
 
 # The repository sits beside the shared directory (/work/main and /work/shared; CI clones the same way).
@@ -52,6 +54,18 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> CheckpointCache:
 def mixtral_single_file(checkpoints: CheckpointCache) -> Path:
     """The tiny Mixtral checkpoint as one ``model.safetensors`` file, no index."""
     return checkpoints.mixtral_single_file
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(checkpoints: CheckpointCache) -> Path:
+    """The tiny sharded Mixtral checkpoint (read-only)."""
+    return checkpoints.get("mixtral")
+
+
+@pytest.fixture(scope="session")
+def mixtral_layout(mixtral_dir: Path) -> ExpertLayout:
+    """The expert layout of ``mixtral_dir``."""
+    return open_checkpoint(mixtral_dir)
 
 
 @pytest.fixture(scope="session")

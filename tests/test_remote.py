@@ -32,20 +32,14 @@ NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def ckpt(checkpoints) -> Path:
-    return checkpoints.get("mixtral")
-
-
-@pytest.fixture(scope="module")
-def layout(ckpt: Path) -> ExpertLayout:
-    return open_checkpoint(ckpt)
-
-
-@pytest.fixture(scope="module")
-def expected(ckpt: Path) -> tuple[list[int], list[int]]:
+def expected(mixtral_dir: Path) -> tuple[list[int], list[int]]:
     """A prompt and the unmodified transformers model's greedy continuation of it."""
-    config = AutoConfig.from_pretrained(ckpt)
-    model = getattr(transformers, config.architectures[0]).from_pretrained(ckpt, dtype=torch.float32).eval()
+    config = AutoConfig.from_pretrained(mixtral_dir)
+    model = (
+        getattr(transformers, config.architectures[0])
+        .from_pretrained(mixtral_dir, dtype=torch.float32)
+        .eval()
+    )
     prompt = torch.randint(0, config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -78,30 +72,32 @@ def test_rendezvous_order_is_stable_and_spreads_experts() -> None:
 
 @pytest.mark.parametrize("transport", ["tcp", "ipc"])
 def test_generation_through_a_daemon_matches_transformers(
-    transport, ckpt, layout, expected, tmp_path
+    transport, mixtral_dir, mixtral_layout, expected, tmp_path
 ) -> None:
     prompt, want = expected
     bind = "tcp://127.0.0.1:*" if transport == "tcp" else f"ipc://{tmp_path}/experts.sock"
     with (
-        daemon(ckpt, (bind,), "--mem", str(8 * _slot(layout))) as proc,
-        load_model(ckpt, config=_config(layout, [proc.address])) as model,
+        daemon(mixtral_dir, (bind,), "--mem", str(8 * _slot(mixtral_layout))) as proc,
+        load_model(mixtral_dir, config=_config(mixtral_layout, [proc.address])) as model,
     ):
         result = generate(model, prompt, NEW_TOKENS)
         stats = model.expert_stats()
     assert result.tokens == want
-    assert stats.reads.get("remote", 0) > len(layout.experts)  # evicted and fetched again, all remotely
+    assert stats.reads.get("remote", 0) > len(
+        mixtral_layout.experts
+    )  # evicted and fetched again, all remotely
     assert stats.reads.get("nvme", 0) == 0 and not stats.source_errors
 
 
 @pytest.mark.parametrize("fallback", ["replica", "nvme"])
 def test_a_daemon_killed_mid_generation_is_survived_with_identical_output(
-    fallback, ckpt, layout, expected
+    fallback, mixtral_dir, mixtral_layout, expected
 ) -> None:
     prompt, want = expected
-    with daemon(ckpt) as a, daemon(ckpt) as b:
+    with daemon(mixtral_dir) as a, daemon(mixtral_dir) as b:
         servers = [a, b] if fallback == "replica" else [a]
         config = _config(
-            layout, [s.address for s in servers], remote_replicas=len(servers), remote_timeout=2.0
+            mixtral_layout, [s.address for s in servers], remote_replicas=len(servers), remote_timeout=2.0
         )
         seen: list[int] = []
 
@@ -110,7 +106,7 @@ def test_a_daemon_killed_mid_generation_is_survived_with_identical_output(
             if len(seen) == 3:
                 a.kill()
 
-        with load_model(ckpt, config=config) as model:
+        with load_model(mixtral_dir, config=config) as model:
             result = generate(model, prompt, NEW_TOKENS, on_token=kill_after_third)
             stats = model.expert_stats()
             tier = next(s for s in model.expert_store.async_store.sources if isinstance(s, RemoteTier))
@@ -124,10 +120,10 @@ def test_a_daemon_killed_mid_generation_is_survived_with_identical_output(
         assert stats.reads.get("nvme", 0) > 0
 
 
-def test_a_daemon_serving_other_weights_is_refused(ckpt, layout, tmp_path) -> None:
+def test_a_daemon_serving_other_weights_is_refused(mixtral_dir, mixtral_layout, tmp_path) -> None:
     other = save_checkpoint("mixtral", tmp_path / "other", seed=7)
     with daemon(other) as proc, pytest.raises(FingerprintMismatchError, match="serves checkpoint"):
-        load_model(ckpt, config=_config(layout, [proc.address]))
+        load_model(mixtral_dir, config=_config(mixtral_layout, [proc.address]))
 
 
 class _LyingServer(ExpertServer):
@@ -153,18 +149,18 @@ class _LyingServer(ExpertServer):
 
 
 @pytest.mark.parametrize("mode", ["flip", "swap"])
-async def test_wrong_bytes_from_a_server_are_never_used(mode, layout) -> None:
-    server = await _LyingServer.start(layout, ServerConfig(binds=("tcp://127.0.0.1:*",)))
+async def test_wrong_bytes_from_a_server_are_never_used(mode, mixtral_layout) -> None:
+    server = await _LyingServer.start(mixtral_layout, ServerConfig(binds=("tcp://127.0.0.1:*",)))
     server.mode = mode
     try:
         config = StoreConfig(remote=(server.endpoints[0],), remote_retries=1, remote_timeout=5.0)
-        store = await AsyncExpertStore.open(layout, config)
+        store = await AsyncExpertStore.open(mixtral_layout, config)
         try:
-            keys = layout.keys()[:4]
+            keys = mixtral_layout.keys()[:4]
             handles = await store.fetch(keys)
-            with NvmeTier(layout, "mmap") as nvme:
+            with NvmeTier(mixtral_layout, "mmap") as nvme:
                 for h in handles:
-                    spec = layout.spec(h.key)
+                    spec = mixtral_layout.spec(h.key)
                     assert bytes(h.buffer[: spec.nbytes]) == bytes(nvme.read_expert(h.key)[: spec.nbytes])
             stats = store.stats()
             assert stats.reads == {"nvme": 4} and stats.source_errors == {"remote": 4}
@@ -174,11 +170,11 @@ async def test_wrong_bytes_from_a_server_are_never_used(mode, layout) -> None:
         await server.aclose()
 
 
-async def test_a_server_down_at_start_is_used_once_it_comes_up(ckpt, layout, tmp_path) -> None:
+async def test_a_server_down_at_start_is_used_once_it_comes_up(mixtral_dir, mixtral_layout, tmp_path) -> None:
     address = f"ipc://{tmp_path}/late.sock"
-    config = StoreConfig(remote=(address,), remote_timeout=0.3, host_bytes=4 * _slot(layout))
-    store = await AsyncExpertStore.open(layout, config)
-    keys = layout.keys()
+    config = StoreConfig(remote=(address,), remote_timeout=0.3, host_bytes=4 * _slot(mixtral_layout))
+    store = await AsyncExpertStore.open(mixtral_layout, config)
+    keys = mixtral_layout.keys()
 
     async def touch(key: ExpertKey) -> None:
         store.release(await store.fetch([key]))
@@ -187,7 +183,7 @@ async def test_a_server_down_at_start_is_used_once_it_comes_up(ckpt, layout, tmp
         for key in keys[:4]:
             await touch(key)
         assert store.stats().reads == {"nvme": 4}  # nobody listening: straight to NVMe
-        with daemon(ckpt, (address,)):
+        with daemon(mixtral_dir, (address,)):
             # A four-expert cache cycling through 24 experts reads every time; the tier tries the server
             # again after its back-off, and then serves from it.
             for i in range(4, 400):
@@ -200,26 +196,26 @@ async def test_a_server_down_at_start_is_used_once_it_comes_up(ckpt, layout, tmp
         await store.aclose()
 
 
-def test_generate_cli_takes_experts_from_a_daemon(ckpt, layout, expected, capsys) -> None:
+def test_generate_cli_takes_experts_from_a_daemon(mixtral_dir, mixtral_layout, expected, capsys) -> None:
     import json
 
     from expertflow.cli import main
 
     prompt, want = expected
-    with daemon(ckpt) as proc:
-        argv = ["generate", str(ckpt), "--token-ids", ",".join(map(str, prompt))]
-        argv += ["--max-new-tokens", str(NEW_TOKENS), "--host-mem", str(4 * _slot(layout)), "--json"]
+    with daemon(mixtral_dir) as proc:
+        argv = ["generate", str(mixtral_dir), "--token-ids", ",".join(map(str, prompt))]
+        argv += ["--max-new-tokens", str(NEW_TOKENS), "--host-mem", str(4 * _slot(mixtral_layout)), "--json"]
         assert main([*argv, "--remote", proc.address, "--remote-timeout", "10"]) == 0
     payload = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert payload["tokens"] == want
     assert payload["stats"]["reads"].get("remote", 0) > 0 and "nvme" not in payload["stats"]["reads"]
 
 
-async def test_a_packed_checkpoint_is_served_with_its_manifest_checksums(ckpt, tmp_path) -> None:
+async def test_a_packed_checkpoint_is_served_with_its_manifest_checksums(mixtral_dir, tmp_path) -> None:
     from expertflow.services.client import ExpertClient
     from expertflow.tiers.pack import pack_checkpoint
 
-    packed = open_checkpoint(pack_checkpoint(ckpt, tmp_path / "packed", progress=False))
+    packed = open_checkpoint(pack_checkpoint(mixtral_dir, tmp_path / "packed", progress=False))
     server = await ExpertServer.start(packed, ServerConfig(binds=("tcp://127.0.0.1:*",), preload=True))
     try:
         async with ExpertClient(server.endpoints[0], timeout=10) as client:
@@ -227,7 +223,7 @@ async def test_a_packed_checkpoint_is_served_with_its_manifest_checksums(ckpt, t
                 reply = await client.get_one(key)
                 assert reply.checksum == packed.spec(key).checksum
         # The source checkpoint's remote tier accepts the pack's daemon: same experts, same fingerprint.
-        store = await AsyncExpertStore.open(ckpt, StoreConfig(remote=(server.endpoints[0],)))
+        store = await AsyncExpertStore.open(mixtral_dir, StoreConfig(remote=(server.endpoints[0],)))
         try:
             store.release(await store.fetch(packed.keys()[:3]))
             assert store.stats().reads == {"remote": 3}

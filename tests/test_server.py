@@ -10,7 +10,6 @@ import json
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import msgpack
 import pytest
@@ -35,23 +34,13 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def ckpt(checkpoints) -> Path:
-    return checkpoints.get("mixtral")
-
-
-@pytest.fixture(scope="module")
-def layout(ckpt: Path) -> ExpertLayout:
-    return open_checkpoint(ckpt)
-
-
-@pytest.fixture(scope="module")
-def reference(layout: ExpertLayout) -> dict[ExpertKey, list[bytes]]:
+def reference(mixtral_layout: ExpertLayout) -> dict[ExpertKey, list[bytes]]:
     """Each expert's tensors (canonical order) as the NVMe tier reads them."""
-    with NvmeTier(layout, "mmap") as nvme:
+    with NvmeTier(mixtral_layout, "mmap") as nvme:
         out = {}
-        for key in sorted(layout.experts):
+        for key in sorted(mixtral_layout.experts):
             buf = nvme.read_expert(key)
-            out[key] = [bytes(buf[off : off + t.nbytes]) for t, off in layout.spec(key).views()]
+            out[key] = [bytes(buf[off : off + t.nbytes]) for t, off in mixtral_layout.spec(key).views()]
         return out
 
 
@@ -74,17 +63,19 @@ async def _get_all(client: ExpertClient, keys, reference) -> list[ExpertKey]:
 
 
 async def test_daemon_serves_every_expert_byte_exact_over_tcp_and_ipc(
-    ckpt, layout, reference, tmp_path
+    mixtral_dir, mixtral_layout, reference, tmp_path
 ) -> None:
     binds = ("tcp://127.0.0.1:*", f"ipc://{tmp_path}/store.sock")
-    with daemon(ckpt, binds, "--mem", str(4 * _slot(layout))) as proc:
+    with daemon(mixtral_dir, binds, "--mem", str(4 * _slot(mixtral_layout))) as proc:
         assert proc.endpoints[0].startswith("tcp://127.0.0.1:") and proc.endpoints[1].startswith("ipc://")
         for address in proc.endpoints:
             async with ExpertClient(address, timeout=10) as client:
                 hello = await client.hello()
-                assert hello.fingerprint == content_fingerprint(layout)
-                assert hello.server.experts == len(layout.experts)
-                assert sorted(await _get_all(client, layout.keys(), reference)) == layout.keys()
+                assert hello.fingerprint == content_fingerprint(mixtral_layout)
+                assert hello.server.experts == len(mixtral_layout.experts)
+                assert (
+                    sorted(await _get_all(client, mixtral_layout.keys(), reference)) == mixtral_layout.keys()
+                )
                 # A 4-expert cache served 24 experts: it evicted and read again.
                 stats = await client.stat()
                 assert stats["cache_capacity_experts"] == 4 and stats["cache_evictions"] > 0
@@ -92,10 +83,12 @@ async def test_daemon_serves_every_expert_byte_exact_over_tcp_and_ipc(
     assert "stopped" in proc.log()
 
 
-async def test_many_concurrent_clients_each_get_correct_experts(ckpt, layout, reference) -> None:
-    with daemon(ckpt, ("tcp://127.0.0.1:*",), "--mem", str(6 * _slot(layout))) as proc:
+async def test_many_concurrent_clients_each_get_correct_experts(
+    mixtral_dir, mixtral_layout, reference
+) -> None:
+    with daemon(mixtral_dir, ("tcp://127.0.0.1:*",), "--mem", str(6 * _slot(mixtral_layout))) as proc:
         rng = random.Random(0)
-        orders = [rng.sample(layout.keys(), len(layout.keys())) for _ in range(12)]
+        orders = [rng.sample(mixtral_layout.keys(), len(mixtral_layout.keys())) for _ in range(12)]
         clients = [ExpertClient(proc.address, timeout=20) for _ in orders]
         try:
             # Each client also pipelines: its keys go out as three requests at once.
@@ -105,9 +98,9 @@ async def test_many_concurrent_clients_each_get_correct_experts(ckpt, layout, re
 
             results = await asyncio.gather(*(run(c, o) for c, o in zip(clients, orders)))
             for got in results:
-                assert sorted(got) == layout.keys()
+                assert sorted(got) == mixtral_layout.keys()
             stats = await clients[0].stat()
-            assert stats["experts_sent"] == len(orders) * len(layout.keys())
+            assert stats["experts_sent"] == len(orders) * len(mixtral_layout.keys())
             assert stats.get("internal_errors", 0) == 0 and stats.get("errors_total", 0) == 0
         finally:
             await asyncio.gather(*(c.aclose() for c in clients))
@@ -154,9 +147,9 @@ def _fuzz_messages(rng: random.Random, count: int) -> list[list[bytes]]:
 
 
 async def test_fuzzed_messages_get_error_replies_and_the_daemon_keeps_serving(
-    ckpt, layout, reference
+    mixtral_dir, mixtral_layout, reference
 ) -> None:
-    with daemon(ckpt, ("tcp://127.0.0.1:*",), "--mem", str(4 * _slot(layout))) as proc:
+    with daemon(mixtral_dir, ("tcp://127.0.0.1:*",), "--mem", str(4 * _slot(mixtral_layout))) as proc:
         ctx = zmq.asyncio.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -188,13 +181,15 @@ async def test_fuzzed_messages_get_error_replies_and_the_daemon_keeps_serving(
         for code in ("BAD_MESSAGE", "UNKNOWN_OP", "TOO_MANY_KEYS", "UNKNOWN_EXPERT"):
             assert errors.get(code, 0) > 0, errors
         async with ExpertClient(proc.address, timeout=10) as client:
-            assert sorted(await _get_all(client, layout.keys(), reference)) == layout.keys()
+            assert sorted(await _get_all(client, mixtral_layout.keys(), reference)) == mixtral_layout.keys()
             stats = await client.stat()
         assert stats["errors_total"] >= 2700 and stats.get("internal_errors", 0) == 0
 
 
-async def test_an_oversized_request_is_dropped_and_others_are_still_served(ckpt, layout, reference) -> None:
-    with daemon(ckpt, ("tcp://127.0.0.1:*",)) as proc:
+async def test_an_oversized_request_is_dropped_and_others_are_still_served(
+    mixtral_dir, mixtral_layout, reference
+) -> None:
+    with daemon(mixtral_dir, ("tcp://127.0.0.1:*",)) as proc:
         ctx = zmq.asyncio.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -206,12 +201,15 @@ async def test_an_oversized_request_is_dropped_and_others_are_still_served(ckpt,
         await asyncio.sleep(0.3)
         sock.close(linger=0)
         async with ExpertClient(proc.address, timeout=10) as client:
-            assert sorted(await _get_all(client, layout.keys()[:5], reference)) == layout.keys()[:5]
+            assert (
+                sorted(await _get_all(client, mixtral_layout.keys()[:5], reference))
+                == mixtral_layout.keys()[:5]
+            )
         assert proc.proc.poll() is None
 
 
-def test_stat_cli_prints_json_and_prometheus_counters(ckpt) -> None:
-    with daemon(ckpt, ("tcp://127.0.0.1:*",)) as proc:
+def test_stat_cli_prints_json_and_prometheus_counters(mixtral_dir) -> None:
+    with daemon(mixtral_dir, ("tcp://127.0.0.1:*",)) as proc:
         cli = [sys.executable, "-m", "expertflow.services"]
         out = subprocess.run(
             [*cli, "stat", proc.address, "--json"], capture_output=True, text=True, timeout=60
@@ -242,7 +240,7 @@ def test_serve_refuses_a_wrong_model_directory_with_a_clear_error(tmp_path) -> N
 
 
 async def test_curve_serves_allowed_keys_and_gives_unknown_keys_nothing(
-    ckpt, layout, reference, tmp_path
+    mixtral_dir, mixtral_layout, reference, tmp_path
 ) -> None:
     keygen(tmp_path / "server", "server")
     keygen(tmp_path / "allowed", "alice")
@@ -253,7 +251,7 @@ async def test_curve_serves_allowed_keys_and_gives_unknown_keys_nothing(
         "--allow-keys",
         str(tmp_path / "allowed"),
     )
-    with daemon(ckpt, ("tcp://127.0.0.1:*",), *extra) as proc:
+    with daemon(mixtral_dir, ("tcp://127.0.0.1:*",), *extra) as proc:
         server_key = str(tmp_path / "server/server.key")
         async with ExpertClient(
             proc.address,
@@ -261,7 +259,10 @@ async def test_curve_serves_allowed_keys_and_gives_unknown_keys_nothing(
             curve_server_key=server_key,
             curve_client_secret=str(tmp_path / "allowed/alice.key_secret"),
         ) as alice:
-            assert sorted(await _get_all(alice, layout.keys()[:4], reference)) == layout.keys()[:4]
+            assert (
+                sorted(await _get_all(alice, mixtral_layout.keys()[:4], reference))
+                == mixtral_layout.keys()[:4]
+            )
         async with ExpertClient(
             proc.address,
             timeout=5,
@@ -298,13 +299,15 @@ async def _gated_server(layout: ExpertLayout, **kw) -> tuple[ExpertServer, Gated
     return await ExpertServer.start(layout, config, sources=[source]), source
 
 
-async def test_a_client_gone_mid_reply_leaves_nothing_pinned_and_others_are_served(layout, reference) -> None:
-    server, source = await _gated_server(layout)
+async def test_a_client_gone_mid_reply_leaves_nothing_pinned_and_others_are_served(
+    mixtral_layout, reference
+) -> None:
+    server, source = await _gated_server(mixtral_layout)
     try:
         ctx = zmq.asyncio.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.connect(server.endpoints[0])
-        await sock.send_multipart(P.encode_get(1, layout.keys()))
+        await sock.send_multipart(P.encode_get(1, mixtral_layout.keys()))
         first = await asyncio.wait_for(source.started.get(), 10)
         source.gate(first).set()
         await sock.recv_multipart()  # the first expert arrives; then the client vanishes
@@ -319,17 +322,17 @@ async def test_a_client_gone_mid_reply_leaves_nothing_pinned_and_others_are_serv
         assert server.store.pinned() == []
         assert server.counters["clients_gone"] == 1
         async with ExpertClient(server.endpoints[0], timeout=10) as client:
-            assert sorted(await _get_all(client, layout.keys(), reference)) == layout.keys()
+            assert sorted(await _get_all(client, mixtral_layout.keys(), reference)) == mixtral_layout.keys()
     finally:
         await server.aclose()
         source.close()
 
 
-async def test_a_client_over_its_in_flight_limit_gets_busy(layout, reference) -> None:
-    server, source = await _gated_server(layout, limits=P.Limits(max_in_flight=2))
+async def test_a_client_over_its_in_flight_limit_gets_busy(mixtral_layout, reference) -> None:
+    server, source = await _gated_server(mixtral_layout, limits=P.Limits(max_in_flight=2))
     try:
         async with ExpertClient(server.endpoints[0], timeout=10) as client:
-            gets = [asyncio.create_task(_get_all(client, [k], reference)) for k in layout.keys()[:3]]
+            gets = [asyncio.create_task(_get_all(client, [k], reference)) for k in mixtral_layout.keys()[:3]]
             done, _ = await asyncio.wait(gets, timeout=10, return_when=asyncio.FIRST_COMPLETED)
             [busy] = done
             with pytest.raises(RemoteError) as info:
@@ -337,22 +340,22 @@ async def test_a_client_over_its_in_flight_limit_gets_busy(layout, reference) ->
             assert info.value.code == "BUSY"
             source.open_all()
             rest = await asyncio.gather(*[g for g in gets if g is not busy])
-            assert sorted(k for r in rest for k in r) == layout.keys()[:2]
+            assert sorted(k for r in rest for k in r) == mixtral_layout.keys()[:2]
     finally:
         await server.aclose()
         source.close()
 
 
-async def test_shutdown_lets_in_flight_replies_finish_and_refuses_new_gets(layout, reference) -> None:
-    server, source = await _gated_server(layout, grace=10)
+async def test_shutdown_lets_in_flight_replies_finish_and_refuses_new_gets(mixtral_layout, reference) -> None:
+    server, source = await _gated_server(mixtral_layout, grace=10)
     async with ExpertClient(server.endpoints[0], timeout=10) as client:
-        get = asyncio.create_task(_get_all(client, layout.keys()[:3], reference))
+        get = asyncio.create_task(_get_all(client, mixtral_layout.keys()[:3], reference))
         await asyncio.wait_for(source.started.get(), 10)
         closing = asyncio.create_task(server.aclose())
         await asyncio.sleep(0.1)
         assert not closing.done()  # waiting for the in-flight get
         source.open_all()
-        assert sorted(await get) == layout.keys()[:3]
+        assert sorted(await get) == mixtral_layout.keys()[:3]
         await closing
     source.close()
 
@@ -362,14 +365,16 @@ def test_server_config_rejects_allow_list_without_a_server_key() -> None:
         ServerConfig(allow_keys="/tmp")
 
 
-def test_content_fingerprint_changes_with_weights_not_with_packing(tmp_path, ckpt, layout) -> None:
+def test_content_fingerprint_changes_with_weights_not_with_packing(
+    tmp_path, mixtral_dir, mixtral_layout
+) -> None:
     from expertflow.tiers.pack import pack_checkpoint
 
     other = open_checkpoint(save_checkpoint("mixtral", tmp_path / "other", seed=1))
-    assert other.fingerprint() == layout.fingerprint()  # same structure...
-    assert content_fingerprint(other) != content_fingerprint(layout)  # ...other weights
-    packed = open_checkpoint(pack_checkpoint(ckpt, tmp_path / "packed", progress=False))
-    assert content_fingerprint(packed) == content_fingerprint(layout)
+    assert other.fingerprint() == mixtral_layout.fingerprint()  # same structure...
+    assert content_fingerprint(other) != content_fingerprint(mixtral_layout)  # ...other weights
+    packed = open_checkpoint(pack_checkpoint(mixtral_dir, tmp_path / "packed", progress=False))
+    assert content_fingerprint(packed) == content_fingerprint(mixtral_layout)
 
 
 def test_prometheus_text_labels_each_counter_with_its_type() -> None:
@@ -379,8 +384,10 @@ def test_prometheus_text_labels_each_counter_with_its_type() -> None:
     assert "# TYPE expertflow_store_cache_bytes gauge" in text
 
 
-async def test_preload_fills_the_cache_before_any_request(ckpt, layout) -> None:
-    with daemon(ckpt, ("tcp://127.0.0.1:*",), "--mem", str(5 * _slot(layout)), "--preload") as proc:
+async def test_preload_fills_the_cache_before_any_request(mixtral_dir, mixtral_layout) -> None:
+    with daemon(
+        mixtral_dir, ("tcp://127.0.0.1:*",), "--mem", str(5 * _slot(mixtral_layout)), "--preload"
+    ) as proc:
         async with ExpertClient(proc.address, timeout=10) as client:
             for _ in range(200):
                 stats = await client.stat()
@@ -391,19 +398,21 @@ async def test_preload_fills_the_cache_before_any_request(ckpt, layout) -> None:
             assert stats["requests_get"] == 0
 
 
-async def test_a_cancelled_read_forgets_its_request_and_ignores_the_late_reply(layout, reference) -> None:
-    server, source = await _gated_server(layout)
+async def test_a_cancelled_read_forgets_its_request_and_ignores_the_late_reply(
+    mixtral_layout, reference
+) -> None:
+    server, source = await _gated_server(mixtral_layout)
     try:
         async with ExpertClient(server.endpoints[0], timeout=10) as client:
-            key = layout.keys()[0]
+            key = mixtral_layout.keys()[0]
             read = asyncio.create_task(client.get_one(key))
             await asyncio.wait_for(source.started.get(), 10)
             read.cancel()
             await asyncio.gather(read, return_exceptions=True)
             assert client._pending == {}
             source.open_all()
-            reply = await client.get_one(layout.keys()[1])  # the connection still works...
-            assert _check(reply, reference) == layout.keys()[1]
+            reply = await client.get_one(mixtral_layout.keys()[1])  # the connection still works...
+            assert _check(reply, reference) == mixtral_layout.keys()[1]
             for _ in range(100):  # ...and the abandoned request's reply is dropped as stale
                 if client.stale_replies:
                     break
@@ -414,13 +423,13 @@ async def test_a_cancelled_read_forgets_its_request_and_ignores_the_late_reply(l
         source.close()
 
 
-async def test_one_client_cannot_pin_more_than_its_share_of_the_cache(layout, reference) -> None:
-    source = GatedSource(NvmeTier(layout, "mmap"), gated=True)
-    config = ServerConfig(binds=("tcp://127.0.0.1:*",), mem_bytes=8 * _slot(layout))
-    server = await ExpertServer.start(layout, config, sources=[source])
+async def test_one_client_cannot_pin_more_than_its_share_of_the_cache(mixtral_layout, reference) -> None:
+    source = GatedSource(NvmeTier(mixtral_layout, "mmap"), gated=True)
+    config = ServerConfig(binds=("tcp://127.0.0.1:*",), mem_bytes=8 * _slot(mixtral_layout))
+    server = await ExpertServer.start(mixtral_layout, config, sources=[source])
     try:
         assert server.client_cap == 2
-        keys = layout.keys()
+        keys = mixtral_layout.keys()
         async with (
             ExpertClient(server.endpoints[0], timeout=20) as greedy,
             ExpertClient(server.endpoints[0], timeout=20) as other,
