@@ -140,14 +140,29 @@ def test_containerfile_pins_torch_and_runs_the_daemon_unprivileged() -> None:
     assert _parse(health_cmd, "Containerfile HEALTHCHECK").command == "ping"
 
 
-def test_every_command_in_the_deploy_readme_parses() -> None:
-    text = (DEPLOY / "README.md").read_text()
+def _readme_commands(path: Path) -> list[list[str]]:
+    """Every ``expertflow`` / ``expertflow-store`` command line in the bash blocks of a Markdown file."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.splitlines():
-            line = line.split("  #", 1)[0].strip()
-            if line.startswith(("expertflow-store ", "expertflow ")):
-                commands.append(shlex.split(line))
+    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.strip()
+            if line.startswith(("expertflow-store ", "expertflow ")) and "|" not in line:
+                # Synopsis notation: optional parts in [brackets] are parsed as given, "..." is dropped.
+                words = shlex.split(line.replace("[", " ").replace("]", " "), comments=True)
+                argv = [a for a in words if a != "..."]
+                commands.append(argv)
+    return commands
+
+
+def test_every_command_in_the_deploy_readme_parses() -> None:
+    commands = _readme_commands(DEPLOY / "README.md")
     assert len(commands) >= 6
     seen = {_parse(argv, "deploy/README.md").command for argv in commands}
     assert {"serve", "keygen", "stat", "ping", "generate"} <= seen
+
+
+def test_every_command_in_the_main_readme_parses() -> None:
+    commands = _readme_commands(DEPLOY.parent / "README.md")
+    assert len(commands) >= 10
+    seen = {_parse(argv, "README.md").command for argv in commands}
+    assert {"serve", "stat", "ping", "generate", "bench", "pack", "inspect"} <= seen
