@@ -22,7 +22,7 @@ lint: $(STAMP)
 	$(BIN)/mypy expertflow/__init__.py expertflow/config.py expertflow/errors.py expertflow/pipeline \
 		expertflow/services/protocol.py expertflow/services/server.py expertflow/services/client.py \
 		expertflow/services/keys.py expertflow/services/monitoring.py expertflow/tiers/remote.py \
-		expertflow/tiers/fingerprint.py
+		expertflow/tiers/fingerprint.py expertflow/services/process.py
 
 format: $(STAMP)
 	$(BIN)/ruff format expertflow tests

@@ -25,6 +25,7 @@ import zmq
 
 from expertflow.bench.tiers import Timing, _row
 from expertflow.config import StoreConfig
+from expertflow.services.process import DaemonProcess
 from expertflow.tiers.host import HostPool, round_up
 from expertflow.tiers.layout import ExpertKey, ExpertLayout
 from expertflow.tiers.nvme import BLOCK
@@ -81,32 +82,6 @@ def raw_push_pull(bind: str, frame_sizes: Sequence[int], count: int) -> Timing:
     finally:
         sock.close()
         ctx.term()
-
-
-class _Daemon:
-    """An ``expertflow-store serve`` child process; ``address`` is the endpoint it bound."""
-
-    def __init__(self, root: str, bind: str, mem_bytes: int) -> None:
-        argv = [sys.executable, "-m", "expertflow.services", "serve", root, "--bind", bind]
-        argv += ["--mem", str(mem_bytes), "--preload", "--log-level", "WARNING"]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("listening on "):
-            self.close()
-            raise RuntimeError(f"the expert daemon did not start (exit code {self.proc.returncode})")
-        self.address = line.split(" ", 2)[2].strip()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 def read_remote(
@@ -180,11 +155,11 @@ def measure_remote(
                 (raw_push_pull(raw_bind, frame_sizes, len(keys)) for _ in range(repeats)),
                 key=lambda t: t.gbps,
             )
-            daemon = _Daemon(layout.root, bind, mem)
-            try:
-                timing = read_remote(layout, daemon.address, keys, concurrency, repeats)
-            finally:
-                daemon.close()
+            with DaemonProcess(
+                layout.root, (bind,), ("--mem", str(mem), "--preload", "--log-level", "WARNING")
+            ) as d:
+                timing = read_remote(layout, d.address, keys, concurrency, repeats)
+                d.terminate()
             limit_name = f"zmq PUSH/PULL {transport}"
             rows.append(_row(f"remote {transport} qd={concurrency}", timing, limit_name, raw, expert_nbytes))
             limits.append(_row(f"{limit_name} (limit)", raw, "", None, expert_nbytes))

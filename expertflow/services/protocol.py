@@ -32,9 +32,9 @@ from typing import Any, ClassVar, TypeAlias
 
 import msgpack
 import torch
-import xxhash
 
 from expertflow.errors import ChecksumError, ConfigError, ProtocolError, RemoteError
+from expertflow.tiers.checksum import expert_checksum
 from expertflow.tiers.dtypes import SAFETENSORS_CODES, TORCH_DTYPES
 from expertflow.tiers.layout import DTYPE_SIZES, ExpertKey
 
@@ -575,10 +575,7 @@ def _decode_error(head: dict[str, Any], limits: Limits, rid: int) -> ErrorReply:
 
 def checksum(buffers: Iterable[BufferLike]) -> int:
     """xxh3-64 of the buffers' bytes taken in order as one byte string (the pack format's expert checksum)."""
-    h = xxhash.xxh3_64()
-    for buf in buffers:
-        h.update(buf)
-    return h.intdigest()
+    return expert_checksum(iter(buffers))
 
 
 def verify(reply: ExpertReply) -> None:
