@@ -1,6 +1,8 @@
 """ExpertFlow: run Mixture-of-Experts models whose experts do not fit in memory."""
 
+from expertflow.assemble import open_async_store, open_store
 from expertflow.config import StoreConfig
+from expertflow.core import ExpertKey
 from expertflow.errors import (
     BudgetError,
     CheckpointError,
@@ -14,8 +16,11 @@ from expertflow.errors import (
     StoreClosedError,
     UnsupportedModelError,
 )
-from expertflow.pipeline.store import AsyncExpertStore, ExpertHandle, ExpertStore, StoreStats
-from expertflow.tiers.layout import ExpertKey, ExpertLayout
+from expertflow.pipeline.budget import BudgetPlan
+from expertflow.pipeline.stats import StoreStats
+from expertflow.pipeline.store import AsyncExpertStore, ExpertHandle, PendingFetch
+from expertflow.pipeline.sync import ExpertStore
+from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.safetensors_index import open_checkpoint
 
 __version__ = "0.1.0"
@@ -33,6 +38,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "AsyncExpertStore",
     "BudgetError",
+    "BudgetPlan",
     "CheckpointError",
     "ChecksumError",
     "ConfigError",
@@ -43,6 +49,7 @@ __all__ = [
     "ExpertReadError",
     "ExpertStore",
     "FingerprintMismatchError",
+    "PendingFetch",
     "ProtocolError",
     "RemoteError",
     "StoreClosedError",
@@ -51,5 +58,7 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "load_model",
+    "open_async_store",
     "open_checkpoint",
+    "open_store",
 ]

@@ -34,11 +34,16 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget(text: str | None) -> int | None:
+    """A size, or None for "auto" / not given: sized from the memory available (see pipeline.budget)."""
+    return None if text is None or text.strip().lower() == "auto" else parse_size(text)
+
+
 def _store_config(args: argparse.Namespace) -> StoreConfig:
     return StoreConfig(
         device=args.device,
         device_slots=args.device_slots,
-        host_bytes=parse_size(args.host_mem) if args.host_mem else None,
+        host_bytes=_budget(args.host_mem),
         read_mode=args.read_mode,
         policy=args.policy,
         predictor=args.predictor,
@@ -92,7 +97,11 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 def _add_store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="compute device (cpu, cuda:0)")
     p.add_argument("--device-slots", type=int, default=None, help="expert slots on a GPU")
-    p.add_argument("--host-mem", default=None, help="host buffer budget, e.g. 512MiB (default: all experts)")
+    p.add_argument(
+        "--host-mem",
+        default=None,
+        help="host buffer budget, e.g. 512MiB, or auto (default: what the memory available allows)",
+    )
     p.add_argument(
         "--read-mode", choices=READ_MODES, default="mmap", help="NVMe reads: mmap or direct (O_DIRECT)"
     )
@@ -249,7 +258,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServerConfig(
         binds=tuple(args.bind or ("tcp://127.0.0.1:5555",)),
-        mem_bytes=parse_size(args.mem) if args.mem else None,
+        mem_bytes=_budget(args.mem),
         policy=args.policy,
         read_mode=args.read_mode,
         preload=args.preload,
@@ -321,7 +330,11 @@ def build_store_parser() -> argparse.ArgumentParser:
         action="append",
         help="address to listen on (repeatable), e.g. tcp://0.0.0.0:5555, ipc:///run/x",
     )
-    p.add_argument("--mem", default=None, help="RAM cache budget, e.g. 64GiB (default: every expert)")
+    p.add_argument(
+        "--mem",
+        default=None,
+        help="RAM cache budget, e.g. 64GiB, or auto (default: what the memory available allows)",
+    )
     p.add_argument("--preload", action="store_true", help="fill the cache at start-up")
     p.add_argument("--policy", choices=POLICIES, default="lru", help="cache eviction policy")
     p.add_argument("--read-mode", choices=READ_MODES, default="mmap", help="how the cache reads from disk")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from expertflow.errors import ConfigError
@@ -70,7 +70,10 @@ class StoreConfig:
     """Budgets and behaviour of an :class:`~expertflow.ExpertStore`.
 
     ``device_slots``: expert slots on the compute device (on CPU a slot is a host buffer).
-    ``host_bytes``: byte budget of the host-RAM buffer pool (never exceeded).
+    ``host_bytes``: byte budget of the host-RAM buffer pool (never exceeded); None = sized from the memory
+    available to the process (cgroup limit or MemAvailable) minus ``host_reserve_bytes`` (what the process
+    still needs besides the pool, e.g. non-expert weights; ``load_model`` fills it in), reads in flight and a
+    margin, capped at the experts' total.
     ``read_mode``: ``mmap`` (page cache) or ``direct`` (O_DIRECT, bypasses the page cache).
     ``policy``: eviction policy of the host and device tiers.
     ``predictor``: which experts to prefetch; ``prefetch_depth`` layers ahead (0 = adaptive).
@@ -96,7 +99,7 @@ class StoreConfig:
     remote_retries: int = 2
     curve_server_key: str | None = None
     curve_client_secret: str | None = None
-    extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
+    host_reserve_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.read_mode not in READ_MODES:
@@ -109,6 +112,8 @@ class StoreConfig:
             raise ConfigError(f"device_slots must be >= 1, got {self.device_slots}")
         if self.host_bytes is not None and self.host_bytes < 0:
             raise ConfigError(f"host_bytes must be >= 0, got {self.host_bytes}")
+        if self.host_reserve_bytes < 0:
+            raise ConfigError(f"host_reserve_bytes must be >= 0, got {self.host_reserve_bytes}")
         if self.prefetch_depth < 0 or self.max_prefetch_depth < 0:
             raise ConfigError("prefetch depths must be >= 0")
         if self.max_concurrent_reads < 1:

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from expertflow.core import ExpertKey
 from expertflow.errors import ExpertReadError
-from expertflow.tiers.layout import ExpertKey
 from expertflow.tiers.nvme import NvmeTier
 
 
@@ -62,10 +62,6 @@ class GatedSource:
         self.active = 0
         self.max_active = 0
 
-    @property
-    def buffer_alignment(self) -> int:
-        return self.nvme.buffer_alignment
-
     def buffer_nbytes(self, key: ExpertKey | None = None) -> int:
         return self.nvme.buffer_nbytes(key)
 
@@ -94,8 +90,8 @@ class GatedSource:
         finally:
             self.active -= 1
 
-    def close(self) -> None:
-        self.nvme.close()
+    async def aclose(self) -> None:
+        await self.nvme.aclose()
 
 
 @contextmanager

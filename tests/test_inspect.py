@@ -11,9 +11,9 @@ import pytest
 
 from expertflow.cli import main as cli_main
 from expertflow.config import format_size
+from expertflow.core import BLOCK
 from expertflow.tiers.inspect import describe, format_table
 from expertflow.tiers.layout import TensorKind
-from expertflow.tiers.nvme import BLOCK
 from expertflow.tiers.pack import pack_checkpoint
 from expertflow.tiers.safetensors_index import open_checkpoint, scan_checkpoint
 from tests.checkpoints import FAMILIES, expected_expert_counts, save_dense_checkpoint

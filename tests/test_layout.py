@@ -8,15 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from expertflow.core import DTYPE_SIZES, ExpertKey
 from expertflow.errors import CheckpointError
-from expertflow.tiers.layout import (
-    DTYPE_SIZES,
-    ExpertKey,
-    TensorInfo,
-    TensorKind,
-    build_layout,
-    role_rank,
-)
+from expertflow.tiers.layout import TensorInfo, TensorKind, build_layout, role_rank
 from expertflow.tiers.safetensors_index import open_checkpoint, scan_checkpoint
 from tests.checkpoints import FAMILIES, classify_disk_name, expected_expert_counts
 

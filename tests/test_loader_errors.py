@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from expertflow.config import StoreConfig
 from expertflow.errors import BudgetError, CheckpointError, ConfigError, UnsupportedModelError
 from expertflow.model.loader import load_model
-from expertflow.pipeline.store import ExpertStore
+from expertflow.pipeline.sync import ExpertStore
 from expertflow.tiers.safetensors_index import open_checkpoint
 
 TINY = dict(

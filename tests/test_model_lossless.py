@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from expertflow.config import StoreConfig
 from expertflow.errors import StoreClosedError
 from expertflow.model.loader import load_model
-from expertflow.pipeline.store import ExpertStore
+from expertflow.pipeline.sync import ExpertStore
 from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.safetensors_index import open_checkpoint
 from tests.checkpoints import FAMILIES

@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from expertflow.core import BLOCK, ExpertKey
 from expertflow.errors import CheckpointError, ConfigError, ExpertReadError, StoreClosedError
-from expertflow.tiers.layout import ExpertKey, ExpertLayout
-from expertflow.tiers.nvme import BLOCK, NvmeTier, buffer_address, plan_direct
+from expertflow.tiers.layout import ExpertLayout
+from expertflow.tiers.nvme import NvmeTier, buffer_address, plan_direct
 from expertflow.tiers.safetensors_index import open_checkpoint
 from tests.checkpoints import FAMILIES
 from tests.store_helpers import aligned
@@ -62,7 +63,7 @@ def test_every_expert_reads_back_exactly_what_safetensors_loads(checkpoints, fam
     layout = open_checkpoint(checkpoints.get(family))
     expected = reference_experts(layout)
     with NvmeTier(layout, mode) as tier, aligned(tier.buffer_nbytes()) as buf:  # type: ignore[arg-type]
-        assert buffer_address(buf) % tier.buffer_alignment == 0
+        assert buffer_address(buf) % BLOCK == 0
         for key in sorted(layout.experts):
             n = tier.read_into(key, buf)
             assert n == layout.spec(key).nbytes
@@ -91,7 +92,6 @@ def test_direct_mode_bypasses_the_page_cache_exactly_when_the_filesystem_allows(
         supported = False
     with NvmeTier(layout, "direct") as tier:
         assert tier.direct_io is supported
-        assert tier.buffer_alignment == BLOCK
     with NvmeTier(layout, "mmap") as tier:
         assert not tier.direct_io
 

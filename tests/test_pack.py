@@ -21,10 +21,10 @@ import xxhash
 from safetensors import safe_open
 
 from expertflow.cli import main as cli_main
+from expertflow.core import BLOCK, ExpertKey
 from expertflow.errors import CheckpointError, ChecksumError, UnsupportedModelError
 from expertflow.tiers import pack as pack_module
-from expertflow.tiers.layout import ExpertKey
-from expertflow.tiers.nvme import BLOCK, NvmeTier, plan_direct
+from expertflow.tiers.nvme import NvmeTier, plan_direct
 from expertflow.tiers.pack import DATA_NAME, NON_EXPERT_NAME, load_packed_layout, pack_checkpoint
 from expertflow.tiers.safetensors_index import PACK_MANIFEST_NAME, open_checkpoint
 from tests.checkpoints import FAMILIES, save_dense_checkpoint

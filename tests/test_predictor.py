@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from expertflow.config import StoreConfig
+from expertflow.core import ExpertKey
 from expertflow.model.loader import load_model
 from expertflow.pipeline.predictor import Predictor
-from expertflow.tiers.layout import ExpertKey
 
 
 def test_statistics_learn_a_deterministic_layer_to_layer_transition():

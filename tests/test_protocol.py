@@ -11,11 +11,10 @@ import pytest
 import torch
 import zmq
 
+from expertflow.core import ExpertKey, expert_checksum
 from expertflow.errors import ChecksumError, ConfigError, ProtocolError, RemoteError
 from expertflow.services import protocol as p
 from expertflow.services.protocol import ErrorCode, Limits, MessageError, Op
-from expertflow.tiers.checksum import expert_checksum
-from expertflow.tiers.layout import ExpertKey
 
 SEED = 20240611
 

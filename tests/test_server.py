@@ -16,6 +16,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from expertflow.core import ExpertKey
 from expertflow.errors import ConfigError, RemoteError
 from expertflow.services import protocol as P
 from expertflow.services.client import ExpertClient
@@ -23,7 +24,7 @@ from expertflow.services.keys import keygen
 from expertflow.services.monitoring import prometheus_text
 from expertflow.services.server import ExpertServer, ServerConfig
 from expertflow.tiers.fingerprint import content_fingerprint
-from expertflow.tiers.layout import ExpertKey, ExpertLayout
+from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.nvme import NvmeTier
 from expertflow.tiers.safetensors_index import open_checkpoint
 from tests.checkpoints import save_checkpoint
@@ -325,7 +326,6 @@ async def test_a_client_gone_mid_reply_leaves_nothing_pinned_and_others_are_serv
             assert sorted(await _get_all(client, mixtral_layout.keys(), reference)) == mixtral_layout.keys()
     finally:
         await server.aclose()
-        source.close()
 
 
 async def test_a_client_over_its_in_flight_limit_gets_busy(mixtral_layout, reference) -> None:
@@ -343,7 +343,6 @@ async def test_a_client_over_its_in_flight_limit_gets_busy(mixtral_layout, refer
             assert sorted(k for r in rest for k in r) == mixtral_layout.keys()[:2]
     finally:
         await server.aclose()
-        source.close()
 
 
 async def test_shutdown_lets_in_flight_replies_finish_and_refuses_new_gets(mixtral_layout, reference) -> None:
@@ -357,7 +356,6 @@ async def test_shutdown_lets_in_flight_replies_finish_and_refuses_new_gets(mixtr
         source.open_all()
         assert sorted(await get) == mixtral_layout.keys()[:3]
         await closing
-    source.close()
 
 
 def test_server_config_rejects_allow_list_without_a_server_key() -> None:
@@ -420,7 +418,6 @@ async def test_a_cancelled_read_forgets_its_request_and_ignores_the_late_reply(
             assert client.stale_replies >= 1
     finally:
         await server.aclose()
-        source.close()
 
 
 async def test_one_client_cannot_pin_more_than_its_share_of_the_cache(mixtral_layout, reference) -> None:
@@ -451,4 +448,3 @@ async def test_one_client_cannot_pin_more_than_its_share_of_the_cache(mixtral_la
         assert server._clients == {} and server.store.pinned() == []
     finally:
         await server.aclose()
-        source.close()

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from expertflow.config import StoreConfig
+from expertflow.core import ExpertKey
 from expertflow.errors import BudgetError, ExpertReadError, StoreClosedError
-from expertflow.pipeline.store import AsyncExpertStore, ExpertStore
-from expertflow.tiers.layout import ExpertKey
+from expertflow.pipeline.store import AsyncExpertStore
+from expertflow.pipeline.sync import ExpertStore
 from expertflow.tiers.nvme import NvmeTier
 from expertflow.tiers.safetensors_index import open_checkpoint
 from tests.store_helpers import GatedSource, reference_tensors, write_moe_checkpoint
@@ -41,15 +42,14 @@ async def open_store(layout, slots: int, *, gated=False, fail=(), mode="mmap", s
     cfg.setdefault("fetch_timeout", 5.0)
     config = StoreConfig(host_bytes=budget_for(layout, slots, mode), read_mode=mode, **cfg)
     store = await AsyncExpertStore.open(layout, config, sources=[source], separate_device=separate)
-    store._owned_sources.append(source)  # the test's source is closed with the store
-    return store, source
+    return store, source  # the store owns the source and closes it
 
 
-def assert_expert_equals(handle, reference) -> None:
+def assert_expert_equals(store, handle, reference) -> None:
     layer, expert = handle.key.layer, handle.key.expert
     for role in ("w1.weight", "w2.weight", "w3.weight"):
         name = f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{role}"
-        assert torch.equal(handle.tensor(role), reference[name]), (handle.key, role)
+        assert torch.equal(store.tensor(handle.key, handle.slot, role), reference[name]), (handle.key, role)
 
 
 @pytest.mark.parametrize("mode", ["mmap", "direct"])
@@ -63,7 +63,7 @@ async def test_fetched_experts_hold_the_checkpoint_weights(ckpt, mode, separate)
             handles = await store.fetch(keys)
             assert [h.key for h in handles] == keys
             for h in handles:
-                assert_expert_equals(h, ref)
+                assert_expert_equals(store, h, ref)
             store.release(handles)
         assert store.stats().device_misses == 9
     finally:
@@ -123,7 +123,7 @@ async def test_budget_and_pins_hold_under_seeded_random_load(ckpt):
             # Pinned experts must still hold their own bytes after other clients churned the cache.
             for h in handles:
                 try:
-                    assert_expert_equals(h, ref)
+                    assert_expert_equals(store, h, ref)
                 except AssertionError as exc:
                     violations.append(str(exc))
             store.release(handles)
@@ -135,9 +135,9 @@ async def test_budget_and_pins_hold_under_seeded_random_load(ckpt):
     async def watchdog(done: asyncio.Event) -> None:
         while not done.is_set():
             resident = len(store.resident())
-            holders = len(store._slots.holder)
-            if resident > slots or holders > slots:
-                violations.append(f"{resident} resident, {holders} slots held > {slots}")
+            held = store.num_slots - store.free_slots
+            if resident > slots or held > slots:
+                violations.append(f"{resident} resident, {held} slots held > {slots}")
             await asyncio.sleep(0)
 
     try:
@@ -147,7 +147,7 @@ async def test_budget_and_pins_hold_under_seeded_random_load(ckpt):
         done.set()
         await dog
         assert violations == []
-        assert store.pool.nbytes <= budget_for(layout, slots)
+        assert store.stats().host_bytes <= budget_for(layout, slots)
         assert store.pinned() == []
         stats = store.stats()
         assert stats.evictions > 0 and stats.device_misses > slots
@@ -164,7 +164,7 @@ async def test_pinned_expert_is_never_evicted(ckpt):
             h = await store.fetch([ExpertKey(1, e)])
             store.release(h)
         assert ExpertKey(0, 0) in store.resident()
-        assert_expert_equals(held[0], ref)
+        assert_expert_equals(store, held[0], ref)
         store.release(held)
     finally:
         await store.aclose()
@@ -211,15 +211,15 @@ async def test_cancelled_prefetches_return_their_buffers(ckpt):
         store.prefetch([ExpertKey(1, e) for e in range(4)])
         await asyncio.wait_for(source.started.get(), 5)
         await asyncio.wait_for(source.started.get(), 5)  # two loading, two queued
-        assert len(store._slots.free) == 2
+        assert store.free_slots == 2
         cancelled = store.cancel_prefetches()
         assert cancelled == 4
         source.open_all()
         for _ in range(100):
-            if len(store._slots.free) == 4:
+            if store.free_slots == 4:
                 break
             await asyncio.sleep(0.01)
-        assert len(store._slots.free) == 4 and store.resident() == []
+        assert store.free_slots == 4 and store.resident() == []
         assert store.stats().prefetch_cancelled == 4
         # The store keeps working after cancellations.
         handles = await store.fetch([ExpertKey(1, 0)])
@@ -258,13 +258,13 @@ async def test_read_error_reaches_only_the_callers_of_that_key(ckpt):
         )
         assert isinstance(results[0], ExpertReadError) and isinstance(results[1], ExpertReadError)
         assert source.reads[bad] == 1  # both callers joined the one failed read
-        assert_expert_equals(results[2][0], ref)
+        assert_expert_equals(store, results[2][0], ref)
         store.release(results[2])
         # The failed load gave its slot back: every slot is free or holds a resident expert.
-        assert len(store._slots.free) + len(store.resident()) == store.num_slots
+        assert store.free_slots + len(store.resident()) == store.num_slots
         source.fail.clear()
         handles = await store.fetch([bad])  # retried, not cached as failed
-        assert_expert_equals(handles[0], ref)
+        assert_expert_equals(store, handles[0], ref)
         store.release(handles)
     finally:
         await store.aclose()
@@ -303,7 +303,7 @@ async def test_fetch_as_ready_yields_resident_experts_first(ckpt):
         source.open_all()
         async for wave in gen:
             for h in wave:
-                assert_expert_equals(h, ref)
+                assert_expert_equals(store, h, ref)
             waves.append([h.key for h in wave])
             store.release(wave)
         assert sorted(k for w in waves[1:] for k in w) == [ExpertKey(1, 0), ExpertKey(1, 7)]
@@ -318,7 +318,7 @@ async def test_fetch_as_ready_serves_more_keys_than_slots_when_waves_are_release
         seen = []
         async for wave in store.fetch_as_ready([ExpertKey(2, e) for e in range(6)]):
             for h in wave:
-                assert_expert_equals(h, ref)
+                assert_expert_equals(store, h, ref)
                 seen.append(h.key.expert)
             store.release(wave)
         assert sorted(seen) == list(range(6))
@@ -355,11 +355,10 @@ async def test_separate_device_tier_keeps_host_copies_inclusive(ckpt):
     source = GatedSource(NvmeTier(layout))
     config = StoreConfig(host_bytes=budget_for(layout, 6), device_slots=2, fetch_timeout=5.0)
     store = await AsyncExpertStore.open(layout, config, sources=[source], separate_device=True)
-    store._owned_sources.append(source)
     try:
         for e in (0, 1, 2, 0, 1, 2):
             h = await store.fetch([ExpertKey(0, e)])
-            assert_expert_equals(h[0], ref)
+            assert_expert_equals(store, h[0], ref)
             store.release(h)
         stats = store.stats()
         assert sum(source.reads.values()) == 3  # device misses on the second pass are host hits
@@ -389,7 +388,7 @@ def test_sync_store_shuts_down_without_leaking_threads_or_files(ckpt):
     for _ in range(2):
         with ExpertStore(root, StoreConfig(host_bytes=4 << 20, read_mode="direct")) as store:
             handles = store.fetch([ExpertKey(0, 1), ExpertKey(2, 7)])
-            assert_expert_equals(handles[0], ref)
+            assert_expert_equals(store, handles[0], ref)
             store.prefetch([ExpertKey(1, 1)])
             waves = list(store.fetch_as_ready([ExpertKey(1, 2), ExpertKey(1, 3)]))
             assert sum(len(w) for w in waves) == 2
@@ -418,7 +417,4 @@ def test_failed_wave_unpins_every_key_exactly_once(ckpt):
         with pytest.raises(ExpertReadError):
             for wave in store.fetch_as_ready([ExpertKey(2, 1), bad, ExpertKey(2, 5)]):
                 store.release(wave)
-        store._call(lambda: None)  # let queued releases run
-        assert store._call(store.async_store.pinned) == []
-        assert all(e.pins >= 0 for e in store.async_store._entries.values())
-    source.close()
+        assert store.pinned() == []  # an extra unpin would have raised inside the store

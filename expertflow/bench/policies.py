@@ -8,7 +8,7 @@ from pathlib import Path
 from expertflow.bench.report import BenchResult
 from expertflow.pipeline.traces import RoutingTrace, compare_policies, load
 
-POLICIES = ("lru", "lfu", "static", "predictive", "belady")
+POLICIES = ("lru", "lfu", "static", "predictive_demand", "predictive", "belady")
 
 
 def bench_policies(
@@ -33,7 +33,28 @@ def bench_policies(
     result.notes.append(
         "static keeps the most frequent experts of the *other* traces (no profiling on the test trace)"
     )
-    result.notes.append("predictive uses only routing statistics learned from the past of the trace")
+    result.notes.append(
+        "predictive knows only what a decoding runtime knows: the routing of past tokens and, for the token"
+        " being computed, of the layers already computed (no gate look-ahead: traces have no hidden states)."
+        " An online model learns from past tokens only: per-layer expert frequency, layer-to-layer"
+        " transitions (experts of layers l-1..l-4 of a token -> expert at layer l) and token-to-token reuse"
+        " at a layer, combined naive-Bayes style into the probability that an expert is routed at its"
+        " layer's next visit. Eviction drops the least probable expert (never one the current layer uses)."
+    )
+    result.notes.append(
+        "predictive PREFETCHES: after each layer of a token it makes the top-k (k = experts per token)"
+        " most probable experts of the next layer (the next token's first layer after the last) resident,"
+        " loading those that are not, each under admission control: it may only evict an expert with a"
+        " strictly lower probability, never one the token has demanded at the current or next layer. A"
+        " prefetched expert that is then demanded counts as a hit (issued a full layer ahead)."
+        " predictive_demand is the same model and eviction without prefetching."
+    )
+    result.notes.append(
+        "belady is the demand-only offline optimum (evict the furthest next use, load only on a miss); a"
+        " prefetching policy can exceed its hit rate in principle, at the cost of extra loads: compare"
+        " *_loads_per_token (misses + prefetch loads per decoded token; all experts have the same size)."
+        " predictive_prefetch_precision = prefetch loads later demanded / prefetch loads."
+    )
     result.summary = {f"predictive/belady @{r['capacity']}": round(r["predictive/belady"], 3) for r in rows}
     return result
 

@@ -31,10 +31,11 @@ from typing import Any
 import torch
 
 from expertflow.bench.report import BenchResult
+from expertflow.core import BLOCK, ExpertKey
 from expertflow.tiers.device import CopyDeviceTier
 from expertflow.tiers.host import HostPool
-from expertflow.tiers.layout import ExpertKey, ExpertLayout
-from expertflow.tiers.nvme import BLOCK, NvmeTier
+from expertflow.tiers.layout import ExpertLayout
+from expertflow.tiers.nvme import NvmeTier
 
 
 @dataclass

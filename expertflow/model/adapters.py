@@ -33,9 +33,9 @@ from transformers.core_model_loading import (
     rename_source_key,
 )
 
+from expertflow.core import ExpertKey, torch_dtype
 from expertflow.errors import CheckpointError, ConfigError, UnsupportedModelError
-from expertflow.tiers.dtypes import torch_dtype
-from expertflow.tiers.layout import ExpertKey, ExpertLayout, TensorSlice
+from expertflow.tiers.layout import ExpertLayout, TensorSlice
 
 # Expert kernels of transformers' ExpertsInterface that skip routing entries whose expert id is
 # ``>= num_experts`` once the module is flagged expert-parallel (that is how transformers' own expert

@@ -23,7 +23,9 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
 
+from expertflow.assemble import open_store
 from expertflow.config import StoreConfig, format_size
+from expertflow.core import DTYPE_SIZES, routed_top_k, torch_dtype
 from expertflow.errors import BudgetError, CheckpointError, ConfigError, UnsupportedModelError
 from expertflow.model.adapters import (
     ExpertsAdapter,
@@ -33,11 +35,14 @@ from expertflow.model.adapters import (
     experts_modules,
 )
 from expertflow.model.moe_block import OffloadedExperts, SlotStore
-from expertflow.tiers.dtypes import torch_dtype
-from expertflow.tiers.host import round_up
+from expertflow.model.prefetch import attach_predictor
+from expertflow.pipeline.budget import explicit_budget_warning
 from expertflow.tiers.layout import ExpertLayout, TensorInfo
-from expertflow.tiers.nvme import BLOCK
+from expertflow.tiers.nvme import read_slot_nbytes
 from expertflow.tiers.safetensors_index import open_checkpoint
+
+#: Room for activations, the KV cache of a short generation and the runtime's scratch, beside the weights.
+ACTIVATION_RESERVE = 64 << 20
 
 log = logging.getLogger(__name__)
 
@@ -66,88 +71,80 @@ class ExpertFlowModelMixin:
 
 def load_model(
     path: str | os.PathLike[str],
-    device: str | torch.device | None = None,
+    *,
     config: StoreConfig | None = None,
     store: SlotStore | None = None,
-    *,
+    device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     layout: ExpertLayout | None = None,
 ) -> PreTrainedModel:
     """Load the MoE checkpoint at ``path`` with its routed experts served by an ExpertStore.
 
-    ``device`` overrides ``config.device``. ``dtype`` defaults to the config's (``config.json`` ``dtype``), else
-    the experts' stored dtype; experts are computed in their stored dtype, so the two must agree. Pass ``store``
-    to share an existing store (the caller then owns it); otherwise one is created from ``config`` and closed by
-    ``model.close()``, the context manager, or garbage collection. ``layout`` saves re-reading the headers
-    when the caller already has ``open_checkpoint(path)``.
+    Give either ``config`` (a store is created from it and closed by ``model.close()``, the context manager or
+    garbage collection) or ``store`` (shared; the caller owns it and its config applies), not both. With
+    ``config.host_bytes`` unset the host budget is sized from the memory available, after the non-expert weights
+    this call loads. ``device`` overrides ``config.device``. ``dtype`` defaults to the config's (``config.json``
+    ``dtype``), else the experts' stored dtype; experts are computed in their stored dtype, so the two must
+    agree. ``layout`` saves re-reading the headers when the caller already has ``open_checkpoint(path)``.
 
     Raises :class:`UnsupportedModelError` (no routed experts / no experts seam), :class:`CheckpointError`
-    (config and weights disagree, naming the tensor) and :class:`BudgetError` (budget below one layer's top-k).
+    (config and weights disagree, naming the tensor), :class:`BudgetError` (budget below one token's top-k)
+    and :class:`ConfigError` (both a store and a config, or a store over other experts).
     """
     root = Path(path)
-    config = config or StoreConfig()
-    if device is not None and torch.device(device) != torch.device(config.device):
-        config = config.with_(device=str(torch.device(device)))
-    target = torch.device(config.device)
+    if store is not None and config is not None:
+        raise ConfigError("pass a store or a config to load_model, not both: a store brings its own config")
     layout = layout or open_checkpoint(root)
-    store_layout = getattr(store, "layout", None)
-    if store_layout is not None and store_layout.fingerprint() != layout.fingerprint():
+    if store is not None and store.layout.fingerprint() != layout.fingerprint():
         raise ConfigError(
-            f"the store serves the experts of {store_layout.root}, which differ from those of {root}"
+            f"the store serves the experts of {store.layout.root}, which differ from those of {root}"
         )
-    if not layout.experts:
-        raise UnsupportedModelError(
-            f"{layout.architecture} (model_type {layout.model_type!r}) has no routed experts: no tensor is named "
-            "like '...layers.N.mlp.experts.E...'; ExpertFlow runs Mixture-of-Experts checkpoints only",
-            file=str(root),
-        )
+    config = store.config if store is not None else (config or StoreConfig())
+    if device is not None and torch.device(device) != torch.device(config.device):
+        if store is not None:
+            raise ConfigError(f"the store computes on {store.device}, but the model is asked for {device}")
+        config = config.with_(device=str(torch.device(device)))
+    _require_experts(layout, root)
     hf_config = _hf_config(root)
+    top_k = _top_k(hf_config, root)
     dtype = _resolve_dtype(dtype, hf_config, layout)
     model = _meta_model(hf_config, dtype, layout)
-    meta_keys = set(model.state_dict().keys())
-    mapper = KeyMapper(model, meta_keys)
+    mapper = KeyMapper(model, set(model.state_dict().keys()))
     adapters = derive_adapters(model, layout, mapper, dtype)
     plan = _plan_non_experts(model, layout, mapper, {a.module_path for a in adapters.values()})
-    top_k = _top_k(hf_config)
-    _check_budget(config, layout, top_k)
-
     owned = store is None
     if store is None:
-        from expertflow.pipeline.store import ExpertStore
-
-        store = ExpertStore(layout, config)
-    close_store: Callable[[], None] = getattr(store, "close", lambda: None) if owned else (lambda: None)
+        config = _size_budget(config, layout, plan, dtype, top_k)
+        store = open_store(layout, config)
+    close_store: Callable[[], None] = store.close if owned else (lambda: None)
     try:
-        if store.num_slots < top_k:
-            raise BudgetError(
-                f"the store has {store.num_slots} expert slots but one token needs its top-{top_k} experts "
-                f"resident together; give it at least {top_k} slots "
-                f"(host budget >= {format_size(top_k * _slot_nbytes(store, layout))})"
-            )
-        store_device = getattr(store, "device", target)
-        if torch.device(store_device) != target:
-            raise ConfigError(f"the store computes on {store_device}, but the model is loaded on {target}")
+        _check_slots(store, top_k)
         expert_layers = _swap_experts(model, adapters, store, hf_config)
-        _load_non_experts(model, plan, target, dtype)
+        _load_non_experts(model, plan, torch.device(config.device), dtype)
         _finish(model, root)
+        predictor = attach_predictor(model, expert_layers, store, config, top_k)
     except BaseException:
         close_store()
         raise
-
     cls = type(model)
     # Same name and module as the family's class: transformers looks some behaviour up by class name.
     model.__class__ = type(cls.__name__, (ExpertFlowModelMixin, cls), {"__module__": cls.__module__})
     extended = cast(Any, model)
     extended.expert_store = store
     extended.expert_layers = expert_layers
-    extended.expert_predictor = None
-    if store_owned_config := getattr(store, "config", None):
-        from expertflow.model.prefetch import attach_predictor
-
-        extended.expert_predictor = attach_predictor(model, store, store_owned_config)
+    extended.expert_predictor = predictor
     extended._expertflow_close = weakref.finalize(model, close_store)
     model.eval()
     return model
+
+
+def _require_experts(layout: ExpertLayout, root: Path) -> None:
+    if not layout.experts:
+        raise UnsupportedModelError(
+            f"{layout.architecture} (model_type {layout.model_type!r}) has no routed experts: no tensor is named "
+            "like '...layers.N.mlp.experts.E...'; ExpertFlow runs Mixture-of-Experts checkpoints only",
+            file=str(root),
+        )
 
 
 # --- building the skeleton ------------------------------------------------------------------------
@@ -199,35 +196,72 @@ def _meta_model(hf_config: PretrainedConfig, dtype: torch.dtype, layout: ExpertL
         ) from exc
 
 
-def _top_k(hf_config: PretrainedConfig) -> int:
+def _top_k(hf_config: PretrainedConfig, root: Path) -> int:
+    """Experts per token, validated: the budget, the predictor and the kernels all depend on it."""
+    value = routed_top_k(hf_config)
+    num_experts = _num_experts(hf_config)
+    if value is None or value < 1 or (num_experts is not None and value > num_experts):
+        raise CheckpointError(
+            f"experts per token must be between 1 and the number of experts ({num_experts}), got {value!r}",
+            file=str(root / "config.json"),
+        )
+    return value
+
+
+def _num_experts(hf_config: PretrainedConfig) -> int | None:
     text = hf_config.get_text_config()
-    for name in ("num_experts_per_tok", "moe_topk", "top_k"):
+    for name in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
         value = getattr(text, name, None)
-        if isinstance(value, int) and value > 0:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
-    return 1
+    return None
 
 
-def _slot_nbytes(store: SlotStore, layout: ExpertLayout) -> int:
-    arena = getattr(store, "slot_arena", None)
-    if isinstance(arena, torch.Tensor) and arena.dim() == 2:
-        return int(arena.shape[1])
-    return round_up(layout.max_expert_nbytes, BLOCK)
-
-
-def _check_budget(config: StoreConfig, layout: ExpertLayout, top_k: int) -> None:
-    """Refuse, before allocating anything, a budget that cannot hold one token's experts at once."""
-    per_expert = round_up(layout.max_expert_nbytes, BLOCK)
-    if config.host_bytes is not None and config.host_bytes < top_k * per_expert:
+def _size_budget(
+    config: StoreConfig, layout: ExpertLayout, plan: LoadPlan, dtype: torch.dtype, top_k: int
+) -> StoreConfig:
+    """Refuse a budget below one token's experts; leave room for the non-expert weights this call loads."""
+    per_expert = read_slot_nbytes(layout, config.read_mode)
+    minimum = top_k * per_expert
+    if config.host_bytes is not None and config.host_bytes < minimum:
         raise BudgetError(
-            f"host budget {format_size(config.host_bytes)} is below the minimum of "
-            f"{format_size(top_k * per_expert)} ({top_k * per_expert} bytes): one token routes to {top_k} experts "
-            f"of {format_size(per_expert)} each, and they must be resident together"
+            f"host budget {format_size(config.host_bytes)} is below the minimum of {format_size(minimum)} "
+            f"({minimum} bytes): one token routes to {top_k} experts of {format_size(per_expert)} each, and they "
+            "must be resident together"
         )
     if config.device_slots is not None and config.device_slots < top_k:
         raise BudgetError(
             f"device_slots={config.device_slots} is below the minimum of {top_k}: one token routes to "
             f"{top_k} experts, and they must be resident together"
+        )
+    other = _non_expert_bytes(plan, dtype) + ACTIVATION_RESERVE
+    if config.host_bytes is None:
+        return config.with_(host_reserve_bytes=max(config.host_reserve_bytes, other))
+    io = config.max_concurrent_reads * per_expert if config.read_mode == "mmap" else 0
+    warning = explicit_budget_warning(config.host_bytes, other_bytes=other, io_bytes=io)
+    if warning:
+        log.warning("%s", warning)
+    return config
+
+
+def _non_expert_bytes(plan: LoadPlan, dtype: torch.dtype) -> int:
+    """Bytes the non-expert weights take once loaded in ``dtype`` (floating tensors are cast to it)."""
+    total = 0
+    for entries in plan.values():
+        for info, _ in entries:
+            n = info.nbytes
+            if info.dtype in ("F16", "BF16", "F32", "F64"):
+                n = n // DTYPE_SIZES[info.dtype] * dtype.itemsize
+            total += n
+    return total
+
+
+def _check_slots(store: SlotStore, top_k: int) -> None:
+    if store.num_slots < top_k:
+        raise BudgetError(
+            f"the store has {store.num_slots} expert slots but one token needs its top-{top_k} experts resident "
+            f"together; give it at least {top_k} slots (host budget >= {format_size(top_k * store.slot_nbytes)}; "
+            f"the budget was {store.budget.describe()})"
         )
 
 

@@ -20,29 +20,45 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from expertflow.config import StoreConfig
+from expertflow.core import ExpertKey
 from expertflow.model.adapters import ExpertsAdapter
+from expertflow.pipeline.budget import BudgetPlan
 from expertflow.pipeline.schedule import plan_layer
-from expertflow.tiers.layout import ExpertKey
+from expertflow.pipeline.stats import StoreStats
+from expertflow.pipeline.store import ExpertHandle
+from expertflow.tiers.layout import ExpertLayout
 
 # (layer, hidden_states [tokens, H], top_k_index [tokens, k], top_k_weights [tokens, k])
 RouteHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
-class SlotHandle(Protocol):
-    key: ExpertKey
-    slot: int
-
-
 class SlotStore(Protocol):
-    """What OffloadedExperts needs from :class:`~expertflow.pipeline.store.ExpertStore`."""
+    """What a model loaded by ``load_model`` needs from its expert store; :class:`ExpertStore` is one."""
 
+    layout: ExpertLayout
+    config: StoreConfig
+    device: torch.device
     num_slots: int
+    slot_nbytes: int
+    budget: BudgetPlan
+    last_fetch_waited: bool
 
     def stacked(self, layer: int, roles: str | tuple[str, ...]) -> torch.Tensor: ...
 
-    def fetch_as_ready(self, keys: Sequence[ExpertKey]) -> Iterator[Sequence[SlotHandle]]: ...
+    def fetch_as_ready(self, keys: Sequence[ExpertKey]) -> Iterator[list[ExpertHandle]]: ...
 
-    def release(self, handles: Iterable[Any]) -> None: ...
+    def release(self, handles: Iterable[ExpertHandle]) -> None: ...
+
+    def prefetch(self, keys: Iterable[ExpertKey], priority: float = 0.0) -> None: ...
+
+    def cancel_prefetches(self, keep: Iterable[ExpertKey] = ()) -> None: ...
+
+    def set_scorer(self, scorer: Callable[[ExpertKey], float] | None) -> None: ...
+
+    def stats(self) -> StoreStats: ...
+
+    def close(self) -> None: ...
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,59 +86,72 @@ class OffloadedExperts(nn.Module):
         self.calls = 0
         self.waves = 0
         self.last_stalled = False
+        # [num_slots, *per_expert] views over the slot arena. Each call hands the kernel only the span of slots
+        # its wave occupies (a free slice): a grouped kernel's cost grows with the number of groups it is given.
+        self._slot_views: dict[str, torch.Tensor] = {}
         for fill in adapter.fills:
             del experts._parameters[fill.param]
-            # [num_slots, *per_expert] view over the slot arena; the kernel indexes it with slot ids.
-            setattr(experts, fill.param, fill.view(store.stacked(adapter.layer, fill.roles)))
+            self._slot_views[fill.param] = fill.view(store.stacked(adapter.layer, fill.roles))
         # A private config so that our kernel choice does not leak into the rest of the model.
         config: Any = copy.copy(experts.config)
         config._experts_implementation_internal = implementation
-        # Expert-parallel mode makes the kernel skip ids >= num_experts: our "not resident in this wave".
-        experts.__dict__.update(config=config, num_experts=store.num_slots, _is_expert_parallel=True)
-        self._sentinel = store.num_slots
+        experts.__dict__["config"] = config
         self.__dict__["_experts"] = experts  # unregistered on purpose (see the class docstring)
 
     @property
     def experts_class(self) -> type[nn.Module]:
         return type(self.__dict__["_experts"])
 
+    def _kernel(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        wave: Sequence[ExpertHandle],
+        partial: bool,
+    ) -> torch.Tensor:
+        """The family's own experts forward over the slots of ``wave``; experts outside it contribute nothing."""
+        experts: nn.Module = self.__dict__["_experts"]
+        lo = min(h.slot for h in wave)
+        span = max(h.slot for h in wave) + 1 - lo
+        # Expert id -> position in the span; ``span`` (past the end) means "not in this wave", which the kernel's
+        # expert-parallel mode skips. With every routed expert in the wave there is nothing to skip.
+        table = [span] * self.num_experts
+        for h in wave:
+            table[h.key.expert] = h.slot - lo
+        slot_index = torch.tensor(table, device=top_k_index.device)[top_k_index]  # [tokens, top_k]
+        for name, view in self._slot_views.items():
+            experts.__dict__[name] = view[lo : lo + span]
+        experts.__dict__.update(num_experts=span, _is_expert_parallel=partial)
+        weights = top_k_weights.masked_fill(slot_index == span, 0) if partial else top_k_weights
+        return experts(hidden_states, slot_index, weights)
+
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        experts: nn.Module = self.__dict__["_experts"]
         self.calls += 1
         for hook in self.route_hooks:
             hook(self.layer, hidden_states, top_k_index, top_k_weights)
         # Most-wanted experts are requested first; the store yields the resident ones before any read.
         keys = [ExpertKey(self.layer, e) for e in plan_layer(top_k_index)]
-        device = top_k_index.device
-        slot_of = torch.empty(self.num_experts, dtype=torch.long, device=device)  # expert id -> slot id
         out: torch.Tensor | None = None
         pending = len(keys)
         self.last_stalled = False
         for wave in self.store.fetch_as_ready(keys):
             try:
                 # Did compute have to wait for some of this layer's experts? (set by the store per fetch)
-                self.last_stalled = bool(getattr(self.store, "last_fetch_waited", False))
+                self.last_stalled = self.store.last_fetch_waited
                 self.waves += 1
                 pending -= len(wave)
-                ids = torch.tensor([h.key.expert for h in wave], dtype=torch.long, device=device)
-                slots = torch.tensor([h.slot for h in wave], dtype=torch.long, device=device)
-                slot_of.fill_(self._sentinel)
-                slot_of[ids] = slots
-                slot_index = slot_of[top_k_index]  # [tokens, top_k]
-                if out is None and pending == 0:
-                    weights = top_k_weights  # everything resident: one call, exactly the reference's
-                else:
-                    weights = top_k_weights.masked_fill(slot_index == self._sentinel, 0)
-                part = experts(hidden_states, slot_index, weights)
+                single = out is None and pending == 0
+                part = self._kernel(hidden_states, top_k_index, top_k_weights, wave, partial=not single)
                 if part.device.type == "cuda":
                     # Kernels run asynchronously: a released slot may be refilled by the copy stream at once,
                     # so the kernels reading this wave's slots must be done first.
                     torch.cuda.current_stream(part.device).synchronize()
             finally:
                 self.store.release(wave)
-            if pending == 0 and out is None:
+            if single:
                 return part  # a single wave: the reference's own call, bit for bit
             # The kernel sums a token's top-k contributions in fp32 and rounds once. Summing rounded wave
             # outputs would round twice, so accumulate the waves wider and round once at the end: bitwise equal
@@ -136,5 +165,5 @@ class OffloadedExperts(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"layer={self.layer}, experts={self.num_experts}, class={self.experts_class.__name__}, "
-            f"slots={self._sentinel}, implementation={self.implementation}"
+            f"slots={self.store.num_slots}, implementation={self.implementation}"
         )

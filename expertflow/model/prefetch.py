@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,8 +18,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from expertflow.config import StoreConfig
+from expertflow.core import ExpertKey
+from expertflow.model.moe_block import OffloadedExperts, SlotStore
 from expertflow.pipeline.predictor import Gate, Predictor
-from expertflow.tiers.layout import ExpertKey
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +36,14 @@ def _router_weight(router: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
     return weight, bias if isinstance(bias, torch.Tensor) else None
 
 
-def find_gates(model: nn.Module) -> tuple[dict[int, Gate], dict[int, nn.Module]]:
+def find_gates(
+    model: nn.Module, layers: Mapping[int, OffloadedExperts]
+) -> tuple[dict[int, Gate], dict[int, nn.Module]]:
     """For each offloaded layer: ``norm -> router logits`` as a function of the residual stream, and the norm."""
     names = {id(m): n for n, m in model.named_modules()}
     gates: dict[int, Gate] = {}
     norms: dict[int, nn.Module] = {}
-    for layer, experts in model.expert_layers.items():  # type: ignore[union-attr,operator]
+    for layer, experts in layers.items():
         path = names.get(id(experts), "")
         block_path, _, _ = path.rpartition(".")
         decoder_path, _, _ = block_path.rpartition(".")
@@ -71,14 +75,20 @@ def find_gates(model: nn.Module) -> tuple[dict[int, Gate], dict[int, nn.Module]]
     return gates, norms
 
 
-def attach_predictor(model: Any, store: Any, config: StoreConfig) -> Predictor | None:
-    """Install prediction + prefetch on ``model`` (from ``load_model``); returns the predictor (or None)."""
-    if config.predictor == "none" or not model.expert_layers:
+def attach_predictor(
+    model: nn.Module,
+    layers: Mapping[int, OffloadedExperts],
+    store: SlotStore,
+    config: StoreConfig,
+    top_k: int,
+) -> Predictor | None:
+    """Install prediction + prefetch on ``model`` whose offloaded ``layers`` use ``store``; the predictor or None."""
+    if config.predictor == "none" or not layers:
         return None
-    text = model.config.get_text_config()
-    top_k = int(getattr(text, "num_experts_per_tok", 0) or getattr(text, "top_k", 0) or 2)
-    layers = model.expert_layers
-    gates, norms = find_gates(model)
+    if store.num_slots >= len(store.layout.experts):
+        log.info("every expert has a slot: nothing to predict, prefetch is off")
+        return None
+    gates, norms = find_gates(model, layers)
     predictor = Predictor(
         list(layers),
         {layer: m.num_experts for layer, m in layers.items()},
@@ -103,10 +113,10 @@ def attach_predictor(model: Any, store: Any, config: StoreConfig) -> Predictor |
     def on_route(layer: int, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
         if layer == first:
             keep = [k for k, _ in predictor.predict_cache]
-            store.cancel_prefetches_nowait(keep)
+            store.cancel_prefetches(keep)
         pos = order.index(layer)
         if pos > 0:
-            predictor.record_stall(bool(getattr(layers[order[pos - 1]], "last_stalled", False)))
+            predictor.record_stall(layers[order[pos - 1]].last_stalled)
         predictor.observe(layer, index)
         state = residual.get(layer, hidden)
         preds = predictor.predict(layer, state)
@@ -119,7 +129,7 @@ def attach_predictor(model: Any, store: Any, config: StoreConfig) -> Predictor |
 
     for m in layers.values():
         m.route_hooks.append(on_route)
-    if config.policy == "predictive":
-        store.set_scorer(predictor.scores)
-    model._expertflow_prefetch_hooks = handles
+    # Prefetch admission compares these scores, whatever the eviction policy; "predictive" evicts by them too.
+    store.set_scorer(predictor.scores)
+    model.__dict__["_expertflow_prefetch_hooks"] = handles  # kept alive with the model
     return predictor

@@ -11,8 +11,8 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
+from expertflow.core import ExpertKey
 from expertflow.errors import ConfigError
-from expertflow.tiers.layout import ExpertKey
 
 
 class EvictionPolicy(Protocol):
@@ -128,11 +128,16 @@ class StaticPolicy:
 
 
 class PredictivePolicy:
-    """Evict the expert least likely to be needed soon.
+    """Evict the expert least likely to be needed soon; admit a prefetch only over a less likely expert.
 
-    The score blends a predictor's view (``scores(key)``, higher = needed sooner, e.g. gate look-ahead) with
+    The score blends a predictor's view (``scores(key)``, higher = needed sooner, e.g. gate look-ahead or
+    an online estimate of the probability that the key is routed at its layer's next visit) with
     statistics the policy keeps itself: decayed use frequency and how far the key's layer is ahead of the
     layer computed last (in decode, the layer just computed is needed again only after a full pass).
+
+    :meth:`admit` is the admission control of prefetching: a predicted key may take a slot only from a
+    candidate that scores strictly lower than it does. The caller passes as candidates only what may be
+    evicted (resident, unpinned, not demanded by the token being computed), as for :meth:`choose_victim`.
     """
 
     def __init__(
@@ -173,15 +178,26 @@ class PredictivePolicy:
         return ahead / max(1, n - 1)
 
     def score(self, key: ExpertKey) -> float:
-        pred = self.scores(key) if self.scores is not None else 0.0
-        freq = self._lfu.frequency(key)
-        freq_norm = freq / (1.0 + freq)
-        return self.w_pred * pred + self.w_freq * freq_norm - self.w_dist * self._distance(key)
+        pred = self.scores(key) if self.scores is not None and self.w_pred else 0.0
+        s = self.w_pred * pred
+        if self.w_freq:
+            freq = self._lfu.frequency(key)
+            s += self.w_freq * freq / (1.0 + freq)
+        if self.w_dist:
+            s -= self.w_dist * self._distance(key)
+        return s
 
     def choose_victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey | None:
         if not candidates:
             return None
         return min(candidates, key=lambda k: (self.score(k), k))
+
+    def admit(self, key: ExpertKey, candidates: Sequence[ExpertKey]) -> ExpertKey | None:
+        """The candidate a prefetch of ``key`` may evict, or None: only one that scores strictly lower."""
+        victim = self.choose_victim(candidates)
+        if victim is None or self.score(victim) >= self.score(key):
+            return None
+        return victim
 
 
 class BeladyPolicy:

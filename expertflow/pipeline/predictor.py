@@ -15,8 +15,8 @@ from typing import Literal
 
 import torch
 
+from expertflow.core import ExpertKey
 from expertflow.errors import ConfigError
-from expertflow.tiers.layout import ExpertKey
 
 Mode = Literal["none", "lookahead", "stats", "combined"]
 Gate = Callable[[torch.Tensor], torch.Tensor]

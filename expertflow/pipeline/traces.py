@@ -6,16 +6,16 @@ an eviction policy over the access sequence a decoding engine would produce, at 
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from expertflow.core import ExpertKey
 from expertflow.errors import ConfigError
 from expertflow.pipeline.policy import (
     BeladyPolicy,
@@ -25,7 +25,6 @@ from expertflow.pipeline.policy import (
     PredictivePolicy,
     StaticPolicy,
 )
-from expertflow.tiers.layout import ExpertKey
 
 FORMAT = "expertflow-trace-v1"
 
@@ -160,59 +159,171 @@ class TraceRecorder:
 
 def access_sequence(trace: RoutingTrace) -> list[ExpertKey]:
     """The order in which decoding touches experts: token by token, layer by layer, unique per (token, layer)."""
-    seq = []
-    for t in range(trace.tokens):
-        for li, lid in enumerate(trace.layer_ids):
-            for e in dict.fromkeys(int(x) for x in trace.experts[t, li]):
-                seq.append(ExpertKey(lid, e))
+    seq: list[ExpertKey] = []
+    for token in trace.experts.tolist():
+        for lid, experts in zip(trace.layer_ids, token, strict=True):
+            seq.extend(ExpertKey(lid, e) for e in dict.fromkeys(experts))
     return seq
 
 
 @dataclass
 class ReplayResult:
+    """Hits and misses of the demand accesses; prefetch loads (predictive only) are counted apart.
+
+    ``loads`` is every expert brought into the cache: one per miss plus one per prefetch, so policies that
+    prefetch are compared on bytes moved too. ``outcomes`` is hit (True) or miss per access, in order.
+    """
+
     policy: str
     capacity: int
     hits: int
     misses: int
     per_layer: dict[int, float]
+    tokens: int = 0
+    prefetch_loads: int = 0
+    prefetch_used: int = 0
+    outcomes: list[bool] = field(default_factory=list, repr=False)
 
     @property
     def hit_rate(self) -> float:
         return self.hits / (self.hits + self.misses) if self.hits + self.misses else 0.0
 
+    @property
+    def loads(self) -> int:
+        return self.misses + self.prefetch_loads
 
-class _OnlineStats:
-    """Routing statistics learned from the past of the trace only: the honest input of the predictive policy."""
+    @property
+    def loads_per_token(self) -> float:
+        return self.loads / self.tokens if self.tokens else 0.0
 
-    def __init__(self) -> None:
-        self.next_layer: dict[ExpertKey, dict[int, float]] = defaultdict(lambda: defaultdict(float))
-        self.prev: dict[int, set[int]] = {}
-        self.current: dict[int, set[int]] = {}
+    @property
+    def prefetch_precision(self) -> float:
+        return self.prefetch_used / self.prefetch_loads if self.prefetch_loads else 0.0
+
+
+class OnlineRoutingModel:
+    """How likely each expert is to be routed at a layer's next visit, from the routing seen so far only.
+
+    It knows what a decoding runtime knows: the routing of every finished token (learned with
+    :meth:`end_token`) and, for the token being computed, the routing of the layers already computed
+    (:meth:`observe_layer`). Per layer it keeps counts, learned online, of: expert use; layer-to-layer
+    transitions (expert a at layer l-1-j of a token -> expert b at layer l of the same token, j < depth);
+    and token-to-token reuse (expert a at layer l of the previous token -> expert b at layer l). They are
+    combined naive-Bayes style: log prior + weighted log likelihood ratios, with Dirichlet smoothing
+    (``prior`` per expert for the frequencies; conditionals shrunk towards the layer's frequencies).
+
+    For a layer not yet computed for the current token the context is that token's earlier layers and the
+    previous token's routing at the layer; for a layer already computed, the next visit is the next token,
+    whose only known context is the current token's routing at that layer.
+    """
+
+    def __init__(
+        self,
+        layer_ids: Sequence[int],
+        num_experts: int,
+        top_k: int = 2,
+        *,
+        layer_weights: Sequence[float] = (0.5, 0.4, 0.3, 0.2),
+        reuse_weight: float = 0.5,
+        prior: float = 0.5,
+        decay: float = 1.0,
+    ) -> None:
+        self.layer_ids = tuple(layer_ids)
+        self._pos = {lid: i for i, lid in enumerate(self.layer_ids)}
+        n, e = len(self.layer_ids), num_experts
+        self.num_experts, self.top_k = num_experts, top_k
+        self.layer_weights = tuple(layer_weights)
+        self.reuse_weight = reuse_weight
+        if prior <= 0 or not 0 < decay <= 1:
+            raise ConfigError("the routing model needs prior > 0 and decay in (0, 1]")
+        self.prior, self.decay = prior, decay
+        # counts of what was seen (decayed per token when decay < 1); the prior is added when predicting
+        self.use = np.zeros((n, e))
+        self.transition = np.zeros((len(self.layer_weights), n, e, e))
+        self.reuse = np.zeros((n, e, e))
+        self.current: dict[int, tuple[int, ...]] = {}
+        self.previous: dict[int, tuple[int, ...]] = {}
+        self.tokens_seen = 0
+        self._memo: dict[int, np.ndarray] = {}
+
+    def observe_layer(self, layer: int, experts: Iterable[int]) -> None:
+        """The current token has been routed at ``layer`` (a model layer id)."""
+        self.current[self._pos[layer]] = tuple(int(x) for x in experts)
+        self._memo.clear()
+
+    def end_token(self) -> None:
+        """The current token is finished: learn from it, then it becomes the previous token."""
+        cur, prev = self.current, self.previous
+        if self.decay < 1:
+            for counts in (self.use, self.transition, self.reuse):
+                counts *= self.decay
+        for li, experts in cur.items():
+            for b in experts:
+                self.use[li, b] += 1.0
+                for j in range(len(self.layer_weights)):
+                    for a in cur.get(li - 1 - j, ()):
+                        self.transition[j, li, a, b] += 1.0
+                for a in prev.get(li, ()):
+                    self.reuse[li, a, b] += 1.0
+        self.previous, self.current = cur, {}
+        self.tokens_seen += 1
+        self._memo.clear()
+
+    def probabilities(self, layer: int) -> np.ndarray:
+        """Estimated probability, per expert, of being routed at the next visit of ``layer`` (a model layer id)."""
+        li = self._pos[layer]
+        if li in self._memo:
+            return self._memo[li]
+        use = self.use[li] + self.prior
+        marginal = use / use.sum()
+        log_prior = np.log(marginal)
+        s = log_prior.copy()
+        strength = self.prior * self.num_experts
+
+        def add(rows: np.ndarray, weight: float) -> None:
+            # a conditional row is smoothed towards the layer's marginal: an unseen context says nothing
+            nonlocal s
+            rows = rows + strength * marginal
+            s = s + weight * (np.log(rows / rows.sum(axis=-1, keepdims=True)) - log_prior).sum(axis=0)
+
+        if li in self.current:  # next visit = next token: only this token's routing at the layer is known
+            reuse_from: tuple[int, ...] = self.current[li]
+        else:
+            reuse_from = self.previous.get(li, ())
+            for j, w in enumerate(self.layer_weights):
+                before = self.current.get(li - 1 - j)
+                if before and w:
+                    add(self.transition[j, li, list(before)], w)
+        if reuse_from and self.reuse_weight:
+            add(self.reuse[li, list(reuse_from)], self.reuse_weight)
+        p = np.exp(s - s.max())
+        p = np.minimum(1.0, p * (self.top_k / p.sum()))
+        self._memo[li] = p
+        return p
 
     def score(self, key: ExpertKey) -> float:
-        s = 0.0
-        # experts of the previous token at the same layer tend to come back
-        if key.expert in self.prev.get(key.layer, ()):
-            s += 0.5
-        # transitions from the experts chosen at the layer before, for the current token
-        before = self.current.get(key.layer - 1, set())
-        total = 0.0
-        for e in before:
-            row = self.next_layer[ExpertKey(key.layer - 1, e)]
-            n = sum(row.values())
-            if n:
-                total += row.get(key.expert, 0.0) / n
-        if before:
-            s += total / len(before)
-        return s
+        return float(self.probabilities(key.layer)[key.expert])
 
-    def observe_token(self, routing: Mapping[int, set[int]]) -> None:
-        layers = sorted(routing)
-        for a, b in itertools.pairwise(layers):
-            for e in routing[a]:
-                for f in routing[b]:
-                    self.next_layer[ExpertKey(a, e)][f] += 1.0
-        self.prev = {lid: set(es) for lid, es in routing.items()}
+
+class ReplayEvent(NamedTuple):
+    """What happened during a replay: ``hit``/``miss`` of ``key``, a demand ``evict`` of ``victim`` to make
+    room for ``key``, or a ``prefetch`` of ``key`` (evicting ``victim`` or filling a free slot), while
+    token ``token`` computes layer ``layer``."""
+
+    kind: str
+    token: int
+    layer: int
+    key: ExpertKey
+    victim: ExpertKey | None = None
+
+
+@dataclass
+class _Cache:
+    policy: EvictionPolicy
+    capacity: int
+    resident: set[ExpertKey] = field(default_factory=set)
+    unused_prefetch: set[ExpertKey] = field(default_factory=set)
+    position: int = 0
 
 
 def replay(
@@ -222,10 +333,30 @@ def replay(
     *,
     partitioned: bool = False,
     static_profile: Mapping[ExpertKey, float] | None = None,
+    prefetch: bool = True,
+    prefetch_width: int | None = None,
+    prefetch_min_probability: float = 0.0,
+    model: OnlineRoutingModel | None = None,
+    on_event: Callable[[ReplayEvent], None] | None = None,
 ) -> ReplayResult:
-    """Simulate a cache of ``capacity_per_layer * layers`` experts (or one of that size per layer)."""
+    """Simulate a cache of ``capacity_per_layer * layers`` experts (or one of that size per layer).
+
+    Accesses come token by token, layer by layer (:func:`access_sequence`). ``predictive`` evicts by the
+    :class:`OnlineRoutingModel`'s probabilities (``model``: a fresh one by default, which learns from the
+    replayed tokens as they finish) and, if ``prefetch``, after each layer of a token makes resident the
+    ``prefetch_width`` (default: the router's top-k) experts it finds most likely at the next layer (the
+    next token's first layer after the last), skipping those below ``prefetch_min_probability``. Each
+    prefetch passes admission control (:meth:`PredictivePolicy.admit`): it may only evict a less likely
+    expert, never one the token demanded at the current or the next layer. ``predictive_demand`` is the
+    same policy without prefetching. Belady is the demand-only offline optimum. ``on_event`` sees every
+    :class:`ReplayEvent`.
+    """
     seq = access_sequence(trace)
     n_layers = trace.num_layers
+    predictive = policy in ("predictive", "predictive_demand")
+    do_prefetch = predictive and prefetch and policy == "predictive"
+    if predictive and model is None:
+        model = OnlineRoutingModel(trace.layer_ids, trace.num_experts, trace.top_k)
 
     def build(cap: int, future: Sequence[ExpertKey]) -> EvictionPolicy:
         if policy == "lru":
@@ -235,55 +366,140 @@ def replay(
         if policy == "static":
             counts = static_profile or _counts(seq)
             return StaticPolicy.from_counts(counts, cap)
-        if policy == "predictive":
-            return PredictivePolicy(stats.score, num_layers=n_layers)
+        if predictive:
+            assert model is not None
+            # In a shared cache, keys of layers far ahead wait a while before their next visit.
+            return PredictivePolicy(
+                model.score,
+                num_layers=n_layers,
+                weight_prediction=1.0,
+                weight_frequency=0.0,
+                weight_distance=0.0 if partitioned else 0.5,
+            )
         if policy == "belady":
             return BeladyPolicy(future)
         raise ConfigError(f"unknown policy {policy!r}")
 
-    stats = _OnlineStats()
-    groups: dict[Any, list[int]] = defaultdict(list)
-    for i, k in enumerate(seq):
-        groups[k.layer if partitioned else 0].append(i)
-    caches: dict[Any, tuple[EvictionPolicy, set[ExpertKey], int]] = {}
-    for g, idx in groups.items():
+    def group(lid: int) -> int:
+        return lid if partitioned else 0
+
+    futures: dict[int, list[ExpertKey]] = defaultdict(list)
+    for k in seq:
+        futures[group(k.layer)].append(k)
+    caches: dict[int, _Cache] = {}
+    for lid in trace.layer_ids if partitioned else (0,):
         cap = capacity_per_layer if partitioned else capacity_per_layer * n_layers
-        caches[g] = (build(cap, [seq[i] for i in idx] if partitioned else seq), set(), cap)
-    local_pos: dict[Any, int] = defaultdict(int)
-    hits = misses = 0
+        caches[lid] = _Cache(build(cap, futures[lid]), cap)
+
+    hits = misses = prefetch_loads = prefetch_used = 0
+    outcomes: list[bool] = []
     layer_hits: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-    routing: dict[int, set[int]] = {}
-    last_layer = -1
-    for key in seq:
-        if key.layer < last_layer:  # a new token starts
-            stats.observe_token(routing)
-            routing = {}
-            stats.current = {}
-        last_layer = key.layer
-        g = key.layer if partitioned else 0
-        pol, resident, cap = caches[g]
-        if isinstance(pol, BeladyPolicy):
-            pol.advance(local_pos[g])
-        local_pos[g] += 1
-        if key in resident:
-            hits += 1
-            layer_hits[key.layer][0] += 1
-            pol.on_access(key)
-        else:
-            misses += 1
-            layer_hits[key.layer][1] += 1
-            if len(resident) >= cap:
-                victim = pol.choose_victim(sorted(resident))
-                if victim is not None:
-                    resident.discard(victim)
-                    pol.on_remove(victim)
-            resident.add(key)
-            pol.on_insert(key)
-            pol.on_access(key)
-        routing.setdefault(key.layer, set()).add(key.expert)
-        stats.current.setdefault(key.layer, set()).add(key.expert)
+    width = trace.top_k if prefetch_width is None else prefetch_width
+
+    def emit(kind: str, t: int, lid: int, key: ExpertKey, victim: ExpertKey | None = None) -> None:
+        if on_event is not None:
+            on_event(ReplayEvent(kind, t, lid, key, victim))
+
+    routing = trace.experts.tolist()
+    for t in range(trace.tokens):
+        demanded: dict[int, set[ExpertKey]] = {}
+        for li, lid in enumerate(trace.layer_ids):
+            experts = tuple(dict.fromkeys(routing[t][li]))
+            if model is not None:  # the router of this layer has run: its choice is known before its experts
+                model.observe_layer(lid, experts)
+            demanded[lid] = {ExpertKey(lid, e) for e in experts}
+            c = caches[group(lid)]
+            for e in experts:
+                key = ExpertKey(lid, e)
+                if isinstance(c.policy, BeladyPolicy):
+                    c.policy.advance(c.position)
+                c.position += 1
+                if key in c.resident:
+                    hits += 1
+                    layer_hits[lid][0] += 1
+                    c.policy.on_access(key)
+                    if key in c.unused_prefetch:
+                        c.unused_prefetch.discard(key)
+                        prefetch_used += 1
+                    outcomes.append(True)
+                    emit("hit", t, lid, key)
+                    continue
+                misses += 1
+                layer_hits[lid][1] += 1
+                outcomes.append(False)
+                emit("miss", t, lid, key)
+                if len(c.resident) >= c.capacity:
+                    # predictive never evicts what this layer of the token is computing (a runtime pins it)
+                    cands = sorted(c.resident - demanded[lid]) if predictive else sorted(c.resident)
+                    victim = c.policy.choose_victim(cands)
+                    if victim is not None:
+                        c.resident.discard(victim)
+                        c.unused_prefetch.discard(victim)
+                        c.policy.on_remove(victim)
+                        emit("evict", t, lid, key, victim)
+                c.resident.add(key)
+                c.policy.on_insert(key)
+                c.policy.on_access(key)
+            if model is not None and li == n_layers - 1:
+                model.end_token()  # the token is complete: learn from it before predicting the next one
+            if do_prefetch:
+                assert model is not None
+                nxt = trace.layer_ids[(li + 1) % n_layers]
+                protect = demanded[lid] | demanded.get(nxt, set()) if li + 1 < n_layers else demanded[lid]
+                for key, victim in _prefetch(
+                    caches[group(nxt)], nxt, model, protect, width, prefetch_min_probability
+                ):
+                    prefetch_loads += 1
+                    emit("prefetch", t, lid, key, victim)
     per_layer = {lid: h / (h + m) if h + m else 0.0 for lid, (h, m) in sorted(layer_hits.items())}
-    return ReplayResult(policy, capacity_per_layer, hits, misses, per_layer)
+    return ReplayResult(
+        policy,
+        capacity_per_layer,
+        hits,
+        misses,
+        per_layer,
+        tokens=trace.tokens,
+        prefetch_loads=prefetch_loads,
+        prefetch_used=prefetch_used,
+        outcomes=outcomes,
+    )
+
+
+def _prefetch(
+    cache: _Cache,
+    layer: int,
+    model: OnlineRoutingModel,
+    protect: set[ExpertKey],
+    width: int,
+    min_probability: float,
+) -> list[tuple[ExpertKey, ExpertKey | None]]:
+    """Load the most likely experts of ``layer`` not yet resident, each only past admission control.
+
+    Returns each load with the expert it evicted (None for a free slot).
+    """
+    pol = cache.policy
+    assert isinstance(pol, PredictivePolicy)
+    probs = model.probabilities(layer)
+    loads: list[tuple[ExpertKey, ExpertKey | None]] = []
+    for e in sorted(range(len(probs)), key=lambda x: (-probs[x], x))[:width]:
+        key = ExpertKey(layer, e)
+        if probs[e] < min_probability:
+            break
+        if key in cache.resident:
+            continue
+        victim = None
+        if len(cache.resident) >= cache.capacity:
+            victim = pol.admit(key, sorted(cache.resident - protect))
+            if victim is None:
+                break  # every evictable expert is at least as likely as this one (and the ones after it)
+            cache.resident.discard(victim)
+            cache.unused_prefetch.discard(victim)
+            pol.on_remove(victim)
+        cache.resident.add(key)
+        cache.unused_prefetch.add(key)
+        pol.on_insert(key)
+        loads.append((key, victim))
+    return loads
 
 
 def _counts(seq: Iterable[ExpertKey]) -> dict[ExpertKey, float]:
@@ -301,10 +517,15 @@ def compare_policies(
     partitioned: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Hit rate of every policy at every per-layer capacity, summed over the traces, beside Belady's."""
+    """Hit rate of every policy at every per-layer capacity, summed over the traces, beside Belady's.
+
+    Each row also has ``{policy}_loads_per_token`` (experts brought in per decoded token: misses plus
+    prefetches) and, for policies that prefetch, ``{policy}_prefetch_precision`` (prefetches later used
+    / prefetches).
+    """
     rows = []
     for cap in capacities:
-        totals: dict[str, list[int]] = {p: [0, 0] for p in policies}
+        results: dict[str, list[ReplayResult]] = {p: [] for p in policies}
         for name, tr in traces.items():
             if progress:
                 progress(f"capacity {cap}: {name}")
@@ -312,13 +533,20 @@ def compare_policies(
             others = [access_sequence(t) for n, t in traces.items() if n != name] or [access_sequence(tr)]
             profile = _counts(k for s in others for k in s)
             for p in policies:
-                r = replay(tr, p, cap, partitioned=partitioned, static_profile=profile)
-                totals[p][0] += r.hits
-                totals[p][1] += r.misses
-        rates = {p: h / (h + m) if h + m else 0.0 for p, (h, m) in totals.items()}
+                results[p].append(replay(tr, p, cap, partitioned=partitioned, static_profile=profile))
+        hits = {p: sum(r.hits for r in rs) for p, rs in results.items()}
+        accesses = {p: sum(r.hits + r.misses for r in rs) for p, rs in results.items()}
+        rates = {p: hits[p] / accesses[p] if accesses[p] else 0.0 for p in policies}
         row: dict[str, Any] = {"capacity": cap}
         row.update({p: rates[p] for p in policies})
         if rates.get("belady"):
             row.update({f"{p}/belady": rates[p] / rates["belady"] for p in policies if p != "belady"})
+        for p, rs in results.items():
+            tokens = sum(r.tokens for r in rs)
+            row[f"{p}_loads_per_token"] = sum(r.loads for r in rs) / tokens if tokens else 0.0
+        for p, rs in results.items():
+            issued = sum(r.prefetch_loads for r in rs)
+            if issued:
+                row[f"{p}_prefetch_precision"] = sum(r.prefetch_used for r in rs) / issued
         rows.append(row)
     return rows

@@ -19,10 +19,10 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from expertflow.core import ExpertKey
 from expertflow.errors import ProtocolError, RemoteError
 from expertflow.services import protocol as P
 from expertflow.services.keys import client_curve_options
-from expertflow.tiers.layout import ExpertKey
 
 log = logging.getLogger(__name__)
 

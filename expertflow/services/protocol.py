@@ -33,10 +33,8 @@ from typing import Any, ClassVar, TypeAlias
 import msgpack
 import torch
 
+from expertflow.core import DTYPE_SIZES, SAFETENSORS_CODES, TORCH_DTYPES, ExpertKey, expert_checksum
 from expertflow.errors import ChecksumError, ConfigError, ProtocolError, RemoteError
-from expertflow.tiers.checksum import expert_checksum
-from expertflow.tiers.dtypes import SAFETENSORS_CODES, TORCH_DTYPES
-from expertflow.tiers.layout import DTYPE_SIZES, ExpertKey
 
 PROTOCOL_VERSION = 1
 # A server that cannot read a request's id answers with this id; clients number requests from 1.

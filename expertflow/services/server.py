@@ -27,6 +27,7 @@ import zmq
 import zmq.asyncio
 
 from expertflow.config import StoreConfig
+from expertflow.core import ExpertKey
 from expertflow.errors import ConfigError, ExpertFlowError
 from expertflow.pipeline.store import AsyncExpertStore, ExpertHandle
 from expertflow.services import protocol as P
@@ -34,7 +35,7 @@ from expertflow.services.keys import load_secret_key, server_authenticator
 from expertflow.tiers.base import ExpertSource
 from expertflow.tiers.checksum import spec_checksum
 from expertflow.tiers.fingerprint import content_fingerprint
-from expertflow.tiers.layout import ExpertKey, ExpertLayout
+from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.safetensors_index import open_checkpoint
 
 log = logging.getLogger("expertflow.server")
@@ -53,7 +54,7 @@ class ServerConfig:
     """What ``expertflow-store serve`` is asked to do."""
 
     binds: tuple[str, ...] = ("tcp://127.0.0.1:5555",)
-    mem_bytes: int | None = None  # RAM cache budget (default: every expert)
+    mem_bytes: int | None = None  # RAM cache budget (None: sized from the memory available, like the store)
     policy: str = "lru"
     read_mode: str = "mmap"
     preload: bool = False
@@ -155,7 +156,7 @@ class ExpertServer:
     ) -> ExpertServer:
         """Open the checkpoint and its cache, bind every address and start serving.
 
-        ``sources`` replace the checkpoint's NVMe tier as the cache's backing store (the caller owns them).
+        ``sources`` replace the checkpoint's NVMe tier as the cache's backing store (the cache owns them).
         """
         layout = (
             checkpoint
@@ -191,7 +192,7 @@ class ExpertServer:
             layout.root,
             ", ".join(server.endpoints),
             store.num_slots,
-            store.pool.nbytes / 2**30,
+            store.stats().host_bytes / 2**30,
             config.policy,
         )
         return server
@@ -415,12 +416,11 @@ class ExpertServer:
         """Send one pinned expert from its cache buffer; the pin is dropped once libzmq is done with it."""
         spec = self.layout.spec(handle.key)
         try:
+            buffer = self.store.host_buffer(handle)
             checksum = self._checksums.get(handle.key)
             if checksum is None:
-                checksum = self._checksums[handle.key] = spec.checksum or spec_checksum(spec, handle.buffer)
-            entries = [
-                (t.role, t.dtype, t.shape, handle.buffer[off : off + t.nbytes]) for t, off in spec.views()
-            ]
+                checksum = self._checksums[handle.key] = spec.checksum or spec_checksum(spec, buffer)
+            entries = [(t.role, t.dtype, t.shape, buffer[off : off + t.nbytes]) for t, off in spec.views()]
             frames = P.encode_expert_reply(rid, handle.key, entries, checksum, self.limits)
             tracker = await self._send(identity, frames, track=True)
         except BaseException:
@@ -492,7 +492,7 @@ class ExpertServer:
                 "uptime_seconds": round(time.monotonic() - self._started, 3),
                 "experts_total": len(self.layout.experts),
                 "cache_capacity_experts": self.store.num_slots,
-                "cache_bytes": self.store.pool.nbytes,
+                "cache_bytes": s.host_bytes,
                 "cache_resident_experts": len(self.store.resident()),
                 "cache_pinned_experts": len(self.store.pinned()),
                 "cache_hits": s.device_hits,

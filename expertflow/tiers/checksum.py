@@ -1,25 +1,9 @@
-"""Checksums of expert bytes: xxh3-64, fast enough to verify every read (~10+ GB/s)."""
+"""Checksum of one expert held in a buffer laid out canonically (the byte-level hash is ``core.expert_checksum``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-import xxhash
-
+from expertflow.core import Buffer, expert_checksum
 from expertflow.tiers.layout import ExpertSpec
-
-Buffer = bytes | bytearray | memoryview
-
-
-def expert_checksum(data: Buffer | Iterable[Buffer]) -> int:
-    """xxh3-64 of one buffer, or of several buffers taken in order as one byte string."""
-    h = xxhash.xxh3_64()
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        h.update(data)
-    else:
-        for part in data:
-            h.update(part)
-    return h.intdigest()
 
 
 def spec_checksum(spec: ExpertSpec, buf: Buffer) -> int:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import os
 
+from expertflow.core import ExpertKey
 from expertflow.errors import CheckpointError
-from expertflow.tiers.layout import ExpertKey, ExpertLayout, TensorSlice
+from expertflow.tiers.layout import ExpertLayout, TensorSlice
 
 SAMPLE_EXPERTS = 8
 SAMPLE_BYTES = 4096

@@ -13,14 +13,10 @@ import mmap
 
 import torch
 
+from expertflow.core import BLOCK, round_up
 from expertflow.errors import BudgetError
-from expertflow.tiers.nvme import BLOCK
 
 log = logging.getLogger(__name__)
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 class HostPool:

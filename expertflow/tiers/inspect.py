@@ -11,15 +11,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from expertflow.config import format_size
+from expertflow.core import routed_top_k
 from expertflow.tiers.layout import ExpertLayout, TensorKind
-from expertflow.tiers.nvme import BLOCK, plan_direct
+from expertflow.tiers.nvme import read_slot_nbytes
 
-_TOP_K_NAMES = ("num_experts_per_tok", "experts_per_token", "moe_topk", "top_k")
 _LAYER_NAMES = ("num_hidden_layers", "n_layer", "num_layers")
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _text_config(config: Mapping[str, object]) -> Mapping[str, object]:
@@ -48,14 +44,13 @@ def describe(layout: ExpertLayout) -> dict[str, Any]:
     if num_layers is None:
         layers_seen = [k.layer for k in layout.experts]
         num_layers = max(layers_seen) + 1 if layers_seen else 0
-    top_k = _config_int(layout.config, _TOP_K_NAMES)
+    top_k = routed_top_k(layout.config)
+    top_k = top_k if top_k is not None and top_k > 0 else None
 
     first = layout.spec(layout.keys()[0]) if layout.experts else None
     signatures = {tuple((t.role, t.dtype, t.shape) for t in s.tensors) for s in layout.experts.values()}
-    slot_mmap = _round_up(layout.max_expert_nbytes, BLOCK)
-    slot_direct = _round_up(
-        max((max(plan_direct(s).extent, s.nbytes) for s in layout.experts.values()), default=0), BLOCK
-    )
+    slot_mmap = read_slot_nbytes(layout, "mmap") if layout.experts else 0
+    slot_direct = read_slot_nbytes(layout, "direct") if layout.experts else 0
     widest_layer = max(experts_per_layer.values(), default=0)
 
     by_kind = {kind.value: 0 for kind in TensorKind}

@@ -19,37 +19,18 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
+from expertflow.core import DTYPE_SIZES, ExpertKey
 from expertflow.errors import CheckpointError
 
-# safetensors dtype code -> element size in bytes.
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
-}
-
-
-@dataclass(frozen=True, order=True)
-class ExpertKey:
-    """One routed expert: its model layer index and its expert index within that layer."""
-
-    layer: int
-    expert: int
-
-    def __str__(self) -> str:
-        return f"L{self.layer}.E{self.expert}"
+__all__ = [
+    "DTYPE_SIZES",
+    "ExpertKey",
+    "ExpertLayout",
+    "ExpertSpec",
+    "TensorInfo",
+    "TensorKind",
+    "TensorSlice",
+]
 
 
 class TensorKind(Enum):

@@ -27,13 +27,13 @@ from typing import Literal
 
 import numpy as np
 
+from expertflow.core import BLOCK, ExpertKey, slot_nbytes
 from expertflow.errors import CheckpointError, ChecksumError, ConfigError, ExpertReadError, StoreClosedError
 from expertflow.tiers.checksum import spec_checksum
-from expertflow.tiers.layout import ExpertKey, ExpertLayout, ExpertSpec
+from expertflow.tiers.layout import ExpertLayout, ExpertSpec
 
 log = logging.getLogger(__name__)
 
-BLOCK = 4096
 ReadMode = Literal["mmap", "direct"]
 
 
@@ -95,6 +95,14 @@ def plan_direct(spec: ExpertSpec, block: int = BLOCK) -> _Plan:
         runs.append(_Run(first.file, start, end - start, pos, tuple(placed)))
         pos += end - start
     return _Plan(tuple(runs), pos, needs_move, in_place)
+
+
+def read_slot_nbytes(layout: ExpertLayout, mode: str) -> int:
+    """Slot size that holds any expert of ``layout`` read in ``mode`` (a direct read lands aligned extents)."""
+    needs = [layout.max_expert_nbytes]
+    if mode == "direct":
+        needs += [plan_direct(s).extent for s in layout.experts.values()]
+    return slot_nbytes(needs)
 
 
 class NvmeTier:
@@ -186,6 +194,10 @@ class NvmeTier:
         """True when reads really bypass the page cache."""
         return self.mode == "direct" and self._direct_ok
 
+    async def aclose(self) -> None:
+        """:meth:`close` off the event loop (it joins the reader threads)."""
+        await asyncio.to_thread(self.close)
+
     def close(self) -> None:
         """Release threads, maps and descriptors. Idempotent."""
         with self._lock:
@@ -210,6 +222,10 @@ class NvmeTier:
 
     # --- sizes -----------------------------------------------------------------------------------
 
+    def slot_nbytes(self) -> int:
+        """The slot size this tier's reads need (see :func:`expertflow.core.slot_nbytes`)."""
+        return slot_nbytes([self.layout.max_expert_nbytes, self.buffer_nbytes()])
+
     def buffer_nbytes(self, key: ExpertKey | None = None) -> int:
         """Bytes a host buffer needs to receive an expert (``key``) or any expert (``None``) in this mode."""
         if self.mode == "mmap":
@@ -217,11 +233,6 @@ class NvmeTier:
         if key is not None:
             return max(self._plans[key].extent, self.layout.spec(key).nbytes)
         return max((max(p.extent, self.layout.experts[k].nbytes) for k, p in self._plans.items()), default=0)
-
-    @property
-    def buffer_alignment(self) -> int:
-        """Alignment a buffer's address must have for this mode."""
-        return BLOCK if self.mode == "direct" else 1
 
     # --- reads -----------------------------------------------------------------------------------
 

@@ -29,11 +29,10 @@ from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
+from expertflow.core import BLOCK, DTYPE_SIZES, ExpertKey, round_up
 from expertflow.errors import CheckpointError, UnsupportedModelError
 from expertflow.tiers.checksum import spec_checksum
 from expertflow.tiers.layout import (
-    DTYPE_SIZES,
-    ExpertKey,
     ExpertLayout,
     ExpertSpec,
     TensorSlice,
@@ -42,7 +41,7 @@ from expertflow.tiers.layout import (
     pack_offsets,
     role_rank,
 )
-from expertflow.tiers.nvme import BLOCK, NvmeTier, buffer_address
+from expertflow.tiers.nvme import NvmeTier, buffer_address
 from expertflow.tiers.safetensors_index import (
     INDEX_NAME,
     PACK_MANIFEST_NAME,
@@ -58,10 +57,6 @@ ALIGNMENT = BLOCK
 # Weight files of any format are never copied into a pack; everything else at the top level (config,
 # tokenizer, generation config, chat template, licence...) travels with it.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -121,13 +116,13 @@ def _write_experts(layout: ExpertLayout, path: Path, progress: bool) -> list[dic
     ):
         # A plain bytearray, not an mmap: if a write fails, the traceback may still hold views of it, and
         # nothing here must then fail to close over the real error. (mmap-mode reads need no alignment.)
-        scratch = bytearray(_round_up(max(layout.max_expert_nbytes, 1), ALIGNMENT))
+        scratch = bytearray(round_up(max(layout.max_expert_nbytes, 1), ALIGNMENT))
         buf = memoryview(scratch)
         base = buffer_address(buf)
         pos = 0
         for key in sorted(layout.experts):
             spec = layout.spec(key)
-            span = _round_up(spec.nbytes, ALIGNMENT)
+            span = round_up(spec.nbytes, ALIGNMENT)
             # Padding must be zero in the file: clear what the previous expert left in the scratch buffer.
             ctypes.memset(base, 0, span)
             tier.read_into(key, buf)

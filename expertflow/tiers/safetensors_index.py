@@ -12,8 +12,9 @@ import os
 import struct
 from pathlib import Path
 
+from expertflow.core import DTYPE_SIZES
 from expertflow.errors import CheckpointError
-from expertflow.tiers.layout import DTYPE_SIZES, ExpertLayout, TensorInfo, build_layout
+from expertflow.tiers.layout import ExpertLayout, TensorInfo, build_layout
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import xxhash
 
 from expertflow.config import StoreConfig
+from expertflow.core import ExpertKey
 from expertflow.errors import ChecksumError, FingerprintMismatchError, RemoteError
 from expertflow.services import protocol as P
 from expertflow.services.client import ExpertClient
 from expertflow.tiers.fingerprint import content_fingerprint
-from expertflow.tiers.layout import ExpertKey, ExpertLayout, ExpertSpec
+from expertflow.tiers.layout import ExpertLayout, ExpertSpec
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +142,6 @@ class RemoteTier:
 
     # --- ExpertSource ---------------------------------------------------------------------------------
 
-    @property
-    def buffer_alignment(self) -> int:
-        return 64
-
     def buffer_nbytes(self, key: ExpertKey | None = None) -> int:
         return self.layout.max_expert_nbytes if key is None else self.layout.spec(key).nbytes
 
@@ -207,18 +204,6 @@ class RemoteTier:
         for wire, (t, off) in zip(reply.tensors, spec.views()):
             buf[off : off + t.nbytes] = wire.data
         return spec.nbytes
-
-    def server_status(self) -> list[dict[str, object]]:
-        now = time.monotonic()
-        return [
-            {
-                "address": s.address,
-                "available": s.available(now),
-                "disabled": s.disabled,
-                "reads": self.reads_by_server[s.address],
-            }
-            for s in self._servers.values()
-        ]
 
     async def aclose(self) -> None:
         await asyncio.gather(*(s.client.aclose() for s in self._servers.values()))

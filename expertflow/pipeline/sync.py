@@ -1,0 +1,130 @@
+"""ExpertStore: the synchronous face of :class:`~expertflow.pipeline.store.AsyncExpertStore`, for model code.
+
+It owns a background event-loop thread and uses only the async store's public API. A layer whose experts
+are all resident costs no round trip to that thread: :meth:`AsyncExpertStore.pin_resident` and
+:meth:`~AsyncExpertStore.release` are safe from the calling thread. Hints (prefetch, cancel) are posted to the
+loop without waiting, and skipped when there is nothing to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from expertflow.config import StoreConfig
+from expertflow.core import ExpertKey
+from expertflow.errors import StoreClosedError
+from expertflow.pipeline.budget import BudgetPlan
+from expertflow.pipeline.runtime import LoopThread
+from expertflow.pipeline.stats import StoreStats
+from expertflow.pipeline.store import AsyncExpertStore, ExpertHandle, SourceBuilder
+from expertflow.tiers.base import ExpertSource
+from expertflow.tiers.layout import ExpertLayout
+
+
+class ExpertStore:
+    """Synchronous expert store; see :class:`AsyncExpertStore` for the semantics of every call."""
+
+    def __init__(
+        self,
+        layout_or_path: ExpertLayout | str | Path,
+        config: StoreConfig | None = None,
+        *,
+        sources: Sequence[ExpertSource] | None = None,
+        build_sources: SourceBuilder | None = None,
+        separate_device: bool | None = None,
+    ) -> None:
+        self.config = config or StoreConfig()
+        self.runtime = LoopThread()
+        try:
+            self.async_store: AsyncExpertStore = self.runtime.run(
+                AsyncExpertStore.open(
+                    layout_or_path,
+                    self.config,
+                    sources=sources,
+                    build_sources=build_sources,
+                    separate_device=separate_device,
+                )
+            )
+        except BaseException:
+            self.runtime.close()
+            raise
+        self.layout: ExpertLayout = self.async_store.layout
+        self.device: torch.device = self.async_store.device
+        self.num_slots: int = self.async_store.num_slots
+        self.slot_nbytes: int = self.async_store.slot_nbytes
+        self.budget: BudgetPlan = self.async_store.budget
+        #: Whether the last :meth:`fetch_as_ready` had to wait for a read (compute stalled on that layer).
+        self.last_fetch_waited = False
+
+    def stacked(self, layer: int, roles: str | tuple[str, ...]) -> torch.Tensor:
+        return self.async_store.stacked(layer, roles)
+
+    def tensor(self, key: ExpertKey, slot: int, role: str) -> torch.Tensor:
+        return self.async_store.tensor(key, slot, role)
+
+    def fetch(self, keys: Sequence[ExpertKey], timeout: float | None = None) -> list[ExpertHandle]:
+        return self.runtime.run(self.async_store.fetch(keys, timeout=timeout))
+
+    def fetch_as_ready(self, keys: Sequence[ExpertKey]) -> Iterator[list[ExpertHandle]]:
+        """Waves of pinned handles, resident experts first; release each wave before the next is needed."""
+        store = self.async_store
+        resident = store.pin_resident(keys)
+        if resident is not None:
+            self.last_fetch_waited = False
+            yield resident
+            return
+        pending = self.runtime.run(store.start_fetch(keys))
+        self.last_fetch_waited = bool(pending.remaining)
+        try:
+            if pending.ready:
+                yield pending.ready
+            while pending.remaining:
+                yield self.runtime.run(pending.next_wave())
+        finally:
+            pending.cancel()
+
+    def release(self, handles: Iterable[ExpertHandle]) -> None:
+        self.async_store.release(handles)
+
+    def prefetch(self, keys: Iterable[ExpertKey], priority: float = 0.0) -> None:
+        keys = list(keys)
+        if keys and not self.async_store.all_resident(keys):
+            self._post(self.async_store.prefetch, keys, priority)
+
+    def cancel_prefetches(self, keep: Iterable[ExpertKey] = ()) -> None:
+        """Withdraw stale prefetches (posted to the loop; does not wait)."""
+        self._post(self.async_store.cancel_prefetches, list(keep))
+
+    def set_scorer(self, scorer: Callable[[ExpertKey], float] | None) -> None:
+        self.async_store.set_scorer(scorer)
+
+    def stats(self) -> StoreStats:
+        return self.async_store.stats()
+
+    def resident(self) -> list[ExpertKey]:
+        return self.async_store.resident()
+
+    def pinned(self) -> list[ExpertKey]:
+        return self.async_store.pinned()
+
+    def _post(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn`` on the loop without waiting. Hints after close() are no-ops."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the store is gone, nothing to hint
+            self.runtime.loop.call_soon_threadsafe(fn, *args)
+
+    def close(self) -> None:
+        if self.runtime.loop.is_closed():
+            return
+        with contextlib.suppress(StoreClosedError):
+            self.runtime.run(self.async_store.aclose())
+        self.runtime.close()
+
+    def __enter__(self) -> ExpertStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
