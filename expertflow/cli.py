@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from expertflow.config import POLICIES, PREDICTORS, READ_MODES, StoreConfig, parse_size
 from expertflow.errors import ExpertFlowError
@@ -21,7 +22,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from expertflow.tiers.inspect import describe, format_table
     from expertflow.tiers.safetensors_index import open_checkpoint
 
-    desc = describe(open_checkpoint(args.path))
+    layout = open_checkpoint(args.path)
+    desc = describe(layout)
+    if layout.experts:
+        desc["budget"]["default"] = _auto_budget(layout, args.read_mode)
     print(json.dumps(desc, indent=2) if args.json else format_table(desc))
     return 0
 
@@ -32,6 +36,18 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     out = pack_checkpoint(args.src, args.dst, progress=not args.no_progress)
     print(f"packed {args.src} -> {out}")
     return 0
+
+
+def _auto_budget(layout: Any, read_mode: str) -> dict[str, Any]:
+    """The host budget ``generate`` would choose here by default, and why (non-expert weights as stored)."""
+    from expertflow.pipeline.budget import ACTIVATION_RESERVE, plan_host_budget
+    from expertflow.tiers.nvme import read_slot_nbytes
+
+    slot = read_slot_nbytes(layout, read_mode)
+    other = sum(info.nbytes for info, _ in layout.non_expert) + ACTIVATION_RESERVE
+    io = StoreConfig().max_concurrent_reads * slot if read_mode == "mmap" else 0
+    plan = plan_host_budget(slot * len(layout.experts), other_bytes=other, io_bytes=io)
+    return {"host_bytes": plan.host_bytes, "experts": plan.host_bytes // slot, "reason": plan.reason}
 
 
 def _budget(text: str | None) -> int | None:
@@ -186,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="experts, sizes and files of a checkpoint: size your budgets")
     p.add_argument("path", help="Hugging Face model directory (or an ExpertFlow pack)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--read-mode", choices=READ_MODES, default="mmap", help="read mode the default budget is sized for"
+    )
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("pack", help="convert to the expert-major, 4 KiB-aligned pack format")

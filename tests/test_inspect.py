@@ -114,9 +114,16 @@ def test_json_output_round_trips_through_the_cli(
     desc = describe(open_checkpoint(root))
     assert json.loads(json.dumps(desc)) == desc
     assert cli_main(["inspect", str(root), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == desc
+    printed = json.loads(capsys.readouterr().out)
+    # The CLI adds the default budget this machine would get, sized from its memory, and says why.
+    default = printed["budget"].pop("default")
+    assert printed == desc
+    assert 0 < default["host_bytes"] <= desc["budget"]["host_all_experts_bytes"]["mmap"]
+    assert default["experts"] >= 1 and "available" in default["reason"]
+    desc["budget"]["default"] = default
     assert cli_main(["inspect", str(root)]) == 0
     assert capsys.readouterr().out.strip() == format_table(desc)
+    assert "default host budget on this machine" in format_table(desc)
 
 
 def test_pack_is_described_as_packed_with_the_source_fingerprint(checkpoints: Any, tmp_path: Path) -> None:

@@ -69,8 +69,6 @@ def test_adaptive_depth_grows_on_stalls_and_shrinks_when_quiet():
     for _ in range(4 * 4):
         p.record_stall(False)
     assert p.depth == 2
-    p.record_timing(0, read_seconds=0.3, compute_seconds=0.1)
-    assert p.depth == 3
 
 
 def test_prefetch_changes_no_output_and_its_predictions_are_used(checkpoints):

@@ -418,3 +418,64 @@ def test_failed_wave_unpins_every_key_exactly_once(ckpt):
             for wave in store.fetch_as_ready([ExpertKey(2, 1), bad, ExpertKey(2, 5)]):
                 store.release(wave)
         assert store.pinned() == []  # an extra unpin would have raised inside the store
+
+
+async def test_prefetch_admission_never_evicts_protected_or_likelier_experts(ckpt):
+    _, layout, _ = ckpt
+    store, _ = await open_store(layout, 4)
+    scores: dict[ExpertKey, float] = {}
+    store.set_scorer(lambda key: scores.get(key, 0.0))
+    K = ExpertKey
+
+    async def settle(key: ExpertKey) -> None:
+        """Until the prefetch of ``key`` has landed or been dropped."""
+        dropped = store.stats().prefetch_dropped
+        for _ in range(500):
+            await asyncio.sleep(0.002)
+            if key in store.resident() or store.stats().prefetch_dropped > dropped:
+                return
+
+    try:
+        store.release(await store.fetch([K(2, 0), K(2, 1), K(2, 2), K(2, 3)]))
+        # Full, and every resident expert belongs to the layer just computed: a prefetch may not evict them.
+        store.prefetch([K(0, 0)], priority=1.0)
+        await settle(K(0, 0))
+        assert K(0, 0) not in store.resident() and store.stats().prefetch_refused == 1
+
+        store.release(await store.fetch([K(0, 4)]))  # demand evicts by policy (LRU: L2.E0)
+        assert sorted(store.resident()) == [K(0, 4), K(2, 1), K(2, 2), K(2, 3)]
+        scores.update({K(2, 1): 0.9, K(2, 2): 0.9, K(2, 3): 0.2})
+        store.prefetch([K(1, 5)], priority=0.5)  # may evict only L2.E3: scored below it, outside layers 0-1
+        await settle(K(1, 5))
+        assert sorted(store.resident()) == [K(0, 4), K(1, 5), K(2, 1), K(2, 2)]
+
+        store.prefetch([K(1, 6)], priority=0.5)  # the rest is likelier (0.9) or protected: refused
+        await settle(K(1, 6))
+        assert K(1, 6) not in store.resident()
+        stats = store.stats()
+        assert stats.prefetch_refused == 2 and stats.prefetch_dropped == 2
+        assert sorted(store.resident()) == [K(0, 4), K(1, 5), K(2, 1), K(2, 2)]
+    finally:
+        await store.aclose()
+
+
+def test_a_resident_layer_is_served_without_the_store_loop(ckpt):
+    """All experts resident: fetch_as_ready pins them on the calling thread, even with the loop stuck."""
+    _, layout, ref = ckpt
+    keys = [ExpertKey(1, 2), ExpertKey(1, 5)]
+    with ExpertStore(layout, StoreConfig(host_bytes=budget_for(layout, 4))) as store:
+        store.release(store.fetch(keys))
+        stuck, unstick = threading.Event(), threading.Event()
+        store.runtime.loop.call_soon_threadsafe(lambda: (stuck.set(), unstick.wait(30)))
+        assert stuck.wait(5)
+        got: list = []
+        worker = threading.Thread(target=lambda: got.extend(store.fetch_as_ready(keys)), daemon=True)
+        worker.start()
+        worker.join(5)
+        unstick.set()
+        assert not worker.is_alive(), "a resident layer waited for the store's event loop"
+        assert [sorted(h.key for h in wave) for wave in got] == [keys]
+        assert_expert_equals(store, got[0][0], ref)
+        store.release(got[0])
+        assert store.pinned() == [] and not store.last_fetch_waited
+        assert store.stats().device_hits == 2

@@ -26,6 +26,7 @@ class GenerationResult:
     stats: dict[str, Any] = field(default_factory=dict)
     decode_stats: dict[str, Any] = field(default_factory=dict)
     prediction: dict[str, Any] = field(default_factory=dict)
+    budget: str = ""  # the host budget and why it is that size
 
     @property
     def new_tokens(self) -> int:
@@ -48,6 +49,7 @@ class GenerationResult:
             "stats": self.stats,
             "decode_stats": self.decode_stats,
             "prediction": self.prediction,
+            "budget": self.budget,
         }
 
 
@@ -145,6 +147,7 @@ def generate(
         end = store.stats().as_dict()
         result.stats = _delta(end, before)
         result.decode_stats = _delta(end, at_first or end)
+        result.budget = store.budget.describe()
     predictor = getattr(model, "expert_predictor", None)
     if predictor is not None:
         result.prediction = predictor.stats()
@@ -183,6 +186,8 @@ def format_summary(result: GenerationResult) -> str:
         f"tokens: {result.prompt_tokens} prompt + {result.new_tokens} generated",
         f"prefill {result.prefill_seconds:.3f} s, decode {result.tokens_per_second:.2f} tokens/s",
     ]
+    if result.budget:
+        lines.append(f"host budget: {result.budget}")
     if s:
         lines.append(
             f"device tier: hit rate {s.get('hit_rate', 0.0):.1%} "

@@ -36,13 +36,10 @@ from expertflow.model.adapters import (
 )
 from expertflow.model.moe_block import OffloadedExperts, SlotStore
 from expertflow.model.prefetch import attach_predictor
-from expertflow.pipeline.budget import explicit_budget_warning
+from expertflow.pipeline.budget import ACTIVATION_RESERVE
 from expertflow.tiers.layout import ExpertLayout, TensorInfo
 from expertflow.tiers.nvme import read_slot_nbytes
 from expertflow.tiers.safetensors_index import open_checkpoint
-
-#: Room for activations, the KV cache of a short generation and the runtime's scratch, beside the weights.
-ACTIVATION_RESERVE = 64 << 20
 
 log = logging.getLogger(__name__)
 
@@ -234,14 +231,10 @@ def _size_budget(
             f"device_slots={config.device_slots} is below the minimum of {top_k}: one token routes to "
             f"{top_k} experts, and they must be resident together"
         )
+    # What the process still allocates besides the pool: the auto budget leaves room for it, and an explicit
+    # budget that leaves none is warned about by the store.
     other = _non_expert_bytes(plan, dtype) + ACTIVATION_RESERVE
-    if config.host_bytes is None:
-        return config.with_(host_reserve_bytes=max(config.host_reserve_bytes, other))
-    io = config.max_concurrent_reads * per_expert if config.read_mode == "mmap" else 0
-    warning = explicit_budget_warning(config.host_bytes, other_bytes=other, io_bytes=io)
-    if warning:
-        log.warning("%s", warning)
-    return config
+    return config.with_(host_reserve_bytes=max(config.host_reserve_bytes, other))
 
 
 def _non_expert_bytes(plan: LoadPlan, dtype: torch.dtype) -> int:

@@ -21,6 +21,8 @@ _UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a huge number; v2 writes 
 
 #: Never plan to use the last bit of memory: the kernel, allocator slack and short-lived tensors need it.
 MIN_MARGIN = 96 << 20
+#: Room for activations, the KV cache of a short generation and the runtime's scratch, beside the weights.
+ACTIVATION_RESERVE = 64 << 20
 MARGIN_FRACTION = 0.08
 
 

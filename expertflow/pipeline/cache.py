@@ -310,16 +310,15 @@ class CacheLevel:
             return True
         # A prefetch never pushes out another prefetch that has not been used yet, nor an expert of the layer
         # being computed or the next one.
-        return not (entry.prefetched and not entry.used and not entry.demanded) and not self.protected(
-            entry.key
-        )
+        unused_prefetch = entry.prefetched and not entry.used and not entry.demanded
+        return not unused_prefetch and not self.protected(entry.key)
 
     def _try_acquire(self, demand: bool, incoming: Entry) -> int | None:
         """A free slot, or one freed by evicting a victim (for a prefetch: one scored below ``incoming``)."""
         if self._free:
             return self._free.pop()
         candidates = [e.key for e in self._holder.values() if self._evictable(e, demand)]
-        if not demand and candidates:
+        if not demand:
             want = max(incoming.priority, self.score(incoming.key))
             candidates = [k for k in candidates if self.score(k) < want]
             if not candidates:

@@ -8,7 +8,6 @@ precision and recall per layer distance are measured, not assumed.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
@@ -81,12 +80,6 @@ class Predictor:
     def depth(self) -> int:
         return self._depth
 
-    def record_timing(self, layer: int, read_seconds: float, compute_seconds: float) -> None:
-        """Adaptive depth from measured times: look as many layers ahead as reads take computes to hide."""
-        if not self.adaptive or compute_seconds <= 0:
-            return
-        self._depth = max(1, min(self.max_depth, math.ceil(read_seconds / compute_seconds)))
-
     def record_stall(self, stalled: bool) -> None:
         """Adaptive depth from stalls: deeper when compute waited for an expert, shallower after a quiet run."""
         if not self.adaptive:
@@ -99,12 +92,6 @@ class Predictor:
             if self._quiet_layers >= 4 * len(self.layers) and self._depth > 1:
                 self._depth -= 1
                 self._quiet_layers = 0
-
-    def reset_sequence(self) -> None:
-        """A new sequence: forget the previous token, keep learned transition statistics."""
-        self._prev_token.clear()
-        self._current.clear()
-        self._pending.clear()
 
     # --- observation -----------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ stays usable.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
@@ -28,7 +29,7 @@ import torch
 from expertflow.config import StoreConfig
 from expertflow.core import ExpertKey, slot_nbytes
 from expertflow.errors import BudgetError, ConfigError, ExpertReadError, StoreClosedError
-from expertflow.pipeline.budget import BudgetPlan, plan_host_budget
+from expertflow.pipeline.budget import BudgetPlan, explicit_budget_warning, plan_host_budget
 from expertflow.pipeline.cache import CacheLevel, Entry, Fill, Scorer
 from expertflow.pipeline.policy import EvictionPolicy, make_policy
 from expertflow.pipeline.sources import SourceChain
@@ -40,6 +41,8 @@ from expertflow.tiers.host import HostPool
 from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.nvme import NvmeTier
 from expertflow.tiers.safetensors_index import open_checkpoint
+
+log = logging.getLogger(__name__)
 
 SourceBuilder = Callable[[ExpertLayout, StoreConfig], Awaitable[Sequence[ExpertSource]]]
 
@@ -118,7 +121,7 @@ class AsyncExpertStore:
                 all_experts, other_bytes=config.host_reserve_bytes, io_bytes=self._io_bytes()
             )
         else:
-            self.budget = BudgetPlan(min(config.host_bytes, all_experts), "set by the caller")
+            self.budget = self._explicit_budget(config.host_bytes, all_experts)
         device = torch.device(config.device)
         separate = device.type != "cpu" if separate_device is None else separate_device
         self.pool = HostPool(self.slot_nbytes, self.budget.host_bytes)
@@ -146,6 +149,17 @@ class AsyncExpertStore:
         self._stats.num_slots = self.num_slots
         self._stats.host_buffers = self.pool.num_buffers
         self._stats.host_bytes = self.pool.nbytes
+
+    def _explicit_budget(self, host_bytes: int, all_experts: int) -> BudgetPlan:
+        warning = explicit_budget_warning(
+            min(host_bytes, all_experts),
+            other_bytes=self.config.host_reserve_bytes,
+            io_bytes=self._io_bytes(),
+        )
+        if warning is None:
+            return BudgetPlan(min(host_bytes, all_experts), "set by the caller")
+        log.warning("%s", warning)
+        return BudgetPlan(min(host_bytes, all_experts), f"set by the caller; {warning}")
 
     def _io_bytes(self) -> int:
         """Page cache that memory-mapped reads in flight need (direct reads bypass it)."""

@@ -61,6 +61,9 @@ class ExpertClient:
         self._closed = False
         self.connected = False
         self.lost = False  # was connected, and the connection dropped; cleared on reconnect
+        self._disconnect_pending = (
+            False  # a disconnect was seen; pending requests fail once replies are drained
+        )
         self.unauthorized = False
         self._refused = asyncio.Event()
         self.stale_replies = 0
@@ -224,19 +227,31 @@ class ExpertClient:
     async def _receive_loop(self) -> None:
         while True:
             frames = await self._sock.recv_multipart(copy=False)
-            try:
-                reply = P.decode_reply([f.buffer for f in frames], self.limits)
-            except ProtocolError as exc:
-                rid = getattr(exc, "request_id", None)
-                log.warning("malformed reply from %s: %s", self.address, exc)
-                if rid is not None and rid in self._pending:
-                    self._pending[rid].put_nowait(self._bad_reply(str(exc)))
-                continue
-            queue = self._pending.get(reply.id)
-            if queue is None:
-                self.stale_replies += 1  # the reply of a request that timed out or was abandoned
-                continue
-            queue.put_nowait(reply)
+            self._deliver(frames)
+            if self._disconnect_pending:
+                self._fail_if_drained()
+
+    def _deliver(self, frames: list[zmq.Frame]) -> None:
+        try:
+            reply = P.decode_reply([f.buffer for f in frames], self.limits)
+        except ProtocolError as exc:
+            rid = getattr(exc, "request_id", None)
+            log.warning("malformed reply from %s: %s", self.address, exc)
+            if rid is not None and rid in self._pending:
+                self._pending[rid].put_nowait(self._bad_reply(str(exc)))
+            return
+        queue = self._pending.get(reply.id)
+        if queue is None:
+            self.stale_replies += 1  # the reply of a request that timed out or was abandoned
+            return
+        queue.put_nowait(reply)
+
+    def _fail_if_drained(self) -> None:
+        """After a disconnect, fail what is still pending once every reply that did arrive was delivered."""
+        if int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            return  # the receive loop takes those first, then calls again
+        self._disconnect_pending = False
+        self._fail_pending(RemoteError("connection lost", code="DISCONNECTED", address=self.address))
 
     async def _monitor_loop(self) -> None:
         while True:
@@ -251,13 +266,9 @@ class ExpertClient:
                 self.lost = self.connected
                 self.connected = False
                 # Replies that arrived before the disconnect may still wait on the data socket (the monitor is
-                # another socket, with no ordering between the two): let the receiver take them first.
-                for _ in range(200):
-                    if not int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                        break
-                    await asyncio.sleep(0.001)
-                await asyncio.sleep(0)
-                self._fail_pending(RemoteError("connection lost", code="DISCONNECTED", address=self.address))
+                # another socket, with no ordering between the two): the receive loop delivers them first.
+                self._disconnect_pending = True
+                self._fail_if_drained()
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self.unauthorized = True
                 self._refused.set()

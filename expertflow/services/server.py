@@ -17,12 +17,14 @@ import contextlib
 import logging
 import signal
 import time
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 import zmq.asyncio
 
@@ -88,6 +90,15 @@ class _Client:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+@dataclass(eq=False)
+class _Unsent:
+    """A reply whose tensor frames libzmq may still be reading from the cache: its expert stays pinned."""
+
+    handle: ExpertHandle
+    client: _Client
+    frames: int
+
+
 class ExpertServer:
     """A running expert server. Start with ``await ExpertServer.start(...)``; stop with :meth:`aclose`."""
 
@@ -112,8 +123,9 @@ class ExpertServer:
         self._clients: dict[bytes, _Client] = {}
         # Experts one client may hold pinned at once (see _Client.held); gets are served in chunks of this.
         self.client_cap = max(1, store.num_slots // 4)
-        self._tracked: list[tuple[zmq.MessageTracker, ExpertHandle, _Client]] = []
-        self._tracked_event = asyncio.Event()
+        # Replies whose cache buffers libzmq still reads (zero-copy): their experts stay pinned until then.
+        self._unsent: set[_Unsent] = set()
+        self._loop = asyncio.get_running_loop()
         self._checksums: dict[ExpertKey, int] = {}
         self._stop = asyncio.Event()
         self._stopping = False
@@ -181,7 +193,6 @@ class ExpertServer:
             raise
         server._loops = [
             asyncio.create_task(server._receive_loop(), name="expertflow-server-recv"),
-            asyncio.create_task(server._release_loop(), name="expertflow-server-release"),
         ]
         if config.preload:
             server._preload()
@@ -256,13 +267,12 @@ class ExpertServer:
         await asyncio.gather(*self._loops, return_exceptions=True)
         if self._sock is not None:
             self._sock.close(linger=int(self.config.grace * 1000))
-        for _, handle, client in self._tracked:
-            self._release(handle, client)
-        self._tracked.clear()
         if self._auth is not None:
             self._auth.stop()
-        # term() waits for the linger of unsent replies: off the loop.
+        # term() waits for the linger of unsent replies: off the loop. After it libzmq holds no cache buffer.
         await asyncio.to_thread(self._ctx.term)
+        for unsent in list(self._unsent):
+            self._settle(unsent)
         await self.store.aclose()
         log.info("stopped")
 
@@ -413,59 +423,65 @@ class ExpertServer:
         self._unhold(client, 1)
 
     async def _send_expert(self, identity: bytes, rid: int, handle: ExpertHandle, client: _Client) -> None:
-        """Send one pinned expert from its cache buffer; the pin is dropped once libzmq is done with it."""
+        """Send one pinned expert from its cache buffer; the pin is dropped once libzmq is done with it.
+
+        Each tensor frame is a numpy view of the cache buffer (no copy). pyzmq's garbage collector holds that
+        view until libzmq has sent or dropped the frame; when the last reference goes, a finalizer hands the
+        frame back to the loop. So the release is driven by libzmq itself, with no polling.
+        """
         spec = self.layout.spec(handle.key)
+        unsent = _Unsent(handle, client, len(spec.tensors))
+        self._unsent.add(unsent)
         try:
             buffer = self.store.host_buffer(handle)
             checksum = self._checksums.get(handle.key)
             if checksum is None:
                 checksum = self._checksums[handle.key] = spec.checksum or spec_checksum(spec, buffer)
-            entries = [(t.role, t.dtype, t.shape, buffer[off : off + t.nbytes]) for t, off in spec.views()]
+            entries = []
+            for t, off in spec.views():
+                view = np.frombuffer(buffer, dtype=np.uint8, count=t.nbytes, offset=off)
+                weakref.finalize(view, self._frame_freed_threadsafe, unsent)
+                entries.append((t.role, t.dtype, t.shape, view))
             frames = P.encode_expert_reply(rid, handle.key, entries, checksum, self.limits)
-            tracker = await self._send(identity, frames, track=True)
+            del entries, view
+            await self._send(identity, frames)
         except BaseException:
-            self._release(handle, client)
+            self._settle(unsent)  # nothing of it is with libzmq, or libzmq dropped it with its peer
             raise
         self.counters["experts_sent"] += 1
         self.counters["bytes_sent"] += spec.nbytes
-        if tracker is None or tracker.done:
-            self._release(handle, client)
-        else:
-            self._tracked.append((tracker, handle, client))
-            self._tracked_event.set()
 
-    async def _release_loop(self) -> None:
-        """Unpin experts whose replies libzmq has finished sending (or dropped with their peer)."""
-        while True:
-            await self._tracked_event.wait()
-            while self._tracked:
-                still = []
-                for tracker, handle, client in self._tracked:
-                    if tracker.done:
-                        self._release(handle, client)
-                    else:
-                        still.append((tracker, handle, client))
-                self._tracked = still
-                if still:
-                    await asyncio.sleep(0.0005)
-            self._tracked_event.clear()
-            for identity, client in list(self._clients.items()):
+    def _frame_freed_threadsafe(self, unsent: _Unsent) -> None:
+        """Called when one frame's view dies: on pyzmq's garbage-collector thread or on the loop."""
+        with contextlib.suppress(RuntimeError):  # the loop is gone: aclose() settled everything already
+            self._loop.call_soon_threadsafe(self._frame_freed, unsent)
+
+    def _frame_freed(self, unsent: _Unsent) -> None:
+        unsent.frames -= 1
+        if unsent.frames <= 0:
+            self._settle(unsent)
+
+    def _settle(self, unsent: _Unsent) -> None:
+        """Unpin a reply's expert exactly once, and forget an idle client."""
+        if unsent not in self._unsent:
+            return
+        self._unsent.discard(unsent)
+        self._release(unsent.handle, unsent.client)
+        for identity, client in list(self._clients.items()):
+            if client is unsent.client:
                 self._forget_idle(identity, client)
 
     # --- sending --------------------------------------------------------------------------------------
 
-    async def _send(
-        self, identity: bytes, frames: P.Frames, *, track: bool = False
-    ) -> zmq.MessageTracker | None:
+    async def _send(self, identity: bytes, frames: P.Frames) -> None:
         assert self._sock is not None
         async with self._send_lock:  # one multipart message at a time: frames of two replies never interleave
             try:
-                result = await self._sock.send_multipart([identity, *frames], copy=False, track=track)
+                await self._sock.send_multipart([identity, *frames], copy=False)
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.EHOSTUNREACH:
                     raise _ClientGone() from None
                 raise
-        return result if track else None
 
     async def _error(
         self,
@@ -503,7 +519,7 @@ class ExpertServer:
                 "read_errors": s.read_errors,
                 "gets_in_flight": len(self._tasks),
                 "clients_in_flight": sum(1 for c in self._clients.values() if c.gets),
-                "replies_unsent": len(self._tracked),
+                "replies_unsent": len(self._unsent),
             }
         )
         return out

@@ -21,8 +21,6 @@ from expertflow.tiers.host import HostPool
 class SharedDeviceTier:
     """CPU compute: slot ``i`` is host buffer ``i``."""
 
-    separate = False
-
     def __init__(self, pool: HostPool) -> None:
         self.device = torch.device("cpu")
         self.num_slots = pool.num_buffers
@@ -43,8 +41,6 @@ class SharedDeviceTier:
 class CopyDeviceTier:
     """Slots in their own arena on ``device``; uploads copy from a host buffer."""
 
-    separate = True
-
     def __init__(self, device: torch.device | str, num_slots: int, slot_nbytes: int) -> None:
         self.device = torch.device(device)
         self.num_slots = num_slots
@@ -58,8 +54,8 @@ class CopyDeviceTier:
         """Copy ``nbytes`` of host buffer ``host_index`` into ``slot``.
 
         On CUDA the copy is queued on the copy stream (non-blocking from pinned memory) and an event is
-        recorded; the coroutine polls the event without blocking the loop. The compute stream waits on the same
-        event in :meth:`wait_ready`, so ordering holds even if the host moves on early.
+        recorded; a worker thread waits for it, so the loop never blocks and never polls. The compute stream
+        waits on the same event in :meth:`wait_ready`, so ordering holds even if the host moves on early.
         """
         src = pool.tensor[host_index, :nbytes]
         dst = self.arena[slot, :nbytes]
@@ -71,8 +67,7 @@ class CopyDeviceTier:
             event = torch.cuda.Event()
             event.record(self._stream)
         self._events[slot] = event
-        while not event.query():
-            await asyncio.sleep(50e-6)
+        await asyncio.to_thread(event.synchronize)
 
     def wait_ready(self, slot: int) -> None:
         """Make the current (compute) stream wait for the slot's last copy; no host synchronisation."""

@@ -201,6 +201,12 @@ def format_table(desc: Mapping[str, Any]) -> str:
     lines.append(
         f"  always resident (non-expert weights): {format_size(budget['resident_non_expert_bytes'])}"
     )
+    default = budget.get("default")
+    if default:
+        lines.append(
+            f"  default host budget on this machine: {format_size(default['host_bytes'])} "
+            f"({default['experts']} experts): {default['reason']}"
+        )
     return "\n".join(lines)
 
 
