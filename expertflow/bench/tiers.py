@@ -200,7 +200,9 @@ def host_to_device(nbytes: int, count: int, device: str = "cpu") -> Timing:
         pool.close()
 
 
-def _row(path: str, timing: Timing, limit_name: str, limit: Timing | None, expert_nbytes: int, **extra: Any):
+def _row(
+    path: str, timing: Timing, limit_name: str, limit: Timing | None, expert_nbytes: int, **extra: Any
+) -> dict[str, Any]:
     row: dict[str, Any] = {
         "path": path,
         "expert_MiB": expert_nbytes / 2**20,
@@ -224,80 +226,124 @@ def run_tiers(
     log: Callable[[str], None] = print,
 ) -> BenchResult:
     """Measure every path on the experts of ``layout`` (the first ``max_experts`` of them)."""
-    keys = layout.keys()[: max_experts or None]
-    expert_nbytes = layout.spec(keys[0]).nbytes
-    files = sorted({t.file for k in keys for t in layout.spec(k).tensors})
-    total = sum(layout.spec(k).nbytes for k in keys)
-    result = BenchResult("tiers", [])
-    log(
-        f"{len(keys)} experts of {expert_nbytes / 2**20:.2f} MiB ({total / 1e9:.2f} GB) in {len(files)} files"
-    )
-
-    method = drop_page_cache(files)
-    dd = {qd: dd_direct(files, expert_nbytes, qd) for qd in sorted({1, concurrency})}
-    result.notes.append(
-        "dd: `dd if=FILE of=/dev/null bs=<expert size> iflag=direct` over the same files (whole files); "
-        "for N reads in flight, N dd processes each reading a contiguous share at once"
-    )
-
-    def dd_name(qd: int) -> str:
-        return "dd iflag=direct" + (f" x{qd}" if qd > 1 else "")
-
-    with NvmeTier(layout, "direct") as tier:
-        direct_note = "O_DIRECT" if tier.direct_io else "O_DIRECT refused: buffered reads"
-        for qd in sorted({1, concurrency}):
-            drop_page_cache(files)
-            t = read_experts(tier, keys, qd)
-            result.rows.append(_row(f"nvme direct qd={qd}", t, dd_name(qd), dd[qd], expert_nbytes))
-            log(f"nvme direct qd={qd}: {t.gbps:.2f} GB/s ({direct_note})")
-
-    copies = max(4, min(len(keys), 64))
-    mc = {n: memcpy(expert_nbytes, copies * n, n) for n in sorted({1, concurrency})}
-
-    def mc_name(threads: int) -> str:
-        return "memcpy" + (f" x{threads} threads" if threads > 1 else "")
-
-    with NvmeTier(layout, "mmap") as tier:
-        drop_page_cache(files)
-        cold = read_experts(tier, keys, concurrency)
-        result.rows.append(
-            _row(
-                f"nvme mmap cold qd={concurrency}", cold, dd_name(concurrency), dd[concurrency], expert_nbytes
-            )
-        )
-        warm = read_experts(tier, keys, concurrency)
-        result.rows.append(
-            _row(
-                f"nvme mmap warm qd={concurrency}", warm, mc_name(concurrency), mc[concurrency], expert_nbytes
-            )
-        )
-        log(f"mmap cold {cold.gbps:.2f} GB/s, warm {warm.gbps:.2f} GB/s")
-    result.notes.append(f"cold page cache: {method} before each cold measurement")
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    h2d = host_to_device(expert_nbytes, copies, device)
-    result.rows.append(_row(f"host -> {device} slot", h2d, "memcpy", mc[1], expert_nbytes))
-    if device == "cpu":
-        result.notes.append(
-            "no GPU: host -> device is the CPU slot copy the store would do with a separate tier"
-        )
-    for qd, timing in dd.items():
-        if timing is not None:
-            result.rows.append(_row(f"{dd_name(qd)} (limit)", timing, "", None, expert_nbytes))
-    for n, timing in mc.items():
-        result.rows.append(_row(f"{mc_name(n)} (limit)", timing, "", None, expert_nbytes))
-
+    run = _TiersRun(layout, layout.keys()[: max_experts or None], concurrency, log)
+    run.measure_dd_limits()
+    run.measure_direct()
+    run.measure_memcpy_limits()
+    run.measure_mmap()
+    run.measure_host_to_device()
+    run.add_limit_rows()
     if remote is not None:
-        result.rows.extend(remote(layout, keys, concurrency=concurrency, log=log))
-        result.notes.append(
+        run.measure_remote(remote)
+    return run.finish()
+
+
+def _dd_name(qd: int) -> str:
+    """The name of the dd limit with ``qd`` reads in flight."""
+    return "dd iflag=direct" + (f" x{qd}" if qd > 1 else "")
+
+
+def _mc_name(threads: int) -> str:
+    """The name of the memcpy limit with ``threads`` copies in flight."""
+    return "memcpy" + (f" x{threads} threads" if threads > 1 else "")
+
+
+class _TiersRun:
+    """One :func:`run_tiers`: the experts it reads, the limits measured once for every path, the result."""
+
+    def __init__(
+        self, layout: ExpertLayout, keys: list[ExpertKey], concurrency: int, log: Callable[[str], None]
+    ) -> None:
+        self.layout = layout
+        self.keys = keys
+        self.concurrency = concurrency
+        self.log = log
+        self.expert_nbytes = layout.spec(keys[0]).nbytes
+        self.files = sorted({t.file for k in keys for t in layout.spec(k).tensors})
+        total = sum(layout.spec(k).nbytes for k in keys)
+        self.result = BenchResult("tiers", [])
+        self.parallelism = sorted({1, concurrency})
+        self.copies = max(4, min(len(keys), 64))
+        self.dd: dict[int, Timing | None] = {}
+        self.mc: dict[int, Timing] = {}
+        self.cache_drop_method = ""
+        log(
+            f"{len(keys)} experts of {self.expert_nbytes / 2**20:.2f} MiB ({total / 1e9:.2f} GB) "
+            f"in {len(self.files)} files"
+        )
+
+    def _add(self, path: str, timing: Timing, limit_name: str, limit: Timing | None) -> None:
+        """Append the row of ``path`` beside its limit."""
+        self.result.rows.append(_row(path, timing, limit_name, limit, self.expert_nbytes))
+
+    def measure_dd_limits(self) -> None:
+        """The raw NVMe limit: ``dd iflag=direct`` at each parallelism, from a cold page cache."""
+        self.cache_drop_method = drop_page_cache(self.files)
+        self.dd = {qd: dd_direct(self.files, self.expert_nbytes, qd) for qd in self.parallelism}
+        self.result.notes.append(
+            "dd: `dd if=FILE of=/dev/null bs=<expert size> iflag=direct` over the same files (whole files); "
+            "for N reads in flight, N dd processes each reading a contiguous share at once"
+        )
+
+    def measure_direct(self) -> None:
+        """NVMe O_DIRECT reads at each parallelism, each from a cold page cache."""
+        with NvmeTier(self.layout, "direct") as tier:
+            direct_note = "O_DIRECT" if tier.direct_io else "O_DIRECT refused: buffered reads"
+            for qd in self.parallelism:
+                drop_page_cache(self.files)
+                t = read_experts(tier, self.keys, qd)
+                self._add(f"nvme direct qd={qd}", t, _dd_name(qd), self.dd[qd])
+                self.log(f"nvme direct qd={qd}: {t.gbps:.2f} GB/s ({direct_note})")
+
+    def measure_memcpy_limits(self) -> None:
+        """The raw memory limit: memcpy of expert-sized buffers at each parallelism."""
+        self.mc = {n: memcpy(self.expert_nbytes, self.copies * n, n) for n in self.parallelism}
+
+    def measure_mmap(self) -> None:
+        """NVMe mmap reads, first from a cold page cache, then again from the warm one."""
+        qd = self.concurrency
+        with NvmeTier(self.layout, "mmap") as tier:
+            drop_page_cache(self.files)
+            cold = read_experts(tier, self.keys, qd)
+            self._add(f"nvme mmap cold qd={qd}", cold, _dd_name(qd), self.dd[qd])
+            warm = read_experts(tier, self.keys, qd)
+            self._add(f"nvme mmap warm qd={qd}", warm, _mc_name(qd), self.mc[qd])
+            self.log(f"mmap cold {cold.gbps:.2f} GB/s, warm {warm.gbps:.2f} GB/s")
+        self.result.notes.append(f"cold page cache: {self.cache_drop_method} before each cold measurement")
+
+    def measure_host_to_device(self) -> None:
+        """Host-pool to device-slot copies, on the GPU when there is one."""
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        h2d = host_to_device(self.expert_nbytes, self.copies, device)
+        self._add(f"host -> {device} slot", h2d, "memcpy", self.mc[1])
+        if device == "cpu":
+            self.result.notes.append(
+                "no GPU: host -> device is the CPU slot copy the store would do with a separate tier"
+            )
+
+    def add_limit_rows(self) -> None:
+        """The limits themselves, as rows of their own."""
+        for qd, timing in self.dd.items():
+            if timing is not None:
+                self._add(f"{_dd_name(qd)} (limit)", timing, "", None)
+        for n, timing in self.mc.items():
+            self._add(f"{_mc_name(n)} (limit)", timing, "", None)
+
+    def measure_remote(self, remote: Callable[..., list[dict[str, Any]]]) -> None:
+        """The remote tier's rows, as ``remote`` measures them."""
+        self.result.rows.extend(remote(self.layout, self.keys, concurrency=self.concurrency, log=self.log))
+        self.result.notes.append(
             "remote: an `expertflow-store serve` child process with every expert in its RAM cache (warmed by one "
             "untimed pass); limit: raw ZeroMQ PUSH (child process) -> PULL of the same message size and count; "
             "each the fastest of 3 passes"
         )
-    result.summary = {
-        r["path"]: round(r["fraction"], 3) for r in result.rows if r.get("fraction") is not None
-    }
-    return result
+
+    def finish(self) -> BenchResult:
+        """The result, summarised as each path's fraction of its limit."""
+        self.result.summary = {
+            r["path"]: round(r["fraction"], 3) for r in self.result.rows if r.get("fraction") is not None
+        }
+        return self.result
 
 
 def plot_tiers(result: BenchResult, path: str | Path) -> Path:

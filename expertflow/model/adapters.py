@@ -35,7 +35,7 @@ from transformers.core_model_loading import (
 
 from expertflow.core import ExpertKey, torch_dtype
 from expertflow.errors import CheckpointError, ConfigError, UnsupportedModelError
-from expertflow.tiers.layout import ExpertLayout, TensorSlice
+from expertflow.tiers.layout import ExpertLayout, ExpertSpec, TensorSlice
 
 # Expert kernels of transformers' ExpertsInterface that skip routing entries whose expert id is
 # ``>= num_experts`` once the module is flagged expert-parallel (that is how transformers' own expert
@@ -142,6 +142,11 @@ def _per_expert_shape(slices: list[TensorSlice]) -> tuple[int, ...]:
     return (sum(t.shape[0] for t in slices), *first[1:])
 
 
+# One tensor of a slot as the parameter it fills: (position among the converter's sources, slice, whether
+# the converter transposes it).
+_FillEntry = tuple[int, TensorSlice, bool]
+
+
 def derive_adapters(
     model: nn.Module, layout: ExpertLayout, mapper: KeyMapper, dtype: torch.dtype
 ) -> dict[int, ExpertsAdapter]:
@@ -150,86 +155,128 @@ def derive_adapters(
     Raises :class:`UnsupportedModelError` when an expert tensor does not belong to a fused experts module, and
     :class:`CheckpointError` when the checkpoint and the config disagree (expert count, shapes, missing tensors).
     """
-    arch = layout.architecture
     modules = experts_modules(model)
     if not modules:
         raise UnsupportedModelError(
-            f"{arch} has no fused routed-experts module (transformers' @use_experts_implementation seam); "
-            "ExpertFlow cannot offload its experts",
+            f"{layout.architecture} has no fused routed-experts module (transformers' "
+            "@use_experts_implementation seam); ExpertFlow cannot offload its experts",
             file=layout.root,
         )
     counts = layout.experts_per_layer()
     adapters: dict[int, ExpertsAdapter] = {}
     for layer in layout.moe_layers:
-        spec = layout.spec(ExpertKey(layer, 0))
-        by_param: dict[str, list[tuple[int, TensorSlice, bool]]] = {}
-        module_path: str | None = None
-        for t in spec.tensors:
-            fused_on_disk = t.source.rsplit(".", 1)[-1] == t.role
-            # Per-expert names carry the expert id; map expert 0's name, as transformers' patterns use ``*``.
-            key, converter, pattern = mapper.map(t.source)
-            path, _, param = key.rpartition(".")
-            module = modules.get(path)
-            if module is None:
-                raise UnsupportedModelError(
-                    f"expert tensor maps to {key!r}, which is not a parameter of a fused experts module of "
-                    f"{arch}; ExpertFlow cannot offload these experts",
-                    file=t.file,
-                    tensor=t.source,
-                )
-            if module_path is not None and path != module_path:
-                raise CheckpointError(
-                    f"experts of layer {layer} map to two modules: {module_path} and {path}", tensor=t.source
-                )
-            module_path = path
-            order, transpose = 0, False
-            if converter is not None:
-                transpose = _check_ops(converter, fused_on_disk, arch, t.source)
-                order = (
-                    converter.source_patterns.index(pattern) if pattern in converter.source_patterns else 0
-                )
-            by_param.setdefault(param, []).append((order, t, transpose))
-        if module_path is None:
-            raise CheckpointError(f"layer {layer} has an expert without tensors", file=layout.root)
-        module = modules[module_path]
-        num_experts = int(getattr(module, "num_experts", -1))
-        if num_experts != counts[layer]:
-            raise CheckpointError(
-                f"the config gives {module_path} {num_experts} experts, but the checkpoint has {counts[layer]} "
-                f"in layer {layer}",
-                file=spec.tensors[0].file,
-                tensor=spec.tensors[0].source,
-            )
-        params = dict(module.named_parameters(recurse=False))
-        missing = sorted(set(params) - set(by_param))
-        if missing:
-            raise CheckpointError(
-                f"the checkpoint has no tensors for {', '.join(f'{module_path}.{p}' for p in missing)} "
-                f"(layer {layer} has {[t.role for t in spec.tensors]})",
-                file=layout.root,
-            )
-        fills = []
-        for param, entries in sorted(by_param.items()):
-            if param not in params:
-                raise CheckpointError(
-                    f"expert tensor maps to {module_path}.{param}, which that module does not have",
-                    tensor=entries[0][1].source,
-                )
-            entries.sort(key=lambda e: e[0])
-            slices = [t for _, t, _ in entries]
-            fills.append(
-                _fill(param, slices, any(tr for _, _, tr in entries), params[param], dtype, module_path)
-            )
-        adapters[layer] = ExpertsAdapter(layer, module_path, num_experts, dtype, tuple(fills))
+        adapters[layer] = _layer_adapter(layer, layout, modules, mapper, dtype, counts)
+    _check_all_modules_mapped(modules, adapters, layout.root)
+    return adapters
 
+
+def _layer_adapter(
+    layer: int,
+    layout: ExpertLayout,
+    modules: dict[str, nn.Module],
+    mapper: KeyMapper,
+    dtype: torch.dtype,
+    counts: dict[int, int],
+) -> ExpertsAdapter:
+    """The adapter of one MoE layer, from the tensors of its expert 0."""
+    spec = layout.spec(ExpertKey(layer, 0))
+    module_path, by_param = _tensors_by_param(layer, spec, layout, modules, mapper)
+    module = modules[module_path]
+    num_experts = int(getattr(module, "num_experts", -1))
+    if num_experts != counts[layer]:
+        raise CheckpointError(
+            f"the config gives {module_path} {num_experts} experts, but the checkpoint has {counts[layer]} "
+            f"in layer {layer}",
+            file=spec.tensors[0].file,
+            tensor=spec.tensors[0].source,
+        )
+    params = dict(module.named_parameters(recurse=False))
+    missing = sorted(set(params) - set(by_param))
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint has no tensors for {', '.join(f'{module_path}.{p}' for p in missing)} "
+            f"(layer {layer} has {[t.role for t in spec.tensors]})",
+            file=layout.root,
+        )
+    fills = _param_fills(by_param, params, dtype, module_path)
+    return ExpertsAdapter(layer, module_path, num_experts, dtype, fills)
+
+
+def _tensors_by_param(
+    layer: int,
+    spec: ExpertSpec,
+    layout: ExpertLayout,
+    modules: dict[str, nn.Module],
+    mapper: KeyMapper,
+) -> tuple[str, dict[str, list[_FillEntry]]]:
+    """The experts module of ``layer`` and, per parameter of it, the expert tensors that fill it."""
+    by_param: dict[str, list[_FillEntry]] = {}
+    module_path: str | None = None
+    for t in spec.tensors:
+        # Per-expert names carry the expert id; map expert 0's name, as transformers' patterns use ``*``.
+        key, converter, pattern = mapper.map(t.source)
+        path, _, param = key.rpartition(".")
+        if modules.get(path) is None:
+            raise UnsupportedModelError(
+                f"expert tensor maps to {key!r}, which is not a parameter of a fused experts module of "
+                f"{layout.architecture}; ExpertFlow cannot offload these experts",
+                file=t.file,
+                tensor=t.source,
+            )
+        if module_path is not None and path != module_path:
+            raise CheckpointError(
+                f"experts of layer {layer} map to two modules: {module_path} and {path}", tensor=t.source
+            )
+        module_path = path
+        by_param.setdefault(param, []).append(_fill_entry(t, converter, pattern, layout.architecture))
+    if module_path is None:
+        raise CheckpointError(f"layer {layer} has an expert without tensors", file=layout.root)
+    return module_path, by_param
+
+
+def _fill_entry(
+    t: TensorSlice, converter: WeightConverter | None, pattern: str | None, arch: str
+) -> _FillEntry:
+    """Where ``t`` goes in its parameter: its rank among the converter's sources, and whether it is transposed."""
+    if converter is None:
+        return (0, t, False)
+    fused_on_disk = t.source.rsplit(".", 1)[-1] == t.role
+    transpose = _check_ops(converter, fused_on_disk, arch, t.source)
+    order = converter.source_patterns.index(pattern) if pattern in converter.source_patterns else 0
+    return (order, t, transpose)
+
+
+def _param_fills(
+    by_param: dict[str, list[_FillEntry]],
+    params: dict[str, nn.Parameter],
+    dtype: torch.dtype,
+    module_path: str,
+) -> tuple[ParamFill, ...]:
+    """A checked :class:`ParamFill` per parameter, in parameter-name order."""
+    fills = []
+    for param, entries in sorted(by_param.items()):
+        if param not in params:
+            raise CheckpointError(
+                f"expert tensor maps to {module_path}.{param}, which that module does not have",
+                tensor=entries[0][1].source,
+            )
+        entries.sort(key=lambda e: e[0])
+        slices = [t for _, t, _ in entries]
+        fills.append(_fill(param, slices, any(tr for _, _, tr in entries), params[param], dtype, module_path))
+    return tuple(fills)
+
+
+def _check_all_modules_mapped(
+    modules: dict[str, nn.Module], adapters: dict[int, ExpertsAdapter], root: str
+) -> None:
+    """Every experts module of the model must get the checkpoint's tensors of some layer."""
     unmapped = sorted(set(modules) - {a.module_path for a in adapters.values()})
     if unmapped:
         raise CheckpointError(
             f"the config has routed experts at {unmapped[:4]}{' ...' if len(unmapped) > 4 else ''}, "
             "but the checkpoint has no expert tensors for them",
-            file=layout.root,
+            file=root,
         )
-    return adapters
 
 
 def _fill(

@@ -188,13 +188,21 @@ class Predictor:
                     want[e] += 1
             if not self.worth_prefetching(d):
                 continue
-            base = 1.0 / d  # nearer layers first
+            # Priority = how likely the expert is used: the precision measured at this distance (a prior of
+            # 1/d until enough predictions were scored), times the share of tokens that want it. Prefetch
+            # admission compares it with the score of the expert it would evict.
+            precision = self.precision(d)
             for e, n in want.items():
-                pr = base * (0.5 + 0.5 * n / tokens)
+                pr = precision * n / tokens
                 key = ExpertKey(target, e)
                 out.append((key, pr))
                 self._scores[key] = pr
         return out
+
+    def precision(self, distance: int) -> float:
+        """Measured precision of predictions ``distance`` layers ahead (1/distance until warmed up)."""
+        tp, npred, _ = self._hits.get(distance, (0, 0, 0))
+        return tp / npred if npred >= self.warmup else 1.0 / distance
 
     def worth_prefetching(self, distance: int) -> bool:
         """Whether predictions at ``distance`` have been right often enough to spend bandwidth on them."""

@@ -351,118 +351,199 @@ def replay(
     same policy without prefetching. Belady is the demand-only offline optimum. ``on_event`` sees every
     :class:`ReplayEvent`.
     """
-    seq = access_sequence(trace)
-    n_layers = trace.num_layers
-    predictive = policy in ("predictive", "predictive_demand")
-    do_prefetch = predictive and prefetch and policy == "predictive"
-    if predictive and model is None:
-        model = OnlineRoutingModel(trace.layer_ids, trace.num_experts, trace.top_k)
-
-    def build(cap: int, future: Sequence[ExpertKey]) -> EvictionPolicy:
-        if policy == "lru":
-            return LRUPolicy()
-        if policy == "lfu":
-            return LFUPolicy()
-        if policy == "static":
-            counts = static_profile or _counts(seq)
-            return StaticPolicy.from_counts(counts, cap)
-        if predictive:
-            assert model is not None
-            # In a shared cache, keys of layers far ahead wait a while before their next visit.
-            return PredictivePolicy(
-                model.score,
-                num_layers=n_layers,
-                weight_prediction=1.0,
-                weight_frequency=0.0,
-                weight_distance=0.0 if partitioned else 0.5,
-            )
-        if policy == "belady":
-            return BeladyPolicy(future)
-        raise ConfigError(f"unknown policy {policy!r}")
-
-    def group(lid: int) -> int:
-        return lid if partitioned else 0
-
-    futures: dict[int, list[ExpertKey]] = defaultdict(list)
-    for k in seq:
-        futures[group(k.layer)].append(k)
-    caches: dict[int, _Cache] = {}
-    for lid in trace.layer_ids if partitioned else (0,):
-        cap = capacity_per_layer if partitioned else capacity_per_layer * n_layers
-        caches[lid] = _Cache(build(cap, futures[lid]), cap)
-
-    hits = misses = prefetch_loads = prefetch_used = 0
-    outcomes: list[bool] = []
-    layer_hits: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-    width = trace.top_k if prefetch_width is None else prefetch_width
-
-    def emit(kind: str, t: int, lid: int, key: ExpertKey, victim: ExpertKey | None = None) -> None:
-        if on_event is not None:
-            on_event(ReplayEvent(kind, t, lid, key, victim))
-
-    routing = trace.experts.tolist()
-    for t in range(trace.tokens):
-        demanded: dict[int, set[ExpertKey]] = {}
-        for li, lid in enumerate(trace.layer_ids):
-            experts = tuple(dict.fromkeys(routing[t][li]))
-            if model is not None:  # the router of this layer has run: its choice is known before its experts
-                model.observe_layer(lid, experts)
-            demanded[lid] = {ExpertKey(lid, e) for e in experts}
-            c = caches[group(lid)]
-            for e in experts:
-                key = ExpertKey(lid, e)
-                if isinstance(c.policy, BeladyPolicy):
-                    c.policy.advance(c.position)
-                c.position += 1
-                if key in c.resident:
-                    hits += 1
-                    layer_hits[lid][0] += 1
-                    c.policy.on_access(key)
-                    if key in c.unused_prefetch:
-                        c.unused_prefetch.discard(key)
-                        prefetch_used += 1
-                    outcomes.append(True)
-                    emit("hit", t, lid, key)
-                    continue
-                misses += 1
-                layer_hits[lid][1] += 1
-                outcomes.append(False)
-                emit("miss", t, lid, key)
-                if len(c.resident) >= c.capacity:
-                    # predictive never evicts what this layer of the token is computing (a runtime pins it)
-                    cands = sorted(c.resident - demanded[lid]) if predictive else sorted(c.resident)
-                    victim = c.policy.choose_victim(cands)
-                    if victim is not None:
-                        c.resident.discard(victim)
-                        c.unused_prefetch.discard(victim)
-                        c.policy.on_remove(victim)
-                        emit("evict", t, lid, key, victim)
-                c.resident.add(key)
-                c.policy.on_insert(key)
-                c.policy.on_access(key)
-            if model is not None and li == n_layers - 1:
-                model.end_token()  # the token is complete: learn from it before predicting the next one
-            if do_prefetch:
-                assert model is not None
-                nxt = trace.layer_ids[(li + 1) % n_layers]
-                protect = demanded[lid] | demanded.get(nxt, set()) if li + 1 < n_layers else demanded[lid]
-                for key, victim in _prefetch(
-                    caches[group(nxt)], nxt, model, protect, width, prefetch_min_probability
-                ):
-                    prefetch_loads += 1
-                    emit("prefetch", t, lid, key, victim)
-    per_layer = {lid: h / (h + m) if h + m else 0.0 for lid, (h, m) in sorted(layer_hits.items())}
-    return ReplayResult(
+    replayer = _Replayer(
+        trace,
         policy,
         capacity_per_layer,
-        hits,
-        misses,
-        per_layer,
-        tokens=trace.tokens,
-        prefetch_loads=prefetch_loads,
-        prefetch_used=prefetch_used,
-        outcomes=outcomes,
+        partitioned=partitioned,
+        static_profile=static_profile,
+        prefetch=prefetch,
+        prefetch_width=prefetch_width,
+        prefetch_min_probability=prefetch_min_probability,
+        model=model,
+        on_event=on_event,
     )
+    for t, token_routing in enumerate(trace.experts.tolist()):
+        replayer.run_token(t, token_routing)
+    return replayer.result()
+
+
+class _Replayer:
+    """The state of one :func:`replay`: its caches, its routing model and the running counts."""
+
+    def __init__(
+        self,
+        trace: RoutingTrace,
+        policy: str,
+        capacity_per_layer: int,
+        *,
+        partitioned: bool,
+        static_profile: Mapping[ExpertKey, float] | None,
+        prefetch: bool,
+        prefetch_width: int | None,
+        prefetch_min_probability: float,
+        model: OnlineRoutingModel | None,
+        on_event: Callable[[ReplayEvent], None] | None,
+    ) -> None:
+        self.trace = trace
+        self.policy = policy
+        self.capacity_per_layer = capacity_per_layer
+        self.partitioned = partitioned
+        seq = access_sequence(trace)
+        self.predictive = policy in ("predictive", "predictive_demand")
+        self.do_prefetch = self.predictive and prefetch and policy == "predictive"
+        if self.predictive and model is None:
+            model = OnlineRoutingModel(trace.layer_ids, trace.num_experts, trace.top_k)
+        self.model = model
+        self.caches = self._build_caches(seq, static_profile)
+        self.width = trace.top_k if prefetch_width is None else prefetch_width
+        self.min_probability = prefetch_min_probability
+        self.on_event = on_event
+        self.hits = self.misses = self.prefetch_loads = self.prefetch_used = 0
+        self.outcomes: list[bool] = []
+        self.layer_hits: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+
+    def _group(self, lid: int) -> int:
+        """The cache serving layer ``lid``: its own when partitioned, else the shared one (0)."""
+        return lid if self.partitioned else 0
+
+    def _build_caches(
+        self, seq: Sequence[ExpertKey], static_profile: Mapping[ExpertKey, float] | None
+    ) -> dict[int, _Cache]:
+        """One empty cache per group, each with its policy and capacity."""
+        futures: dict[int, list[ExpertKey]] = defaultdict(list)
+        for k in seq:
+            futures[self._group(k.layer)].append(k)
+        n_layers = self.trace.num_layers
+        caches: dict[int, _Cache] = {}
+        for lid in self.trace.layer_ids if self.partitioned else (0,):
+            cap = self.capacity_per_layer if self.partitioned else self.capacity_per_layer * n_layers
+            caches[lid] = _Cache(self._build_policy(cap, futures[lid], seq, static_profile), cap)
+        return caches
+
+    def _build_policy(
+        self,
+        cap: int,
+        future: Sequence[ExpertKey],
+        seq: Sequence[ExpertKey],
+        static_profile: Mapping[ExpertKey, float] | None,
+    ) -> EvictionPolicy:
+        """The eviction policy named ``self.policy`` for a cache of ``cap`` experts."""
+        if self.policy == "lru":
+            return LRUPolicy()
+        if self.policy == "lfu":
+            return LFUPolicy()
+        if self.policy == "static":
+            counts = static_profile or _counts(seq)
+            return StaticPolicy.from_counts(counts, cap)
+        if self.predictive:
+            assert self.model is not None
+            # In a shared cache, keys of layers far ahead wait a while before their next visit.
+            return PredictivePolicy(
+                self.model.score,
+                num_layers=self.trace.num_layers,
+                weight_prediction=1.0,
+                weight_frequency=0.0,
+                weight_distance=0.0 if self.partitioned else 0.5,
+            )
+        if self.policy == "belady":
+            return BeladyPolicy(future)
+        raise ConfigError(f"unknown policy {self.policy!r}")
+
+    def _emit(self, kind: str, t: int, lid: int, key: ExpertKey, victim: ExpertKey | None = None) -> None:
+        """Report an event to ``on_event``, if there is one."""
+        if self.on_event is not None:
+            self.on_event(ReplayEvent(kind, t, lid, key, victim))
+
+    def run_token(self, t: int, routing: Sequence[Sequence[int]]) -> None:
+        """Replay token ``t``, whose top-k experts per layer are ``routing``."""
+        n_layers = self.trace.num_layers
+        demanded: dict[int, set[ExpertKey]] = {}
+        for li, lid in enumerate(self.trace.layer_ids):
+            experts = tuple(dict.fromkeys(routing[li]))
+            if (
+                self.model is not None
+            ):  # the router of this layer has run: its choice is known before its experts
+                self.model.observe_layer(lid, experts)
+            demanded[lid] = {ExpertKey(lid, e) for e in experts}
+            cache = self.caches[self._group(lid)]
+            for e in experts:
+                self._access(cache, t, lid, ExpertKey(lid, e), demanded[lid])
+            if self.model is not None and li == n_layers - 1:
+                self.model.end_token()  # the token is complete: learn from it before predicting the next one
+            if self.do_prefetch:
+                self._prefetch_next(t, li, lid, demanded)
+
+    def _access(self, cache: _Cache, t: int, lid: int, key: ExpertKey, pinned: set[ExpertKey]) -> None:
+        """One demand access of ``key``; ``pinned`` are the experts the current layer is computing."""
+        if isinstance(cache.policy, BeladyPolicy):
+            cache.policy.advance(cache.position)
+        cache.position += 1
+        if key in cache.resident:
+            self._hit(cache, t, lid, key)
+        else:
+            self._miss(cache, t, lid, key, pinned)
+
+    def _hit(self, cache: _Cache, t: int, lid: int, key: ExpertKey) -> None:
+        """Count a hit, and the first use of a prefetched expert."""
+        self.hits += 1
+        self.layer_hits[lid][0] += 1
+        cache.policy.on_access(key)
+        if key in cache.unused_prefetch:
+            cache.unused_prefetch.discard(key)
+            self.prefetch_used += 1
+        self.outcomes.append(True)
+        self._emit("hit", t, lid, key)
+
+    def _miss(self, cache: _Cache, t: int, lid: int, key: ExpertKey, pinned: set[ExpertKey]) -> None:
+        """Count a miss and load ``key``, evicting a victim first if the cache is full."""
+        self.misses += 1
+        self.layer_hits[lid][1] += 1
+        self.outcomes.append(False)
+        self._emit("miss", t, lid, key)
+        if len(cache.resident) >= cache.capacity:
+            self._evict_for(cache, t, lid, key, pinned)
+        cache.resident.add(key)
+        cache.policy.on_insert(key)
+        cache.policy.on_access(key)
+
+    def _evict_for(self, cache: _Cache, t: int, lid: int, key: ExpertKey, pinned: set[ExpertKey]) -> None:
+        """Evict the policy's victim to make room for ``key`` (if the policy names one)."""
+        # predictive never evicts what this layer of the token is computing (a runtime pins it)
+        cands = sorted(cache.resident - pinned) if self.predictive else sorted(cache.resident)
+        victim = cache.policy.choose_victim(cands)
+        if victim is not None:
+            cache.resident.discard(victim)
+            cache.unused_prefetch.discard(victim)
+            cache.policy.on_remove(victim)
+            self._emit("evict", t, lid, key, victim)
+
+    def _prefetch_next(self, t: int, li: int, lid: int, demanded: Mapping[int, set[ExpertKey]]) -> None:
+        """After layer ``lid`` of token ``t``, prefetch for the next layer (or the next token's first)."""
+        assert self.model is not None
+        n_layers = self.trace.num_layers
+        nxt = self.trace.layer_ids[(li + 1) % n_layers]
+        protect = demanded[lid] | demanded.get(nxt, set()) if li + 1 < n_layers else demanded[lid]
+        for key, victim in _prefetch(
+            self.caches[self._group(nxt)], nxt, self.model, protect, self.width, self.min_probability
+        ):
+            self.prefetch_loads += 1
+            self._emit("prefetch", t, lid, key, victim)
+
+    def result(self) -> ReplayResult:
+        """The counts so far as a :class:`ReplayResult`."""
+        per_layer = {lid: h / (h + m) if h + m else 0.0 for lid, (h, m) in sorted(self.layer_hits.items())}
+        return ReplayResult(
+            self.policy,
+            self.capacity_per_layer,
+            self.hits,
+            self.misses,
+            per_layer,
+            tokens=self.trace.tokens,
+            prefetch_loads=self.prefetch_loads,
+            prefetch_used=self.prefetch_used,
+            outcomes=self.outcomes,
+        )
 
 
 def _prefetch(

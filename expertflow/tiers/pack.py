@@ -35,6 +35,8 @@ from expertflow.tiers.checksum import spec_checksum
 from expertflow.tiers.layout import (
     ExpertLayout,
     ExpertSpec,
+    TensorInfo,
+    TensorKind,
     TensorSlice,
     _check_uniform,
     classify_non_expert,
@@ -234,6 +236,38 @@ def load_packed_layout(root: str | os.PathLike[str]) -> ExpertLayout:
     root_path = Path(root).resolve()
     manifest_path = root_path / PACK_MANIFEST_NAME
     where = str(manifest_path)
+    manifest = _read_manifest(manifest_path, where)
+    model_type = _get(manifest, "model_type", str, where)
+    architecture = _get(manifest, "architecture", str, where)
+    fingerprint = _get(manifest, "fingerprint", str, where)
+    data_name = _get(manifest, "data_file", str, where)
+    non_expert_name = _get(manifest, "non_expert_file", str, where)
+    data_file = _inside(root_path, data_name, where)
+    non_expert_file = _inside(root_path, non_expert_name, where)
+    size = _data_file_size(data_file, _get(manifest, "data_nbytes", int, where))
+    specs = _parse_experts(manifest, str(data_file), size, where)
+    config = read_config(root_path)
+    layout = ExpertLayout(
+        root=str(root_path),
+        architecture=architecture,
+        model_type=model_type,
+        experts=dict(sorted(specs.items())),
+        non_expert=_non_expert_tensors(non_expert_file),
+        files=(str(data_file), str(non_expert_file)),
+        packed=True,
+        config=config,
+    )
+    if layout.fingerprint() != fingerprint:
+        raise CheckpointError(
+            f"manifest fingerprint {fingerprint} does not match its expert entries ({layout.fingerprint()}): "
+            "the manifest was edited",
+            file=where,
+        )
+    return layout
+
+
+def _read_manifest(manifest_path: Path, where: str) -> dict[str, Any]:
+    """The manifest as a JSON object, once its format, version and alignment are ones this code reads."""
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -252,14 +286,11 @@ def load_packed_layout(root: str | os.PathLike[str]) -> ExpertLayout:
         )
     if manifest.get("alignment") != ALIGNMENT:
         raise CheckpointError(f"pack alignment {manifest.get('alignment')!r} is not {ALIGNMENT}", file=where)
-    model_type = _get(manifest, "model_type", str, where)
-    architecture = _get(manifest, "architecture", str, where)
-    fingerprint = _get(manifest, "fingerprint", str, where)
-    data_name = _get(manifest, "data_file", str, where)
-    non_expert_name = _get(manifest, "non_expert_file", str, where)
-    data_file = _inside(root_path, data_name, where)
-    non_expert_file = _inside(root_path, non_expert_name, where)
-    declared = _get(manifest, "data_nbytes", int, where)
+    return manifest
+
+
+def _data_file_size(data_file: Path, declared: int) -> int:
+    """The size of ``experts.bin``, which must be the one the manifest declares."""
     try:
         size = data_file.stat().st_size
     except OSError as exc:
@@ -269,42 +300,34 @@ def load_packed_layout(root: str | os.PathLike[str]) -> ExpertLayout:
             f"pack data file has {size} bytes, the manifest records {declared} (truncated or replaced?)",
             file=str(data_file),
         )
+    return size
+
+
+def _parse_experts(
+    manifest: Mapping[str, Any], data_file: str, size: int, where: str
+) -> dict[ExpertKey, ExpertSpec]:
+    """Every expert entry of the manifest, each listed once, none overlapping, all of one shape."""
     raw_experts = manifest.get("experts")
     if not isinstance(raw_experts, list):
         raise CheckpointError("manifest 'experts' is not a list", file=where)
-
     specs: dict[ExpertKey, ExpertSpec] = {}
     for i, entry in enumerate(raw_experts):
-        spec = _parse_expert(entry, i, str(data_file), size, where)
+        spec = _parse_expert(entry, i, data_file, size, where)
         if spec.key in specs:
             raise CheckpointError(f"expert {spec.key} is listed twice", file=where)
         specs[spec.key] = spec
     _check_no_overlap(specs, where)
     _check_uniform(specs, where)
+    return specs
 
-    config = read_config(root_path)
-    non_expert = tuple(
+
+def _non_expert_tensors(non_expert_file: Path) -> tuple[tuple[TensorInfo, TensorKind], ...]:
+    """The tensors of ``model.safetensors`` with their kind, by name."""
+    return tuple(
         sorted(
             ((t, classify_non_expert(t.name)) for t in read_header(non_expert_file)), key=lambda p: p[0].name
         )
     )
-    layout = ExpertLayout(
-        root=str(root_path),
-        architecture=architecture,
-        model_type=model_type,
-        experts=dict(sorted(specs.items())),
-        non_expert=non_expert,
-        files=(str(data_file), str(non_expert_file)),
-        packed=True,
-        config=config,
-    )
-    if layout.fingerprint() != fingerprint:
-        raise CheckpointError(
-            f"manifest fingerprint {fingerprint} does not match its expert entries ({layout.fingerprint()}): "
-            "the manifest was edited",
-            file=where,
-        )
-    return layout
 
 
 def _get(obj: Mapping[str, Any], name: str, kind: type, where: str, context: str = "") -> Any:
@@ -325,6 +348,7 @@ def _inside(root: Path, name: str, where: str) -> Path:
 
 
 def _parse_expert(entry: object, index: int, data_file: str, size: int, where: str) -> ExpertSpec:
+    """One expert entry of the manifest, checked against the ``size`` bytes of ``data_file``."""
     if not isinstance(entry, dict):
         raise CheckpointError(f"expert entry #{index} is not an object", file=where)
     ctx = f"expert entry #{index}: "
@@ -332,13 +356,7 @@ def _parse_expert(entry: object, index: int, data_file: str, size: int, where: s
     ctx = f"expert {key}: "
     offset = _get(entry, "offset", int, where, ctx)
     nbytes = _get(entry, "nbytes", int, where, ctx)
-    checksum_hex = _get(entry, "checksum", str, where, ctx)
-    try:
-        checksum = int(checksum_hex, 16)
-    except ValueError:
-        checksum = -1
-    if len(checksum_hex) != 16 or checksum < 0:
-        raise CheckpointError(f"{ctx}checksum {checksum_hex!r} is not 16 hex digits", file=where)
+    checksum = _parse_checksum(_get(entry, "checksum", str, where, ctx), ctx, where)
     if offset % ALIGNMENT:
         raise CheckpointError(f"{ctx}offset {offset} is not {ALIGNMENT}-byte aligned", file=where)
     if offset + nbytes > size:
@@ -349,36 +367,59 @@ def _parse_expert(entry: object, index: int, data_file: str, size: int, where: s
     raw_tensors = entry.get("tensors")
     if not isinstance(raw_tensors, list) or not raw_tensors:
         raise CheckpointError(f"{ctx}'tensors' is not a non-empty list", file=where)
-    slices: list[TensorSlice] = []
-    rel_offsets: list[int] = []
-    for t in raw_tensors:
-        if not isinstance(t, dict):
-            raise CheckpointError(f"{ctx}a tensor entry is not an object", file=where)
-        role = _get(t, "role", str, where, ctx)
-        tctx = f"{ctx}tensor {role!r}: "
-        source = _get(t, "source", str, where, tctx)
-        dtype = _get(t, "dtype", str, where, tctx)
-        if dtype not in DTYPE_SIZES:
-            raise CheckpointError(f"{tctx}unknown dtype {dtype!r}", file=where, tensor=source)
-        shape = t.get("shape")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
-            raise CheckpointError(f"{tctx}shape {shape!r} is not a list of sizes", file=where, tensor=source)
-        rel = _get(t, "offset", int, where, tctx)
-        tbytes = _get(t, "nbytes", int, where, tctx)
-        if tbytes != math.prod(shape) * DTYPE_SIZES[dtype]:
-            raise CheckpointError(
-                f"{tctx}{tbytes} bytes disagree with shape {shape} of {dtype}", file=where, tensor=source
-            )
-        if rel + tbytes > nbytes:
-            raise CheckpointError(
-                f"{tctx}bytes {rel}..{rel + tbytes} run past the expert's {nbytes} bytes",
-                file=where,
-                tensor=source,
-            )
-        slices.append(TensorSlice(role, source, data_file, offset + rel, tbytes, dtype, tuple(shape)))
-        rel_offsets.append(rel)
+    parsed = [_parse_tensor(t, data_file, offset, nbytes, ctx, where) for t in raw_tensors]
+    slices = [s for s, _ in parsed]
+    canonical = _check_canonical(slices, [rel for _, rel in parsed], nbytes, ctx, where)
+    return ExpertSpec(key=key, tensors=tuple(slices), offsets=canonical, nbytes=nbytes, checksum=checksum)
+
+
+def _parse_checksum(checksum_hex: str, ctx: str, where: str) -> int:
+    """The value of a checksum written as exactly 16 hex digits."""
+    try:
+        checksum = int(checksum_hex, 16)
+    except ValueError:
+        checksum = -1
+    if len(checksum_hex) != 16 or checksum < 0:
+        raise CheckpointError(f"{ctx}checksum {checksum_hex!r} is not 16 hex digits", file=where)
+    return checksum
+
+
+def _parse_tensor(
+    t: object, data_file: str, offset: int, nbytes: int, ctx: str, where: str
+) -> tuple[TensorSlice, int]:
+    """One tensor of the expert at ``offset`` (``nbytes`` long): its slice and its offset in the expert."""
+    if not isinstance(t, dict):
+        raise CheckpointError(f"{ctx}a tensor entry is not an object", file=where)
+    role = _get(t, "role", str, where, ctx)
+    tctx = f"{ctx}tensor {role!r}: "
+    source = _get(t, "source", str, where, tctx)
+    dtype = _get(t, "dtype", str, where, tctx)
+    if dtype not in DTYPE_SIZES:
+        raise CheckpointError(f"{tctx}unknown dtype {dtype!r}", file=where, tensor=source)
+    shape = t.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise CheckpointError(f"{tctx}shape {shape!r} is not a list of sizes", file=where, tensor=source)
+    rel = _get(t, "offset", int, where, tctx)
+    tbytes = _get(t, "nbytes", int, where, tctx)
+    if tbytes != math.prod(shape) * DTYPE_SIZES[dtype]:
+        raise CheckpointError(
+            f"{tctx}{tbytes} bytes disagree with shape {shape} of {dtype}", file=where, tensor=source
+        )
+    if rel + tbytes > nbytes:
+        raise CheckpointError(
+            f"{tctx}bytes {rel}..{rel + tbytes} run past the expert's {nbytes} bytes",
+            file=where,
+            tensor=source,
+        )
+    return TensorSlice(role, source, data_file, offset + rel, tbytes, dtype, tuple(shape)), rel
+
+
+def _check_canonical(
+    slices: list[TensorSlice], rel_offsets: list[int], nbytes: int, ctx: str, where: str
+) -> tuple[int, ...]:
+    """The canonical tensor offsets of an expert, which the manifest's roles and offsets must follow."""
     roles = [s.role for s in slices]
     if len(set(roles)) != len(roles):
         raise CheckpointError(f"{ctx}tensor roles repeat: {roles}", file=where)
@@ -391,7 +432,7 @@ def _parse_expert(entry: object, index: int, data_file: str, size: int, where: s
             f"{list(canonical)} / {total}",
             file=where,
         )
-    return ExpertSpec(key=key, tensors=tuple(slices), offsets=canonical, nbytes=nbytes, checksum=checksum)
+    return canonical
 
 
 def _check_no_overlap(specs: Mapping[ExpertKey, ExpertSpec], where: str) -> None:
