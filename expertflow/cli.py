@@ -159,16 +159,27 @@ def _cmd_bench_tiers(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_decode(args: argparse.Namespace) -> int:
-    from expertflow.bench.decode import COLUMNS, bench_decode, build_preset, plot_decode
+    from expertflow.bench.decode import (
+        COLUMNS,
+        bench_decode,
+        build_preset,
+        default_contenders,
+        parse_budgets,
+        plot_decode,
+    )
     from expertflow.bench.report import markdown_table
 
+    budgets = parse_budgets(args.budgets)
+    contenders = default_contenders(budgets, [c.strip() for c in args.contenders.split(",")])
     model = args.model or str(build_preset(args.preset, args.workdir))
     result = bench_decode(
         model,
-        budgets=[float(b) for b in args.budgets.split(",")],
+        budgets=budgets,
+        contenders=contenders,
         new_tokens=args.new_tokens,
         read_mode=args.read_mode,
         memory_limit=parse_size(args.memory_limit) if args.memory_limit else None,
+        repeats=args.repeats,
         workdir=args.workdir,
     )
     result.write(args.out, COLUMNS)
@@ -246,7 +257,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("decode", help="tokens/s across budgets and policies vs transformers and accelerate")
     p.add_argument("--model", help="checkpoint (default: build --preset)")
     p.add_argument("--preset", default="small", choices=["tiny", "small", "beyond-ram"])
-    p.add_argument("--budgets", default="1.0,0.5,0.25,0.1", help="host budgets as fractions of expert bytes")
+    p.add_argument(
+        "--budgets",
+        default="1.0,0.5,0.25,0.1",
+        help="host budgets as fractions of expert bytes, or auto (the default budget)",
+    )
+    p.add_argument(
+        "--contenders",
+        default="transformers,accelerate,no-cache,lru,predictive",
+        help="which to run, comma-separated: transformers, accelerate, no-cache, lru, predictive",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=1, help="run all contenders this many times; keep each one's best"
+    )
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--read-mode", choices=READ_MODES, default="direct")
     p.add_argument("--memory-limit", default=None, help="cgroup memory limit for every contender, e.g. 1GiB")

@@ -151,6 +151,8 @@ class CacheLevel:
         # Admission control for prefetches: how likely a key is needed soon, and keys a prefetch must not evict.
         self.score: Scorer = lambda key: 0.0
         self.protected: Callable[[ExpertKey], bool] = lambda key: False
+        # The chance of use a prefetch needs to be read at all (e.g. how busy the read path already is).
+        self.prefetch_floor: Callable[[], float] = lambda: 0.0
         self._hit, self._miss = f"{name}_hits", f"{name}_misses"
         self._workers = [
             self._loop.create_task(self._worker(), name=f"expertflow-{name}-loader-{i}")
@@ -315,11 +317,14 @@ class CacheLevel:
 
     def _try_acquire(self, demand: bool, incoming: Entry) -> int | None:
         """A free slot, or one freed by evicting a victim (for a prefetch: one scored below ``incoming``)."""
+        want = 0.0 if demand else max(incoming.priority, self.score(incoming.key))
+        if not demand and want < self.prefetch_floor():
+            self.stats.prefetch_refused += 1  # reading it would cost the demand reads more than it saves
+            return None
         if self._free:
             return self._free.pop()
         candidates = [e.key for e in self._holder.values() if self._evictable(e, demand)]
         if not demand:
-            want = max(incoming.priority, self.score(incoming.key))
             candidates = [k for k in candidates if self.score(k) < want]
             if not candidates:
                 self.stats.prefetch_refused += 1

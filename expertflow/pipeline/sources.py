@@ -8,6 +8,7 @@ owns its sources and closes them.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 from expertflow.core import ExpertKey
@@ -26,6 +27,10 @@ class SourceChain:
             raise ConfigError("an expert store needs at least one source of expert bytes")
         self.sources: tuple[ExpertSource, ...] = tuple(sources)
         self._closed = False
+        # Time during which at least one read was in flight: how busy the read path is (see busy_seconds).
+        self._inflight = 0
+        self._busy_since = 0.0
+        self._busy_total = 0.0
 
     @property
     def names(self) -> list[str]:
@@ -35,8 +40,25 @@ class SourceChain:
         """Bytes each source needs in a buffer to receive any expert (inputs to ``core.slot_nbytes``)."""
         return [s.buffer_nbytes() for s in self.sources]
 
+    def busy_seconds(self) -> float:
+        """Seconds so far with at least one read in flight (monotonic; compare two calls for a rate)."""
+        if self._inflight:
+            return self._busy_total + time.monotonic() - self._busy_since
+        return self._busy_total
+
     async def read(self, key: ExpertKey, buf: memoryview, stats: StoreStats) -> int:
         """Fill ``buf`` with ``key`` from the first source that can; returns the expert's byte count."""
+        if self._inflight == 0:
+            self._busy_since = time.monotonic()
+        self._inflight += 1
+        try:
+            return await self._read(key, buf, stats)
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._busy_total += time.monotonic() - self._busy_since
+
+    async def _read(self, key: ExpertKey, buf: memoryview, stats: StoreStats) -> int:
         last: BaseException | None = None
         for source in self.sources:
             try:

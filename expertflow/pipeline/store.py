@@ -44,6 +44,9 @@ from expertflow.tiers.safetensors_index import open_checkpoint
 
 log = logging.getLogger(__name__)
 
+#: Seconds over which the read path's busy fraction is measured for prefetch admission.
+PRESSURE_WINDOW = 0.05
+
 SourceBuilder = Callable[[ExpertLayout, StoreConfig], Awaitable[Sequence[ExpertSource]]]
 
 
@@ -143,6 +146,9 @@ class AsyncExpertStore:
             raise
         self._device.score = self._score
         self._device.protected = self._protected
+        self._device.prefetch_floor = self._read_pressure
+        self._pressure = 0.0
+        self._pressure_at = (time.monotonic(), 0.0)
         self.device = self.device_tier.device
         self.num_slots = self.device_tier.num_slots
         self.views = SlotViews(layout, self.device_tier.arena)
@@ -265,6 +271,22 @@ class AsyncExpertStore:
         """Experts of the layer being computed and of the next one: a prefetch never evicts them."""
         current = self._current_layer
         return current is not None and (key.layer == current or key.layer == self._next_layer.get(current))
+
+    def _read_pressure(self) -> float:
+        """How busy the read path has been lately (0..1): the chance of use a prefetch needs to be admitted.
+
+        A wasted prefetch costs a whole read; a used one saves only waiting, and only if the read path had
+        time to spare. So when demand reads already keep it busy (decode bound by the disk), a prefetch must be
+        nearly certain to pay, and when reads are rare, a likely one is enough.
+        """
+        now = time.monotonic()
+        then, busy_then = self._pressure_at
+        if now - then >= PRESSURE_WINDOW:
+            busy = self.sources.busy_seconds()
+            recent = min(1.0, (busy - busy_then) / (now - then))
+            self._pressure = 0.5 * self._pressure + 0.5 * recent
+            self._pressure_at = (now, busy)
+        return self._pressure
 
     def _note_layer(self, keys: Sequence[ExpertKey]) -> None:
         if keys:
