@@ -316,10 +316,11 @@ async def test_a_client_gone_mid_reply_leaves_nothing_pinned_and_others_are_serv
         await asyncio.sleep(0.2)
         source.open_all()
         for _ in range(200):
-            if not server._tasks:
+            if not server.stat_counters()["gets_in_flight"]:
                 break
             await asyncio.sleep(0.05)
-        assert not server._tasks
+        stat = server.stat_counters()
+        assert stat["gets_in_flight"] == 0 and stat["replies_unsent"] == 0
         assert server.store.pinned() == []
         assert server.counters["clients_gone"] == 1
         async with ExpertClient(server.endpoints[0], timeout=10) as client:
@@ -407,7 +408,7 @@ async def test_a_cancelled_read_forgets_its_request_and_ignores_the_late_reply(
             await asyncio.wait_for(source.started.get(), 10)
             read.cancel()
             await asyncio.gather(read, return_exceptions=True)
-            assert client._pending == {}
+            assert client.requests_in_flight == 0
             source.open_all()
             reply = await client.get_one(mixtral_layout.keys()[1])  # the connection still works...
             assert _check(reply, reference) == mixtral_layout.keys()[1]
@@ -442,9 +443,9 @@ async def test_one_client_cannot_pin_more_than_its_share_of_the_cache(mixtral_la
             served = await asyncio.gather(*stuck)
             assert sorted(k for got in served for k in got) == keys[:10]
         for _ in range(100):
-            if not server._clients:
+            if not server.stat_counters()["clients_known"]:
                 break
             await asyncio.sleep(0.02)
-        assert server._clients == {} and server.store.pinned() == []
+        assert server.stat_counters()["clients_known"] == 0 and server.store.pinned() == []
     finally:
         await server.aclose()

@@ -479,3 +479,27 @@ def test_a_resident_layer_is_served_without_the_store_loop(ckpt):
         store.release(got[0])
         assert store.pinned() == [] and not store.last_fetch_waited
         assert store.stats().device_hits == 2
+
+
+async def test_prefetch_must_be_likelier_the_busier_the_reads_are(ckpt):
+    _, layout, _ = ckpt
+    store, source = await open_store(layout, 6, gated=True, max_concurrent_reads=2)
+    K = ExpertKey
+    try:
+        store.prefetch([K(1, 0)], priority=0.3)  # idle read path: a fair chance of use is enough
+        assert await asyncio.wait_for(source.started.get(), 5) == K(1, 0)
+        source.gate(K(1, 0)).set()
+        demand = asyncio.create_task(store.fetch([K(0, 1)]))  # held at its gate: the read path is busy
+        assert await asyncio.wait_for(source.started.get(), 5) == K(0, 1)
+        await asyncio.sleep(0.15)
+        refused = store.stats().prefetch_refused
+        store.prefetch([K(2, 2)], priority=0.3)  # unlikely: would cost the demand read more than it saves
+        await asyncio.sleep(0.06)
+        store.prefetch([K(2, 3)], priority=1.0)  # certain: always worth reading
+        assert await asyncio.wait_for(source.started.get(), 5) == K(2, 3)
+        assert store.stats().prefetch_refused == refused + 1
+        assert K(2, 2) not in source.log
+        source.open_all()
+        store.release(await demand)
+    finally:
+        await store.aclose()

@@ -151,7 +151,7 @@ class CacheLevel:
         # Admission control for prefetches: how likely a key is needed soon, and keys a prefetch must not evict.
         self.score: Scorer = lambda key: 0.0
         self.protected: Callable[[ExpertKey], bool] = lambda key: False
-        # The chance of use a prefetch needs to be read at all (e.g. how busy the read path already is).
+        # How loaded the read path is (0..1): the prefetch admission rule in _try_acquire weighs it.
         self.prefetch_floor: Callable[[], float] = lambda: 0.0
         self._hit, self._miss = f"{name}_hits", f"{name}_misses"
         self._workers = [
@@ -317,15 +317,20 @@ class CacheLevel:
 
     def _try_acquire(self, demand: bool, incoming: Entry) -> int | None:
         """A free slot, or one freed by evicting a victim (for a prefetch: one scored below ``incoming``)."""
+        # A prefetch of an expert used with chance p saves waiting only while the read path has time to spare
+        # (1 - load), and costs a whole read when wasted, plus the victim's re-read (its chance q), which
+        # matters as much as the read path is loaded. Admitted iff p * (1 - load) > (1 - p + q) * load, that
+        # is p > load * (1 + q) (a certain prefetch always is); never over a victim likelier than itself.
         want = 0.0 if demand else max(incoming.priority, self.score(incoming.key))
-        if not demand and want < self.prefetch_floor():
-            self.stats.prefetch_refused += 1  # reading it would cost the demand reads more than it saves
+        load = 0.0 if demand else self.prefetch_floor()
+        if not demand and want < load:
+            self.stats.prefetch_refused += 1
             return None
         if self._free:
             return self._free.pop()
         candidates = [e.key for e in self._holder.values() if self._evictable(e, demand)]
         if not demand:
-            candidates = [k for k in candidates if self.score(k) < want]
+            candidates = [k for k in candidates if (q := self.score(k)) < want and want >= load * (1 + q)]
             if not candidates:
                 self.stats.prefetch_refused += 1
         if not candidates:

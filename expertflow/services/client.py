@@ -217,6 +217,11 @@ class ExpertClient:
             raise self._bad_reply(f"expected {kind.__name__}, got a {reply.op.value} reply")
         return reply
 
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests sent and not yet finished, failed or abandoned."""
+        return len(self._pending)
+
     def _bad_reply(self, message: str) -> RemoteError:
         return RemoteError(message, code="BAD_REPLY", address=self.address)
 

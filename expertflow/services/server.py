@@ -197,13 +197,13 @@ class ExpertServer:
         if config.preload:
             server._preload()
         log.info(
-            "serving %d experts (%s) of %s on %s; cache %d experts (%.2f GiB), policy %s",
+            "serving %d experts (%s) of %s on %s; cache %d experts, budget %s, policy %s",
             len(layout.experts),
             fingerprint,
             layout.root,
             ", ".join(server.endpoints),
             store.num_slots,
-            store.stats().host_bytes / 2**30,
+            store.budget.describe(),
             config.policy,
         )
         return server
@@ -519,6 +519,7 @@ class ExpertServer:
                 "read_errors": s.read_errors,
                 "gets_in_flight": len(self._tasks),
                 "clients_in_flight": sum(1 for c in self._clients.values() if c.gets),
+                "clients_known": len(self._clients),
                 "replies_unsent": len(self._unsent),
             }
         )
