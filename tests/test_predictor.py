@@ -118,3 +118,13 @@ def test_distances_predicted_no_better_than_chance_are_not_prefetched():
     assert p.predict(0, torch.zeros(1, 4)) == []  # still scored against the routing, but nothing fetched
     p.observe(1, torch.tensor([[2, 3]]))
     assert p.stats()["by_distance"][1]["predicted"] > d1["predicted"]
+
+
+def test_unpredicted_experts_score_their_observed_chance_of_use():
+    p = Predictor([0, 1], 4, top_k=1, mode="stats", depth=1)
+    for _ in range(200):
+        p.observe(0, torch.tensor([[3]]))
+        p.observe(1, torch.tensor([[0]]))
+    assert p.scores(ExpertKey(0, 3)) > 0.9  # chosen at every visit
+    assert p.scores(ExpertKey(0, 2)) == 0.0  # never chosen
+    assert p.scores(ExpertKey(5, 0)) == 0.0  # a layer it never saw

@@ -18,6 +18,9 @@ from expertflow.core import ExpertKey
 from expertflow.errors import ConfigError
 
 Mode = Literal["none", "lookahead", "stats", "combined"]
+
+#: Decay of the per-expert usage rate: about the last 50 visits of a layer count.
+USAGE_DECAY = 0.98
 Gate = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -70,6 +73,7 @@ class Predictor:
         # pending[target layer] = list of (distance, per-token predicted id sets)
         self._pending: dict[int, list[tuple[int, list[set[int]]]]] = defaultdict(list)
         self._scores: dict[ExpertKey, float] = {}
+        self._usage: dict[int, torch.Tensor] = {}  # layer -> decayed share of tokens choosing each expert
         self._hits: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])  # d -> [tp, predicted, actual]
         self._quiet_layers = 0
         self.predict_cache: list[tuple[ExpertKey, float]] = []  # last predictions (kept by the model side)
@@ -116,6 +120,10 @@ class Predictor:
                 h[1] += len(p)
                 h[2] += len(a)
         onehot = self._onehot(layer, ids)
+        # How often each expert is chosen per visit of its layer (decayed): the base chance of use.
+        usage = self._usage.get(layer)
+        visit = onehot.mean(dim=0)
+        self._usage[layer] = visit if usage is None else USAGE_DECAY * usage + (1 - USAGE_DECAY) * visit
         i = self._index[layer]
         if i == 0:  # first MoE layer: a new forward begins
             if self._current:
@@ -210,8 +218,13 @@ class Predictor:
         return npred < self.warmup or tp / npred >= self.min_precision
 
     def scores(self, key: ExpertKey) -> float:
-        """How soon ``key`` is likely needed (0 = not predicted); used by the predictive eviction policy."""
-        return self._scores.get(key, 0.0)
+        """Chance that ``key`` is used at its layer's next visit: the prediction if there is one, else how often
+        the expert has been chosen. Prefetch admission and the predictive eviction policy use it."""
+        predicted = self._scores.get(key)
+        if predicted is not None:
+            return predicted
+        usage = self._usage.get(key.layer)
+        return float(usage[key.expert]) if usage is not None and key.expert < usage.shape[0] else 0.0
 
     def stats(self) -> dict[str, object]:
         by_distance = {}
