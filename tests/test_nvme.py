@@ -337,15 +337,29 @@ def test_file_truncated_after_indexing_is_refused_when_opening_the_tier(
     assert info.value.file == last.file and info.value.tensor == last.source
 
 
-def test_file_truncated_while_open_gives_a_short_read_error_in_direct_mode(
-    checkpoints, tmp_path: Path
-) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_file_truncated_while_open_is_refused_before_any_read(checkpoints, tmp_path: Path, mode: str) -> None:
     root = tmp_path / "m"
     shutil.copytree(checkpoints.mixtral_single_file, root)
     layout = open_checkpoint(root)
     spec = max(layout.experts.values(), key=lambda s: max(t.offset for t in s.tensors))
-    with NvmeTier(layout, "direct") as tier, aligned(tier.buffer_nbytes()) as buf:
+    with NvmeTier(layout, mode) as tier, aligned(tier.buffer_nbytes()) as buf:  # type: ignore[arg-type]
         with open(root / "model.safetensors", "rb+") as f:
             f.truncate(min(t.offset for t in spec.tensors) // BLOCK * BLOCK)
-        with pytest.raises(CheckpointError, match="short read"):
+        with pytest.raises(ExpertReadError, match="changed since it was opened"):
+            tier.read_into(spec.key, buf)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_read_that_comes_back_short_is_an_expert_read_error(checkpoints, tmp_path: Path, mode: str) -> None:
+    """The size check passed, then the file shrank: the short read itself is caught, no SIGBUS."""
+    root = tmp_path / "m"
+    shutil.copytree(checkpoints.mixtral_single_file, root)
+    layout = open_checkpoint(root)
+    spec = max(layout.experts.values(), key=lambda s: max(t.offset for t in s.tensors))
+    with NvmeTier(layout, mode) as tier, aligned(tier.buffer_nbytes()) as buf:  # type: ignore[arg-type]
+        tier._check_unchanged = lambda file, key: None  # the race: shrinks between the check and the read
+        with open(root / "model.safetensors", "rb+") as f:
+            f.truncate(min(t.offset for t in spec.tensors) // BLOCK * BLOCK)
+        with pytest.raises(ExpertReadError, match="short read"):
             tier.read_into(spec.key, buf)

@@ -94,3 +94,12 @@ def test_batch_size_must_be_positive():
 
     with pytest.raises(ConfigError):
         group_requests([], 0)
+
+
+def test_layer_plan_is_the_same_for_few_and_many_routed_tokens():
+    g = torch.Generator().manual_seed(0)
+    for tokens in (1, 3, 32, 40, 100):  # both sides of SMALL_ROUTING (64 ids)
+        ids = torch.randint(0, 8, (tokens, 2), generator=g)
+        flat = ids.reshape(-1).tolist()
+        want = sorted(set(flat), key=lambda e: (e not in {3}, -flat.count(e), e))
+        assert plan_layer(ids, resident={3}) == want

@@ -9,19 +9,30 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 
 import torch
 
 from expertflow.errors import ConfigError
 
+#: Up to this many routed ids, a layer's plan is computed in Python (decode); above it, with torch.
+SMALL_ROUTING = 64
+
 
 def plan_layer(expert_ids: torch.Tensor, resident: Collection[int] = ()) -> list[int]:
     """Unique experts of ``expert_ids`` ``[tokens, k]``: resident first, then by tokens wanting them (desc)."""
-    ids, counts = torch.unique(expert_ids.reshape(-1), return_counts=True)
-    order = sorted(zip(ids.tolist(), counts.tolist()), key=lambda ec: (ec[0] not in resident, -ec[1], ec[0]))
-    return [e for e, _ in order]
+    flat = expert_ids.reshape(-1)
+    if (
+        flat.numel() <= SMALL_ROUTING
+    ):  # decode: a few ids; counting them in Python beats torch.unique's overhead
+        counts = Counter(flat.tolist())
+        pairs = list(counts.items())
+    else:
+        ids, n = torch.unique(flat, return_counts=True)
+        pairs = list(zip(ids.tolist(), n.tolist()))
+    pairs.sort(key=lambda ec: (ec[0] not in resident, -ec[1], ec[0]))
+    return [e for e, _ in pairs]
 
 
 Profile = Mapping[int, Mapping[int, float] | Collection[int]]  # layer -> expert weights (or a set of ids)

@@ -2,7 +2,9 @@
 
 Two read modes, same result (the expert's tensors back to back in canonical order, see ``ExpertSpec``):
 
-* ``mmap``: each file is mapped once; a read is one memcpy per tensor out of the page cache.
+* ``mmap``: buffered reads through the page cache, one ``pread`` per tensor. (The mode keeps its name; it
+  no longer maps the files: a memory map dies of SIGBUS when its file shrinks under it, a read just comes
+  back short, which becomes an :class:`ExpertReadError`.)
 * ``direct``: ``O_DIRECT`` preads of 4 KiB-aligned spans straight into the (page-aligned) buffer, bypassing
   the page cache, then an in-place compaction of the tensors to their canonical offsets. A packed checkpoint
   (``expertflow pack``) is laid out so that this is a single read with nothing to move.
@@ -128,8 +130,8 @@ class NvmeTier:
         self.max_concurrent_reads = max_concurrent_reads
         self._closed = False
         self._lock = threading.Lock()
-        self._maps: dict[str, mmap.mmap] = {}
         self._fds: dict[str, int] = {}
+        self._identity: dict[str, tuple[int, int, int, int]] = {}  # file -> (device, inode, size, mtime)
         self._direct_ok = True
         self._plans: dict[ExpertKey, _Plan] = {}
         self._executor: ThreadPoolExecutor | None = None
@@ -150,15 +152,14 @@ class NvmeTier:
     def _open_files(self) -> None:
         files = sorted({t.file for s in self.layout.experts.values() for t in s.tensors})
         for file in files:
-            if self.mode == "mmap":
-                try:
-                    with open(file, "rb") as f:
-                        self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                except (OSError, ValueError) as exc:
-                    raise CheckpointError(f"cannot map file: {exc}", file=file) from exc
-                continue
             flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
             fd = -1
+            if self.mode == "mmap":
+                try:
+                    self._fds[file] = os.open(file, flags)
+                except OSError as exc:
+                    raise CheckpointError(f"cannot open file: {exc.strerror}", file=file) from exc
+                continue
             if self._direct_ok and hasattr(os, "O_DIRECT"):
                 try:
                     fd = os.open(file, flags | os.O_DIRECT)
@@ -179,9 +180,12 @@ class NvmeTier:
                 except OSError as exc:
                     raise CheckpointError(f"cannot open file: {exc.strerror}", file=file) from exc
             self._fds[file] = fd
+        for file, fd in self._fds.items():
+            st = os.fstat(fd)
+            self._identity[file] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         for s in self.layout.experts.values():
             for t in s.tensors:
-                size = len(self._maps[t.file]) if self.mode == "mmap" else os.fstat(self._fds[t.file]).st_size
+                size = self._identity[t.file][2]
                 if t.offset + t.nbytes > size:
                     raise CheckpointError(
                         f"expert {s.key} needs bytes up to {t.offset + t.nbytes} but the file has {size}",
@@ -196,7 +200,10 @@ class NvmeTier:
 
     async def aclose(self) -> None:
         """:meth:`close` off the event loop (it joins the reader threads)."""
-        await asyncio.to_thread(self.close)
+        try:
+            await asyncio.to_thread(self.close)
+        except RuntimeError:  # the loop's executor is gone (interpreter exit): close here, it is short then
+            self.close()
 
     def close(self) -> None:
         """Release threads, maps and descriptors. Idempotent."""
@@ -207,9 +214,6 @@ class NvmeTier:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
-        for m in self._maps.values():
-            m.close()
-        self._maps.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -250,8 +254,10 @@ class NvmeTier:
         if buf.readonly:
             raise ExpertReadError("buffer is read-only", key=key)
         try:
+            for file in {t.file for t in spec.tensors}:
+                self._check_unchanged(file, key)
             if self.mode == "mmap":
-                self._read_mmap(spec, buf)
+                self._read_buffered(spec, buf)
             else:
                 self._read_direct(spec, self._plans[key], buf)
         except OSError as exc:
@@ -267,10 +273,27 @@ class NvmeTier:
         self.bytes_read += spec.nbytes
         return spec.nbytes
 
-    def _read_mmap(self, spec: ExpertSpec, buf: memoryview) -> None:
+    def _check_unchanged(self, file: str, key: ExpertKey) -> None:
+        """Refuse to read a file that was truncated, rewritten or replaced since it was opened."""
+        st = os.fstat(self._fds[file])
+        now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        was = self._identity[file]
+        if now != was:
+            what = f"size {was[2]} -> {st.st_size}" if st.st_size != was[2] else "modified in place"
+            raise ExpertReadError(
+                f"{file} changed since it was opened ({what}): its experts are no longer the ones this "
+                "store serves; restart on the new checkpoint",
+                key=key,
+            )
+
+    def _read_buffered(self, spec: ExpertSpec, buf: memoryview) -> None:
         for t, off in spec.views():
-            with memoryview(self._maps[t.file]) as mv:
-                buf[off : off + t.nbytes] = mv[t.offset : t.offset + t.nbytes]
+            got = os.preadv(self._fds[t.file], [buf[off : off + t.nbytes]], t.offset)
+            if got < t.nbytes:
+                raise ExpertReadError(
+                    f"short read of {t.source} in {t.file}: {got} of {t.nbytes} bytes (file truncated?)",
+                    key=spec.key,
+                )
 
     def _read_direct(self, spec: ExpertSpec, plan: _Plan, buf: memoryview) -> None:
         if self._direct_ok and buffer_address(buf) % BLOCK:
@@ -280,9 +303,10 @@ class NvmeTier:
             got = os.preadv(self._fds[run.file], [dest], run.file_offset)
             last_needed = max(p + spec.tensors[i].nbytes for i, p in run.placed) - run.buf_offset
             if got < last_needed:
-                raise CheckpointError(
-                    f"short read: {got} of {last_needed} bytes at offset {run.file_offset} (file truncated?)",
-                    file=run.file,
+                raise ExpertReadError(
+                    f"short read in {run.file}: {got} of {last_needed} bytes at offset {run.file_offset} "
+                    "(file truncated?)",
+                    key=spec.key,
                 )
         if not plan.needs_move:
             return
