@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from expertflow.config import POLICIES, PREDICTORS, READ_MODES, StoreConfig, parse_size
-from expertflow.errors import ExpertFlowError
+from expertflow.errors import ConfigError, ExpertFlowError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -139,7 +139,24 @@ def _add_prompt_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--byte-tokens", action="store_true", help="byte-level model: token id = UTF-8 byte")
 
 
+def _require_bench_extra(*modules: str) -> None:
+    """Check, before any work, that the optional packages a bench needs are installed."""
+    import importlib
+
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ConfigError(
+            f"this benchmark needs {', '.join(missing)}: install the bench extra, pip install 'expertflow[bench]'"
+        )
+
+
 def _cmd_bench_tiers(args: argparse.Namespace) -> int:
+    _require_bench_extra("matplotlib")
     from expertflow.bench.report import markdown_table
     from expertflow.bench.tiers import bench_tiers
 
@@ -159,6 +176,7 @@ def _cmd_bench_tiers(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_decode(args: argparse.Namespace) -> int:
+    _require_bench_extra("matplotlib", *(["accelerate"] if "accelerate" in args.contenders else []))
     from expertflow.bench.decode import (
         COLUMNS,
         bench_decode,
@@ -190,6 +208,7 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_policies(args: argparse.Namespace) -> int:
+    _require_bench_extra("matplotlib")
     from expertflow.bench.policies import bench_policies, plot_policies
     from expertflow.bench.report import markdown_table
 

@@ -67,3 +67,26 @@ def test_every_documented_command_exists():
         assert parser.parse_args(argv).func
     with pytest.raises(SystemExit):
         parser.parse_args(["nonsense"])
+
+
+_WITHOUT_MATPLOTLIB = """
+import sys
+sys.modules["matplotlib"] = None  # as after `pip install expertflow` without the bench extra
+from expertflow.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_bench_without_its_extra_says_which_extra_before_any_work(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_MATPLOTLIB, "bench", "policies", "--trace", str(tmp_path / "none.npz")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0, run.stderr  # one line, no traceback
+    assert "expertflow[bench]" in run.stderr and "matplotlib" in run.stderr

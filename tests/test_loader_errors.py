@@ -118,3 +118,46 @@ def test_a_store_over_other_experts_is_refused(mixtral4: Path, tmp_path: Path) -
     other = _save(tmp_path / "other", "mixtral", num_local_experts=6, num_experts_per_tok=2)
     with ExpertStore(open_checkpoint(other)) as store, pytest.raises(ConfigError, match="differ"):
         load_model(mixtral4, store=store)
+
+
+@pytest.mark.parametrize("top_k", [-1, 0, 5])
+def test_invalid_experts_per_token_is_refused_at_load_and_leaks_nothing(
+    mixtral4: Path, tmp_path: Path, top_k: int
+) -> None:
+    import gc
+    import os
+    import shutil
+    import threading
+
+    root = tmp_path / "bad"
+    shutil.copytree(mixtral4, root)
+    _edit_config(root, num_experts_per_tok=top_k)
+    gc.collect()
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(CheckpointError, match="experts per token"):
+            load_model(root)
+    gc.collect()
+    assert threading.active_count() == threads
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_failure_after_the_store_exists_closes_it(mixtral4: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+    import os
+    import threading
+
+    import expertflow.model.loader as loader
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("injected failure after the store was created")
+
+    monkeypatch.setattr(loader, "attach_predictor", broken)
+    gc.collect()
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(RuntimeError, match="injected"):
+            load_model(mixtral4, config=StoreConfig(host_bytes=None))
+    gc.collect()
+    assert threading.active_count() == threads
+    assert len(os.listdir("/proc/self/fd")) == fds

@@ -21,6 +21,7 @@ import errno
 import logging
 import mmap
 import os
+import stat
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -152,7 +153,8 @@ class NvmeTier:
     def _open_files(self) -> None:
         files = sorted({t.file for s in self.layout.experts.values() for t in s.tensors})
         for file in files:
-            flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+            # O_NONBLOCK: opening a FIFO put where a file was must not hang; non-regular files are refused below.
+            flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
             fd = -1
             if self.mode == "mmap":
                 try:
@@ -182,6 +184,9 @@ class NvmeTier:
             self._fds[file] = fd
         for file, fd in self._fds.items():
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointError("not a regular file", file=file)
+            os.set_blocking(fd, True)
             self._identity[file] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         for s in self.layout.experts.values():
             for t in s.tensors:

@@ -49,6 +49,7 @@ from expertflow.tiers.safetensors_index import (
     PACK_MANIFEST_NAME,
     read_config,
     read_header,
+    read_json_file,
 )
 
 FORMAT = "expertflow-pack"
@@ -268,10 +269,7 @@ def load_packed_layout(root: str | os.PathLike[str]) -> ExpertLayout:
 
 def _read_manifest(manifest_path: Path, where: str) -> dict[str, Any]:
     """The manifest as a JSON object, once its format, version and alignment are ones this code reads."""
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"pack manifest is unreadable: {exc}", file=where) from exc
+    manifest = read_json_file(manifest_path, "pack manifest")
     if not isinstance(manifest, dict):
         raise CheckpointError("pack manifest is not a JSON object", file=where)
     if manifest.get("format") != FORMAT:

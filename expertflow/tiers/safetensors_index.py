@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from pathlib import Path
+from typing import Any
 
 from expertflow.core import DTYPE_SIZES
 from expertflow.errors import CheckpointError
@@ -24,12 +26,70 @@ PACK_MANIFEST_NAME = "expertflow-manifest.json"
 MAX_HEADER_BYTES = 100_000_000
 
 
+def open_regular(path: str | os.PathLike[str]) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file (never blocks on a FIFO or device).
+
+    Symlinks are followed (the Hugging Face cache is made of them); a loop, a NUL in the name or anything that
+    is not a regular file is a :class:`CheckpointError` naming the path.
+    """
+    file = os.fspath(path)
+    if "\0" in file:
+        raise CheckpointError("file name contains a NUL byte", file=repr(file))
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise CheckpointError(f"cannot open file: {exc.strerror or exc}", file=file) from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError("cannot read: not a regular file (a directory, FIFO or device)", file=file)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def load_json(data: bytes | str, *, file: str, what: str) -> Any:
+    """Strict JSON: duplicate keys, absurd nesting or numbers, and bad UTF-8 are a :class:`CheckpointError`."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        return json.loads(text, object_pairs_hook=_refuse_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        kind = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise CheckpointError(f"{what} is unreadable: not valid UTF-8 JSON ({kind})", file=file) from None
+
+
+def read_json_file(path: str | os.PathLike[str], what: str) -> Any:
+    """Read and parse a small JSON file (config, index, manifest) through :func:`open_regular`."""
+    fd = open_regular(path)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(MAX_HEADER_BYTES + 1)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {what}: {exc.strerror or exc}", file=os.fspath(path)) from exc
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{what} is larger than 100 MB", file=os.fspath(path))
+    return load_json(raw, file=os.fspath(path), what=what)
+
+
 def read_header(path: str | os.PathLike[str]) -> list[TensorInfo]:
     """Tensors of one safetensors file, with absolute byte offsets, fully validated."""
     file = os.fspath(path)
+    fd = open_regular(file)
     try:
-        size = os.path.getsize(file)
-        with open(file, "rb") as f:
+        size = os.fstat(fd).st_size
+        with os.fdopen(fd, "rb", closefd=False) as f:
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise CheckpointError(
@@ -46,10 +106,9 @@ def read_header(path: str | os.PathLike[str]) -> list[TensorInfo]:
             raw = f.read(header_len)
     except OSError as exc:
         raise CheckpointError(f"cannot read safetensors file: {exc.strerror or exc}", file=file) from exc
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"header is not valid UTF-8 JSON: {exc}", file=file) from exc
+    finally:
+        os.close(fd)
+    header = load_json(raw, file=file, what="header")
     if not isinstance(header, dict):
         raise CheckpointError("header is not a JSON object", file=file)
 
@@ -63,20 +122,37 @@ def read_header(path: str | os.PathLike[str]) -> list[TensorInfo]:
             continue
         tensors.append(_parse_entry(file, name, entry, data_start, data_size))
 
-    tensors.sort(key=lambda t: t.offset)
+    _check_coverage(file, tensors, data_start, data_size)
+    return tensors
+
+
+def _check_coverage(file: str, tensors: list[TensorInfo], data_start: int, data_size: int) -> None:
+    """As safetensors requires: tensors sit back to back and fill the data area, with no overlap and no gap."""
+    tensors.sort(key=lambda t: (t.offset, t.nbytes))
     end = data_start
     prev: TensorInfo | None = None
     for t in tensors:
-        if t.offset < end and t.nbytes > 0:
+        if t.offset < end:
             raise CheckpointError(
                 f"tensor overlaps {prev.name if prev else 'the header'} "
                 f"(starts at data offset {t.offset - data_start}, previous ends at {end - data_start})",
                 file=file,
                 tensor=t.name,
             )
-        end = max(end, t.offset + t.nbytes)
+        if t.offset > end:
+            raise CheckpointError(
+                f"gap of {t.offset - end} bytes in the data area before this tensor "
+                f"(data offset {end - data_start}); safetensors files have none",
+                file=file,
+                tensor=t.name,
+            )
+        end = t.offset + t.nbytes
         prev = t
-    return tensors
+    if end != data_start + data_size:
+        raise CheckpointError(
+            f"{data_start + data_size - end} bytes after the last tensor are not part of any tensor",
+            file=file,
+        )
 
 
 def _parse_entry(file: str, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
@@ -90,6 +166,12 @@ def _parse_entry(file: str, name: str, entry: object, data_start: int, data_size
         raise CheckpointError(f"shape {shape!r} is not a list of integers", file=file, tensor=name)
     if any(d < 0 for d in shape):
         raise CheckpointError(f"shape {shape} has a negative dimension", file=file, tensor=name)
+    if any(d > max(data_size, 1) for d in shape):  # even an empty tensor cannot claim such a dimension
+        raise CheckpointError(
+            f"shape {shape} has a dimension larger than the {data_size}-byte data area",
+            file=file,
+            tensor=name,
+        )
     offsets = entry.get("data_offsets")
     if (
         not isinstance(offsets, list)
@@ -120,16 +202,13 @@ def _parse_entry(file: str, name: str, entry: object, data_start: int, data_size
 
 def read_config(root: Path) -> dict[str, object]:
     path = root / CONFIG_NAME
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(
             "not a Hugging Face model directory: config.json is missing "
             "(pass the folder that save_pretrained wrote)",
             file=str(path),
         )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"config.json is unreadable: {exc}", file=str(path)) from exc
+    config = read_json_file(path, "config.json")
     if not isinstance(config, dict):
         raise CheckpointError("config.json is not a JSON object", file=str(path))
     return config
@@ -138,11 +217,8 @@ def read_config(root: Path) -> dict[str, object]:
 def checkpoint_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of a model directory and, when sharded, the index's tensor -> file map."""
     index = root / INDEX_NAME
-    if index.is_file():
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"index is unreadable: {exc}", file=str(index)) from exc
+    if index.exists():
+        data = read_json_file(index, "index")
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError("index has no weight_map object", file=str(index))
@@ -154,18 +230,23 @@ def checkpoint_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
                 )
             # Judge the name, not where it resolves to: in the Hugging Face cache every shard is a symlink
             # into ../../blobs, which is fine; a name with a directory part ("../x", "/abs") is not.
-            if Path(fname).name != fname or fname in ("", ".", ".."):
+            if "\0" in fname or Path(fname).name != fname or fname in ("", ".", ".."):
                 raise CheckpointError(
                     f"shard {fname!r} is outside the model directory", file=str(index), tensor=tensor
                 )
-            shard = (root / fname).resolve()
             if fname not in files:
-                if not shard.is_file():
+                try:
+                    shard = (root / fname).resolve(strict=True)
+                except FileNotFoundError:
                     raise CheckpointError(
                         f"shard {fname!r} named in the index is missing", file=str(index), tensor=tensor
-                    )
+                    ) from None
+                except (OSError, RuntimeError) as exc:  # a symlink loop
+                    raise CheckpointError(
+                        f"shard {fname!r} cannot be resolved: {exc}", file=str(index)
+                    ) from None
                 files[fname] = shard
-        return sorted(files.values()), {k: str((root / v).resolve()) for k, v in weight_map.items()}
+        return sorted(files.values()), {k: str(files[v]) for k, v in weight_map.items()}
     single = root / SINGLE_NAME
     if single.is_file():
         return [single], None
