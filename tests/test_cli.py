@@ -82,7 +82,15 @@ def test_a_bench_without_its_extra_says_which_extra_before_any_work(tmp_path) ->
     import sys
 
     run = subprocess.run(
-        [sys.executable, "-c", _WITHOUT_MATPLOTLIB, "bench", "policies", "--trace", str(tmp_path / "none.npz")],
+        [
+            sys.executable,
+            "-c",
+            _WITHOUT_MATPLOTLIB,
+            "bench",
+            "policies",
+            "--trace",
+            str(tmp_path / "none.npz"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
