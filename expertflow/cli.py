@@ -326,6 +326,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         curve_secret=args.curve_secret,
         allow_keys=args.allow_keys,
         grace=args.grace,
+        insecure=args.insecure,
     )
     asyncio.run(run_server(args.path, config))
     return 0
@@ -402,6 +403,11 @@ def build_store_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-secret", help="the server's secret key file: require CurveZMQ")
     p.add_argument("--allow-keys", help="directory of client public keys allowed in (needs --curve-secret)")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight replies get on shutdown")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --bind without CURVE (only on a network you trust)",
+    )
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
     p.set_defaults(func=_cmd_serve)
 

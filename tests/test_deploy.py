@@ -231,6 +231,7 @@ def test_unit_exec_start_is_a_real_serve_command_inside_the_sandbox() -> None:
                 _tcp_port(bind)
         # Shutdown: up to --grace for in-flight replies, then up to --grace of socket linger.
         assert _seconds(stop_timeout) > 2 * args.grace, f"{where}: TimeoutStopSec too short for --grace"
+        _accepted_by_the_daemon(args)
         for key_path in (args.curve_secret, args.allow_keys):
             if key_path:  # ProtectHome=yes hides these from the daemon
                 assert not any(_is_under(key_path, p) for p in ("/home", "/root", "/run/user")), where
@@ -365,6 +366,7 @@ def test_containerfile_commands_parse_and_agree_on_the_port() -> None:
     [bind] = serve.bind
     port = _tcp_port(bind)
     assert bind.startswith("tcp://0.0.0.0:"), "bind all interfaces, or the port is unreachable from outside"
+    _accepted_by_the_daemon(serve)
     exposed = [int(p.split("/")[0]) for i, a in instructions if i == "EXPOSE" for p in a.split()]
     assert port in exposed
     [health] = [a for i, a in instructions if i == "HEALTHCHECK"]
@@ -373,6 +375,13 @@ def test_containerfile_commands_parse_and_agree_on_the_port() -> None:
         _exec_form(health[health.index("CMD") + 3 :].strip(), "HEALTHCHECK"), "Containerfile HEALTHCHECK"
     )
     assert ping.command == "ping" and ping.address == f"tcp://127.0.0.1:{port}"
+
+
+def _accepted_by_the_daemon(serve: argparse.Namespace) -> None:
+    """The daemon would start with these options (an open bind needs CURVE or an explicit --insecure)."""
+    from expertflow.services.server import ServerConfig
+
+    ServerConfig(binds=tuple(serve.bind), curve_secret=serve.curve_secret, insecure=serve.insecure)
 
 
 # --- compose ---------------------------------------------------------------------------------------------
@@ -422,6 +431,7 @@ def test_compose_points_the_gpu_node_at_the_memory_host() -> None:
     assert serve.command == "serve" and serve.preload
     [bind] = serve.bind
     assert bind.startswith("tcp://0.0.0.0:"), "bind all interfaces, or other containers cannot connect"
+    _accepted_by_the_daemon(serve)
     port = _tcp_port(bind)
     generate = _parse(_service_argv(node), "compose.yaml gpu-node")
     assert generate.command == "generate"
@@ -438,15 +448,17 @@ def test_compose_curve_variant_in_comments_parses() -> None:
     text = COMPOSE.read_text()
     services = _compose()["services"]
     assert re.search(r"#\s*-\s*\./keys:/keys:ro", text), "the keys volume is shown"
-    [server_extra] = re.findall(r"#\s*CURVE: append (.+)", text)
+    [server_extra] = re.findall(r'#\s*CURVE: replace "--insecure" with (.+)', text)
     [client_extra] = re.findall(r"#\s*CURVE: add (.+)", text)
-    server_argv = _service_argv(services["memory-host"]) + json.loads(f"[{server_extra}]")
+    plain = [a for a in _service_argv(services["memory-host"]) if a != "--insecure"]
+    server_argv = plain + json.loads(f"[{server_extra}]")
     client_argv = _service_argv(services["gpu-node"]) + shlex.split(client_extra)
     serve = _parse(server_argv, "compose.yaml memory-host with CURVE")
     generate = _parse(client_argv, "compose.yaml gpu-node with CURVE")
     assert (
         serve.curve_secret and serve.allow_keys and generate.curve_server_key and generate.curve_client_secret
     )
+    assert not serve.insecure
     for path in (
         serve.curve_secret,
         serve.allow_keys,

@@ -449,3 +449,32 @@ async def test_one_client_cannot_pin_more_than_its_share_of_the_cache(mixtral_la
         assert server.stat_counters()["clients_known"] == 0 and server.store.pinned() == []
     finally:
         await server.aclose()
+
+
+@pytest.mark.parametrize(
+    "bind, ok",
+    [
+        ("tcp://127.0.0.1:5555", True),
+        ("tcp://[::1]:5555", True),
+        ("tcp://localhost:5555", True),
+        ("ipc:///tmp/x.sock", True),
+        ("tcp://0.0.0.0:5555", False),
+        ("tcp://*:5555", False),
+        ("tcp://10.1.2.3:5555", False),
+    ],
+)
+def test_a_reachable_address_needs_curve_or_an_explicit_insecure(bind: str, ok: bool) -> None:
+    if ok:
+        ServerConfig(binds=(bind,))
+    else:
+        with pytest.raises(ConfigError, match="--insecure"):
+            ServerConfig(binds=(bind,))
+        ServerConfig(binds=(bind,), insecure=True)
+        ServerConfig(binds=(bind,), curve_secret="server.key_secret")
+
+
+def test_serve_refuses_an_open_bind_before_loading_anything(tmp_path, capsys) -> None:
+    from expertflow.cli import store_main
+
+    assert store_main(["serve", str(tmp_path / "nothing-here"), "--bind", "tcp://0.0.0.0:0"]) == 2
+    assert "--insecure" in capsys.readouterr().err

@@ -65,14 +65,31 @@ class ServerConfig:
     grace: float = 5.0  # seconds in-flight replies get to finish on shutdown
     fetch_timeout: float = 60.0
     limits: P.Limits = field(default_factory=P.Limits)
+    insecure: bool = False  # allow a non-loopback address without CURVE
 
     def __post_init__(self) -> None:
         if not self.binds:
             raise ConfigError("the server needs at least one --bind address")
+        exposed = [b for b in self.binds if not _is_local(b)]
+        if exposed and not self.curve_secret and not self.insecure:
+            raise ConfigError(
+                f"{', '.join(exposed)} is reachable from other machines and the traffic would be neither "
+                "encrypted nor authenticated: add --curve-secret (and --allow-keys), bind 127.0.0.1 or ipc://, "
+                "or pass --insecure on a network you trust"
+            )
         if self.allow_keys and not self.curve_secret:
             raise ConfigError("--allow-keys needs --curve-secret (the server's own key pair)")
         if self.grace < 0:
             raise ConfigError("grace must be >= 0")
+
+
+def _is_local(address: str) -> bool:
+    """Whether a bind address can only be reached from this machine (ipc, inproc, loopback tcp)."""
+    scheme, _, rest = address.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = rest.rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 class _ClientGone(Exception):
