@@ -6,6 +6,7 @@ Every expert a client receives is compared byte for byte with the checkpoint rea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import subprocess
@@ -478,3 +479,58 @@ def test_serve_refuses_an_open_bind_before_loading_anything(tmp_path, capsys) ->
 
     assert store_main(["serve", str(tmp_path / "nothing-here"), "--bind", "tcp://0.0.0.0:0"]) == 2
     assert "--insecure" in capsys.readouterr().err
+
+
+_ROGUE_CLIENT = """
+import asyncio, dataclasses, json, resource, sys
+from expertflow.core import ExpertKey
+from expertflow.errors import RemoteError
+from expertflow.services import protocol as P
+from expertflow.services.client import ExpertClient
+
+async def main():
+    limits = dataclasses.replace(P.DEFAULT_LIMITS, max_frame_bytes=1 << 20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    async with ExpertClient(sys.argv[1], timeout=5, limits=limits) as client:
+        try:
+            await client.get_one(ExpertKey(0, 0))
+            outcome = "accepted"
+        except RemoteError as exc:
+            outcome = exc.code
+    grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    print(json.dumps({"outcome": outcome, "grew": grew}))
+
+asyncio.run(main())
+"""
+
+
+async def test_a_rogue_server_cannot_make_the_client_buffer_a_huge_frame() -> None:
+    import json
+    import sys
+
+    ctx = zmq.asyncio.Context.instance()
+    rogue = ctx.socket(zmq.ROUTER)
+    rogue.linger = 0
+    port = rogue.bind_to_random_port("tcp://127.0.0.1")
+    huge = bytes(256 << 20)
+
+    async def answer_everything_with_a_huge_frame() -> None:
+        while True:
+            identity, head, *_ = await rogue.recv_multipart()
+            rid = P.decode_request([head], P.DEFAULT_LIMITS).id
+            with contextlib.suppress(zmq.ZMQError):
+                await rogue.send_multipart([identity, P.encode_pong(rid)[0], huge], copy=False)
+
+    task = asyncio.create_task(answer_everything_with_a_huge_frame())
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _ROGUE_CLIENT, f"tcp://127.0.0.1:{port}", stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        rogue.close(linger=0)
+    result = json.loads(out)
+    assert result["outcome"] in ("DISCONNECTED", "TIMEOUT")
+    assert result["grew"] < 64 << 20  # the 256 MiB frame was never buffered

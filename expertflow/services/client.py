@@ -80,6 +80,9 @@ class ExpertClient:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        # No frame a server sends is larger than a header or the largest tensor it may send: libzmq drops a
+        # peer that announces more before buffering a byte of it, so a rogue server cannot balloon our memory.
+        sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_header_bytes, limits.max_frame_bytes))
         for option, value in options.items():
             sock.setsockopt(option, value)
         self._monitor = sock.get_monitor_socket(_MONITOR_EVENTS)

@@ -12,6 +12,7 @@ one byte of it is used.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -100,6 +101,9 @@ class RemoteTier:
         answer is only logged: it is retried while reading, and reads fall through to NVMe meanwhile.
         """
         fingerprint = await asyncio.to_thread(content_fingerprint, layout)
+        # Replies carry one tensor per frame: nothing larger than this checkpoint's largest tensor is expected.
+        largest = max(t.nbytes for spec in layout.experts.values() for t in spec.tensors)
+        limits = dataclasses.replace(P.DEFAULT_LIMITS, max_frame_bytes=max(1, largest))
         servers = []
         for address in dict.fromkeys(config.remote):
             client = ExpertClient(
@@ -107,6 +111,7 @@ class RemoteTier:
                 timeout=config.remote_timeout,
                 curve_server_key=config.curve_server_key,
                 curve_client_secret=config.curve_client_secret,
+                limits=limits,
             )
             servers.append(_Server(address, client))
         tier = cls(
