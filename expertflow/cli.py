@@ -327,6 +327,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         allow_keys=args.allow_keys,
         grace=args.grace,
         insecure=args.insecure,
+        max_unsent_replies=args.max_unsent_replies,
+        unsent_deadline=args.unsent_deadline,
+        unsent_share=args.unsent_share,
+        drop_seconds=args.drop_seconds,
     )
     asyncio.run(run_server(args.path, config))
     return 0
@@ -407,6 +411,27 @@ def build_store_parser() -> argparse.ArgumentParser:
         "--insecure",
         action="store_true",
         help="allow a non-loopback --bind without CURVE (only on a network you trust)",
+    )
+    p.add_argument(
+        "--max-unsent-replies",
+        type=int,
+        default=256,
+        help="replies one connection may leave unread before it is dropped",
+    )
+    p.add_argument(
+        "--unsent-deadline",
+        type=float,
+        default=10.0,
+        help="seconds an unread expert reply keeps its cache pin before its client is dropped",
+    )
+    p.add_argument(
+        "--unsent-share",
+        type=float,
+        default=0.5,
+        help="share of the cache that unread replies of all clients may pin together",
+    )
+    p.add_argument(
+        "--drop-seconds", type=float, default=30.0, help="how long a dropped client's requests are ignored"
     )
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
     p.set_defaults(func=_cmd_serve)

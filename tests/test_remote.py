@@ -18,6 +18,7 @@ from expertflow.core import ExpertKey
 from expertflow.errors import FingerprintMismatchError
 from expertflow.model.generate import generate
 from expertflow.model.loader import load_model
+from expertflow.services import protocol as P
 from expertflow.services.remote import RemoteTier, rendezvous_order
 from expertflow.services.server import ExpertServer, ServerConfig
 from expertflow.tiers.layout import ExpertLayout
@@ -217,3 +218,83 @@ async def test_a_packed_checkpoint_is_served_with_its_manifest_checksums(mixtral
             await store.aclose()
     finally:
         await server.aclose()
+
+
+class _ScriptedServer:
+    """A real ZeroMQ ROUTER that passes ``hello`` for ``layout`` and then misbehaves on every ``get``:
+    ``busy`` answers BUSY just before the client's deadline; ``flood`` also sends hundreds of replies to
+    requests nobody made."""
+
+    def __init__(self, layout: ExpertLayout, mode: str, delay: float) -> None:
+        import zmq
+        import zmq.asyncio
+
+        from expertflow.tiers.fingerprint import content_fingerprint
+
+        self.layout, self.mode, self.delay = layout, mode, delay
+        self.fingerprint = content_fingerprint(layout)
+        self.gets = 0
+        self._sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        self._sock.linger = 0
+        self.address = f"tcp://127.0.0.1:{self._sock.bind_to_random_port('tcp://127.0.0.1')}"
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> _ScriptedServer:
+        self._task = asyncio.create_task(self._serve())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._sock.close(linger=0)
+
+    async def _serve(self) -> None:
+        info = P.ServerInfo(
+            version="scripted", experts=len(self.layout.experts), layers=self.layout.moe_layers,
+            max_keys=1024, max_in_flight=64,
+        )  # fmt: skip
+        while True:
+            identity, head, *_ = await self._sock.recv_multipart()
+            req = P.decode_request([head], P.DEFAULT_LIMITS)
+            if req.op is P.Op.HELLO:
+                await self._sock.send_multipart(
+                    [identity, *P.encode_hello_reply(req.id, self.fingerprint, info)]
+                )
+                continue
+            self.gets += 1
+            if self.mode == "flood":
+                for junk in range(1_000_000, 1_000_300):
+                    await self._sock.send_multipart([identity, *P.encode_pong(junk)])
+            await asyncio.sleep(self.delay)
+            await self._sock.send_multipart([identity, *P.encode_error(req.id, P.ErrorCode.BUSY, "busy")])
+
+
+@pytest.mark.parametrize("mode", ["busy", "flood"])
+async def test_a_server_that_stalls_or_floods_is_marked_down_and_nvme_takes_over(
+    mode, mixtral_layout
+) -> None:
+    import time
+
+    timeout = 1.0
+    async with _ScriptedServer(mixtral_layout, mode, delay=0.8 * timeout) as rogue:
+        config = StoreConfig(
+            remote=(rogue.address,), remote_timeout=timeout, remote_retries=5, predictor="none"
+        )
+        store = await open_async_store(mixtral_layout, config)
+        try:
+            keys = mixtral_layout.keys()[:12]
+            t0 = time.monotonic()
+            for key in keys:
+                store.release(await store.fetch([key]))
+            elapsed = time.monotonic() - t0
+            stats = store.stats()
+            tier = next(s for s in store.sources.sources if isinstance(s, RemoteTier))
+        finally:
+            await store.aclose()
+    assert stats.reads == {"nvme": 12}
+    assert tier.counters["marked_down"] >= 1
+    # Each expert waits at most one deadline, and a server marked down is skipped during its back-off:
+    # far below 12 experts x 6 tries x 0.8 s.
+    assert elapsed < 6 * timeout, elapsed
+    assert rogue.gets < 12

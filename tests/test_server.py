@@ -534,3 +534,78 @@ async def test_a_rogue_server_cannot_make_the_client_buffer_a_huge_frame() -> No
     result = json.loads(out)
     assert result["outcome"] in ("DISCONNECTED", "TIMEOUT")
     assert result["grew"] < 64 << 20  # the 256 MiB frame was never buffered
+
+
+async def test_a_connection_that_never_reads_is_dropped_and_its_queue_stays_bounded(
+    mixtral_layout, reference
+) -> None:
+    config = ServerConfig(binds=("tcp://127.0.0.1:*",), max_unsent_replies=16, drop_seconds=60)
+    server = await ExpertServer.start(mixtral_layout, config)
+    ctx = zmq.asyncio.Context.instance()
+    silent = ctx.socket(zmq.DEALER)
+    silent.linger = 0
+    silent.rcvhwm = 1  # it reads nothing: its replies pile up in socket buffers, then on the server's side
+    silent.rcvbuf = 4096
+    silent.connect(server.endpoints[0])
+    unknown = [[99, e] for e in range(1024)]
+    try:
+        rid = 0
+        while not server.stat_counters()["clients_dropped"] and rid < 100_000:
+            for _ in range(200):
+                rid += 1
+                await silent.send_multipart(P.encode_get(rid, unknown) if rid % 2 else P.encode_ping(rid))
+            await asyncio.sleep(0.01)
+        assert server.stat_counters()["clients_dropped"] == 1, f"not dropped after {rid} requests"
+        for _ in range(50):  # from now on its requests are ignored, not answered into a growing queue
+            rid += 1
+            await silent.send_multipart(P.encode_ping(rid))
+        for _ in range(200):
+            if server.stat_counters()["requests_ignored"] >= 50:
+                break
+            await asyncio.sleep(0.02)
+        assert server.stat_counters()["requests_ignored"] >= 50
+        async with ExpertClient(server.endpoints[0], timeout=10) as client:  # others are served
+            key = mixtral_layout.keys()[3]
+            assert await _get_all(client, [key], reference) == [key]
+    finally:
+        silent.close(linger=0)
+        await server.aclose()
+
+
+async def test_readers_that_never_read_cannot_pin_the_cache(tmp_path) -> None:
+    """Four connections ask for experts and read nothing; their pins expire and a normal client is served."""
+    from tests.store_helpers import write_moe_checkpoint
+
+    root = write_moe_checkpoint(
+        tmp_path / "big", layers=2, experts=8, hidden=512, inter=1024
+    )  # 6 MiB experts
+    layout = open_checkpoint(root)
+    config = ServerConfig(
+        binds=("tcp://127.0.0.1:*",), mem_bytes=8 * _slot(layout), unsent_deadline=0.5, unsent_share=0.5
+    )
+    server = await ExpertServer.start(layout, config)
+    ctx = zmq.asyncio.Context.instance()
+    silent = []
+    try:
+        keys = layout.keys()
+        for i in range(4):
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.rcvhwm = 1
+            sock.rcvbuf = 4096
+            sock.connect(server.endpoints[0])
+            await sock.send_multipart(P.encode_get(1, [[k.layer, k.expert] for k in keys[i * 4 : i * 4 + 4]]))
+            silent.append(sock)
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            assert len(server.store.pinned()) <= server.unsent_cap + 4  # at most one loading per client
+        async with ExpertClient(server.endpoints[0], timeout=10) as client:
+            got = [r.key async for r in client.get(keys[:8]) if isinstance(r, P.ExpertReply)]
+        assert sorted(got) == keys[:8]
+        stat = server.stat_counters()
+        assert stat["replies_expired"] >= 1 and stat["clients_dropped"] >= 1
+        assert stat["limit_unsent_pins"] == 4
+    finally:
+        for sock in silent:
+            sock.close(linger=0)
+        await server.aclose()

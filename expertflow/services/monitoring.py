@@ -17,6 +17,9 @@ _COUNTER_SUFFIXES = (
     "_read",
     "_gone",
     "_errors",
+    "_dropped",
+    "_ignored",
+    "_expired",
 )
 
 

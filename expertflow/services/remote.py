@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 # Errors after which a server is taken out of rotation (a retry on the same server would only wait again).
+#: Consecutive BUSY answers after which a server counts as down (it is alive but cannot serve us).
+BUSY_LIMIT = 3
+#: Stale replies (answers to requests nobody waits for) between two reads that mark a server as flooding.
+STALE_LIMIT = 64
 _SERVER_DOWN = frozenset({"TIMEOUT", "DISCONNECTED", "UNAUTHORIZED", "CLOSED", "SHUTTING_DOWN", "BAD_REPLY"})
 
 
@@ -53,6 +57,8 @@ class _Server:
     backoff: float = BACKOFF_START
     needs_hello: bool = True
     disabled: str | None = None  # a permanent reason (wrong checkpoint)
+    busy: int = 0  # consecutive BUSY answers
+    stale_seen: int = 0  # the client's stale-reply count at the last check
 
     def available(self, now: float) -> bool:
         return self.disabled is None and now >= self.down_until
@@ -69,6 +75,13 @@ class _Server:
     def mark_up(self) -> None:
         self.down_until = 0.0
         self.backoff = BACKOFF_START
+        self.busy = 0
+
+    def flooding(self) -> bool:
+        """Whether it sent many replies nobody asked for since the last check (a broken or hostile server)."""
+        new = self.client.stale_replies - self.stale_seen
+        self.stale_seen = self.client.stale_replies
+        return new > STALE_LIMIT
 
 
 class RemoteTier:
@@ -84,13 +97,21 @@ class RemoteTier:
         *,
         replicas: int = 1,
         retries: int = 2,
+        deadline: float = 5.0,
     ) -> None:
         self.layout = layout
         self.fingerprint = fingerprint
         self._servers = {s.address: s for s in servers}
         self.replicas = max(1, min(replicas, len(servers)))
         self.retries = retries
-        self.counters: dict[str, int] = {"reads": 0, "failovers": 0, "checksum_errors": 0, "errors": 0}
+        self.deadline = deadline  # for one expert, over every server and retry; then the next source
+        self.counters: dict[str, int] = {
+            "reads": 0,
+            "failovers": 0,
+            "checksum_errors": 0,
+            "errors": 0,
+            "marked_down": 0,
+        }
         self.reads_by_server: dict[str, int] = {s.address: 0 for s in servers}
 
     @classmethod
@@ -115,7 +136,12 @@ class RemoteTier:
             )
             servers.append(_Server(address, client))
         tier = cls(
-            layout, fingerprint, servers, replicas=config.remote_replicas, retries=config.remote_retries
+            layout,
+            fingerprint,
+            servers,
+            replicas=config.remote_replicas,
+            retries=config.remote_retries,
+            deadline=config.remote_timeout,
         )
         try:
             await asyncio.gather(*(tier._hello(s, strict=True) for s in servers))
@@ -157,15 +183,29 @@ class RemoteTier:
         order = rendezvous_order([s.address for s in self._servers.values() if s.disabled is None], key)
         candidates = [self._servers[a] for a in order[: self.replicas]]
         last: Exception | None = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deadline
         for rank, server in enumerate(candidates):
             if not server.available(now):
+                continue
+            if server.flooding():
+                self._down(server, "a flood of replies nobody asked for")
                 continue
             if server.needs_hello and not await self._hello(server):
                 continue
             for attempt in range(self.retries + 1):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    last = RemoteError(f"{key}: no expert within {self.deadline} s", code="TIMEOUT")
+                    self._down(server, "too slow")
+                    break
                 try:
-                    reply = await server.client.get_one(key)
+                    reply = await asyncio.wait_for(server.client.get_one(key), remaining)
                     nbytes = self._place(spec, reply, buf)
+                except asyncio.TimeoutError:
+                    last = RemoteError(f"{key}: no expert within {self.deadline} s", code="TIMEOUT")
+                    self._down(server, "too slow")
+                    break
                 except ChecksumError as exc:
                     self.counters["checksum_errors"] += 1
                     last = exc
@@ -173,8 +213,13 @@ class RemoteTier:
                 except RemoteError as exc:
                     last = exc
                     if exc.code in _SERVER_DOWN:
-                        server.mark_down(str(exc))
+                        self._down(server, str(exc))
                         break
+                    if exc.code == "BUSY":
+                        server.busy += 1
+                        if server.busy >= BUSY_LIMIT:
+                            self._down(server, f"BUSY {server.busy} times in a row")
+                            break
                     await asyncio.sleep(0.01 * (attempt + 1))  # BUSY and read errors: the server is alive
                     continue
                 server.mark_up()
@@ -189,6 +234,10 @@ class RemoteTier:
         if isinstance(last, RemoteError):
             raise last
         raise RemoteError(f"{key}: {last}", code="CHECKSUM")
+
+    def _down(self, server: _Server, reason: str) -> None:
+        self.counters["marked_down"] += 1
+        server.mark_down(reason)
 
     def _place(self, spec: ExpertSpec, reply: P.ExpertReply, buf: memoryview) -> int:
         """Copy a verified reply into ``buf`` at canonical offsets, after checking it is this expert."""

@@ -66,6 +66,17 @@ class ServerConfig:
     fetch_timeout: float = 60.0
     limits: P.Limits = field(default_factory=P.Limits)
     insecure: bool = False  # allow a non-loopback address without CURVE
+    # Replies one connection may have waiting in libzmq (it is not reading). Past it the connection is dropped:
+    # its requests are ignored for ``drop_seconds``. Error and control replies are at most a header (64 KiB),
+    # and expert replies are bounded by the pins a client may hold, so this bounds bytes too.
+    max_unsent_replies: int = 256
+    drop_seconds: float = 30.0
+    # An expert reply libzmq has not sent after this long loses its pin (its client is dropped: it is not
+    # reading). Its bytes may then be overwritten under libzmq, which the client's checksum check refuses.
+    unsent_deadline: float = 10.0
+    # At most this share of the cache may be pinned by replies waiting in libzmq, over all clients; past it
+    # the oldest waiting reply is expired as above.
+    unsent_share: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.binds:
@@ -81,6 +92,10 @@ class ServerConfig:
             raise ConfigError("--allow-keys needs --curve-secret (the server's own key pair)")
         if self.grace < 0:
             raise ConfigError("grace must be >= 0")
+        if self.max_unsent_replies < 1 or self.drop_seconds < 0:
+            raise ConfigError("max_unsent_replies must be >= 1 and drop_seconds >= 0")
+        if self.unsent_deadline <= 0 or not 0 < self.unsent_share <= 1:
+            raise ConfigError("unsent_deadline must be > 0 and unsent_share in (0, 1]")
 
 
 def _is_local(address: str) -> bool:
@@ -90,6 +105,10 @@ def _is_local(address: str) -> bool:
         return True
     host = rest.rpartition(":")[0].strip("[]")
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+#: Seconds an expert reply may wait in libzmq before it counts as slow, when others need its pin.
+UNSENT_SLOW = 1.0
 
 
 class _ClientGone(Exception):
@@ -114,6 +133,9 @@ class _Unsent:
     handle: ExpertHandle
     client: _Client
     frames: int
+    identity: bytes = b""
+    created: float = 0.0
+    timer: asyncio.TimerHandle | None = None
 
 
 class ExpertServer:
@@ -140,9 +162,13 @@ class ExpertServer:
         self._clients: dict[bytes, _Client] = {}
         # Experts one client may hold pinned at once (see _Client.held); gets are served in chunks of this.
         self.client_cap = max(1, store.num_slots // 4)
+        # Pins held by replies waiting in libzmq, over all clients (see ServerConfig.unsent_share).
+        self.unsent_cap = max(1, int(store.num_slots * config.unsent_share))
         # Replies whose cache buffers libzmq still reads (zero-copy): their experts stay pinned until then.
         self._unsent: set[_Unsent] = set()
         self._loop = asyncio.get_running_loop()
+        self._unsent_changed = asyncio.Event()
+        self._dropped: dict[bytes, float] = {}  # identity -> monotonic time until which it is ignored
         self._checksums: dict[ExpertKey, int] = {}
         self._stop = asyncio.Event()
         self._stopping = False
@@ -160,6 +186,9 @@ class ExpertServer:
                     "experts_sent",
                     "bytes_sent",
                     "clients_gone",
+                    "clients_dropped",
+                    "requests_ignored",
+                    "replies_expired",
                     "internal_errors",
                 )
             }
@@ -233,8 +262,9 @@ class ExpertServer:
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_header_bytes)
         # Know when a client is gone instead of queueing replies for nobody.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # Unsent replies are bounded by the pinned cache buffers, not by a message count.
-        sock.setsockopt(zmq.SNDHWM, 0)
+        # A connection that does not read gets at most this many replies queued; then sends to it fail at once
+        # (DONTWAIT + ROUTER_MANDATORY) and it is dropped, instead of queueing without limit.
+        sock.setsockopt(zmq.SNDHWM, self.config.max_unsent_replies)
         sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
         if self.config.curve_secret:
@@ -310,6 +340,9 @@ class ExpertServer:
     async def _dispatch(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
         self.counters["requests_total"] += 1
+        if self._ignored(identity):
+            self.counters["requests_ignored"] += 1
+            return
         try:
             req = P.decode_request([f.buffer for f in frames[1:]], self.limits)
         except P.MessageError as exc:
@@ -447,7 +480,9 @@ class ExpertServer:
         frame back to the loop. So the release is driven by libzmq itself, with no polling.
         """
         spec = self.layout.spec(handle.key)
-        unsent = _Unsent(handle, client, len(spec.tensors))
+        await self._room_for_unsent()
+        unsent = _Unsent(handle, client, len(spec.tensors), identity, time.monotonic())
+        unsent.timer = self._loop.call_later(self.config.unsent_deadline, self._expire, unsent)
         self._unsent.add(unsent)
         try:
             buffer = self.store.host_buffer(handle)
@@ -478,11 +513,35 @@ class ExpertServer:
         if unsent.frames <= 0:
             self._settle(unsent)
 
+    async def _room_for_unsent(self) -> None:
+        """Wait until fewer than ``unsent_cap`` replies pin the cache. A reply that has waited in libzmq longer
+        than a reader needs (UNSENT_SLOW) while others queue behind it is expired, and its client dropped."""
+        while len(self._unsent) >= self.unsent_cap:
+            oldest = min(self._unsent, key=lambda u: u.created)
+            age = time.monotonic() - oldest.created
+            slow = min(UNSENT_SLOW, self.config.unsent_deadline)
+            if age >= slow:
+                self._expire(oldest)
+                continue
+            self._unsent_changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._unsent_changed.wait(), slow - age)
+
+    def _expire(self, unsent: _Unsent) -> None:
+        """A reply waited too long in libzmq (or others need its pin): unpin it and drop its client."""
+        if unsent in self._unsent:
+            self.counters["replies_expired"] += 1
+            self._drop(unsent.identity)
+            self._settle(unsent)
+
     def _settle(self, unsent: _Unsent) -> None:
         """Unpin a reply's expert exactly once, and forget an idle client."""
         if unsent not in self._unsent:
             return
         self._unsent.discard(unsent)
+        self._unsent_changed.set()
+        if unsent.timer is not None:
+            unsent.timer.cancel()
         self._release(unsent.handle, unsent.client)
         for identity, client in list(self._clients.items()):
             if client is unsent.client:
@@ -494,11 +553,32 @@ class ExpertServer:
         assert self._sock is not None
         async with self._send_lock:  # one multipart message at a time: frames of two replies never interleave
             try:
-                await self._sock.send_multipart([identity, *frames], copy=False)
+                await self._sock.send_multipart([identity, *frames], copy=False, flags=zmq.DONTWAIT)
+            except zmq.Again:
+                self._drop(identity)
+                raise _ClientGone() from None
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.EHOSTUNREACH:
                     raise _ClientGone() from None
                 raise
+
+    def _drop(self, identity: bytes) -> None:
+        """A connection with max_unsent_replies waiting is not reading: ignore it for a while."""
+        if identity not in self._dropped:
+            self.counters["clients_dropped"] += 1
+            log.warning(
+                "dropping a client that does not read its replies (%d unsent)", self.config.max_unsent_replies
+            )
+        self._dropped[identity] = time.monotonic() + self.config.drop_seconds
+
+    def _ignored(self, identity: bytes) -> bool:
+        until = self._dropped.get(identity)
+        if until is None:
+            return False
+        if time.monotonic() >= until:
+            del self._dropped[identity]
+            return False
+        return True
 
     async def _error(
         self,
@@ -538,6 +618,12 @@ class ExpertServer:
                 "clients_in_flight": sum(1 for c in self._clients.values() if c.gets),
                 "clients_known": len(self._clients),
                 "replies_unsent": len(self._unsent),
+                "limit_max_unsent_replies": self.config.max_unsent_replies,
+                "limit_unsent_pins": self.unsent_cap,
+                "limit_unsent_deadline_seconds": self.config.unsent_deadline,
+                "limit_client_pins": self.client_cap,
+                "limit_gets_in_flight_per_client": self.limits.max_in_flight,
+                "limit_request_frame_bytes": self.limits.max_header_bytes,
             }
         )
         return out
