@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--budgets",
         default="1.0,0.5,0.25,0.1",
-        help="host budgets as fractions of expert bytes, or auto (the default budget)",
+        help="host budgets as fractions of what all experts take (one slot each), or auto (the default budget)",
     )
     p.add_argument(
         "--contenders",

@@ -36,7 +36,7 @@ class Contender:
 
     name: str
     kind: str  # transformers | accelerate | expertflow
-    budget: float | str | None = None  # a fraction of the expert bytes, or "auto" (the default host budget)
+    budget: float | str | None = None  # a share of all experts' slots, or "auto" (the default host budget)
     policy: str = "lru"
     predictor: str = "none"
 
@@ -88,7 +88,7 @@ def parse_budgets(text: str) -> list[float | str]:
         try:
             out.append(part if part == "auto" else float(part))
         except ValueError:
-            raise ConfigError(f"a budget is a fraction of the expert bytes or 'auto', got {part!r}") from None
+            raise ConfigError(f"a budget is a share of all experts' slots or 'auto', got {part!r}") from None
     return out
 
 
@@ -354,10 +354,14 @@ def bench_decode(
         )
     if repeats > 1:
         result.notes.append(f"contenders ran round-robin {repeats} times; each row is its fastest run")
+    # A budget is a share of what holding every expert takes (one slot each), so 100% means "all fit".
+    from expertflow.tiers.nvme import read_slot_nbytes
+
+    all_slots = read_slot_nbytes(layout, read_mode) * len(layout.experts)
     best: dict[str, dict[str, Any]] = {}
     for _ in range(max(1, repeats)):
         for c in contenders:
-            host = None if not isinstance(c.budget, float) else int(layout.expert_bytes * c.budget)
+            host = None if not isinstance(c.budget, float) else int(all_slots * c.budget)
             spec = WorkerSpec(model_dir, asdict(c), list(prompt), new_tokens, read_mode, str(offload), host)
             log(f"running {c.label} ...")
             # The RAM ceiling is the compute time the bound uses; it is run without the memory limit.
