@@ -503,3 +503,21 @@ async def test_prefetch_must_be_likelier_the_busier_the_reads_are(ckpt):
         store.release(await demand)
     finally:
         await store.aclose()
+
+
+async def test_a_budget_without_headroom_admits_only_certain_prefetches(ckpt):
+    _, layout, _ = ckpt
+    # The process "needs" a terabyte besides the pool: the explicit budget cannot fit, and the store says so.
+    store, _ = await open_store(layout, 6, host_reserve_bytes=1 << 40)
+    try:
+        assert "only" in store.budget.reason and "available" in store.budget.reason
+        store.prefetch([ExpertKey(1, 0)], priority=0.9)  # likely, but not certain: refused
+        store.prefetch([ExpertKey(1, 1)], priority=1.0)  # certain: read
+        for _ in range(200):
+            if ExpertKey(1, 1) in store.resident():
+                break
+            await asyncio.sleep(0.005)
+        assert store.resident() == [ExpertKey(1, 1)]
+        assert store.stats().prefetch_refused == 1
+    finally:
+        await store.aclose()

@@ -116,6 +116,7 @@ class AsyncExpertStore:
         self._layers = sorted({k.layer for k in layout.experts})
         self._next_layer = dict(zip(self._layers, self._layers[1:]))
         self._current_layer: int | None = None
+        self._no_headroom = False
 
         self.slot_nbytes = slot_nbytes([layout.max_expert_nbytes, *sources.buffer_needs()])
         all_experts = self.slot_nbytes * len(layout.experts)
@@ -165,6 +166,9 @@ class AsyncExpertStore:
         if warning is None:
             return BudgetPlan(min(host_bytes, all_experts), "set by the caller")
         log.warning("%s", warning)
+        # No headroom: the process is at its memory limit and every read competes with reclaim, so only a
+        # certain prefetch is worth a read (see _read_pressure).
+        self._no_headroom = True
         return BudgetPlan(min(host_bytes, all_experts), f"set by the caller; {warning}")
 
     def _io_bytes(self) -> int:
@@ -277,8 +281,11 @@ class AsyncExpertStore:
 
         A wasted prefetch costs a whole read; a used one saves only waiting, and only if the read path had
         time to spare. So when demand reads already keep it busy (decode bound by the disk), a prefetch must be
-        nearly certain to pay, and when reads are rare, a likely one is enough.
+        nearly certain to pay, and when reads are rare, a likely one is enough. An explicit budget that leaves
+        the process no memory headroom counts as fully loaded.
         """
+        if self._no_headroom:
+            return 1.0
         now = time.monotonic()
         then, busy_then = self._pressure_at
         if now - then >= PRESSURE_WINDOW:
