@@ -128,3 +128,15 @@ def test_unpredicted_experts_score_their_observed_chance_of_use():
     assert p.scores(ExpertKey(0, 3)) > 0.9  # chosen at every visit
     assert p.scores(ExpertKey(0, 2)) == 0.0  # never chosen
     assert p.scores(ExpertKey(5, 0)) == 0.0  # a layer it never saw
+
+
+def test_no_prediction_runs_when_the_budget_leaves_no_memory_headroom(checkpoints):
+    path = checkpoints.get("mixtral")
+    # Besides the pool, the process "needs" a terabyte: the explicit budget cannot fit, so every uncertain
+    # prefetch would be refused and the look-ahead would be pure cost.
+    tight = StoreConfig(host_bytes=400 << 10, predictor="combined", host_reserve_bytes=1 << 40)
+    with load_model(path, config=tight) as model:
+        assert not model.expert_store.budget.fits and model.expert_predictor is None
+    roomy = StoreConfig(host_bytes=400 << 10, predictor="combined")
+    with load_model(path, config=roomy) as model:
+        assert model.expert_store.budget.fits and model.expert_predictor is not None

@@ -88,6 +88,11 @@ def attach_predictor(
     if store.num_slots >= len(store.layout.experts):
         log.info("every expert has a slot: nothing to predict, prefetch is off")
         return None
+    if not store.budget.fits:
+        # Admission would refuse every uncertain prefetch, and at the memory limit the look-ahead's own work
+        # competes with reclaim: prediction would be pure cost.
+        log.info("the host budget leaves no memory headroom: prediction and prefetch are off")
+        return None
     gates, norms = find_gates(model, layers)
     predictor = Predictor(
         list(layers),

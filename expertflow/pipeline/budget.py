@@ -142,6 +142,7 @@ class BudgetPlan:
     reason: str
     available: int | None = None
     reserved: dict[str, int] = field(default_factory=dict)
+    fits: bool = True  # False: an explicit budget that leaves the process no memory headroom
 
     def describe(self) -> str:
         return f"{format_size(self.host_bytes)} ({self.reason})"

@@ -116,7 +116,6 @@ class AsyncExpertStore:
         self._layers = sorted({k.layer for k in layout.experts})
         self._next_layer = dict(zip(self._layers, self._layers[1:]))
         self._current_layer: int | None = None
-        self._no_headroom = False
 
         self.slot_nbytes = slot_nbytes([layout.max_expert_nbytes, *sources.buffer_needs()])
         all_experts = self.slot_nbytes * len(layout.experts)
@@ -168,8 +167,7 @@ class AsyncExpertStore:
         log.warning("%s", warning)
         # No headroom: the process is at its memory limit and every read competes with reclaim, so only a
         # certain prefetch is worth a read (see _read_pressure).
-        self._no_headroom = True
-        return BudgetPlan(min(host_bytes, all_experts), f"set by the caller; {warning}")
+        return BudgetPlan(min(host_bytes, all_experts), f"set by the caller; {warning}", fits=False)
 
     def _io_bytes(self) -> int:
         """Page cache that memory-mapped reads in flight need (direct reads bypass it)."""
@@ -284,7 +282,7 @@ class AsyncExpertStore:
         nearly certain to pay, and when reads are rare, a likely one is enough. An explicit budget that leaves
         the process no memory headroom counts as fully loaded.
         """
-        if self._no_headroom:
+        if not self.budget.fits:
             return 1.0
         now = time.monotonic()
         then, busy_then = self._pressure_at
