@@ -201,7 +201,8 @@ def format_summary(result: GenerationResult) -> str:
         lines.append(f"stall (compute waiting for experts): {s.get('stall_seconds', 0.0):.3f} s")
         lines.append(
             f"prefetch: {s.get('prefetch_issued', 0)} issued, {s.get('prefetch_used', 0)} used, "
-            f"{s.get('prefetch_wasted', 0)} wasted, {s.get('prefetch_cancelled', 0)} cancelled"
+            f"{s.get('prefetch_wasted', 0)} wasted, {s.get('prefetch_cancelled', 0)} cancelled, "
+            f"{s.get('prefetch_refused', 0)} refused by admission"
         )
     pred = result.prediction.get("by_distance") if result.prediction else None
     if pred:
