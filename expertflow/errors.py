@@ -52,6 +52,11 @@ class ExpertReadError(ExpertFlowError):
         self.key = key
 
 
+class CheckpointChangedError(ExpertReadError):
+    """A checkpoint file was truncated, rewritten or replaced after it was opened: its bytes are no longer
+    the ones the store (or daemon) announced, so none of them is read."""
+
+
 class ProtocolError(ExpertFlowError):
     """A network message violates the wire protocol (malformed, too large, wrong version)."""
 

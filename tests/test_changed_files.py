@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from expertflow.core import ExpertKey
+from expertflow.errors import RemoteError
 from expertflow.services.client import ExpertClient
 from tests.server_helpers import daemon
 from tests.store_helpers import write_moe_checkpoint
@@ -46,9 +48,6 @@ def test_a_checkpoint_truncated_under_a_local_store_is_a_typed_error_not_a_crash
 
 
 async def _get(client: ExpertClient, key: tuple[int, int]) -> str:
-    from expertflow.core import ExpertKey
-    from expertflow.errors import RemoteError
-
     try:
         await client.get_one(ExpertKey(*key))
         return "ok"
@@ -56,7 +55,9 @@ async def _get(client: ExpertClient, key: tuple[int, int]) -> str:
         return exc.code or "error"
 
 
-def test_a_daemon_whose_checkpoint_is_truncated_keeps_serving_what_it_can(tmp_path: Path) -> None:
+def test_a_daemon_whose_checkpoint_changed_serves_only_what_it_announced(tmp_path: Path) -> None:
+    """Truncated under it: the daemon does not die, never reads the changed file again, still serves the
+    experts it cached (the bytes its fingerprint describes), and refuses new clients at hello."""
     root = write_moe_checkpoint(tmp_path / "moe")
     with daemon(root, ("tcp://127.0.0.1:*",), "--read-mode", "mmap", "--mem", "8MiB") as proc:
 
@@ -67,9 +68,45 @@ def test_a_daemon_whose_checkpoint_is_truncated_keeps_serving_what_it_can(tmp_pa
                 os.truncate(path, os.path.getsize(path) // 2)
                 after_cold = await _get(client, (2, 7))
                 after_warm = await _get(client, (0, 0))
-                return [before, after_cold, after_warm]
+            async with ExpertClient(proc.address, timeout=10) as newcomer:
+                try:
+                    await newcomer.hello()
+                    hello = "ok"
+                except RemoteError as exc:
+                    hello = exc.code or "error"
+            return [before, after_cold, after_warm, hello]
 
         results = asyncio.run(scenario())
         assert proc.proc.poll() is None, "the daemon died"
-    assert results == ["ok", "INTERNAL", "ok"]
+    assert results == ["ok", "CHECKPOINT_CHANGED", "ok", "CHECKPOINT_CHANGED"]
     shutil.rmtree(root)
+
+
+async def test_a_store_stops_using_a_daemon_whose_checkpoint_changed(tmp_path: Path) -> None:
+    from expertflow import StoreConfig, open_async_store
+    from expertflow.services.remote import RemoteTier
+    from expertflow.tiers.nvme import NvmeTier
+
+    served = write_moe_checkpoint(tmp_path / "served")  # the daemon's copy
+    local = write_moe_checkpoint(tmp_path / "local")  # the GPU node's own copy: the same weights
+    with daemon(served, ("tcp://127.0.0.1:*",), "--read-mode", "mmap", "--mem", "8MiB") as proc:
+        config = StoreConfig(remote=(proc.address,), remote_timeout=10, host_bytes=8 << 20, predictor="none")
+        store = await open_async_store(local, config)
+        try:
+            keys = store.layout.keys()
+            store.release(await store.fetch(keys[:2]))
+            path = served / "model.safetensors"
+            os.truncate(path, os.path.getsize(path) // 2)
+            handles = await store.fetch(keys[-2:])  # not in the daemon's cache: it refuses, NVMe serves
+            with NvmeTier(store.layout, "mmap") as nvme:
+                for h in handles:
+                    n = store.layout.spec(h.key).nbytes
+                    assert bytes(store.host_buffer(h)) == bytes(nvme.read_expert(h.key)[:n])
+            store.release(handles)
+            stats = store.stats()
+            tier = next(s for s in store.sources.sources if isinstance(s, RemoteTier))
+        finally:
+            await store.aclose()
+        assert proc.proc.poll() is None
+    assert stats.reads == {"remote": 2, "nvme": 2}
+    assert tier.counters["marked_down"] >= 1  # the daemon is disabled for good

@@ -81,6 +81,7 @@ class ErrorCode(str, Enum):
     INTERNAL = "INTERNAL"
     UNAUTHORIZED = "UNAUTHORIZED"
     SHUTTING_DOWN = "SHUTTING_DOWN"
+    CHECKPOINT_CHANGED = "CHECKPOINT_CHANGED"  # the daemon's files changed on disk since it announced them
 
 
 class MessageError(ProtocolError):

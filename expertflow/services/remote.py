@@ -155,7 +155,10 @@ class RemoteTier:
         try:
             reply = await server.client.hello()
         except RemoteError as exc:
-            server.mark_down(f"hello failed: {exc}")
+            if exc.code == "CHECKPOINT_CHANGED":
+                self._disable(server, str(exc))
+            else:
+                server.mark_down(f"hello failed: {exc}")
             return False
         if reply.fingerprint != self.fingerprint:
             message = (
@@ -212,6 +215,9 @@ class RemoteTier:
                     continue
                 except RemoteError as exc:
                     last = exc
+                    if exc.code == "CHECKPOINT_CHANGED":
+                        self._disable(server, str(exc))
+                        break
                     if exc.code in _SERVER_DOWN:
                         self._down(server, str(exc))
                         break
@@ -234,6 +240,12 @@ class RemoteTier:
         if isinstance(last, RemoteError):
             raise last
         raise RemoteError(f"{key}: {last}", code="CHECKSUM")
+
+    def _disable(self, server: _Server, reason: str) -> None:
+        """Never use this server again: it serves other bytes than it announced."""
+        log.error("expert server %s is not used any more: %s", server.address, reason)
+        server.disabled = reason
+        self.counters["marked_down"] += 1
 
     def _down(self, server: _Server, reason: str) -> None:
         self.counters["marked_down"] += 1

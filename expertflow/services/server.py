@@ -30,7 +30,7 @@ import zmq.asyncio
 
 from expertflow.config import StoreConfig
 from expertflow.core import ExpertKey
-from expertflow.errors import ConfigError, ExpertFlowError
+from expertflow.errors import CheckpointChangedError, ConfigError, ExpertFlowError
 from expertflow.pipeline.store import AsyncExpertStore, ExpertHandle
 from expertflow.services import protocol as P
 from expertflow.services.keys import load_secret_key, server_authenticator
@@ -168,6 +168,8 @@ class ExpertServer:
         self._unsent: set[_Unsent] = set()
         self._loop = asyncio.get_running_loop()
         self._unsent_changed = asyncio.Event()
+        #: Set when a checkpoint file changed on disk (why): hello is refused from then on.
+        self.changed: str | None = None
         self._dropped: dict[bytes, float] = {}  # identity -> monotonic time until which it is ignored
         self._checksums: dict[ExpertKey, int] = {}
         self._stop = asyncio.Event()
@@ -353,6 +355,9 @@ class ExpertServer:
         if req.op is P.Op.PING:
             await self._send(identity, P.encode_pong(req.id))
         elif req.op is P.Op.HELLO:
+            if self.changed is not None:  # what it announced is no longer what is on disk: no new clients
+                await self._error(identity, req.id, P.ErrorCode.CHECKPOINT_CHANGED, self.changed)
+                return
             await self._send(
                 identity, P.encode_hello_reply(req.id, self.fingerprint, self._info, self.limits)
             )
@@ -454,6 +459,12 @@ class ExpertServer:
                     continue
                 try:
                     [handle] = await self.store.fetch([key])
+                except CheckpointChangedError as key_exc:
+                    if self.changed is None:
+                        log.error("%s; not serving its experts, and refusing new clients", key_exc)
+                    self.changed = str(key_exc)
+                    await self._error(identity, rid, P.ErrorCode.CHECKPOINT_CHANGED, str(key_exc), key)
+                    continue
                 except ExpertFlowError as key_exc:
                     log.warning("expert %s failed: %s", key, key_exc)
                     await self._error(identity, rid, P.ErrorCode.INTERNAL, f"read failed: {key_exc}", key)

@@ -31,7 +31,14 @@ from typing import Literal
 import numpy as np
 
 from expertflow.core import BLOCK, ExpertKey, slot_nbytes
-from expertflow.errors import CheckpointError, ChecksumError, ConfigError, ExpertReadError, StoreClosedError
+from expertflow.errors import (
+    CheckpointChangedError,
+    CheckpointError,
+    ChecksumError,
+    ConfigError,
+    ExpertReadError,
+    StoreClosedError,
+)
 from expertflow.tiers.checksum import spec_checksum
 from expertflow.tiers.layout import ExpertLayout, ExpertSpec
 
@@ -285,7 +292,7 @@ class NvmeTier:
         was = self._identity[file]
         if now != was:
             what = f"size {was[2]} -> {st.st_size}" if st.st_size != was[2] else "modified in place"
-            raise ExpertReadError(
+            raise CheckpointChangedError(
                 f"{file} changed since it was opened ({what}): its experts are no longer the ones this "
                 "store serves; restart on the new checkpoint",
                 key=key,
