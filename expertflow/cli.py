@@ -40,12 +40,12 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 
 def _auto_budget(layout: Any, read_mode: str) -> dict[str, Any]:
     """The host budget ``generate`` would choose here by default, and why (non-expert weights as stored)."""
-    from expertflow.pipeline.budget import ACTIVATION_RESERVE, plan_host_budget
+    from expertflow.pipeline.budget import ACTIVATION_RESERVE, plan_host_budget, reads_in_flight_bytes
     from expertflow.tiers.nvme import read_slot_nbytes
 
     slot = read_slot_nbytes(layout, read_mode)
     other = sum(info.nbytes for info, _ in layout.non_expert) + ACTIVATION_RESERVE
-    io = StoreConfig().max_concurrent_reads * slot if read_mode == "mmap" else 0
+    io = reads_in_flight_bytes(read_mode, StoreConfig().max_concurrent_reads, slot)
     plan = plan_host_budget(slot * len(layout.experts), other_bytes=other, io_bytes=io)
     return {"host_bytes": plan.host_bytes, "experts": plan.host_bytes // slot, "reason": plan.reason}
 

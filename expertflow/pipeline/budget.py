@@ -11,7 +11,6 @@ the experts' total size.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,6 +181,11 @@ def plan_host_budget(
     )
 
 
+def reads_in_flight_bytes(read_mode: str, max_concurrent_reads: int, slot_nbytes: int) -> int:
+    """Page cache that buffered (``mmap`` mode) reads in flight occupy; direct reads bypass the page cache."""
+    return max_concurrent_reads * slot_nbytes if read_mode == "mmap" else 0
+
+
 def explicit_budget_warning(
     host_bytes: int, *, other_bytes: int = 0, io_bytes: int = 0, reading: MemoryReading | None = None
 ) -> str | None:
@@ -196,12 +200,3 @@ def explicit_budget_warning(
         f"is available ({reading.source}): the process will swap or thrash. Leave the budget unset (or 'auto') "
         "to size it from the memory available"
     )
-
-
-def process_rss() -> int:
-    """Resident set size of this process in bytes (0 where /proc is not there)."""
-    try:
-        with open(f"/proc/{os.getpid()}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0

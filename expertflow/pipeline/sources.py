@@ -32,10 +32,6 @@ class SourceChain:
         self._busy_since = 0.0
         self._busy_total = 0.0
 
-    @property
-    def names(self) -> list[str]:
-        return [s.name for s in self.sources]
-
     def buffer_needs(self) -> list[int]:
         """Bytes each source needs in a buffer to receive any expert (inputs to ``core.slot_nbytes``)."""
         return [s.buffer_nbytes() for s in self.sources]

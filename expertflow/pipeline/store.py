@@ -29,7 +29,12 @@ import torch
 from expertflow.config import StoreConfig
 from expertflow.core import ExpertKey, slot_nbytes
 from expertflow.errors import BudgetError, ConfigError, ExpertReadError, StoreClosedError
-from expertflow.pipeline.budget import BudgetPlan, explicit_budget_warning, plan_host_budget
+from expertflow.pipeline.budget import (
+    BudgetPlan,
+    explicit_budget_warning,
+    plan_host_budget,
+    reads_in_flight_bytes,
+)
 from expertflow.pipeline.cache import CacheLevel, Entry, Fill, Scorer
 from expertflow.pipeline.policy import EvictionPolicy, make_policy
 from expertflow.pipeline.sources import SourceChain
@@ -157,21 +162,21 @@ class AsyncExpertStore:
         self._stats.host_bytes = self.pool.nbytes
 
     def _explicit_budget(self, host_bytes: int, all_experts: int) -> BudgetPlan:
+        used = min(host_bytes, all_experts)
         warning = explicit_budget_warning(
-            min(host_bytes, all_experts),
-            other_bytes=self.config.host_reserve_bytes,
-            io_bytes=self._io_bytes(),
+            used, other_bytes=self.config.host_reserve_bytes, io_bytes=self._io_bytes()
         )
         if warning is None:
-            return BudgetPlan(min(host_bytes, all_experts), "set by the caller")
+            return BudgetPlan(used, "set by the caller")
         log.warning("%s", warning)
         # No headroom: the process is at its memory limit and every read competes with reclaim, so only a
         # certain prefetch is worth a read (see _read_pressure).
-        return BudgetPlan(min(host_bytes, all_experts), f"set by the caller; {warning}", fits=False)
+        return BudgetPlan(used, f"set by the caller; {warning}", fits=False)
 
     def _io_bytes(self) -> int:
-        """Page cache that memory-mapped reads in flight need (direct reads bypass it)."""
-        return self.config.max_concurrent_reads * self.slot_nbytes if self.config.read_mode == "mmap" else 0
+        return reads_in_flight_bytes(
+            self.config.read_mode, self.config.max_concurrent_reads, self.slot_nbytes
+        )
 
     def _level(self, name: str, num_slots: int, fill: Fill) -> CacheLevel:
         workers = max(

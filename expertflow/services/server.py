@@ -554,9 +554,7 @@ class ExpertServer:
         if unsent.timer is not None:
             unsent.timer.cancel()
         self._release(unsent.handle, unsent.client)
-        for identity, client in list(self._clients.items()):
-            if client is unsent.client:
-                self._forget_idle(identity, client)
+        self._forget_idle(unsent.identity, unsent.client)
 
     # --- sending --------------------------------------------------------------------------------------
 

@@ -238,10 +238,6 @@ class NvmeTier:
 
     # --- sizes -----------------------------------------------------------------------------------
 
-    def slot_nbytes(self) -> int:
-        """The slot size this tier's reads need (see :func:`expertflow.core.slot_nbytes`)."""
-        return slot_nbytes([self.layout.max_expert_nbytes, self.buffer_nbytes()])
-
     def buffer_nbytes(self, key: ExpertKey | None = None) -> int:
         """Bytes a host buffer needs to receive an expert (``key``) or any expert (``None``) in this mode."""
         if self.mode == "mmap":
