@@ -83,9 +83,18 @@ def torch_dtype(code: str) -> torch.dtype:
 Buffer = bytes | bytearray | memoryview
 
 
-def expert_checksum(data: Buffer | Iterable[Buffer]) -> int:
-    """xxh3-64 of one buffer, or of several buffers taken in order as one byte string (~10+ GB/s)."""
-    h = xxhash.xxh3_64()
+def checksum_seed(key: ExpertKey) -> int:
+    """The xxh3 seed that binds an expert's checksum to its key: ``layer`` in the high 32 bits, ``expert`` low."""
+    return ((key.layer & 0xFFFFFFFF) << 32) | (key.expert & 0xFFFFFFFF)
+
+
+def expert_checksum(key: ExpertKey, data: Buffer | Iterable[Buffer]) -> int:
+    """xxh3-64, seeded by ``key``, of one buffer or of several buffers taken in order as one byte string.
+
+    The seed binds the value to the expert: another expert's bytes, or its recorded checksum moved to this key
+    (a swapped manifest entry, a relabelled reply), never verify. Hashing runs at ~10+ GB/s.
+    """
+    h = xxhash.xxh3_64(seed=checksum_seed(key))
     if isinstance(data, (bytes, bytearray, memoryview)):
         h.update(data)
     else:

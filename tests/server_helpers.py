@@ -68,7 +68,7 @@ class CorruptingProxy:
     def _damage(self, frames: list[bytes]) -> list[bytes]:
         import msgpack
 
-        from expertflow.core import expert_checksum
+        from expertflow.core import ExpertKey, expert_checksum
 
         head = msgpack.unpackb(frames[0])
         if head.get("op") != "expert" or len(frames) < 3:
@@ -80,6 +80,6 @@ class CorruptingProxy:
             t = head["tensors"]
             t[0], t[1] = t[1], t[0]
             payload[0], payload[1] = payload[1], payload[0]
-            head["checksum"] = expert_checksum(bytes(p) for p in payload)
+            head["checksum"] = expert_checksum(ExpertKey(*head["key"]), (bytes(p) for p in payload))
         self.damaged += 1
         return [msgpack.packb(head), *(bytes(p) for p in payload)]

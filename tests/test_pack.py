@@ -118,12 +118,13 @@ def test_manifest_records_offsets_and_checksums_of_the_bytes_on_disk(packs: Pack
     root = packs.get("gpt_oss")
     manifest = json.loads((root / PACK_MANIFEST_NAME).read_text())
     data = (root / DATA_NAME).read_bytes()
-    assert manifest["format"] == "expertflow-pack" and manifest["version"] == 1
+    assert manifest["format"] == "expertflow-pack" and manifest["version"] == 2
     assert manifest["data_nbytes"] == len(data)
     end = 0
     for entry in sorted(manifest["experts"], key=lambda e: e["offset"]):
         assert entry["offset"] % BLOCK == 0 and entry["offset"] >= end
-        h = xxhash.xxh3_64()
+        layer, expert = entry["layer"], entry["expert"]
+        h = xxhash.xxh3_64(seed=(layer << 32) | expert)  # bound to the key
         for t in entry["tensors"]:
             start = entry["offset"] + t["offset"]
             h.update(data[start : start + t["nbytes"]])
@@ -250,6 +251,28 @@ def test_flipped_byte_in_experts_bin_is_a_checksum_error(packs: Packs, tmp_path:
         assert len(tier.read_expert(victim)) == layout.spec(victim).nbytes
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_two_manifest_entries_swapped_are_a_checksum_error(packs: Packs, tmp_path: Path, mode: str) -> None:
+    """Swapping two experts' offsets and checksums keeps every entry self-consistent; only a checksum bound to
+    its key sees that the bytes belong to another expert."""
+    root = copy_pack(packs.get("mixtral"), tmp_path / "p")
+    manifest_path = root / PACK_MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    a, b = manifest["experts"][1], manifest["experts"][2]
+    assert (a["layer"], a["nbytes"]) == (b["layer"], b["nbytes"])
+    for field in ("offset", "checksum"):
+        a[field], b[field] = b[field], a[field]
+    manifest_path.write_text(json.dumps(manifest))
+    layout = open_checkpoint(root)
+    with NvmeTier(layout, mode) as tier, aligned(tier.buffer_nbytes()) as buf:  # type: ignore[arg-type]
+        for entry in (a, b):
+            key = ExpertKey(entry["layer"], entry["expert"])
+            with pytest.raises(ChecksumError, match=str(key)):
+                tier.read_into(key, buf)
+        untouched = manifest["experts"][0]
+        tier.read_into(ExpertKey(untouched["layer"], untouched["expert"]), buf)
+
+
 def test_truncated_experts_bin_is_rejected_on_open(packs: Packs, tmp_path: Path) -> None:
     root = copy_pack(packs.get("mixtral"), tmp_path / "p")
     data = root / DATA_NAME
@@ -305,7 +328,7 @@ def _drop_expert(m: dict[str, Any]) -> None:
 
 
 TAMPER: dict[str, tuple[Edit, str]] = {
-    "version": (_set("version", 2), "version 2 is not supported"),
+    "version": (_set("version", 1), "version 1 is not supported"),
     "format": (_set("format", "zip"), "not an ExpertFlow pack"),
     "alignment": (_set("alignment", 512), "alignment"),
     "fingerprint": (_set("fingerprint", "0" * 32), "fingerprint"),

@@ -39,7 +39,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def expert_frames(tensors: dict[str, torch.Tensor], id: int = 9, key: tuple[int, int] = (3, 5)) -> list[Any]:
     entries = [p.tensor_entry(name, t) for name, t in tensors.items()]
-    return p.encode_expert_reply(id, key, entries, p.checksum(e[3] for e in entries))
+    return p.encode_expert_reply(id, key, entries, p.checksum(key, (e[3] for e in entries)))
 
 
 def mixtral_expert(gen: torch.Generator, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
@@ -149,7 +149,7 @@ def test_non_contiguous_raw_buffer_is_refused_by_the_encoder() -> None:
 
 def test_payload_frames_are_the_callers_buffers() -> None:
     buf = bytearray(range(12))
-    frames = p.encode_expert_reply(1, (0, 1), [("w", "U8", (3, 4), buf)], p.checksum([buf]))
+    frames = p.encode_expert_reply(1, (0, 1), [("w", "U8", (3, 4), buf)], p.checksum((0, 1), [buf]))
     buf[0] = 200  # a copy would not see this
     assert bytes(frames[1])[0] == 200
     reply = p.decode_reply(frames)
@@ -161,7 +161,10 @@ def test_unaligned_frames_still_give_correct_tensors() -> None:
     values = torch.arange(6, dtype=torch.float32)
     raw = bytearray(1) + bytearray(values.numpy().tobytes())
     view = memoryview(raw)[1:]  # starts at an odd address
-    frames = [p.encode_expert_reply(2, (1, 1), [("w", "F32", (2, 3), view)], p.checksum([view]))[0], view]
+    frames = [
+        p.encode_expert_reply(2, (1, 1), [("w", "F32", (2, 3), view)], p.checksum((1, 1), [view]))[0],
+        view,
+    ]
     out = p.tensors_to_torch(p.decode_reply(frames))
     assert torch.equal(out["w"], values.reshape(2, 3))
 
@@ -227,8 +230,26 @@ def test_long_error_messages_are_cut_not_refused() -> None:
 
 def test_checksum_equals_the_pack_formats_expert_checksum() -> None:
     parts = [b"gate", b"", bytearray(b"up" * 100), memoryview(b"down")]
-    assert p.checksum(parts) == expert_checksum(parts)
-    assert p.checksum(parts) == expert_checksum(b"gate" + b"up" * 100 + b"down")
+    key = ExpertKey(3, 5)
+    assert p.checksum((3, 5), parts) == expert_checksum(key, parts)
+    assert p.checksum(key, parts) == expert_checksum(key, b"gate" + b"up" * 100 + b"down")
+
+
+def test_a_checksum_is_bound_to_its_expert() -> None:
+    """The same bytes under another key, even a transposed one, give another checksum: moving a recorded
+    checksum to another expert (a swapped manifest entry, a relabelled reply) can never verify."""
+    data = b"the same expert bytes" * 10
+    values = {expert_checksum(ExpertKey(layer, expert), data) for layer in range(4) for expert in range(4)}
+    assert len(values) == 16
+
+
+def test_a_reply_relabelled_to_another_key_fails_verification() -> None:
+    gen = torch.Generator().manual_seed(0)
+    frames = expert_frames(mixtral_expert(gen), key=(3, 5))
+    head = msgpack.unpackb(bytes(frames[0]))
+    head["key"] = [3, 6]
+    with pytest.raises(ChecksumError):
+        p.verify(p.decode_reply([msgpack.packb(head), *frames[1:]]))
 
 
 @pytest.mark.parametrize("tensor_index", [0, 1, 2])
@@ -283,8 +304,8 @@ def with_tensor(base: dict[str, Any], index: int, **changes: Any) -> dict[str, A
 
 
 DROP = object()
-GET = {"v": 1, "op": "get", "id": 7, "keys": [[0, 1], [2, 3]]}
-PING = {"v": 1, "op": "ping", "id": 7}
+GET = {"v": p.PROTOCOL_VERSION, "op": "get", "id": 7, "keys": [[0, 1], [2, 3]]}
+PING = {"v": p.PROTOCOL_VERSION, "op": "ping", "id": 7}
 EXPERT_HEAD, EXPERT_PAYLOAD = valid_expert()
 
 # Header-level violations: (id, frames, expected code). Each is checked against both decoders where the op
@@ -311,9 +332,13 @@ MALFORMED_REQUESTS: list[tuple[str, list[Any], ErrorCode]] = [
     ("missing-id", packed(with_fields(PING, id=DROP)), ErrorCode.BAD_MESSAGE),
     ("v-is-a-string", packed(with_fields(PING, v="1")), ErrorCode.BAD_MESSAGE),
     ("v-is-true", packed(with_fields(PING, v=True)), ErrorCode.BAD_MESSAGE),
-    ("v-is-2", packed(with_fields(PING, v=2)), ErrorCode.BAD_VERSION),
+    ("v-is-next", packed(with_fields(PING, v=p.PROTOCOL_VERSION + 1)), ErrorCode.BAD_VERSION),
     ("v-is-0", packed(with_fields(PING, v=0)), ErrorCode.BAD_VERSION),
-    ("v-2-with-unknown-op", packed(with_fields(PING, v=2, op="sync")), ErrorCode.BAD_VERSION),
+    (
+        "next-v-with-unknown-op",
+        packed(with_fields(PING, v=p.PROTOCOL_VERSION + 1, op="sync")),
+        ErrorCode.BAD_VERSION,
+    ),
     ("op-is-an-int", packed(with_fields(PING, op=3)), ErrorCode.BAD_MESSAGE),
     ("op-unknown", packed(with_fields(PING, op="frobnicate")), ErrorCode.UNKNOWN_OP),
     ("op-is-a-reply", packed(with_fields(PING, op="pong")), ErrorCode.UNKNOWN_OP),
@@ -410,7 +435,11 @@ MALFORMED_REPLIES: list[tuple[str, list[Any], ErrorCode]] = [
     ("expert-key-missing", packed(E(key=DROP), W1, B), ErrorCode.BAD_MESSAGE),
     ("expert-key-bad", packed(E(key=[1]), W1, B), ErrorCode.BAD_MESSAGE),
     ("expert-unknown-field", packed(E(extra=None), W1, B), ErrorCode.BAD_MESSAGE),
-    ("done-with-payload", [*packed({"v": 1, "op": "done", "id": 1}), b"x"], ErrorCode.BAD_MESSAGE),
+    (
+        "done-with-payload",
+        [*packed({"v": p.PROTOCOL_VERSION, "op": "done", "id": 1}), b"x"],
+        ErrorCode.BAD_MESSAGE,
+    ),
     ("fingerprint-uppercase", packed(with_fields(HELLO_REPLY, fingerprint="AB" * 16)), ErrorCode.BAD_MESSAGE),
     ("fingerprint-not-hex", packed(with_fields(HELLO_REPLY, fingerprint="xyz")), ErrorCode.BAD_MESSAGE),
     ("fingerprint-empty", packed(with_fields(HELLO_REPLY, fingerprint="")), ErrorCode.BAD_MESSAGE),
@@ -521,7 +550,7 @@ def test_custom_limits_bound_frames_keys_and_header_size() -> None:
     expect_code(ErrorCode.TOO_MANY_KEYS, p.decode_request, p.encode_get(1, [(0, i) for i in range(5)]), small)
     assert len(p.decode_request(p.encode_get(1, [(0, i) for i in range(4)]), small).keys) == 4
     big = bytes(20)
-    frames = p.encode_expert_reply(1, (0, 0), [("w", "U8", (20,), big)], p.checksum([big]))
+    frames = p.encode_expert_reply(1, (0, 0), [("w", "U8", (20,), big)], p.checksum((0, 0), [big]))
     expect_code(ErrorCode.TOO_LARGE, p.decode_reply, frames, small)
     three = p.encode_expert_reply(1, (0, 0), [(f"t{i}", "U8", (1,), b"x") for i in range(3)], 0)
     expect_code(ErrorCode.TOO_LARGE, p.decode_reply, three, small)
@@ -745,7 +774,7 @@ def test_get_over_real_zmq_sockets_delivers_intact_tensors(router_dealer: Any) -
             )
             continue
         entries = [p.tensor_entry(n, t) for n, t in served[key].items()]
-        out = p.encode_expert_reply(request.id, key, entries, p.checksum(e[3] for e in entries))
+        out = p.encode_expert_reply(request.id, key, entries, p.checksum(key, (e[3] for e in entries)))
         assert len(out) == 1 + len(entries)
         router.send_multipart([ident, *out], copy=False)
     router.send_multipart([ident, *p.encode_done(request.id)], copy=False)

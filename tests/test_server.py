@@ -110,7 +110,7 @@ async def test_many_concurrent_clients_each_get_correct_experts(
 
 def _fuzz_messages(rng: random.Random, count: int) -> list[list[bytes]]:
     """Malformed requests of every kind a broken or hostile client could send (each fits the header limit)."""
-    valid_get = msgpack.packb({"v": 1, "op": "get", "id": 7, "keys": [[0, 1], [1, 2]]})
+    valid_get = msgpack.packb({"v": P.PROTOCOL_VERSION, "op": "get", "id": 7, "keys": [[0, 1], [1, 2]]})
     junk_values = [None, True, -1, -(2**40), 1.5, "x", b"\x00", [], {}, [[0, 0]], {"a": 1}, [0, 0, 0]]
     out: list[list[bytes]] = []
     for i in range(count):
@@ -120,19 +120,32 @@ def _fuzz_messages(rng: random.Random, count: int) -> list[list[bytes]]:
         elif kind == 1:
             frames = [valid_get[: rng.randint(0, len(valid_get) - 1)]]
         elif kind == 2:
-            head = {"v": 1, "op": "get", "id": rng.randint(1, 99), "keys": [[0, 1]]}
+            head = {"v": P.PROTOCOL_VERSION, "op": "get", "id": rng.randint(1, 99), "keys": [[0, 1]]}
             head[rng.choice(["v", "op", "id", "keys"])] = rng.choice(junk_values)
             frames = [msgpack.packb(head)]
         elif kind == 3:
             frames = [
-                msgpack.packb({"v": 1, "op": rng.choice(["put", "GET", "", "expert", "done"]), "id": 3})
+                msgpack.packb(
+                    {"v": P.PROTOCOL_VERSION, "op": rng.choice(["put", "GET", "", "expert", "done"]), "id": 3}
+                )
             ]
         elif kind == 4:
             frames = [
-                msgpack.packb({"v": 1, "op": "get", "id": 4, "keys": [[0, 0]] * rng.randint(1025, 3000)})
+                msgpack.packb(
+                    {
+                        "v": P.PROTOCOL_VERSION,
+                        "op": "get",
+                        "id": 4,
+                        "keys": [[0, 0]] * rng.randint(1025, 3000),
+                    }
+                )
             ]
         elif kind == 5:
-            frames = [msgpack.packb({"v": 1, "op": "get", "id": 5, "keys": [[rng.randint(50, 10**6), 0]]})]
+            frames = [
+                msgpack.packb(
+                    {"v": P.PROTOCOL_VERSION, "op": "get", "id": 5, "keys": [[rng.randint(50, 10**6), 0]]}
+                )
+            ]
         elif kind == 6:
             frames = [valid_get, rng.randbytes(rng.randint(0, 100))]
         elif kind == 7:
@@ -196,7 +209,9 @@ async def test_an_oversized_request_is_dropped_and_others_are_still_served(
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(proc.address)
-        huge = msgpack.packb({"v": 1, "op": "get", "id": 1, "keys": [[i % 3, 0] for i in range(100_000)]})
+        huge = msgpack.packb(
+            {"v": P.PROTOCOL_VERSION, "op": "get", "id": 1, "keys": [[i % 3, 0] for i in range(100_000)]}
+        )
         assert len(huge) > P.DEFAULT_LIMITS.max_header_bytes
         await sock.send_multipart([huge])
         await sock.send_multipart([b"x" * (10 * 2**20)])

@@ -36,7 +36,7 @@ import torch
 from expertflow.core import DTYPE_SIZES, SAFETENSORS_CODES, TORCH_DTYPES, ExpertKey, expert_checksum
 from expertflow.errors import ChecksumError, ConfigError, ProtocolError, RemoteError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: expert checksums are seeded by the expert's key
 # A server that cannot read a request's id answers with this id; clients number requests from 1.
 UNKNOWN_REQUEST_ID = 0
 MAX_INDEX = 2**31 - 1  # bound on layer and expert indices
@@ -178,7 +178,7 @@ class ExpertReply:
     id: int
     key: ExpertKey
     tensors: tuple[WireTensor, ...]
-    checksum: int  # xxh3-64 of the tensors' bytes in order; check with verify()
+    checksum: int  # checksum(key, tensors' bytes in order); check with verify()
 
 
 @dataclass(frozen=True)
@@ -269,7 +269,7 @@ def encode_expert_reply(
     """One expert: a header, then the caller's buffers themselves as payload frames (no copy).
 
     Each buffer must be C-contiguous and hold exactly ``prod(shape) * itemsize(dtype)`` bytes; the caller
-    keeps them unchanged until the send completes. ``checksum`` is :func:`checksum` of the buffers in order
+    keeps them unchanged until the send completes. ``checksum`` is :func:`checksum` of the key and the buffers
     (a pack manifest's value can be passed straight through).
     """
     rid = _check_id(id, None)
@@ -572,14 +572,15 @@ def _decode_error(head: dict[str, Any], limits: Limits, rid: int) -> ErrorReply:
 # --- payload helpers ----------------------------------------------------------------------------------
 
 
-def checksum(buffers: Iterable[BufferLike]) -> int:
-    """xxh3-64 of the buffers' bytes taken in order as one byte string (the pack format's expert checksum)."""
-    return expert_checksum(iter(buffers))
+def checksum(key: ExpertKey | tuple[int, int], buffers: Iterable[BufferLike]) -> int:
+    """The pack format's expert checksum of ``key``: xxh3-64 seeded by the key, of the buffers' bytes in order."""
+    k = key if isinstance(key, ExpertKey) else ExpertKey(key[0], key[1])
+    return expert_checksum(k, iter(buffers))
 
 
 def verify(reply: ExpertReply) -> None:
     """Raise ``ChecksumError`` unless the reply's tensor bytes match its checksum."""
-    got = checksum(t.data for t in reply.tensors)
+    got = checksum(reply.key, (t.data for t in reply.tensors))
     if got != reply.checksum:
         raise ChecksumError(
             f"expert {reply.key} (request {reply.id}) arrived corrupted: checksum {got:#018x}, "

@@ -10,7 +10,7 @@ def spec_checksum(spec: ExpertSpec, buf: Buffer) -> int:
     """Checksum of one expert held in ``buf`` (canonical layout): its tensors' bytes in order.
 
     Alignment padding between tensors is left out, so the value does not depend on what a reused buffer held
-    before; for an expert without padding it equals ``expert_checksum(buf[:spec.nbytes])``.
+    before; for an expert without padding it equals ``expert_checksum(spec.key, buf[:spec.nbytes])``.
     """
     view = memoryview(buf)
-    return expert_checksum(view[off : off + t.nbytes] for t, off in spec.views())
+    return expert_checksum(spec.key, (view[off : off + t.nbytes] for t, off in spec.views()))

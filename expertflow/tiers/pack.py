@@ -53,7 +53,7 @@ from expertflow.tiers.safetensors_index import (
 )
 
 FORMAT = "expertflow-pack"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: expert checksums are seeded by the expert key (core.expert_checksum)
 DATA_NAME = "experts.bin"
 NON_EXPERT_NAME = "model.safetensors"
 ALIGNMENT = BLOCK
@@ -204,7 +204,7 @@ def _manifest(layout: ExpertLayout, entries: list[dict[str, Any]], data_nbytes: 
         "data_file": DATA_NAME,
         "data_nbytes": data_nbytes,
         "non_expert_file": NON_EXPERT_NAME,
-        "checksum": "xxh3-64 of the expert's tensor bytes in order, padding excluded",
+        "checksum": "xxh3-64 seeded by (layer << 32 | expert), of the expert's tensor bytes in order, padding excluded",
         "experts": entries,
     }
 
