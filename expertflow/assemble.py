@@ -6,6 +6,7 @@ storage tiers (``tiers``) depend on the network client (``services``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,23 +16,34 @@ from expertflow.pipeline.sync import ExpertStore
 from expertflow.services.remote import RemoteTier
 from expertflow.tiers.base import ExpertSource
 from expertflow.tiers.layout import ExpertLayout
+from expertflow.tiers.local_checksums import LocalChecksums
 from expertflow.tiers.nvme import NvmeTier
 
 
 async def build_sources(layout: ExpertLayout, config: StoreConfig) -> Sequence[ExpertSource]:
-    """The sources ``config`` asks for, in the order a read tries them: expert daemons, then the local disk."""
+    """The sources ``config`` asks for, in the order a read tries them: expert daemons, then the local disk.
+
+    With daemons and an unpacked checkpoint, the local disk records each expert's checksum as it reads it
+    (:class:`LocalChecksums`), and the daemons' replies are checked against those values.
+    """
+    checksums = None
+    if config.remote and any(s.checksum is None for s in layout.experts.values()):
+        checksums = await asyncio.to_thread(LocalChecksums.open, layout)
     nvme = NvmeTier(
         layout,
         config.read_mode,
         max_concurrent_reads=config.max_concurrent_reads,
         verify_checksums=config.verify_checksums,
+        checksums=checksums,
     )
     if not config.remote:
         return [nvme]
     try:
-        remote = await RemoteTier.connect(layout, config)
+        remote = await RemoteTier.connect(layout, config, checksums=checksums)
     except BaseException:
         await nvme.aclose()
+        if checksums is not None:
+            checksums.close()
         raise
     return [remote, nvme]
 

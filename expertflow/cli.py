@@ -38,6 +38,25 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_checksums(args: argparse.Namespace) -> int:
+    from expertflow.tiers.local_checksums import LocalChecksums, fill
+    from expertflow.tiers.safetensors_index import open_checkpoint
+
+    layout = open_checkpoint(args.model)
+    if layout.packed:
+        print(f"{args.model} is a pack: its manifest already records every expert's checksum")
+        return 0
+    book = LocalChecksums.open(layout)
+    try:
+        known = len(book)
+        added = fill(book)
+    finally:
+        book.close()
+    where = book.path if book.path is not None else "memory only (no writable place)"
+    print(f"{added} expert checksums computed, {known} already known; {len(layout.experts)} in {where}")
+    return 0
+
+
 def _auto_budget(layout: Any, read_mode: str) -> dict[str, Any]:
     """The host budget ``generate`` would choose here by default, and why (non-expert weights as stored)."""
     from expertflow.pipeline.budget import ACTIVATION_RESERVE, plan_host_budget, reads_in_flight_bytes
@@ -242,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output directory (must not exist)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pack)
+
+    p = sub.add_parser(
+        "checksums",
+        help="record the local copy's expert checksums, against which daemons' replies are checked",
+    )
+    p.add_argument("model", help="checkpoint directory")
+    p.set_defaults(func=_cmd_checksums)
 
     p = sub.add_parser("generate", help="greedy generation with experts offloaded; prints a summary")
     p.add_argument("path", help="Hugging Face model directory")

@@ -79,6 +79,13 @@ class FingerprintMismatchError(RemoteError):
     """A server serves a different checkpoint than the one the client loaded."""
 
 
+class UnverifiableExpertError(RemoteError):
+    """A daemon's copy of an expert cannot be checked: the local copy's checksum is not known yet.
+
+    Not a failure of the daemon: the store reads the expert locally, which records its checksum.
+    """
+
+
 __all__ = [
     "BudgetError",
     "CheckpointError",
@@ -91,4 +98,5 @@ __all__ = [
     "RemoteError",
     "StoreClosedError",
     "UnsupportedModelError",
+    "UnverifiableExpertError",
 ]

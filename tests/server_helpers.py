@@ -19,15 +19,23 @@ class CorruptingProxy:
     Clients connect to :attr:`address` (a ROUTER); each client gets its own DEALER to the daemon, so the
     daemon sees ordinary clients. Modes: ``flip`` changes one payload bit and keeps the checksum of the good
     bytes (transit corruption); ``swap`` sends the first two tensors in the other order (each with its own
-    name), with a checksum that matches the reordered bytes (a lying server). Requests and every other reply pass through unchanged.
+    name), with a checksum that matches the reordered bytes (a lying server). Two more lies need a daemon
+    serving the wrong bytes: ``claim`` rewrites the fingerprint in ``hello`` replies to ``fingerprint`` (a
+    daemon on other weights that says it serves ours); ``relabel`` asks the daemon for the next expert of the
+    same layer (of ``experts_per_layer``) and relabels its reply as the one asked for, with a checksum seeded
+    by the asked key. Requests and every other reply pass through unchanged.
     """
 
-    def __init__(self, upstream: str, mode: str) -> None:
+    def __init__(
+        self, upstream: str, mode: str, *, fingerprint: str | None = None, experts_per_layer: int = 0
+    ) -> None:
         import zmq
         import zmq.asyncio
 
         self.upstream = upstream
         self.mode = mode
+        self.fingerprint = fingerprint
+        self.experts_per_layer = experts_per_layer
         self.damaged = 0
         self._ctx = zmq.asyncio.Context()
         self._front = self._ctx.socket(zmq.ROUTER)
@@ -58,12 +66,23 @@ class CorruptingProxy:
                 back.linger = 0  # type: ignore[attr-defined]
                 back.connect(self.upstream)  # type: ignore[attr-defined]
                 self._tasks.append(asyncio.create_task(self._forward_replies(identity, back)))
-            await back.send_multipart(frames)  # type: ignore[attr-defined]
+            await back.send_multipart(self._relabel_request(frames))  # type: ignore[attr-defined]
 
     async def _forward_replies(self, identity: bytes, back: object) -> None:
         while True:
             frames = await back.recv_multipart()  # type: ignore[attr-defined]
             await self._front.send_multipart([identity, *self._damage(frames)])
+
+    def _relabel_request(self, frames: list[bytes]) -> list[bytes]:
+        import msgpack
+
+        if self.mode != "relabel":
+            return frames
+        head = msgpack.unpackb(frames[0])
+        if head.get("op") != "get":
+            return frames
+        head["keys"] = [[layer, (expert + 1) % self.experts_per_layer] for layer, expert in head["keys"]]
+        return [msgpack.packb(head), *frames[1:]]
 
     def _damage(self, frames: list[bytes]) -> list[bytes]:
         import msgpack
@@ -71,8 +90,20 @@ class CorruptingProxy:
         from expertflow.core import ExpertKey, expert_checksum
 
         head = msgpack.unpackb(frames[0])
+        if self.mode == "claim" and head.get("op") == "hello_reply":
+            head["fingerprint"] = self.fingerprint
+            self.damaged += 1
+            return [msgpack.packb(head), *frames[1:]]
         if head.get("op") != "expert" or len(frames) < 3:
             return frames
+        if self.mode == "claim":
+            return frames
+        if self.mode == "relabel":
+            layer, expert = head["key"]
+            head["key"] = [layer, (expert - 1) % self.experts_per_layer]
+            head["checksum"] = expert_checksum(ExpertKey(*head["key"]), (bytes(f) for f in frames[1:]))
+            self.damaged += 1
+            return [msgpack.packb(head), *frames[1:]]
         payload = [bytearray(f) for f in frames[1:]]
         if self.mode == "flip":
             payload[0][len(payload[0]) // 2] ^= 0x01

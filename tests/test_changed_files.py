@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from expertflow.cli import main as cli_main
 from expertflow.core import ExpertKey
 from expertflow.errors import RemoteError
 from expertflow.services.client import ExpertClient
@@ -89,6 +90,7 @@ async def test_a_store_stops_using_a_daemon_whose_checkpoint_changed(tmp_path: P
 
     served = write_moe_checkpoint(tmp_path / "served")  # the daemon's copy
     local = write_moe_checkpoint(tmp_path / "local")  # the GPU node's own copy: the same weights
+    assert cli_main(["checksums", str(local)]) == 0  # so that the daemon serves from the first read
     with daemon(served, ("tcp://127.0.0.1:*",), "--read-mode", "mmap", "--mem", "8MiB") as proc:
         config = StoreConfig(remote=(proc.address,), remote_timeout=10, host_bytes=8 << 20, predictor="none")
         store = await open_async_store(local, config)

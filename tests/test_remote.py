@@ -4,6 +4,7 @@ survives a daemon killed mid-generation, and never uses bytes that are not the c
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -30,6 +31,22 @@ from tests.server_helpers import CorruptingProxy, daemon
 pytestmark = pytest.mark.timeout(180)
 
 NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(checkpoints, tmp_path_factory) -> Path:
+    """A copy of the tiny Mixtral whose experts' local checksums are recorded (``expertflow checksums``), so
+    that daemons serve every expert from the first read; ``test_local_checksums`` covers the first reads."""
+    from expertflow.cli import main
+
+    path = shutil.copytree(checkpoints.get("mixtral"), tmp_path_factory.mktemp("remote") / "mixtral")
+    assert main(["checksums", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def mixtral_layout(mixtral_dir: Path) -> ExpertLayout:
+    return open_checkpoint(mixtral_dir)
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +172,42 @@ async def test_wrong_bytes_from_a_server_are_never_used(mode, mixtral_dir, mixtr
         assert tier.counters["checksum_errors"] == 8  # each of 4 experts: the try and the retry
     else:
         assert tier.counters["checksum_errors"] == 0 and tier.counters["errors"] == 4
+
+
+@pytest.mark.parametrize("lie", ["claim", "relabel"])
+async def test_a_lying_daemon_never_changes_a_token(
+    lie, mixtral_dir, mixtral_layout, expected, tmp_path
+) -> None:
+    """``claim``: a daemon on other weights of the same structure says it serves ours (passes ``hello``).
+    ``relabel``: a daemon sends another expert's bytes under the key asked for, with a checksum made for that
+    key. Both replies verify on their own; only the local copy's checksum tells them apart."""
+    from expertflow.tiers.fingerprint import content_fingerprint
+
+    prompt, want = expected
+    served = save_checkpoint("mixtral", tmp_path / "other", seed=7) if lie == "claim" else mixtral_dir
+    per_layer = sum(1 for k in mixtral_layout.experts if k.layer == mixtral_layout.keys()[0].layer)
+    honest = content_fingerprint(mixtral_layout)
+
+    with daemon(served) as proc:
+        async with CorruptingProxy(
+            proc.address, lie, fingerprint=honest, experts_per_layer=per_layer
+        ) as proxy:
+
+            def run() -> tuple[list[int], object, dict[str, int]]:
+                with load_model(mixtral_dir, config=_config(mixtral_layout, [proxy.address])) as model:
+                    tokens = generate(model, prompt, NEW_TOKENS).tokens
+                    tier = next(
+                        s for s in model.expert_store.async_store.sources.sources if isinstance(s, RemoteTier)
+                    )
+                    return tokens, model.expert_stats(), dict(tier.counters)
+
+            tokens, stats, counters = await asyncio.to_thread(run)
+    assert proxy.damaged >= 1  # the lie did reach the client
+    assert tokens == want
+    # The first lie ends the server's use; only the reads already in flight saw a lie too.
+    assert 1 <= counters["wrong_bytes"] <= 4 and counters["reads"] == 0
+    assert stats.reads.get("remote", 0) == 0
+    assert stats.reads["nvme"] == stats.source_errors["remote"]  # every local read is a counted fallback
 
 
 async def test_a_server_down_at_start_is_used_once_it_comes_up(mixtral_dir, mixtral_layout, tmp_path) -> None:

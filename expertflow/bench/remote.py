@@ -30,6 +30,7 @@ from expertflow.services.process import DaemonProcess
 from expertflow.services.remote import RemoteTier
 from expertflow.tiers.host import HostPool
 from expertflow.tiers.layout import ExpertLayout
+from expertflow.tiers.local_checksums import fill
 
 START_TIMEOUT = 120.0
 
@@ -95,6 +96,8 @@ def read_remote(
     async def run() -> Timing:
         tier = await RemoteTier.connect(layout, StoreConfig(remote=(address,), remote_timeout=60.0))
         try:
+            if tier.checksums is not None:  # an unpacked checkpoint: record the local checksums, untimed
+                await asyncio.to_thread(fill, tier.checksums)
 
             async def one_pass(latencies: list[float]) -> int:
                 queue = list(reversed(keys))

@@ -198,6 +198,12 @@ def format_summary(result: GenerationResult) -> str:
             lines.append(f"host tier: hit rate {s['host_hits'] / total:.1%} ({s['host_hits']} hits)")
         for name, nbytes in sorted((s.get("bytes_read") or {}).items()):
             lines.append(f"read from {name}: {format_size(nbytes)} in {s['reads'].get(name, 0)} reads")
+        for name, count in sorted((s.get("source_errors") or {}).items()):
+            lines.append(f"{name} failed {count} reads (read from the next source)")
+        for name, count in sorted((s.get("source_skips") or {}).items()):
+            lines.append(
+                f"{name} skipped {count} reads (local checksum not known yet: read locally, recorded)"
+            )
         lines.append(f"stall (compute waiting for experts): {s.get('stall_seconds', 0.0):.3f} s")
         lines.append(
             f"prefetch: {s.get('prefetch_issued', 0)} issued, {s.get('prefetch_used', 0)} used, "

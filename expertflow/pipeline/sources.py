@@ -12,7 +12,13 @@ import time
 from collections.abc import Sequence
 
 from expertflow.core import ExpertKey
-from expertflow.errors import ChecksumError, ConfigError, ExpertReadError, RemoteError
+from expertflow.errors import (
+    ChecksumError,
+    ConfigError,
+    ExpertReadError,
+    RemoteError,
+    UnverifiableExpertError,
+)
 from expertflow.pipeline.stats import StoreStats
 from expertflow.tiers.base import ExpertSource
 
@@ -31,6 +37,7 @@ class SourceChain:
         self._inflight = 0
         self._busy_since = 0.0
         self._busy_total = 0.0
+        self._warned: set[tuple[str, str]] = set()  # (source, error kind) already logged as a warning
 
     def buffer_needs(self) -> list[int]:
         """Bytes each source needs in a buffer to receive any expert (inputs to ``core.slot_nbytes``)."""
@@ -59,11 +66,20 @@ class SourceChain:
         for source in self.sources:
             try:
                 n = await source.read(key, buf)
+            except UnverifiableExpertError as exc:
+                if source is self.sources[-1]:
+                    raise
+                stats.count_source_skip(source.name)
+                last = exc
+                continue
             except (RemoteError, ChecksumError) as exc:
                 if source is self.sources[-1]:
                     raise
                 stats.count_source_error(source.name)
-                log.warning("source %s failed for %s: %s; trying the next source", source.name, key, exc)
+                kind = (source.name, getattr(exc, "code", None) or type(exc).__name__)
+                level = logging.DEBUG if kind in self._warned else logging.WARNING
+                self._warned.add(kind)
+                log.log(level, "source %s failed for %s: %s; trying the next source", source.name, key, exc)
                 last = exc
                 continue
             stats.count_read(source.name, n)

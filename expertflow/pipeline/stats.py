@@ -13,6 +13,8 @@ class StoreStats:
     when the device has its own slots. ``prefetch_*``: issued (queued), used (demanded after it landed or while
     loading), wasted (evicted unused), cancelled (stale, withdrawn), dropped (refused by admission control or
     the bounded queue) and ``prefetch_refused`` (of the dropped: no victim scored below the incoming expert).
+    ``source_errors`` count reads a source failed and passed on; ``source_skips`` the reads a source declined
+    without trying (a daemon's copy of an expert whose local checksum is not known yet).
     """
 
     device_hits: int = 0
@@ -23,6 +25,7 @@ class StoreStats:
     bytes_read: dict[str, int] = field(default_factory=dict)
     reads: dict[str, int] = field(default_factory=dict)
     source_errors: dict[str, int] = field(default_factory=dict)
+    source_skips: dict[str, int] = field(default_factory=dict)
     bytes_uploaded: int = 0
     evictions: int = 0
     stall_seconds: float = 0.0
@@ -48,6 +51,9 @@ class StoreStats:
 
     def count_source_error(self, source: str) -> None:
         self.source_errors[source] = self.source_errors.get(source, 0) + 1
+
+    def count_source_skip(self, source: str) -> None:
+        self.source_skips[source] = self.source_skips.get(source, 0) + 1
 
     def copy(self) -> StoreStats:
         return StoreStats(**asdict(self))

@@ -6,7 +6,10 @@ A server that times out or disconnects is skipped and retried later with exponen
 ``hello``, in case it came back serving another checkpoint). A read that no server can answer raises
 ``RemoteError``: the store then reads the expert from the next source (the local NVMe tier), so no request is
 lost. Every expert is checked against the local layout (names, dtypes, shapes, sizes) and its checksum before
-one byte of it is used.
+one byte of it is used: the checksum the local copy gives, from a pack's manifest or, for an unpacked
+checkpoint, from :class:`~expertflow.tiers.local_checksums.LocalChecksums`; an expert whose local checksum is
+not known yet is not asked for (``UnverifiableExpertError``), and a server whose bytes differ from the local
+copy's is not used again.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import xxhash
 
 from expertflow.config import StoreConfig
 from expertflow.core import ExpertKey
-from expertflow.errors import ChecksumError, FingerprintMismatchError, RemoteError
+from expertflow.errors import ChecksumError, FingerprintMismatchError, RemoteError, UnverifiableExpertError
 from expertflow.services import protocol as P
 from expertflow.services.client import ExpertClient
 from expertflow.tiers.fingerprint import content_fingerprint
 from expertflow.tiers.layout import ExpertLayout, ExpertSpec
+from expertflow.tiers.local_checksums import LocalChecksums
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +102,11 @@ class RemoteTier:
         replicas: int = 1,
         retries: int = 2,
         deadline: float = 5.0,
+        checksums: LocalChecksums | None = None,
     ) -> None:
         self.layout = layout
+        # The local copy's checksums of an unpacked checkpoint; owned (closed with the tier).
+        self.checksums = checksums
         self.fingerprint = fingerprint
         self._servers = {s.address: s for s in servers}
         self.replicas = max(1, min(replicas, len(servers)))
@@ -109,19 +116,28 @@ class RemoteTier:
             "reads": 0,
             "failovers": 0,
             "checksum_errors": 0,
+            "wrong_bytes": 0,
+            "unverifiable": 0,
             "errors": 0,
             "marked_down": 0,
         }
         self.reads_by_server: dict[str, int] = {s.address: 0 for s in servers}
 
     @classmethod
-    async def connect(cls, layout: ExpertLayout, config: StoreConfig) -> RemoteTier:
+    async def connect(
+        cls, layout: ExpertLayout, config: StoreConfig, *, checksums: LocalChecksums | None = None
+    ) -> RemoteTier:
         """Connect to ``config.remote`` and check each server's checkpoint fingerprint.
+
+        An unpacked checkpoint's replies are checked against ``checksums`` (opened beside the checkpoint when
+        not given); the tier owns it either way.
 
         A server serving another checkpoint is refused (``FingerprintMismatchError``); one that does not
         answer is only logged: it is retried while reading, and reads fall through to NVMe meanwhile.
         """
         fingerprint = await asyncio.to_thread(content_fingerprint, layout)
+        if checksums is None and any(s.checksum is None for s in layout.experts.values()):
+            checksums = await asyncio.to_thread(LocalChecksums.open, layout)
         # Replies carry one tensor per frame: nothing larger than this checkpoint's largest tensor is expected.
         largest = max(t.nbytes for spec in layout.experts.values() for t in spec.tensors)
         limits = dataclasses.replace(P.DEFAULT_LIMITS, max_frame_bytes=max(1, largest))
@@ -142,6 +158,7 @@ class RemoteTier:
             replicas=config.remote_replicas,
             retries=config.remote_retries,
             deadline=config.remote_timeout,
+            checksums=checksums,
         )
         try:
             await asyncio.gather(*(tier._hello(s, strict=True) for s in servers))
@@ -182,6 +199,7 @@ class RemoteTier:
     async def read(self, key: ExpertKey, buf: memoryview) -> int:
         """Fill ``buf`` with ``key`` in canonical layout from the first server that can provide it."""
         spec = self.layout.spec(key)
+        expected = self._expected_checksum(spec)
         now = time.monotonic()
         order = rendezvous_order([s.address for s in self._servers.values() if s.disabled is None], key)
         candidates = [self._servers[a] for a in order[: self.replicas]]
@@ -204,7 +222,7 @@ class RemoteTier:
                     break
                 try:
                     reply = await asyncio.wait_for(server.client.get_one(key), remaining)
-                    nbytes = self._place(spec, reply, buf)
+                    nbytes = self._place(spec, reply, buf, expected)
                 except asyncio.TimeoutError:
                     last = RemoteError(f"{key}: no expert within {self.deadline} s", code="TIMEOUT")
                     self._down(server, "too slow")
@@ -213,6 +231,11 @@ class RemoteTier:
                     self.counters["checksum_errors"] += 1
                     last = exc
                     continue
+                except FingerprintMismatchError as exc:
+                    self.counters["wrong_bytes"] += 1
+                    self._disable(server, str(exc))
+                    last = exc
+                    break
                 except RemoteError as exc:
                     last = exc
                     if exc.code == "CHECKPOINT_CHANGED":
@@ -251,7 +274,19 @@ class RemoteTier:
         self.counters["marked_down"] += 1
         server.mark_down(reason)
 
-    def _place(self, spec: ExpertSpec, reply: P.ExpertReply, buf: memoryview) -> int:
+    def _expected_checksum(self, spec: ExpertSpec) -> int:
+        """The local copy's checksum of ``spec``; ``UnverifiableExpertError`` while it is not known."""
+        if spec.checksum is not None:
+            return spec.checksum
+        value = self.checksums.get(spec.key) if self.checksums is not None else None
+        if value is None:
+            self.counters["unverifiable"] += 1
+            raise UnverifiableExpertError(
+                f"{spec.key}: its local checksum is not known yet", code="UNVERIFIED"
+            )
+        return value
+
+    def _place(self, spec: ExpertSpec, reply: P.ExpertReply, buf: memoryview, expected: int) -> int:
         """Copy a verified reply into ``buf`` at canonical offsets, after checking it is this expert."""
         if len(reply.tensors) != len(spec.tensors):
             raise RemoteError(
@@ -265,15 +300,24 @@ class RemoteTier:
                     f"{t.role} {t.dtype}{list(t.shape)}",
                     code="BAD_REPLY",
                 )
-        if spec.checksum is not None and reply.checksum != spec.checksum:
-            raise ChecksumError(f"{spec.key}: server's checksum differs from the local pack manifest")
+        if reply.checksum != expected:
+            # The reply is self-consistent (the client verified it), so these are other bytes than ours.
+            raise FingerprintMismatchError(
+                f"{spec.key}: the server's bytes are not the local copy's (checksum {reply.checksum:016x}, "
+                f"local {expected:016x})",
+                code="WRONG_BYTES",
+            )
         for wire, (t, off) in zip(reply.tensors, spec.views()):
             buf[off : off + t.nbytes] = wire.data
         return spec.nbytes
 
     async def aclose(self) -> None:
         await asyncio.gather(*(s.client.aclose() for s in self._servers.values()))
+        if self.checksums is not None:
+            self.checksums.close()
 
     def close(self) -> None:
         for s in self._servers.values():
             s.client.close()
+        if self.checksums is not None:
+            self.checksums.close()

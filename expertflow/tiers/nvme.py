@@ -26,7 +26,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -41,6 +41,9 @@ from expertflow.errors import (
 )
 from expertflow.tiers.checksum import spec_checksum
 from expertflow.tiers.layout import ExpertLayout, ExpertSpec
+
+if TYPE_CHECKING:
+    from expertflow.tiers.local_checksums import LocalChecksums
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,7 @@ class NvmeTier:
         *,
         max_concurrent_reads: int = 4,
         verify_checksums: bool = True,
+        checksums: LocalChecksums | None = None,
     ) -> None:
         if mode not in ("mmap", "direct"):
             raise ConfigError(f"read mode must be 'mmap' or 'direct', got {mode!r}")
@@ -135,6 +139,8 @@ class NvmeTier:
         self.layout = layout
         self.mode: ReadMode = mode
         self.verify_checksums = verify_checksums
+        # Where the local copy's checksums of an unpacked checkpoint are recorded (for checking daemons).
+        self.checksums = checksums
         self.max_concurrent_reads = max_concurrent_reads
         self._closed = False
         self._lock = threading.Lock()
@@ -277,6 +283,8 @@ class NvmeTier:
                     f"expert {key}: checksum {got:016x} != recorded {spec.checksum:016x} (corrupt pack file)",
                     file=spec.tensors[0].file,
                 )
+        elif self.checksums is not None and spec.checksum is None and self.checksums.get(key) is None:
+            self.checksums.record(key, spec_checksum(spec, buf))
         self.reads += 1
         self.bytes_read += spec.nbytes
         return spec.nbytes

@@ -43,6 +43,7 @@ from expertflow.tiers.layout import (
     pack_offsets,
     role_rank,
 )
+from expertflow.tiers.local_checksums import FILE_NAME as CHECKSUMS_NAME
 from expertflow.tiers.nvme import NvmeTier, buffer_address
 from expertflow.tiers.safetensors_index import (
     INDEX_NAME,
@@ -185,7 +186,8 @@ def _write_non_experts(layout: ExpertLayout, path: Path) -> None:
 def _copy_side_files(source: Path, dst: Path) -> None:
     """config.json, tokenizer and generation files: every top-level non-weight file of the source."""
     for f in sorted(source.iterdir()):
-        if not f.is_file() or f.name in (INDEX_NAME, PACK_MANIFEST_NAME) or f.name.endswith(_WEIGHT_SUFFIXES):
+        skip = (INDEX_NAME, PACK_MANIFEST_NAME, CHECKSUMS_NAME)  # a pack has its own, key-bound checksums
+        if not f.is_file() or f.name in skip or f.name.endswith(_WEIGHT_SUFFIXES):
             continue
         shutil.copyfile(f, dst / f.name)
         with open(dst / f.name, "rb+") as g:
