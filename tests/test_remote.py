@@ -236,6 +236,47 @@ async def test_a_server_down_at_start_is_used_once_it_comes_up(mixtral_dir, mixt
         await store.aclose()
 
 
+async def test_a_restarted_daemon_is_used_again_as_soon_as_it_reconnects(
+    mixtral_dir, mixtral_layout, tmp_path
+) -> None:
+    """A long outage grows the back-off to seconds; a daemon that comes back is used again once the
+    connection is re-established (and a new ``hello`` passes), not when the back-off ends."""
+    address = f"ipc://{tmp_path}/restart.sock"
+    config = StoreConfig(remote=(address,), remote_timeout=2.0, host_bytes=4 * _slot(mixtral_layout))
+    keys = mixtral_layout.keys()
+    first = daemon(mixtral_dir, (address,))
+    store = await open_async_store(mixtral_layout, config)
+    i = 0
+
+    async def read_one() -> str:
+        nonlocal i
+        before = store.stats().reads
+        store.release(await store.fetch([keys[i % len(keys)]]))
+        i += 1
+        return next(src for src, n in store.stats().reads.items() if n > before.get(src, 0))
+
+    try:
+        tier = next(s for s in store.sources.sources if isinstance(s, RemoteTier))
+        assert await read_one() == "remote"
+        first.kill()
+        for _ in range(200):  # each retry after a back-off fails: it grows 0.5, 1, 2, 4, 8 s (~4 s here)
+            if tier.backoff()[address][1] >= 8.0:
+                break
+            assert await read_one() == "nvme"
+            await asyncio.sleep(0.05)
+        assert tier.backoff()[address][1] >= 8.0
+        with daemon(mixtral_dir, (address,)):
+            for _ in range(400):
+                left = tier.backoff()[address][0]
+                if await read_one() == "remote":
+                    break
+                await asyncio.sleep(0.02)
+            assert left > 0  # used again while its back-off still had time to run
+    finally:
+        await store.aclose()
+        first.kill()
+
+
 def test_generate_cli_takes_experts_from_a_daemon(mixtral_dir, mixtral_layout, expected, capsys) -> None:
     import json
 

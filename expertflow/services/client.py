@@ -61,6 +61,7 @@ class ExpertClient:
         self._closed = False
         self.connected = False
         self.lost = False  # was connected, and the connection dropped; cleared on reconnect
+        self.handshakes = 0  # connections made so far (a change means the server came back)
         self._disconnect_pending = (
             False  # a disconnect was seen; pending requests fail once replies are drained
         )
@@ -268,6 +269,7 @@ class ExpertClient:
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected = True
                 self.lost = False
+                self.handshakes += 1
             elif kind == zmq.EVENT_DISCONNECTED:
                 if self.connected:
                     log.warning("lost connection to %s", self.address)

@@ -63,9 +63,14 @@ class _Server:
     disabled: str | None = None  # a permanent reason (wrong checkpoint)
     busy: int = 0  # consecutive BUSY answers
     stale_seen: int = 0  # the client's stale-reply count at the last check
+    handshakes_seen: int = 0  # the client's handshake count when it was marked down
 
     def available(self, now: float) -> bool:
-        return self.disabled is None and now >= self.down_until
+        """Not disabled, and its back-off is over or it connected anew since it was marked down (a daemon
+        that restarts is used again as soon as it answers, after a new ``hello``)."""
+        if self.disabled is not None:
+            return False
+        return now >= self.down_until or self.client.handshakes > self.handshakes_seen
 
     def mark_down(self, reason: str) -> None:
         if self.down_until <= time.monotonic():
@@ -75,6 +80,7 @@ class _Server:
         self.down_until = time.monotonic() + self.backoff
         self.backoff = min(self.backoff * 2, BACKOFF_MAX)
         self.needs_hello = True
+        self.handshakes_seen = self.client.handshakes
 
     def mark_up(self) -> None:
         self.down_until = 0.0
@@ -263,6 +269,15 @@ class RemoteTier:
         if isinstance(last, RemoteError):
             raise last
         raise RemoteError(f"{key}: {last}", code="CHECKSUM")
+
+    def disabled_servers(self) -> dict[str, str]:
+        """Servers not used any more (other weights, a changed checkpoint, wrong bytes), with the reason."""
+        return {s.address: s.disabled for s in self._servers.values() if s.disabled is not None}
+
+    def backoff(self) -> dict[str, tuple[float, float]]:
+        """Per server: (seconds left of its back-off, its next back-off); (0, start) for one in use."""
+        now = time.monotonic()
+        return {s.address: (max(0.0, s.down_until - now), s.backoff) for s in self._servers.values()}
 
     def _disable(self, server: _Server, reason: str) -> None:
         """Never use this server again: it serves other bytes than it announced."""
