@@ -357,6 +357,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         unsent_deadline=args.unsent_deadline,
         unsent_share=args.unsent_share,
         drop_seconds=args.drop_seconds,
+        max_request_bytes=parse_size(args.max_request_bytes),
+        idle_timeout=args.idle_timeout,
     )
     asyncio.run(run_server(args.path, config))
     return 0
@@ -458,6 +460,17 @@ def build_store_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--drop-seconds", type=float, default=30.0, help="how long a dropped client's requests are ignored"
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        default="64KiB",
+        help="all frames of one incoming message together; a connection sending more is closed",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=10.0,
+        help="seconds without a byte (heartbeats included) after which a connection is closed",
     )
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
     p.set_defaults(func=_cmd_serve)

@@ -33,6 +33,7 @@ from expertflow.core import ExpertKey
 from expertflow.errors import CheckpointChangedError, ConfigError, ExpertFlowError
 from expertflow.pipeline.store import AsyncExpertStore, ExpertHandle
 from expertflow.services import protocol as P
+from expertflow.services.frontend import FrontendLimits, ZmtpFrontend
 from expertflow.services.keys import load_secret_key, server_authenticator
 from expertflow.tiers.base import ExpertSource
 from expertflow.tiers.checksum import spec_checksum
@@ -77,6 +78,11 @@ class ServerConfig:
     # At most this share of the cache may be pinned by replies waiting in libzmq, over all clients; past it
     # the oldest waiting reply is expired as above.
     unsent_share: float = 0.5
+    # All frames of one incoming message together, checked before they are buffered (plain endpoints: see
+    # services.frontend; libzmq itself bounds only each frame). Requests are one msgpack header.
+    max_request_bytes: int = 64 * 1024
+    # A plain connection from which nothing (heartbeats included) arrives for this long is closed.
+    idle_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.binds:
@@ -96,6 +102,8 @@ class ServerConfig:
             raise ConfigError("max_unsent_replies must be >= 1 and drop_seconds >= 0")
         if self.unsent_deadline <= 0 or not 0 < self.unsent_share <= 1:
             raise ConfigError("unsent_deadline must be > 0 and unsent_share in (0, 1]")
+        if self.max_request_bytes < 1024 or self.idle_timeout <= 0:
+            raise ConfigError("max_request_bytes must be at least 1 KiB and idle_timeout > 0")
 
 
 def _is_local(address: str) -> bool:
@@ -157,6 +165,7 @@ class ExpertServer:
         self._ctx = zmq.asyncio.Context()
         self._auth: Any = None
         self._sock: zmq.asyncio.Socket | None = None
+        self._frontend: ZmtpFrontend | None = None
         self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._clients: dict[bytes, _Client] = {}
@@ -260,8 +269,8 @@ class ExpertServer:
         sock = self._ctx.socket(zmq.ROUTER)
         self._sock = sock
         sock.setsockopt(zmq.LINGER, int(self.config.grace * 1000))
-        # Requests never carry payload: anything bigger than a header is dropped by libzmq unbuffered.
-        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_header_bytes)
+        # Requests never carry payload: a frame bigger than a header is dropped by libzmq unbuffered.
+        sock.setsockopt(zmq.MAXMSGSIZE, min(self.limits.max_header_bytes, self.config.max_request_bytes))
         # Know when a client is gone instead of queueing replies for nobody.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A connection that does not read gets at most this many replies queued; then sends to it fail at once
@@ -275,12 +284,28 @@ class ExpertServer:
             sock.curve_server = True
             sock.curve_publickey = public
             sock.curve_secretkey = secret
+            for address in self.config.binds:
+                try:
+                    sock.bind(address)
+                except zmq.ZMQError as exc:
+                    raise ConfigError(f"cannot bind {address}: {exc}") from None
+                self.endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+            return
+        # Plain endpoints: the front end speaks ZMTP and bounds whole messages, then hands them over inproc.
+        backend = f"inproc://expertflow-server-{id(self):x}"
+        sock.bind(backend)
+        self._frontend = ZmtpFrontend(
+            self._ctx,
+            backend,
+            FrontendLimits(
+                max_message_bytes=self.config.max_request_bytes,
+                idle_timeout=self.config.idle_timeout,
+                send_deadline=self.config.unsent_deadline,
+                queued_requests=self.limits.max_in_flight,
+            ),
+        )
         for address in self.config.binds:
-            try:
-                sock.bind(address)
-            except zmq.ZMQError as exc:
-                raise ConfigError(f"cannot bind {address}: {exc}") from None
-            self.endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+            self.endpoints.append(self._frontend.bind(address))
 
     def _preload(self) -> None:
         # Fill the cache in key order until it is full; prefetches beyond capacity are simply dropped.
@@ -314,6 +339,8 @@ class ExpertServer:
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._frontend is not None:
+            await self._frontend.aclose(self.config.grace)
         if self._sock is not None:
             self._sock.close(linger=int(self.config.grace * 1000))
         if self._auth is not None:
@@ -633,8 +660,14 @@ class ExpertServer:
                 "limit_client_pins": self.client_cap,
                 "limit_gets_in_flight_per_client": self.limits.max_in_flight,
                 "limit_request_frame_bytes": self.limits.max_header_bytes,
+                "limit_request_bytes": self.config.max_request_bytes,
+                "limit_idle_seconds": self.config.idle_timeout,
             }
         )
+        front = self._frontend.counters if self._frontend is not None else {}
+        for name in ("connections_total", "connections_refused", "messages_refused"):
+            out[name] = int(front.get(name, 0))
+        out["connections_open"] = self._frontend.connections if self._frontend is not None else 0
         return out
 
 

@@ -1,0 +1,378 @@
+"""A ZMTP 3 front end for the daemon's plain (NULL-mechanism) endpoints that bounds every incoming message.
+
+libzmq's ``ZMQ_MAXMSGSIZE`` limits each *frame*, and libzmq delivers a multipart message only once its last
+frame arrived: a peer that sends frames with the MORE flag and never a last one makes it buffer without end.
+So the daemon does not bind its ROUTER socket to tcp/ipc addresses itself. This front end accepts the
+connections, speaks ZMTP 3.0/3.1 with the NULL mechanism (greeting, READY, PING/PONG heartbeats), and reads
+each frame's declared size *before* its body: a message whose frames add up to more than
+``max_message_bytes`` (or that has more than ``max_frames`` frames) closes the connection at once, having
+buffered at most the limit. A complete message is handed to the daemon's ROUTER over ``inproc`` through a
+DEALER of the connection's own, so the daemon sees one ordinary client per connection; replies come back
+the same way and are written straight from the frames libzmq holds (no copy), one whole message at a time.
+
+Endpoints with CURVE keep libzmq's own listener (its handshake is cryptographic; only allowed keys get as
+far as sending a message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+import struct
+from collections import Counter
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from expertflow.errors import ConfigError
+
+log = logging.getLogger("expertflow.server.frontend")
+
+_SIGNATURE_START, _SIGNATURE_END = 0xFF, 0x7F
+_MORE, _LONG, _COMMAND = 0x01, 0x02, 0x04
+_MAX_COMMAND_BYTES = 4096  # READY metadata, PING, ERROR: small by definition
+_PING_INTERVAL = 2.0
+
+
+class _Refused(Exception):
+    """The peer broke the protocol or a limit: the connection is closed (the reason is logged)."""
+
+
+@dataclass(frozen=True)
+class FrontendLimits:
+    max_message_bytes: int = 64 * 1024  # all frames of one incoming message together
+    max_frames: int = 64
+    idle_timeout: float = 10.0  # no byte from the peer for this long (heartbeats included): closed
+    send_deadline: float = 10.0  # one reply not written within this long: the peer is not reading, closed
+    queued_requests: int = 64  # complete requests of one connection waiting for the daemon
+
+
+def _greeting() -> bytes:
+    mechanism = b"NULL".ljust(20, b"\0")
+    return (
+        bytes([_SIGNATURE_START]) + bytes(8) + bytes([_SIGNATURE_END, 3, 1]) + mechanism + b"\0" + bytes(31)
+    )
+
+
+def _command(name: bytes, body: bytes) -> bytes:
+    payload = bytes([len(name)]) + name + body
+    return _frame_header(len(payload), command=True) + payload
+
+
+def _frame_header(size: int, *, more: bool = False, command: bool = False) -> bytes:
+    flags = (_MORE if more else 0) | (_COMMAND if command else 0)
+    if size > 255:
+        return struct.pack(">BQ", flags | _LONG, size)
+    return struct.pack(">BB", flags, size)
+
+
+def _ready(socket_type: bytes) -> bytes:
+    name = b"Socket-Type"
+    return _command(b"READY", bytes([len(name)]) + name + struct.pack(">I", len(socket_type)) + socket_type)
+
+
+def _parse_metadata(data: bytes) -> dict[bytes, bytes]:
+    props: dict[bytes, bytes] = {}
+    i = 0
+    while i < len(data):
+        n = data[i]
+        name = data[i + 1 : i + 1 + n]
+        i += 1 + n
+        if i + 4 > len(data):
+            raise _Refused("truncated READY metadata")
+        (size,) = struct.unpack_from(">I", data, i)
+        i += 4
+        if i + size > len(data):
+            raise _Refused("truncated READY metadata")
+        props[name.lower()] = data[i : i + size]
+        i += size
+    return props
+
+
+class _Reader:
+    """Exact reads from a non-blocking socket, with an idle timeout; never reads past what is asked."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, idle: float) -> None:
+        self.loop, self.sock, self.idle = loop, sock, idle
+
+    async def exactly(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            try:
+                recv = self.loop.sock_recv_into(self.sock, view[got:])
+                k = await (recv if self.idle == float("inf") else asyncio.wait_for(recv, self.idle))
+            except asyncio.TimeoutError:
+                raise _Refused(f"nothing received for {self.idle} s") from None
+            if k == 0:
+                raise ConnectionResetError("peer closed the connection")
+            got += k
+        return bytes(buf)
+
+
+class _Connection:
+    """One peer: the ZMTP session on its socket, relayed through its own DEALER to the daemon's ROUTER."""
+
+    def __init__(self, front: ZmtpFrontend, sock: socket.socket) -> None:
+        self.front = front
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.reader = _Reader(self.loop, sock, front.limits.idle_timeout)
+        self.dealer: zmq.asyncio.Socket = front.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        # The daemon's ROUTER decides how many replies may wait for a slow reader (its SNDHWM): take at most
+        # one more here, so that limit keeps its meaning.
+        self.dealer.setsockopt(zmq.RCVHWM, 1)
+        # Requests waiting for the daemon: a few, so that a peer that outpaces it waits in its own TCP buffers.
+        self.dealer.setsockopt(zmq.SNDHWM, front.limits.queued_requests)
+        self.dealer.connect(front.backend)
+        self.write_lock = asyncio.Lock()
+        self.pings = True
+        self.writing = False  # a reply is being written
+
+    async def run(self) -> None:
+        self.front._open.add(self)
+        try:
+            await self._handshake()
+            tasks = [asyncio.create_task(self._requests()), asyncio.create_task(self._replies())]
+            if self.pings:
+                tasks.append(asyncio.create_task(self._pings()))
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            for t in done:
+                t.result()
+        except _Refused as exc:
+            self.front.counters["connections_refused"] += 1
+            log.warning("closing a connection: %s", exc)
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.front._open.discard(self)
+            self.dealer.close(linger=0)
+            self.sock.close()
+
+    async def _write(self, *parts: bytes | memoryview) -> None:
+        async with self.write_lock:
+            for part in parts:
+                await self.loop.sock_sendall(self.sock, part)
+
+    async def _handshake(self) -> None:
+        await self._write(_greeting())
+        peer = await self.reader.exactly(64)
+        if peer[0] != _SIGNATURE_START or peer[9] != _SIGNATURE_END:
+            raise _Refused("not a ZMTP peer")
+        if peer[10] < 3:
+            raise _Refused(f"ZMTP {peer[10]}.x is not supported (3.0 or later)")
+        self.pings = peer[11] >= 1 or peer[10] > 3  # heartbeat commands exist from ZMTP 3.1 on
+        if not self.pings:  # a ZMTP 3.0 peer cannot be pinged: it may stay quiet as long as it likes
+            self.reader.idle = float("inf")
+        if peer[12:32].rstrip(b"\0") != b"NULL":
+            raise _Refused(f"security mechanism {peer[12:32].rstrip(bytes(1))!r} is not offered here")
+        name, body = await self._read_command()
+        if name != b"READY":
+            raise _Refused(f"expected READY, got {name!r}")
+        socket_type = _parse_metadata(body).get(b"socket-type")
+        if socket_type not in (b"DEALER", b"REQ"):
+            await self._write(_command(b"ERROR", bytes([19]) + b"Invalid socket type"))
+            raise _Refused(f"socket type {socket_type!r} cannot talk to a ROUTER")
+        await self._write(_ready(b"ROUTER"))
+
+    async def _read_frame_header(self) -> tuple[int, int]:
+        (flags,) = await self.reader.exactly(1)
+        if flags & ~(_MORE | _LONG | _COMMAND):
+            raise _Refused(f"reserved frame flags {flags:#x}")
+        if flags & _LONG:
+            (size,) = struct.unpack(">Q", await self.reader.exactly(8))
+        else:
+            size = (await self.reader.exactly(1))[0]
+        return flags, size
+
+    async def _read_command(self) -> tuple[bytes, bytes]:
+        flags, size = await self._read_frame_header()
+        if not flags & _COMMAND or flags & _MORE:
+            raise _Refused("expected a command frame")
+        return await self._command_body(size)
+
+    async def _command_body(self, size: int) -> tuple[bytes, bytes]:
+        if size > _MAX_COMMAND_BYTES or size < 1:
+            raise _Refused(f"command of {size} bytes")
+        data = await self.reader.exactly(size)
+        n = data[0]
+        if 1 + n > len(data):
+            raise _Refused("truncated command name")
+        return data[1 : 1 + n], data[1 + n :]
+
+    async def _requests(self) -> None:
+        """Read whole messages within the limits and pass each to the daemon; answer heartbeats."""
+        limits = self.front.limits
+        while True:
+            frames: list[bytes] = []
+            total = 0
+            while True:
+                flags, size = await self._read_frame_header()
+                if flags & _COMMAND:
+                    if frames:
+                        raise _Refused("a command inside a multipart message")
+                    await self._on_command(*await self._command_body(size))
+                    continue
+                total += size
+                if total > limits.max_message_bytes or len(frames) >= limits.max_frames:
+                    self.front.counters["messages_refused"] += 1
+                    raise _Refused(
+                        f"incoming message over {limits.max_message_bytes} bytes or {limits.max_frames} "
+                        "frames (refused before buffering it)"
+                    )
+                frames.append(await self.reader.exactly(size))
+                if not flags & _MORE:
+                    break
+            # Waits when the daemon is behind (DEALER high-water mark): this peer is then not read either.
+            await self.dealer.send_multipart(frames)
+
+    async def _on_command(self, name: bytes, body: bytes) -> None:
+        if name == b"PING":
+            if len(body) < 2:
+                raise _Refused("malformed PING")
+            await self._write(_command(b"PONG", body[2:18]))
+        elif name == b"ERROR":
+            raise _Refused(f"peer error {body[1:]!r}")
+        elif name != b"PONG":
+            raise _Refused(f"unexpected command {name!r}")
+
+    async def _replies(self) -> None:
+        """Write each reply of the daemon as one ZMTP message, straight from libzmq's frames."""
+        deadline = self.front.limits.send_deadline
+        while True:
+            frames = await self.dealer.recv_multipart(copy=False)
+            parts: list[bytes | memoryview] = []
+            for i, frame in enumerate(frames):
+                body = frame.buffer
+                header = _frame_header(len(body), more=i + 1 < len(frames))
+                if len(body) <= 4096:  # small frames go out with their header in one write
+                    parts.append(header + bytes(body))
+                else:
+                    parts += [header, body]
+            self.writing = True
+            try:
+                await asyncio.wait_for(self._write(*parts), deadline)
+            except asyncio.TimeoutError:
+                raise _Refused(f"a reply not taken within {deadline} s (the peer is not reading)") from None
+            finally:
+                self.writing = False
+            del frames, parts  # libzmq may free the buffers now: the daemon unpins them
+
+    async def _pings(self) -> None:
+        """Heartbeats towards the peer: its answers keep the idle timeout from firing on a quiet client."""
+        while True:
+            await asyncio.sleep(_PING_INTERVAL)
+            ttl = int(self.front.limits.idle_timeout * 10)
+            await self._write(_command(b"PING", struct.pack(">H", min(ttl, 0xFFFF))))
+
+
+class ZmtpFrontend:
+    """Listens on plain tcp/ipc endpoints and relays bounded messages to ``backend`` (an inproc ROUTER)."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, backend: str, limits: FrontendLimits) -> None:
+        self.ctx = ctx
+        self.backend = backend
+        self.limits = limits
+        self.counters: Counter[str] = Counter(
+            {"connections_total": 0, "connections_refused": 0, "messages_refused": 0}
+        )
+        self._listeners: list[socket.socket] = []
+        self._unix_paths: list[str] = []
+        self._accepting: list[asyncio.Task[None]] = []
+        self._connections: set[asyncio.Task[None]] = set()
+        self._open: set[_Connection] = set()
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+    def bind(self, address: str) -> str:
+        """Listen on ``tcp://host:port`` (port ``*`` for any) or ``ipc://path``; returns the bound endpoint."""
+        scheme, _, rest = address.partition("://")
+        if scheme == "tcp":
+            host, sep, port = rest.rpartition(":")
+            if not sep:
+                raise ConfigError(f"cannot bind {address}: expected tcp://host:port")
+            host = host.strip("[]")
+            host = "0.0.0.0" if host == "*" else host
+            try:
+                infos = socket.getaddrinfo(host, 0 if port == "*" else int(port), type=socket.SOCK_STREAM)
+                family, _, _, _, addr = infos[0]
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(addr)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"cannot bind {address}: {exc}") from None
+            bound_host, bound_port = sock.getsockname()[:2]
+            endpoint = f"tcp://{'[' + bound_host + ']' if ':' in bound_host else bound_host}:{bound_port}"
+        elif scheme == "ipc":
+            path = rest
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.stat(path).st_mode):  # a stale socket of an earlier run, as libzmq does
+                    os.unlink(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(path)
+            except OSError as exc:
+                sock.close()
+                raise ConfigError(f"cannot bind {address}: {exc}") from None
+            self._unix_paths.append(path)
+            endpoint = f"ipc://{path}"
+        else:
+            raise ConfigError(f"cannot bind {address}: only tcp:// and ipc:// are served")
+        sock.listen(128)
+        sock.setblocking(False)
+        self._listeners.append(sock)
+        self._accepting.append(asyncio.get_running_loop().create_task(self._accept(sock)))
+        return endpoint
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # out of fds and the like: wait, do not spin
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            sock.setblocking(False)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.counters["connections_total"] += 1
+            task = loop.create_task(_Connection(self, sock).run())
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def aclose(self, grace: float = 0.0) -> None:
+        """Stop listening; give replies already handed over up to ``grace`` s to go out; close everything."""
+        for task in self._accepting:
+            task.cancel()
+        await asyncio.gather(*self._accepting, return_exceptions=True)
+        for sock in self._listeners:
+            sock.close()
+        for path in self._unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace
+        while self._pending_replies() and loop.time() < until:
+            await asyncio.sleep(0.01)
+        connections = list(self._connections)
+        for task in connections:
+            task.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
+
+    def _pending_replies(self) -> bool:
+        return any(c.writing or int(c.dealer.getsockopt(zmq.EVENTS)) & zmq.POLLIN for c in self._open)
