@@ -23,6 +23,7 @@ import os
 import socket
 import stat
 import struct
+import threading
 from collections import Counter
 from dataclasses import dataclass
 
@@ -279,7 +280,13 @@ class _Connection:
 
 
 class ZmtpFrontend:
-    """Listens on plain tcp/ipc endpoints and relays bounded messages to ``backend`` (an inproc ROUTER)."""
+    """Listens on plain tcp/ipc endpoints and relays bounded messages to ``backend`` (an inproc ROUTER).
+
+    It runs on an event loop of its own, in its own thread (:meth:`start`): writing replies into sockets is
+    the bulk of the daemon's byte traffic, and those system calls release the GIL, so they overlap with the
+    daemon's loop as libzmq's I/O thread did. :meth:`bind` before :meth:`start`; :meth:`aclose` from the
+    daemon's loop.
+    """
 
     def __init__(self, ctx: zmq.asyncio.Context, backend: str, limits: FrontendLimits) -> None:
         self.ctx = ctx
@@ -293,6 +300,8 @@ class ZmtpFrontend:
         self._accepting: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._open: set[_Connection] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def connections(self) -> int:
@@ -335,8 +344,25 @@ class ZmtpFrontend:
         sock.listen(128)
         sock.setblocking(False)
         self._listeners.append(sock)
-        self._accepting.append(asyncio.get_running_loop().create_task(self._accept(sock)))
         return endpoint
+
+    def start(self) -> None:
+        """Start accepting on every bound endpoint, on the front end's own thread and loop."""
+        started = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            self._accepting = [loop.create_task(self._accept(s)) for s in self._listeners]
+            loop.call_soon(started.set)
+            try:
+                loop.run_forever()
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="expertflow-zmtp", daemon=True)
+        self._thread.start()
+        started.wait()
 
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -357,6 +383,18 @@ class ZmtpFrontend:
 
     async def aclose(self, grace: float = 0.0) -> None:
         """Stop listening; give replies already handed over up to ``grace`` s to go out; close everything."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            for sock in self._listeners:
+                sock.close()
+            return
+        self._loop = None
+        done = asyncio.run_coroutine_threadsafe(self._shutdown(grace), loop)
+        await asyncio.wrap_future(done)
+        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join)
+
+    async def _shutdown(self, grace: float) -> None:
         for task in self._accepting:
             task.cancel()
         await asyncio.gather(*self._accepting, return_exceptions=True)

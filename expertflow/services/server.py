@@ -306,6 +306,7 @@ class ExpertServer:
         )
         for address in self.config.binds:
             self.endpoints.append(self._frontend.bind(address))
+        self._frontend.start()
 
     def _preload(self) -> None:
         # Fill the cache in key order until it is full; prefetches beyond capacity are simply dropped.
