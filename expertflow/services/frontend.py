@@ -38,6 +38,7 @@ _SIGNATURE_START, _SIGNATURE_END = 0xFF, 0x7F
 _MORE, _LONG, _COMMAND = 0x01, 0x02, 0x04
 _MAX_COMMAND_BYTES = 4096  # READY metadata, PING, ERROR: small by definition
 _PING_INTERVAL = 2.0
+_UNIX_SNDBUF = 4 << 20
 
 
 class _Refused(Exception):
@@ -374,7 +375,12 @@ class ZmtpFrontend:
                 await asyncio.sleep(0.1)
                 continue
             sock.setblocking(False)
-            if sock.family != socket.AF_UNIX:
+            if sock.family == socket.AF_UNIX:
+                # The default (wmem_default, ~208 KiB) makes a multi-MiB reply dozens of loop wake-ups; the
+                # kernel caps this at net.core.wmem_max. TCP is left to its own buffer autotuning.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _UNIX_SNDBUF)
+            else:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.counters["connections_total"] += 1
             task = loop.create_task(_Connection(self, sock).run())
