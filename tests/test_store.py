@@ -436,7 +436,8 @@ async def test_prefetch_admission_never_evicts_protected_or_likelier_experts(ckp
                 return
 
     try:
-        store.release(await store.fetch([K(2, 0), K(2, 1), K(2, 2), K(2, 3)]))
+        for e in range(4):  # one by one: experts loaded together have no defined LRU order among them
+            store.release(await store.fetch([K(2, e)]))
         # Full, and every resident expert belongs to the layer just computed: a prefetch may not evict them.
         store.prefetch([K(0, 0)], priority=1.0)
         await settle(K(0, 0))
