@@ -20,7 +20,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check expertflow tests
 	$(BIN)/ruff format --check expertflow tests
 	$(BIN)/mypy expertflow/__init__.py expertflow/config.py expertflow/errors.py expertflow/core.py expertflow/assemble.py expertflow/pipeline \
-		expertflow/services/protocol.py expertflow/services/server.py expertflow/services/frontend.py expertflow/services/client.py \
+		expertflow/services/protocol.py expertflow/services/server.py expertflow/services/frontend.py expertflow/services/curve.py expertflow/services/client.py \
 		expertflow/services/keys.py expertflow/services/monitoring.py expertflow/services/remote.py \
 		expertflow/tiers/fingerprint.py expertflow/services/process.py
 

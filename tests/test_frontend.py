@@ -73,29 +73,39 @@ def _raw_peer(
     return sock
 
 
-def _closed_by_peer(sock: socket.socket, within: float = 10.0) -> bool:
-    sock.settimeout(within)
+def _closed_by_peer(sock: socket.socket, within: float = 3.0) -> bool:
+    """Whether the daemon closes ``sock`` within ``within`` s in all (whatever it sends meanwhile): well inside
+    its 10 s idle timeout, so that a close is the defence under test and not the peer's silence."""
+    import time
+
+    deadline = time.monotonic() + within
     try:
-        while True:
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
             if not sock.recv(65536):
                 return True
     except (ConnectionResetError, BrokenPipeError):
         return True
     except TimeoutError:
         return False
+    return False
 
 
-def test_an_unending_multipart_request_is_cut_off_before_the_daemon_buffers_it(mixtral_dir) -> None:
+@pytest.mark.parametrize("frame_bytes", [60_000, 1 << 20])
+def test_an_unending_multipart_request_is_cut_off_before_the_daemon_buffers_it(
+    mixtral_dir, frame_bytes
+) -> None:
     """The audit's attack: 60 KB frames, each with MORE, never a last one. Each frame is under the per-frame
     limit; together they are over the whole-message limit after two, and the daemon closes the connection
-    having buffered at most that. Its memory does not grow, and other clients are served throughout."""
+    having buffered at most that. Its memory does not grow, and other clients are served throughout. With
+    1 MiB frames the frame-count limit (64) alone would let 64 MiB in: only the byte limit stops it."""
     with daemon(mixtral_dir, ("tcp://127.0.0.1:*",), "--mem", "8MiB") as proc:
         before = _rss_bytes(proc.proc.pid)
         sock = _raw_peer(proc.address)
-        frame = _frame(bytes(60_000), more=True)
+        frame = _frame(bytes(frame_bytes), more=True)
         sent = 0
         with pytest.raises((BrokenPipeError, ConnectionResetError)):
-            for _ in range(2_000):  # 120 MB if nobody stops it
+            for _ in range((120 << 20) // frame_bytes):  # 120 MiB if nobody stops it
                 sock.sendall(frame)
                 sent += len(frame)
         sock.close()
@@ -207,5 +217,127 @@ async def test_heartbeats_are_answered_and_a_silent_peer_is_closed(mixtral_layou
         context, ok = await asyncio.to_thread(talk)
         assert context == b"ctx" and ok
         assert server.stat_counters()["connections_refused"] == 1
+    finally:
+        await server.aclose()
+
+
+# --- CURVE -------------------------------------------------------------------------------------------------
+
+
+class _RawCurvePeer:
+    """The client side of CurveZMQ over a plain socket, as an attacker holding an allowed key would run it."""
+
+    def __init__(
+        self, address: str, server_public: bytes, client_public: bytes, client_secret: bytes
+    ) -> None:
+        import nacl.bindings as nb
+
+        self.nb = nb
+        host, port = address.removeprefix("tcp://").rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.sock.sendall(_greeting(mechanism=b"CURVE"))
+        assert _recv_exactly(self.sock, 64)[12:17] == b"CURVE"
+        short_public, short_secret = nb.crypto_box_keypair()
+        self.nonce = 1
+        hello_box = nb.crypto_box(bytes(64), b"CurveZMQHELLO---" + self._next(), server_public, short_secret)
+        hello = (
+            b"\x05HELLO\x01\x00" + bytes(72) + short_public + struct.pack(">Q", self.nonce - 1) + hello_box
+        )
+        self.sock.sendall(_frame(hello, command=True))
+        _, welcome = _read_frame(self.sock)
+        plain = nb.crypto_box_open(welcome[24:], b"WELCOME-" + welcome[8:24], server_public, short_secret)
+        server_short, cookie = plain[:32], plain[32:]
+        vouch_nonce = bytes(range(16))
+        vouch = nb.crypto_box(
+            short_public + server_public, b"VOUCH---" + vouch_nonce, server_short, client_secret
+        )
+        metadata = bytes([11]) + b"Socket-Type" + struct.pack(">I", 6) + b"DEALER"
+        box = nb.crypto_box(
+            client_public + vouch_nonce + vouch + metadata, b"CurveZMQINITIATE" + self._next(), server_short,
+            short_secret,
+        )  # fmt: skip
+        self.sock.sendall(
+            _frame(b"\x08INITIATE" + cookie + struct.pack(">Q", self.nonce - 1) + box, command=True)
+        )
+        _, ready = _read_frame(self.sock)
+        assert ready.startswith(b"\x05READY"), ready[:8]
+        self.key = nb.crypto_box_beforenm(server_short, short_secret)
+
+    def _next(self) -> bytes:
+        value = struct.pack(">Q", self.nonce)
+        self.nonce += 1
+        return value
+
+    def message(self, payload: bytes, *, more: bool = False, nonce: bytes | None = None) -> bytes:
+        n = nonce or self._next()
+        box = self.nb.crypto_box_afternm(
+            bytes([1 if more else 0]) + payload, b"CurveZMQMESSAGEC" + n, self.key
+        )
+        return _frame(b"\x07MESSAGE" + n + box)
+
+
+@pytest.fixture
+def curve_keys(tmp_path: Path) -> dict[str, Path]:
+    from expertflow.services.keys import keygen
+
+    keygen(tmp_path / "server", "server")
+    keygen(tmp_path / "allowed", "alice")
+    return {"server": tmp_path / "server", "allowed": tmp_path / "allowed"}
+
+
+def _raw_keys(path: Path) -> tuple[bytes, bytes]:
+    import zmq.auth
+    from zmq.utils import z85
+
+    public, secret = zmq.auth.load_certificate(str(path))
+    return z85.decode(public), z85.decode(secret) if secret else b""
+
+
+@pytest.mark.parametrize("attack", ["unending", "tampered", "replayed"])
+async def test_an_allowed_curve_key_cannot_send_an_unending_or_forged_message(
+    attack, curve_keys, mixtral_layout
+) -> None:
+    """CURVE endpoints are served by the same front end: a peer with an allowed key is bounded per message
+    like any other, and a MESSAGE that does not open or reuses a nonce closes its connection."""
+    import asyncio
+
+    config = ServerConfig(
+        binds=("tcp://127.0.0.1:*",),
+        curve_secret=str(curve_keys["server"] / "server.key_secret"),
+        allow_keys=str(curve_keys["allowed"]),
+    )
+    server = await ExpertServer.start(mixtral_layout, config)
+    server_public, _ = _raw_keys(curve_keys["server"] / "server.key")
+    alice_public, alice_secret = _raw_keys(curve_keys["allowed"] / "alice.key_secret")
+
+    def run() -> tuple[bool, int]:
+        peer = _RawCurvePeer(server.endpoints[0], server_public, alice_public, alice_secret)
+        sent = 0
+        try:
+            if attack == "unending":
+                for _ in range(120):  # 120 MiB if nobody stops it; 64 frames would be 64 MiB
+                    chunk = peer.message(bytes(1 << 20), more=True)
+                    peer.sock.sendall(chunk)
+                    sent += len(chunk)
+            elif attack == "tampered":
+                frame = bytearray(
+                    peer.message(msgpack.packb({"v": P.PROTOCOL_VERSION, "op": "ping", "id": 1}))
+                )
+                frame[-1] ^= 0x01
+                peer.sock.sendall(bytes(frame))
+            else:
+                nonce = peer._next()
+                ping = msgpack.packb({"v": P.PROTOCOL_VERSION, "op": "ping", "id": 1})
+                peer.sock.sendall(peer.message(ping, nonce=nonce) + peer.message(ping, nonce=nonce))
+        except (BrokenPipeError, ConnectionResetError):
+            return True, sent
+        return _closed_by_peer(peer.sock), sent
+
+    try:
+        closed, sent = await asyncio.to_thread(run)
+        assert closed and sent < 32 << 20
+        counters = server.stat_counters()
+        assert counters["connections_refused"] == 1
+        assert counters["messages_refused"] == (1 if attack == "unending" else 0)
     finally:
         await server.aclose()

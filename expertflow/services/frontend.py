@@ -1,17 +1,15 @@
-"""A ZMTP 3 front end for the daemon's plain (NULL-mechanism) endpoints that bounds every incoming message.
+"""The daemon's ZMTP 3 listener: it bounds every incoming message as a whole before buffering it.
 
 libzmq's ``ZMQ_MAXMSGSIZE`` limits each *frame*, and libzmq delivers a multipart message only once its last
 frame arrived: a peer that sends frames with the MORE flag and never a last one makes it buffer without end.
 So the daemon does not bind its ROUTER socket to tcp/ipc addresses itself. This front end accepts the
-connections, speaks ZMTP 3.0/3.1 with the NULL mechanism (greeting, READY, PING/PONG heartbeats), and reads
-each frame's declared size *before* its body: a message whose frames add up to more than
-``max_message_bytes`` (or that has more than ``max_frames`` frames) closes the connection at once, having
-buffered at most the limit. A complete message is handed to the daemon's ROUTER over ``inproc`` through a
-DEALER of the connection's own, so the daemon sees one ordinary client per connection; replies come back
-the same way and are written straight from the frames libzmq holds (no copy), one whole message at a time.
-
-Endpoints with CURVE keep libzmq's own listener (its handshake is cryptographic; only allowed keys get as
-far as sending a message).
+connections, speaks ZMTP 3.0/3.1 (greeting, READY, PING/PONG heartbeats) with the NULL mechanism or with
+CurveZMQ (:mod:`expertflow.services.curve`), and reads each frame's declared size *before* its body: a message
+whose frames add up to more than ``max_message_bytes`` (or that has more than ``max_frames`` frames) closes the
+connection at once, having buffered at most the limit. A complete message is handed to the daemon's ROUTER
+over ``inproc`` through a DEALER of the connection's own, so the daemon sees one ordinary client per
+connection; replies come back the same way and are written one whole message at a time, straight from the
+frames libzmq holds (NULL: no copy; CURVE encrypts, which copies, as libzmq does).
 """
 
 from __future__ import annotations
@@ -31,6 +29,9 @@ import zmq
 import zmq.asyncio
 
 from expertflow.errors import ConfigError
+from expertflow.services.curve import COMMAND as CURVE_COMMAND
+from expertflow.services.curve import MESSAGE_OVERHEAD, CurveError, CurveKeys, CurveSession
+from expertflow.services.curve import MORE as CURVE_MORE
 
 log = logging.getLogger("expertflow.server.frontend")
 
@@ -54,16 +55,33 @@ class FrontendLimits:
     queued_requests: int = 64  # complete requests of one connection waiting for the daemon
 
 
-def _greeting() -> bytes:
-    mechanism = b"NULL".ljust(20, b"\0")
+class _TooLarge(Exception):
+    """The frame being read would take its message past the size limit."""
+
+
+def _greeting(mechanism: bytes, *, as_server: bool) -> bytes:
     return (
-        bytes([_SIGNATURE_START]) + bytes(8) + bytes([_SIGNATURE_END, 3, 1]) + mechanism + b"\0" + bytes(31)
+        bytes([_SIGNATURE_START])
+        + bytes(8)
+        + bytes([_SIGNATURE_END, 3, 1])
+        + mechanism.ljust(20, b"\0")
+        + bytes([1 if as_server else 0])
+        + bytes(31)
     )
 
 
+def _command_frame(data: bytes) -> bytes:
+    return _frame_header(len(data), command=True) + data
+
+
 def _command(name: bytes, body: bytes) -> bytes:
-    payload = bytes([len(name)]) + name + body
-    return _frame_header(len(payload), command=True) + payload
+    return _command_frame(bytes([len(name)]) + name + body)
+
+
+def _split_command(data: bytes) -> tuple[bytes, bytes]:
+    if not data or 1 + data[0] > len(data):
+        raise _Refused("truncated command name")
+    return data[1 : 1 + data[0]], data[1 + data[0] :]
 
 
 def _frame_header(size: int, *, more: bool = False, command: bool = False) -> bytes:
@@ -73,9 +91,9 @@ def _frame_header(size: int, *, more: bool = False, command: bool = False) -> by
     return struct.pack(">BB", flags, size)
 
 
-def _ready(socket_type: bytes) -> bytes:
+def _properties(socket_type: bytes) -> bytes:
     name = b"Socket-Type"
-    return _command(b"READY", bytes([len(name)]) + name + struct.pack(">I", len(socket_type)) + socket_type)
+    return bytes([len(name)]) + name + struct.pack(">I", len(socket_type)) + socket_type
 
 
 def _parse_metadata(data: bytes) -> dict[bytes, bytes]:
@@ -119,13 +137,18 @@ class _Reader:
 
 
 class _Connection:
-    """One peer: the ZMTP session on its socket, relayed through its own DEALER to the daemon's ROUTER."""
+    """One peer: the ZMTP session on its socket, relayed through its own DEALER to the daemon's ROUTER.
+
+    With CURVE every frame after the handshake is a ``MESSAGE`` (see :mod:`expertflow.services.curve`); the
+    logic above the framing (limits, heartbeats, relaying) is the same for both mechanisms.
+    """
 
     def __init__(self, front: ZmtpFrontend, sock: socket.socket) -> None:
         self.front = front
         self.sock = sock
         self.loop = asyncio.get_running_loop()
         self.reader = _Reader(self.loop, sock, front.limits.idle_timeout)
+        self.curve = CurveSession(front.curve) if front.curve is not None else None
         self.dealer: zmq.asyncio.Socket = front.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
         # The daemon's ROUTER decides how many replies may wait for a slow reader (its SNDHWM): take at most
@@ -153,7 +176,7 @@ class _Connection:
                 await asyncio.gather(*tasks, return_exceptions=True)
             for t in done:
                 t.result()
-        except _Refused as exc:
+        except (_Refused, CurveError) as exc:
             self.front.counters["connections_refused"] += 1
             log.warning("closing a connection: %s", exc)
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
@@ -168,8 +191,11 @@ class _Connection:
             for part in parts:
                 await self.loop.sock_sendall(self.sock, part)
 
+    # --- handshake ------------------------------------------------------------------------------------
+
     async def _handshake(self) -> None:
-        await self._write(_greeting())
+        mechanism = b"CURVE" if self.curve is not None else b"NULL"
+        await self._write(_greeting(mechanism, as_server=self.curve is not None))
         peer = await self.reader.exactly(64)
         if peer[0] != _SIGNATURE_START or peer[9] != _SIGNATURE_END:
             raise _Refused("not a ZMTP peer")
@@ -178,16 +204,40 @@ class _Connection:
         self.pings = peer[11] >= 1 or peer[10] > 3  # heartbeat commands exist from ZMTP 3.1 on
         if not self.pings:  # a ZMTP 3.0 peer cannot be pinged: it may stay quiet as long as it likes
             self.reader.idle = float("inf")
-        if peer[12:32].rstrip(b"\0") != b"NULL":
-            raise _Refused(f"security mechanism {peer[12:32].rstrip(bytes(1))!r} is not offered here")
-        name, body = await self._read_command()
-        if name != b"READY":
-            raise _Refused(f"expected READY, got {name!r}")
-        socket_type = _parse_metadata(body).get(b"socket-type")
+        offered = peer[12:32].rstrip(b"\0")
+        if offered != mechanism:
+            raise _Refused(f"security mechanism {offered!r} where this endpoint speaks {mechanism!r}")
+        metadata = await (self._curve_handshake() if self.curve is not None else self._null_handshake())
+        socket_type = _parse_metadata(metadata).get(b"socket-type")
         if socket_type not in (b"DEALER", b"REQ"):
             await self._write(_command(b"ERROR", bytes([19]) + b"Invalid socket type"))
             raise _Refused(f"socket type {socket_type!r} cannot talk to a ROUTER")
-        await self._write(_ready(b"ROUTER"))
+        ready = _properties(b"ROUTER")
+        if self.curve is not None:
+            await self._write(_command_frame(self.curve.ready(ready)))
+        else:
+            await self._write(_command(b"READY", ready))
+
+    async def _null_handshake(self) -> bytes:
+        name, body = await self._read_command()
+        if name != b"READY":
+            raise _Refused(f"expected READY, got {name!r}")
+        return body
+
+    async def _curve_handshake(self) -> bytes:
+        assert self.curve is not None
+        hello = await self._read_command_frame(_MAX_COMMAND_BYTES)
+        await self._write(_command_frame(self.curve.welcome(hello)))
+        initiate = await self._read_command_frame(_MAX_COMMAND_BYTES)
+        metadata = self.curve.initiate(initiate)
+        if not self.front.curve_allows(self.curve.client_key):
+            # A 3-digit status in ERROR is what libzmq clients report as an authentication failure.
+            await self._write(_command(b"ERROR", bytes([3]) + b"400"))
+            self.front.counters["connections_unauthorized"] += 1
+            raise _Refused("the client's CURVE key is not in the allow list")
+        return metadata
+
+    # --- framing ----------------------------------------------------------------------------------------
 
     async def _read_frame_header(self) -> tuple[int, int]:
         (flags,) = await self.reader.exactly(1)
@@ -199,20 +249,53 @@ class _Connection:
             size = (await self.reader.exactly(1))[0]
         return flags, size
 
-    async def _read_command(self) -> tuple[bytes, bytes]:
+    async def _read_command_frame(self, limit: int) -> bytes:
         flags, size = await self._read_frame_header()
         if not flags & _COMMAND or flags & _MORE:
             raise _Refused("expected a command frame")
-        return await self._command_body(size)
-
-    async def _command_body(self, size: int) -> tuple[bytes, bytes]:
-        if size > _MAX_COMMAND_BYTES or size < 1:
+        if size > limit or size < 1:
             raise _Refused(f"command of {size} bytes")
-        data = await self.reader.exactly(size)
-        n = data[0]
-        if 1 + n > len(data):
-            raise _Refused("truncated command name")
-        return data[1 : 1 + n], data[1 + n :]
+        return await self.reader.exactly(size)
+
+    async def _read_command(self) -> tuple[bytes, bytes]:
+        return _split_command(await self._read_command_frame(_MAX_COMMAND_BYTES))
+
+    async def _next_frame(self, room: int) -> tuple[int, bytes]:
+        """The next logical frame (flags, body), refused unread if its body would exceed ``room`` bytes."""
+        flags, size = await self._read_frame_header()
+        if self.curve is None:
+            if flags & _COMMAND:
+                if size > _MAX_COMMAND_BYTES:
+                    raise _Refused(f"command of {size} bytes")
+            elif size > room:
+                raise _TooLarge()
+            return flags, await self.reader.exactly(size)
+        # CURVE: every frame is a MESSAGE data frame; the real flags are inside the box.
+        if flags & (_COMMAND | _MORE):
+            raise _Refused("CURVE frames after the handshake must be MESSAGE data frames")
+        if size - MESSAGE_OVERHEAD > max(room, _MAX_COMMAND_BYTES):
+            raise _TooLarge()
+        inner, body = self.curve.open_message(await self.reader.exactly(size))
+        flags = (_MORE if inner & CURVE_MORE else 0) | (_COMMAND if inner & CURVE_COMMAND else 0)
+        if not flags & _COMMAND and len(body) > room:
+            raise _TooLarge()
+        return flags, body
+
+    def _frame_parts(
+        self, body: bytes | memoryview, *, more: bool = False, command: bool = False
+    ) -> list[bytes | memoryview]:
+        """What goes on the wire for one logical frame."""
+        if self.curve is not None:
+            sealed = self.curve.seal_message(
+                (CURVE_MORE if more else 0) | (CURVE_COMMAND if command else 0), body
+            )
+            return [_frame_header(len(sealed)) + sealed]
+        header = _frame_header(len(body), more=more, command=command)
+        if len(body) <= 4096:  # small frames go out with their header in one write
+            return [header + bytes(body)]
+        return [header, body]
+
+    # --- relaying -------------------------------------------------------------------------------------
 
     async def _requests(self) -> None:
         """Read whole messages within the limits and pass each to the daemon; answer heartbeats."""
@@ -221,20 +304,23 @@ class _Connection:
             frames: list[bytes] = []
             total = 0
             while True:
-                flags, size = await self._read_frame_header()
+                try:
+                    flags, body = await self._next_frame(limits.max_message_bytes - total)
+                except _TooLarge:
+                    self.front.counters["messages_refused"] += 1
+                    raise _Refused(
+                        f"incoming message over {limits.max_message_bytes} bytes (refused before buffering it)"
+                    ) from None
                 if flags & _COMMAND:
                     if frames:
                         raise _Refused("a command inside a multipart message")
-                    await self._on_command(*await self._command_body(size))
+                    await self._on_command(*_split_command(body))
                     continue
-                total += size
-                if total > limits.max_message_bytes or len(frames) >= limits.max_frames:
+                if len(frames) >= limits.max_frames:
                     self.front.counters["messages_refused"] += 1
-                    raise _Refused(
-                        f"incoming message over {limits.max_message_bytes} bytes or {limits.max_frames} "
-                        "frames (refused before buffering it)"
-                    )
-                frames.append(await self.reader.exactly(size))
+                    raise _Refused(f"incoming message of more than {limits.max_frames} frames")
+                total += len(body)
+                frames.append(body)
                 if not flags & _MORE:
                     break
             # Waits when the daemon is behind (DEALER high-water mark): this peer is then not read either.
@@ -244,25 +330,20 @@ class _Connection:
         if name == b"PING":
             if len(body) < 2:
                 raise _Refused("malformed PING")
-            await self._write(_command(b"PONG", body[2:18]))
+            await self._write(*self._frame_parts(b"\x04PONG" + body[2:18], command=True))
         elif name == b"ERROR":
             raise _Refused(f"peer error {body[1:]!r}")
         elif name != b"PONG":
             raise _Refused(f"unexpected command {name!r}")
 
     async def _replies(self) -> None:
-        """Write each reply of the daemon as one ZMTP message, straight from libzmq's frames."""
+        """Write each reply of the daemon as one ZMTP message, straight from libzmq's frames (NULL)."""
         deadline = self.front.limits.send_deadline
         while True:
             frames = await self.dealer.recv_multipart(copy=False)
             parts: list[bytes | memoryview] = []
             for i, frame in enumerate(frames):
-                body = frame.buffer
-                header = _frame_header(len(body), more=i + 1 < len(frames))
-                if len(body) <= 4096:  # small frames go out with their header in one write
-                    parts.append(header + bytes(body))
-                else:
-                    parts += [header, body]
+                parts += self._frame_parts(frame.buffer, more=i + 1 < len(frames))
             self.writing = True
             try:
                 await asyncio.wait_for(self._write(*parts), deadline)
@@ -276,8 +357,8 @@ class _Connection:
         """Heartbeats towards the peer: its answers keep the idle timeout from firing on a quiet client."""
         while True:
             await asyncio.sleep(_PING_INTERVAL)
-            ttl = int(self.front.limits.idle_timeout * 10)
-            await self._write(_command(b"PING", struct.pack(">H", min(ttl, 0xFFFF))))
+            ttl = min(int(self.front.limits.idle_timeout * 10), 0xFFFF)
+            await self._write(*self._frame_parts(b"\x04PING" + struct.pack(">H", ttl), command=True))
 
 
 class ZmtpFrontend:
@@ -289,12 +370,24 @@ class ZmtpFrontend:
     daemon's loop.
     """
 
-    def __init__(self, ctx: zmq.asyncio.Context, backend: str, limits: FrontendLimits) -> None:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        backend: str,
+        limits: FrontendLimits,
+        curve: CurveKeys | None = None,
+    ) -> None:
         self.ctx = ctx
         self.backend = backend
         self.limits = limits
+        self.curve = curve  # every endpoint speaks CURVE with these keys; None: NULL (plain)
         self.counters: Counter[str] = Counter(
-            {"connections_total": 0, "connections_refused": 0, "messages_refused": 0}
+            {
+                "connections_total": 0,
+                "connections_refused": 0,
+                "connections_unauthorized": 0,
+                "messages_refused": 0,
+            }
         )
         self._listeners: list[socket.socket] = []
         self._unix_paths: list[str] = []
@@ -303,6 +396,9 @@ class ZmtpFrontend:
         self._open: set[_Connection] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+
+    def curve_allows(self, client_key: bytes) -> bool:
+        return self.curve is not None and self.curve.allows(client_key)
 
     @property
     def connections(self) -> int:

@@ -1,4 +1,4 @@
-"""CurveZMQ keys: generate key pairs, load them, and the server's allow-list authenticator.
+"""CurveZMQ keys: generate key pairs and load them (the daemon's side of CURVE is services.curve).
 
 Keys are ZeroMQ certificate files (``NAME.key`` holds the public key, ``NAME.key_secret`` both keys), the
 format ``zmq.auth`` reads and writes. An allow-list is a directory of client public certificates.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import zmq
 import zmq.auth
@@ -56,25 +55,6 @@ def load_public_key(key: str | Path) -> bytes:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read CURVE public key {text}: {exc}") from None
     return public
-
-
-def server_authenticator(ctx: zmq.Context[Any], allow_dir: str | None) -> Any:
-    """A started ZAP authenticator on ``ctx``: clients whose public key is in ``allow_dir`` get in.
-
-    Without an allow-list every client that completes the CURVE handshake gets in (encryption only).
-    Must be called with the server's event loop running.
-    """
-    from zmq.auth.asyncio import AsyncioAuthenticator
-
-    if allow_dir is not None and not Path(allow_dir).is_dir():
-        raise ConfigError(f"--allow-keys {allow_dir} is not a directory of client public keys")
-    auth = AsyncioAuthenticator(ctx)
-    auth.start()
-    if allow_dir is None:
-        auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
-    else:
-        auth.configure_curve(domain="*", location=str(allow_dir))
-    return auth
 
 
 def client_curve_options(server_key: str | None, client_secret: str | None) -> dict[int, bytes]:

@@ -33,8 +33,8 @@ from expertflow.core import ExpertKey
 from expertflow.errors import CheckpointChangedError, ConfigError, ExpertFlowError
 from expertflow.pipeline.store import AsyncExpertStore, ExpertHandle
 from expertflow.services import protocol as P
+from expertflow.services.curve import CurveKeys
 from expertflow.services.frontend import FrontendLimits, ZmtpFrontend
-from expertflow.services.keys import load_secret_key, server_authenticator
 from expertflow.tiers.base import ExpertSource
 from expertflow.tiers.checksum import spec_checksum
 from expertflow.tiers.fingerprint import content_fingerprint
@@ -163,7 +163,6 @@ class ExpertServer:
         self.limits = config.limits
         self.endpoints: list[str] = []
         self._ctx = zmq.asyncio.Context()
-        self._auth: Any = None
         self._sock: zmq.asyncio.Socket | None = None
         self._frontend: ZmtpFrontend | None = None
         self._send_lock = asyncio.Lock()
@@ -278,20 +277,11 @@ class ExpertServer:
         sock.setsockopt(zmq.SNDHWM, self.config.max_unsent_replies)
         sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
+        # The front end speaks ZMTP (NULL or CURVE) on every endpoint and bounds whole messages, then hands
+        # them to this ROUTER over inproc: libzmq alone would bound only each frame.
+        curve = None
         if self.config.curve_secret:
-            public, secret = load_secret_key(self.config.curve_secret)
-            self._auth = server_authenticator(self._ctx, self.config.allow_keys)
-            sock.curve_server = True
-            sock.curve_publickey = public
-            sock.curve_secretkey = secret
-            for address in self.config.binds:
-                try:
-                    sock.bind(address)
-                except zmq.ZMQError as exc:
-                    raise ConfigError(f"cannot bind {address}: {exc}") from None
-                self.endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
-            return
-        # Plain endpoints: the front end speaks ZMTP and bounds whole messages, then hands them over inproc.
+            curve = CurveKeys(self.config.curve_secret, self.config.allow_keys)
         backend = f"inproc://expertflow-server-{id(self):x}"
         sock.bind(backend)
         self._frontend = ZmtpFrontend(
@@ -303,6 +293,7 @@ class ExpertServer:
                 send_deadline=self.config.unsent_deadline,
                 queued_requests=self.limits.max_in_flight,
             ),
+            curve,
         )
         for address in self.config.binds:
             self.endpoints.append(self._frontend.bind(address))
@@ -344,8 +335,6 @@ class ExpertServer:
             await self._frontend.aclose(self.config.grace)
         if self._sock is not None:
             self._sock.close(linger=int(self.config.grace * 1000))
-        if self._auth is not None:
-            self._auth.stop()
         # term() waits for the linger of unsent replies: off the loop. After it libzmq holds no cache buffer.
         await asyncio.to_thread(self._ctx.term)
         for unsent in list(self._unsent):
@@ -666,7 +655,12 @@ class ExpertServer:
             }
         )
         front = self._frontend.counters if self._frontend is not None else {}
-        for name in ("connections_total", "connections_refused", "messages_refused"):
+        for name in (
+            "connections_total",
+            "connections_refused",
+            "connections_unauthorized",
+            "messages_refused",
+        ):
             out[name] = int(front.get(name, 0))
         out["connections_open"] = self._frontend.connections if self._frontend is not None else 0
         return out
