@@ -341,3 +341,37 @@ async def test_an_allowed_curve_key_cannot_send_an_unending_or_forged_message(
         assert counters["messages_refused"] == (1 if attack == "unending" else 0)
     finally:
         await server.aclose()
+
+
+async def test_curve_heartbeats_interleaved_with_a_stream_of_replies_keep_nonces_in_order(
+    curve_keys, mixtral_layout
+) -> None:
+    """The listener's PINGs (every 2 s) go out between replies; each frame is sealed in wire order, or the
+    client would see a nonce go backwards, drop the connection and lose its requests."""
+    import time
+
+    config = ServerConfig(
+        binds=("tcp://127.0.0.1:*",),
+        curve_secret=str(curve_keys["server"] / "server.key_secret"),
+        allow_keys=str(curve_keys["allowed"]),
+    )
+    server = await ExpertServer.start(mixtral_layout, config)
+    try:
+        async with ExpertClient(
+            server.endpoints[0],
+            timeout=10,
+            curve_server_key=str(curve_keys["server"] / "server.key"),
+            curve_client_secret=str(curve_keys["allowed"] / "alice.key_secret"),
+        ) as client:
+            keys = mixtral_layout.keys()
+            until = time.monotonic() + 5.0  # two and a half heartbeat intervals of back-to-back replies
+            rounds = 0
+            while time.monotonic() < until:
+                got = [r.key async for r in client.get(keys)]
+                assert sorted(got) == keys
+                rounds += 1
+        counters = server.stat_counters()
+        assert counters["connections_total"] == 1 and counters["connections_refused"] == 0, counters
+        assert rounds > 1
+    finally:
+        await server.aclose()

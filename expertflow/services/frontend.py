@@ -191,6 +191,14 @@ class _Connection:
             for part in parts:
                 await self.loop.sock_sendall(self.sock, part)
 
+    async def _send(self, bodies: list[bytes | memoryview], *, command: bool = False) -> None:
+        """One logical message (or command) as frames. CURVE seals each frame under the write lock: nonces
+        must reach the peer in the order they were taken."""
+        async with self.write_lock:
+            for i, body in enumerate(bodies):
+                for part in self._frame_parts(body, more=i + 1 < len(bodies), command=command):
+                    await self.loop.sock_sendall(self.sock, part)
+
     # --- handshake ------------------------------------------------------------------------------------
 
     async def _handshake(self) -> None:
@@ -330,7 +338,7 @@ class _Connection:
         if name == b"PING":
             if len(body) < 2:
                 raise _Refused("malformed PING")
-            await self._write(*self._frame_parts(b"\x04PONG" + body[2:18], command=True))
+            await self._send([b"\x04PONG" + body[2:18]], command=True)
         elif name == b"ERROR":
             raise _Refused(f"peer error {body[1:]!r}")
         elif name != b"PONG":
@@ -341,24 +349,21 @@ class _Connection:
         deadline = self.front.limits.send_deadline
         while True:
             frames = await self.dealer.recv_multipart(copy=False)
-            parts: list[bytes | memoryview] = []
-            for i, frame in enumerate(frames):
-                parts += self._frame_parts(frame.buffer, more=i + 1 < len(frames))
             self.writing = True
             try:
-                await asyncio.wait_for(self._write(*parts), deadline)
+                await asyncio.wait_for(self._send([f.buffer for f in frames]), deadline)
             except asyncio.TimeoutError:
                 raise _Refused(f"a reply not taken within {deadline} s (the peer is not reading)") from None
             finally:
                 self.writing = False
-            del frames, parts  # libzmq may free the buffers now: the daemon unpins them
+            del frames  # libzmq may free the buffers now: the daemon unpins them
 
     async def _pings(self) -> None:
         """Heartbeats towards the peer: its answers keep the idle timeout from firing on a quiet client."""
         while True:
             await asyncio.sleep(_PING_INTERVAL)
             ttl = min(int(self.front.limits.idle_timeout * 10), 0xFFFF)
-            await self._write(*self._frame_parts(b"\x04PING" + struct.pack(">H", ttl), command=True))
+            await self._send([b"\x04PING" + struct.pack(">H", ttl)], command=True)
 
 
 class ZmtpFrontend:
