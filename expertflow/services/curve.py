@@ -18,13 +18,15 @@ from pathlib import Path
 import nacl.bindings as nb
 import nacl.exceptions
 import zmq.auth
+from nacl._sodium import ffi, lib  # PyNaCl's libsodium binding: replies are sealed in place, without copies
 from zmq.utils import z85
 
 from expertflow.errors import ConfigError
 
 MORE, COMMAND = 0x01, 0x02
+_MAC = 16
 #: Bytes a MESSAGE adds around a frame: name (8), nonce (8), MAC (16), flags (1).
-MESSAGE_OVERHEAD = 8 + 8 + 16 + 1
+MESSAGE_OVERHEAD = 8 + 8 + _MAC + 1
 _HELLO_SIZE = 200
 _INITIATE_MIN = 257
 
@@ -163,10 +165,28 @@ class CurveSession:
             raise CurveError("a MESSAGE does not open (tampered, or another session's)") from None
         return plain[0], plain[1:]
 
-    def seal_message(self, flags: int, payload: bytes | memoryview) -> bytes:
-        """``payload`` as a MESSAGE frame's bytes (a copy: encryption cannot be zero-copy)."""
+    def seal_frame(self, flags: int, payload: bytes | memoryview) -> bytearray:
+        """``payload`` as a whole ZMTP data frame (frame header included) holding one MESSAGE.
+
+        The payload is copied once, into the frame, and encrypted there in place (libsodium allows the box to
+        overlap its plaintext): encryption cannot be zero-copy, but it need not copy more than once.
+        """
+        size = len(payload)
+        body = MESSAGE_OVERHEAD + size
+        head = struct.pack(">BQ", 0x02, body) if body > 255 else struct.pack(">BB", 0, body)
+        frame = bytearray(len(head) + body)
         counter = self._take_nonce()
-        box = nb.crypto_box_afternm(
-            bytes([flags]) + bytes(payload), _nonce(b"CurveZMQMESSAGES", counter), self._precomputed
-        )
-        return b"\x07MESSAGE" + struct.pack(">Q", counter) + box
+        box_at = len(head) + 16
+        plain_at = box_at + _MAC
+        frame[: len(head)] = head
+        frame[len(head) : box_at] = b"\x07MESSAGE" + struct.pack(">Q", counter)
+        frame[plain_at] = flags
+        frame[plain_at + 1 :] = payload
+        base = ffi.cast("unsigned char *", ffi.from_buffer(frame, require_writable=True))
+        nonce = _nonce(b"CurveZMQMESSAGES", counter)
+        if (
+            lib.crypto_box_easy_afternm(base + box_at, base + plain_at, size + 1, nonce, self._precomputed)
+            != 0
+        ):
+            raise CurveError("encryption failed")
+        return frame

@@ -294,10 +294,8 @@ class _Connection:
     ) -> list[bytes | memoryview]:
         """What goes on the wire for one logical frame."""
         if self.curve is not None:
-            sealed = self.curve.seal_message(
-                (CURVE_MORE if more else 0) | (CURVE_COMMAND if command else 0), body
-            )
-            return [_frame_header(len(sealed)) + sealed]
+            flags = (CURVE_MORE if more else 0) | (CURVE_COMMAND if command else 0)
+            return [memoryview(self.curve.seal_frame(flags, body))]
         header = _frame_header(len(body), more=more, command=command)
         if len(body) <= 4096:  # small frames go out with their header in one write
             return [header + bytes(body)]
