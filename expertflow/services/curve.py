@@ -22,6 +22,7 @@ from nacl._sodium import ffi, lib  # PyNaCl's libsodium binding: replies are sea
 from zmq.utils import z85
 
 from expertflow.errors import ConfigError
+from expertflow.services.keys import load_secret_key
 
 MORE, COMMAND = 0x01, 0x02
 _MAC = 16
@@ -40,12 +41,7 @@ class CurveKeys:
     handshake, i.e. encryption without authentication), loaded from ZeroMQ certificate files."""
 
     def __init__(self, secret_file: str | Path, allow_dir: str | Path | None) -> None:
-        try:
-            public, secret = zmq.auth.load_certificate(str(secret_file))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read CURVE secret key {secret_file}: {exc}") from None
-        if not secret:
-            raise ConfigError(f"{secret_file} holds no secret key (pass the .key_secret file)")
+        public, secret = load_secret_key(secret_file)
         self.public = z85.decode(public)
         self.secret = z85.decode(secret)
         self.allowed: frozenset[bytes] | None = None
