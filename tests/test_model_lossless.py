@@ -150,3 +150,36 @@ def test_trained_model_generates_the_same_text_offloaded(shared_model_dir: Path)
             got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
         assert torch.equal(got, want)
         assert model.expert_stats().device_misses > len(layout.experts)
+
+
+def test_an_init_weights_that_reaches_into_the_experts_never_touches_the_offloaded_module(
+    checkpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some families' ``_init_weights`` initialise the experts through their parent block (qwen3_omni_moe:
+    ``init.normal_(module.experts.gate_up_proj)`` for each sparse MoE block). Initialisation runs while the
+    family's own experts module (meta, never allocated) is in place, so it cannot reach the offloaded module,
+    whose tensors are slot views."""
+    from transformers import initialization as init
+    from transformers.models.mixtral import modeling_mixtral as mm
+
+    original = mm.MixtralPreTrainedModel._init_weights
+    reached: list[str] = []
+
+    def init_like_qwen3_omni(self, module):  # type: ignore[no-untyped-def]
+        original(self, module)
+        if isinstance(module, mm.MixtralSparseMoeBlock):
+            reached.append(type(module.experts).__name__)
+            init.normal_(module.experts.gate_up_proj, mean=0.0, std=0.02)
+            init.normal_(module.experts.down_proj, mean=0.0, std=0.02)
+
+    root = checkpoints.get("mixtral")
+    want = _reference(root)
+    monkeypatch.setattr(mm.MixtralPreTrainedModel, "_init_weights", init_like_qwen3_omni)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+    with load_model(root, config=_small_budget(open_checkpoint(root), 2 * _top_k(root))) as model:
+        with torch.no_grad():
+            got = model(ids).logits
+    assert reached and set(reached) == {"MixtralExperts"}  # it ran, on the family's module
+    with torch.no_grad():
+        ref = want(ids).logits
+    assert (got - ref).abs().max() <= 1e-5 * max(ref.abs().max().item(), 1.0)

@@ -116,9 +116,12 @@ def load_model(
     close_store: Callable[[], None] = store.close if owned else (lambda: None)
     try:
         _check_slots(store, top_k)
-        expert_layers = _swap_experts(model, adapters, store, hf_config)
+        # Non-expert weights and transformers' initialisation first, while the family's own experts modules
+        # (meta, never allocated) are in place: an _init_weights that reaches into them touches meta
+        # tensors, never the offloaded module or its slots.
         _load_non_experts(model, plan, torch.device(config.device), dtype)
-        _finish(model, root)
+        _finish(model, root, {a.module_path for a in adapters.values()})
+        expert_layers = _swap_experts(model, adapters, store, hf_config)
         predictor = attach_predictor(model, expert_layers, store, config, top_k)
     except BaseException:
         close_store()
@@ -377,15 +380,20 @@ def _set_tensor(
     tensor._is_hf_initialized = initialized  # type: ignore[attr-defined]
 
 
-def _finish(model: PreTrainedModel, root: Path) -> None:
-    """Materialise non-persistent buffers (rotary tables...) the way from_pretrained does, and check for leftovers."""
+def _finish(model: PreTrainedModel, root: Path, expert_paths: set[str]) -> None:
+    """Materialise non-persistent buffers (rotary tables...) the way from_pretrained does, run transformers'
+    initialisation, and check that nothing outside the experts modules (still meta) is left unloaded."""
     device = next(p.device for p in model.parameters() if not p.is_meta)
     with torch.no_grad():
         for name, buffer in list(model.named_non_persistent_buffers()):
             if buffer.is_meta:
                 _set_tensor(model, name, torch.empty_like(buffer, device=device), buffer, initialized=False)
     model.initialize_weights()
-    leftovers = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    leftovers = [
+        n
+        for n, t in (*model.named_parameters(), *model.named_buffers())
+        if t.is_meta and n.rpartition(".")[0] not in expert_paths
+    ]
     if leftovers:
         raise CheckpointError(f"weights left uninitialised: {leftovers[:4]}", file=str(root))
     if (root / "generation_config.json").is_file():
