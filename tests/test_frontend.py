@@ -73,7 +73,7 @@ def _raw_peer(
     return sock
 
 
-def _closed_by_peer(sock: socket.socket, within: float = 3.0) -> bool:
+def _closed_by_peer(sock: socket.socket, within: float = 5.0) -> bool:
     """Whether the daemon closes ``sock`` within ``within`` s in all (whatever it sends meanwhile): well inside
     its 10 s idle timeout, so that a close is the defence under test and not the peer's silence."""
     import time
@@ -335,10 +335,11 @@ async def test_an_allowed_curve_key_cannot_send_an_unending_or_forged_message(
 
     try:
         closed, sent = await asyncio.to_thread(run)
-        assert closed and sent < 32 << 20
         counters = server.stat_counters()
-        assert counters["connections_refused"] == 1
-        assert counters["messages_refused"] == (1 if attack == "unending" else 0)
+        diagnosis = (closed, sent, {k: v for k, v in counters.items() if k.startswith(("conn", "mess"))})
+        assert closed and sent < 32 << 20, diagnosis
+        assert counters["connections_refused"] == 1, diagnosis
+        assert counters["messages_refused"] == (1 if attack == "unending" else 0), diagnosis
     finally:
         await server.aclose()
 
