@@ -27,7 +27,7 @@ async def build_sources(layout: ExpertLayout, config: StoreConfig) -> Sequence[E
     (:class:`LocalChecksums`), and the daemons' replies are checked against those values.
     """
     checksums = None
-    if config.remote and any(s.checksum is None for s in layout.experts.values()):
+    if config.remote and not layout.packed:  # a pack's manifest already holds every expert's checksum
         checksums = await asyncio.to_thread(LocalChecksums.open, layout)
     nvme = NvmeTier(
         layout,

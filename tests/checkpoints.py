@@ -393,16 +393,20 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
             t.copy_(value.to(t.dtype))
 
 
-def build_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """A tiny ``family`` model with seeded random weights: fp32, CPU, eval mode. Same seed, same weights."""
-    spec = _spec(family)
-    config = family_config(family)
-    model_cls = _cls(spec.model_class, family)
-    # Construction draws from the global RNG; keep the caller's RNG state untouched.
+def instantiate(
+    model_cls: type[transformers.PreTrainedModel], config: transformers.PretrainedConfig, seed: int
+) -> transformers.PreTrainedModel:
+    """``model_cls(config)`` constructed under ``seed``: fp32, CPU, eval mode, the caller's RNG state untouched."""
+    # Construction draws from the global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)
-    model = model.to(dtype=torch.float32).eval()
+    return model.to(dtype=torch.float32).eval()
+
+
+def build_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A tiny ``family`` model with seeded random weights: fp32, CPU, eval mode. Same seed, same weights."""
+    model = instantiate(_cls(_spec(family).model_class, family), family_config(family), seed)
     _randomise(model, seed)
     return model
 

@@ -20,6 +20,8 @@ import transformers
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto import configuration_auto, modeling_auto
 
+from tests.checkpoints import instantiate
+
 SEAM = "@use_experts_implementation"
 
 HIDDEN = 64
@@ -472,12 +474,7 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
 
 def build_tiny_model(model_type: str, seed: int = 0) -> PreTrainedModel:
     """A tiny ``model_type`` model (causal LM / conditional generation / base) with seeded weights, fp32, eval."""
-    config = tiny_config(model_type)
-    cls = getattr(transformers, model_class_name(model_type)[0])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls(config)
-    model = model.to(dtype=torch.float32).eval()
+    model = instantiate(getattr(transformers, model_class_name(model_type)[0]), tiny_config(model_type), seed)
     randomise(model, seed)
     return model
 

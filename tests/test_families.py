@@ -68,7 +68,7 @@ def test_a_family_loads_lossless_with_experts_evicted_and_read_again(
     if family in NOT_YET:
         request.applymarker(pytest.mark.xfail(strict=True, reason=NOT_YET[family]))
     root = save_tiny_checkpoint(family, tmp_path / family)
-    _, class_name = model_class_name(family)
+    class_name, _ = model_class_name(family)  # the class the fixture was built with
     reference = getattr(transformers, class_name).from_pretrained(root, dtype=torch.float32).eval()
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -142,7 +142,7 @@ class RemoteTier:
         answer is only logged: it is retried while reading, and reads fall through to NVMe meanwhile.
         """
         fingerprint = await asyncio.to_thread(content_fingerprint, layout)
-        if checksums is None and any(s.checksum is None for s in layout.experts.values()):
+        if checksums is None and not layout.packed:
             checksums = await asyncio.to_thread(LocalChecksums.open, layout)
         # Replies carry one tensor per frame: nothing larger than this checkpoint's largest tensor is expected.
         largest = max(t.nbytes for spec in layout.experts.values() for t in spec.tensors)

@@ -1,13 +1,14 @@
 """The ``expertflow-store serve`` daemon: serves a checkpoint's experts from a RAM cache over ZeroMQ.
 
-One ``zmq.asyncio`` ROUTER socket (bound to every ``--bind`` address) receives requests from any number of
-DEALER clients. The RAM cache is an :class:`~expertflow.pipeline.store.AsyncExpertStore` on the CPU: the
+One ``zmq.asyncio`` ROUTER socket receives requests from any number of DEALER clients: the ZMTP listener
+(:mod:`expertflow.services.frontend`) owns every ``--bind`` address, bounds each incoming message and hands
+whole requests to the ROUTER over ``inproc``, one DEALER per connection. The RAM cache is an :class:`~expertflow.pipeline.store.AsyncExpertStore` on the CPU: the
 same budgets, policies and NVMe reads as a local store. A ``get`` is served by its own task, which pins
 experts as they become resident and sends each one as soon as it is ready, straight out of the cache
-buffer (``copy=False``); the pin is dropped only when libzmq has let go of the buffer (message tracker).
+buffer (``copy=False``); the pin is dropped only when libzmq has let go of the buffer (a finalizer).
 
 Every request is decoded by :mod:`expertflow.services.protocol`; anything malformed gets an error reply (or
-is dropped by libzmq when larger than the header limit), never an exception out of the receive loop.
+closes its connection in the listener when over the size limit), never an exception out of the receive loop.
 """
 
 from __future__ import annotations
@@ -268,15 +269,13 @@ class ExpertServer:
         sock = self._ctx.socket(zmq.ROUTER)
         self._sock = sock
         sock.setsockopt(zmq.LINGER, int(self.config.grace * 1000))
-        # Requests never carry payload: a frame bigger than a header is dropped by libzmq unbuffered.
-        sock.setsockopt(zmq.MAXMSGSIZE, min(self.limits.max_header_bytes, self.config.max_request_bytes))
+        # It binds only inproc: size limits, heartbeats and idle timeouts belong to the front end, the one
+        # place where bytes from the network are read.
         # Know when a client is gone instead of queueing replies for nobody.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A connection that does not read gets at most this many replies queued; then sends to it fail at once
         # (DONTWAIT + ROUTER_MANDATORY) and it is dropped, instead of queueing without limit.
         sock.setsockopt(zmq.SNDHWM, self.config.max_unsent_replies)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
         # The front end speaks ZMTP (NULL or CURVE) on every endpoint and bounds whole messages, then hands
         # them to this ROUTER over inproc: libzmq alone would bound only each frame.
         curve = None

@@ -55,14 +55,12 @@ class LocalChecksums:
     def __init__(
         self,
         layout: ExpertLayout,
-        header: str,
         values: dict[ExpertKey, int],
         fd: int | None,
         path: Path | None,
     ) -> None:
         self.layout = layout
         self.path = path  # None: nowhere writable, values live for this process only
-        self._header = header
         self._values = values
         self._fd = fd
         self._lock = threading.Lock()
@@ -72,10 +70,11 @@ class LocalChecksums:
     @classmethod
     def open(cls, layout: ExpertLayout, cache_dir: Path | None = None) -> LocalChecksums:
         """The book for ``layout``: the values its cache file holds if that file matches this exact copy."""
-        header = f"{MAGIC} {VERSION} {layout.fingerprint()} {files_identity(layout)}"
+        fingerprint, identity = layout.fingerprint(), files_identity(layout)
+        header = f"{MAGIC} {VERSION} {fingerprint} {identity}"
         candidates = [
             Path(layout.root) / FILE_NAME,
-            (cache_dir or default_cache_dir()) / f"{layout.fingerprint()}-{files_identity(layout)}",
+            (cache_dir or default_cache_dir()) / f"{fingerprint}-{identity}",
         ]
         for path in candidates:
             try:
@@ -84,12 +83,12 @@ class LocalChecksums:
             except OSError as exc:
                 log.debug("checksum cache %s not usable: %s", path, exc)
                 continue
-            return cls(layout, header, values or {}, fd, path)
+            return cls(layout, values or {}, fd, path)
         log.warning(
             "no writable place for the expert checksum cache of %s; checksums last for this run only",
             layout.root,
         )
-        return cls(layout, header, {}, None, None)
+        return cls(layout, {}, None, None)
 
     def get(self, key: ExpertKey) -> int | None:
         """The local copy's checksum of ``key``, or None if it was never read locally."""
