@@ -10,7 +10,7 @@ import pytest
 
 from expertflow.core import ExpertKey
 from expertflow.errors import ConfigError
-from expertflow.pipeline.policy import LFUPolicy, LRUPolicy, StaticPolicy, make_policy
+from expertflow.pipeline.policy import LFUPolicy, LRUPolicy, PredictivePolicy, StaticPolicy, make_policy
 from expertflow.pipeline.traces import (
     RoutingTrace,
     TraceRecorder,
@@ -157,3 +157,29 @@ def test_malformed_trace_files_are_config_errors(tmp_path):
         load(tmp_path / "other.npz")
     with pytest.raises(ConfigError, match="outside"):
         RoutingTrace(np.full((1, 1, 2), 9, np.int16), np.ones((1, 1, 2), np.float32), (0,), 8)
+
+
+def test_predictive_policy_evicts_the_layer_just_computed_not_the_one_needed_next():
+    """In a loop over layers the layer just computed is the one needed last (LRU picks the opposite)."""
+    pol = PredictivePolicy(layers=[0, 1, 2, 3])
+    for layer in range(4):
+        pol.on_layer(layer, [ExpertKey(layer, 0)])
+    resident = [ExpertKey(layer, 0) for layer in range(4)]
+    assert pol.choose_victim(resident) == ExpertKey(3, 0)
+    pol.on_layer(0, [ExpertKey(0, 0)])
+    assert pol.choose_victim(resident) == ExpertKey(0, 0)
+    assert pol.reuse_distance(ExpertKey(1, 0)) < pol.reuse_distance(ExpertKey(2, 0))
+
+
+def test_predictive_policy_learns_each_experts_chance_of_use_from_the_visits_it_sees():
+    pol = PredictivePolicy(layers=[0, 1])
+    often, seldom = ExpertKey(1, 0), ExpertKey(1, 1)
+    for visit in range(20):
+        pol.on_layer(0, [ExpertKey(0, 0)])
+        pol.on_layer(1, [often] + ([seldom] if visit % 5 == 0 else []))
+    assert pol.chance(often) == pytest.approx(1.0)
+    assert 0.05 < pol.chance(seldom) < 0.5
+    assert pol.choose_victim([often, seldom]) == seldom
+    # A predictor's view, when there is one, replaces the policy's own statistics.
+    informed = PredictivePolicy({often: 0.1, seldom: 0.9}.get, layers=[0, 1])
+    assert informed.choose_victim([often, seldom]) == often

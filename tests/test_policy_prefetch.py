@@ -139,7 +139,7 @@ def test_admission_control_never_evicts_what_the_current_token_demands_now_or_ne
 
 def test_admit_takes_a_slot_only_from_a_strictly_less_likely_expert():
     prob = {ExpertKey(0, 0): 0.9, ExpertKey(0, 1): 0.2, ExpertKey(0, 2): 0.5, ExpertKey(0, 3): 0.2}
-    pol = PredictivePolicy(prob.__getitem__, num_layers=1, weight_frequency=0.0, weight_distance=0.0)
+    pol = PredictivePolicy(prob.__getitem__, layers=[0])
     resident = [ExpertKey(0, 0), ExpertKey(0, 1)]
     assert pol.admit(ExpertKey(0, 2), resident) == ExpertKey(0, 1)
     assert pol.admit(ExpertKey(0, 3), resident) is None  # a tie does not pay for a load

@@ -128,64 +128,91 @@ class StaticPolicy:
 
 
 class PredictivePolicy:
-    """Evict the expert least likely to be needed soon; admit a prefetch only over a less likely expert.
+    """Evict the expert whose next use is expected furthest away; admit a prefetch only over a less likely one.
 
-    The score blends a predictor's view (``scores(key)``, higher = needed sooner, e.g. gate look-ahead or
-    an online estimate of the probability that the key is routed at its layer's next visit) with
-    statistics the policy keeps itself: decayed use frequency and how far the key's layer is ahead of the
-    layer computed last (in decode, the layer just computed is needed again only after a full pass).
+    The estimate is Belady's rule with expectations in place of the future. An expert of a layer ``a`` layer
+    visits ahead (1 = the next layer to run, ``n`` = the layer just computed, in a model of ``n`` MoE layers)
+    that is chosen at a visit of its layer with chance ``p`` is next used after ``a + n(1-p)/p`` layer
+    visits on average (geometric in the number of passes). ``p`` is the larger of the predictor's view
+    (``scores(key)``: gate look-ahead for the next layers, routing statistics otherwise) and the policy's
+    own decayed share of its layer's visits that used the key, which it keeps from :meth:`on_layer`.
 
     :meth:`admit` is the admission control of prefetching: a predicted key may take a slot only from a
     candidate that scores strictly lower than it does. The caller passes as candidates only what may be
     evicted (resident, unpinned, not demanded by the token being computed), as for :meth:`choose_victim`.
     """
 
+    #: The smallest chance of use an expert is given: one never seen used is still finitely far away, so
+    #: distance to its layer still orders such experts.
+    MIN_CHANCE = 1e-3
+
     def __init__(
         self,
-        scores: Callable[[ExpertKey], float] | None = None,
+        scores: Callable[[ExpertKey], float | None] | None = None,
         *,
-        num_layers: int | None = None,
-        decay: float = 0.99,
-        weight_prediction: float = 4.0,
-        weight_frequency: float = 1.0,
-        weight_distance: float = 1.0,
+        layers: Sequence[int] | None = None,
+        decay: float = 0.9,
     ) -> None:
+        if not 0 < decay < 1:
+            raise ConfigError("the predictive policy's decay must be in (0, 1)")
         self.scores = scores
-        self.num_layers = num_layers
-        self._lfu = LFUPolicy(decay)
-        self._last_layer: int | None = None
-        self.w_pred, self.w_freq, self.w_dist = weight_prediction, weight_frequency, weight_distance
-        self._max_layer = 0
+        self.decay = decay
+        self._layers: list[int] = sorted(set(layers or ()))
+        self._index = {layer: i for i, layer in enumerate(self._layers)}
+        self._current: int | None = None
+        self._usage: dict[ExpertKey, float] = {}  # decayed share of the layer's visits that used the key
+        self._visits: dict[int, int] = defaultdict(int)
 
     def on_insert(self, key: ExpertKey) -> None:
-        self._max_layer = max(self._max_layer, key.layer)
-        self._lfu.on_insert(key)
+        self._learn_layer(key.layer)
 
     def on_access(self, key: ExpertKey) -> None:
-        self._max_layer = max(self._max_layer, key.layer)
-        self._last_layer = key.layer
-        self._lfu.on_access(key)
+        pass
 
     def on_remove(self, key: ExpertKey) -> None:
-        self._lfu.on_remove(key)
+        pass
 
-    def _distance(self, key: ExpertKey) -> float:
-        """0 for the next layer to run, approaching 1 for the layer that just ran."""
-        if self._last_layer is None:
-            return 0.0
-        n = (self.num_layers or self._max_layer + 1) or 1
-        ahead = (key.layer - self._last_layer - 1) % n
-        return ahead / max(1, n - 1)
+    def _learn_layer(self, layer: int) -> None:
+        if layer not in self._index:
+            self._layers = sorted({*self._layers, layer})
+            self._index = {lid: i for i, lid in enumerate(self._layers)}
+
+    def on_layer(self, layer: int, keys: Iterable[ExpertKey]) -> None:
+        """A visit of ``layer`` begins and uses ``keys`` (the experts routed to by any of its tokens)."""
+        self._learn_layer(layer)
+        self._current = layer
+        used = {k for k in keys if k.layer == layer}
+        d = self.decay
+        for k in [k for k in self._usage if k.layer == layer and k not in used]:
+            self._usage[k] *= d
+        for k in used:
+            self._usage[k] = d * self._usage.get(k, 0.0) + (1 - d)
+        self._visits[layer] += 1
+
+    def chance(self, key: ExpertKey) -> float:
+        """The chance that ``key`` is used at its layer's next visit."""
+        usage = self._usage.get(key, 0.0)
+        visits = self._visits.get(key.layer, 0)
+        if visits:
+            usage /= 1 - self.decay**visits  # unbiased while few visits were seen
+        predicted = self.scores(key) if self.scores is not None else None
+        return min(1.0, max(self.MIN_CHANCE, usage if predicted is None else predicted))
+
+    def _ahead(self, key: ExpertKey) -> int:
+        """Layer visits until ``key``'s layer runs again: 1 for the next layer, n for the one just computed."""
+        n = len(self._layers) or 1
+        if self._current is None or key.layer not in self._index:
+            return n
+        return (self._index[key.layer] - self._index[self._current] - 1) % n + 1
+
+    def reuse_distance(self, key: ExpertKey) -> float:
+        """Expected layer visits until ``key`` is used again."""
+        p = self.chance(key)
+        return self._ahead(key) + len(self._layers or (0,)) * (1 - p) / p
 
     def score(self, key: ExpertKey) -> float:
-        pred = self.scores(key) if self.scores is not None and self.w_pred else 0.0
-        s = self.w_pred * pred
-        if self.w_freq:
-            freq = self._lfu.frequency(key)
-            s += self.w_freq * freq / (1.0 + freq)
-        if self.w_dist:
-            s -= self.w_dist * self._distance(key)
-        return s
+        """Higher = keep: the negated expected reuse distance."""
+        return -self.reuse_distance(key)
 
     def choose_victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey | None:
         if not candidates:

@@ -36,7 +36,7 @@ from expertflow.pipeline.budget import (
     reads_in_flight_bytes,
 )
 from expertflow.pipeline.cache import CacheLevel, Entry, Fill, Scorer
-from expertflow.pipeline.policy import EvictionPolicy, make_policy
+from expertflow.pipeline.policy import EvictionPolicy, PredictivePolicy, make_policy
 from expertflow.pipeline.sources import SourceChain
 from expertflow.pipeline.stats import StoreStats
 from expertflow.pipeline.views import SlotViews
@@ -121,6 +121,7 @@ class AsyncExpertStore:
         self._layers = sorted({k.layer for k in layout.experts})
         self._next_layer = dict(zip(self._layers, self._layers[1:]))
         self._current_layer: int | None = None
+        self._visit_observers: list[PredictivePolicy] = []  # policies that learn from each layer's visit
 
         self.slot_nbytes = slot_nbytes([layout.max_expert_nbytes, *sources.buffer_needs()])
         all_experts = self.slot_nbytes * len(layout.experts)
@@ -202,7 +203,9 @@ class AsyncExpertStore:
             keys = [ExpertKey(int(layer), int(e)) for layer, e in self.config.static_experts]
             return make_policy("static", keys=keys)
         if name == "predictive":
-            return make_policy("predictive", scores=self._score)
+            policy = PredictivePolicy(self._predicted, layers=self._layers)
+            self._visit_observers.append(policy)
+            return policy
         return make_policy(name)
 
     @classmethod
@@ -274,6 +277,11 @@ class AsyncExpertStore:
         scorer = self._scorer
         return scorer(key) if scorer is not None else 0.0
 
+    def _predicted(self, key: ExpertKey) -> float | None:
+        """The predictor's view of ``key``, or None without one (the predictive policy then uses its own)."""
+        scorer = self._scorer
+        return scorer(key) if scorer is not None else None
+
     def _protected(self, key: ExpertKey) -> bool:
         """Experts of the layer being computed and of the next one: a prefetch never evicts them."""
         current = self._current_layer
@@ -299,8 +307,13 @@ class AsyncExpertStore:
         return self._pressure
 
     def _note_layer(self, keys: Sequence[ExpertKey]) -> None:
-        if keys:
-            self._current_layer = keys[0].layer
+        if not keys:
+            return
+        layer = keys[0].layer
+        with self._lock:
+            self._current_layer = layer
+            for policy in self._visit_observers:
+                policy.on_layer(layer, keys)
 
     # --- views ----------------------------------------------------------------------------------------
 

@@ -438,14 +438,7 @@ class _Replayer:
             return StaticPolicy.from_counts(counts, cap)
         if self.predictive:
             assert self.model is not None
-            # In a shared cache, keys of layers far ahead wait a while before their next visit.
-            return PredictivePolicy(
-                self.model.score,
-                num_layers=self.trace.num_layers,
-                weight_prediction=1.0,
-                weight_frequency=0.0,
-                weight_distance=0.0 if self.partitioned else 0.5,
-            )
+            return PredictivePolicy(self.model.score, layers=self.trace.layer_ids)
         if self.policy == "belady":
             return BeladyPolicy(future)
         raise ConfigError(f"unknown policy {self.policy!r}")
@@ -467,6 +460,8 @@ class _Replayer:
                 self.model.observe_layer(lid, experts)
             demanded[lid] = {ExpertKey(lid, e) for e in experts}
             cache = self.caches[self._group(lid)]
+            if isinstance(cache.policy, PredictivePolicy):
+                cache.policy.on_layer(lid, demanded[lid])
             for e in experts:
                 self._access(cache, t, lid, ExpertKey(lid, e), demanded[lid])
             if self.model is not None and li == n_layers - 1:
