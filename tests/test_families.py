@@ -24,7 +24,6 @@ from tests.family_fixtures import discover_expert_families, model_class_name, sa
 pytestmark = pytest.mark.timeout(120)
 
 _NO_EXPERTS_FOUND = "experts not under layers.N.(mlp|block_sparse_moe|feed_forward).experts"
-_CONVERSION = "a non-expert tensor needs a conversion that is not replayed"
 _FIXTURE = "the tiny fixture does not run in transformers itself"
 
 #: family -> why it does not load lossless yet (the stage and error the sweep shows).
@@ -37,12 +36,6 @@ NOT_YET: dict[str, str] = {
     "granitemoeshared": _NO_EXPERTS_FOUND,
     "mistral_large4": _NO_EXPERTS_FOUND,
     "nemotron_h": _NO_EXPERTS_FOUND,
-    "bailing_hybrid": _CONVERSION,
-    "glm5_next": _CONVERSION,
-    "kimi_linear": _CONVERSION,
-    "lara_mini": _CONVERSION,
-    "minimax_m3_vl": _CONVERSION,
-    "unlimited_ocr": _CONVERSION,
     "ernie4_5_vl_moe": "text and vision experts of two sizes in one layer",
     "inkling2": "expert conversion is an interleave, not a view of the stored bytes",
     "inkling2_loop": "expert conversion is a dequantize step, not a view of the stored bytes",

@@ -161,3 +161,24 @@ def test_a_failure_after_the_store_exists_closes_it(mixtral4: Path, monkeypatch:
     gc.collect()
     assert threading.active_count() == threads
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_non_expert_tensor_that_transformers_converts_is_converted_and_a_bad_one_named(
+    tmp_path: Path,
+) -> None:
+    """bailing_hybrid merges q/k/v conv1d weights on load: transformers' own conversion does it for us, and a
+    source of the wrong shape is a CheckpointError naming the conversion, not a crash or wrong weights."""
+    from tests.family_fixtures import save_tiny_checkpoint
+
+    root = save_tiny_checkpoint("bailing_hybrid", tmp_path / "bailing")
+    config = StoreConfig(host_bytes=64 << 20, predictor="none")
+    with load_model(root, config=config) as model:
+        merged = model.get_parameter("model.layers.0.self_attn.conv1d.weight")
+        assert not merged.is_meta
+    (shard,) = root.glob("*.safetensors")
+    tensors = load_file(str(shard))
+    name = next(n for n in tensors if n.endswith("layers.0.attention.k_conv1d.weight"))
+    tensors[name] = tensors[name][:-1].clone()
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="could not convert"):
+        load_model(root, config=config)

@@ -95,6 +95,10 @@ class KeyMapper:
 
     def __init__(self, model: PreTrainedModel, meta_state_keys: set[str]) -> None:
         transforms = get_model_conversion_mapping(model)
+        # What transformers' loader takes as its weight mapping (it uses only these two kinds).
+        self.transforms: list[WeightConverter | WeightRenaming] = [
+            t for t in transforms if isinstance(t, (WeightRenaming, WeightConverter))
+        ]
         self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
         self.prefix: str = getattr(model, "base_model_prefix", "") or ""
@@ -113,6 +117,12 @@ class KeyMapper:
                 break
         key, _ = rename_source_key(renamed, [], [], self.prefix or None, self._keys)
         return key, converter, pattern
+
+    @staticmethod
+    def targets(key: str, converter: WeightConverter) -> set[str]:
+        """Every state-dict key a converter fills from a source mapped to ``key`` (a split fills several)."""
+        first = converter.target_patterns[0]
+        return {key.replace(first, t) for t in converter.target_patterns} if first in key else {key}
 
 
 def _check_ops(converter: WeightConverter, fused_on_disk: bool, arch: str, tensor: str) -> bool:

@@ -119,7 +119,7 @@ def load_model(
         # Non-expert weights and transformers' initialisation first, while the family's own experts modules
         # (meta, never allocated) are in place: an _init_weights that reaches into them touches meta
         # tensors, never the offloaded module or its slots.
-        _load_non_experts(model, plan, torch.device(config.device), dtype)
+        _load_non_experts(model, plan, mapper, torch.device(config.device), dtype)
         _finish(model, root, {a.module_path for a in adapters.values()})
         expert_layers = _swap_experts(model, adapters, store, hf_config)
         predictor = attach_predictor(model, expert_layers, store, config, top_k)
@@ -288,13 +288,18 @@ def _swap_experts(
 
 # --- non-expert weights -----------------------------------------------------------------------------
 
-LoadPlan = dict[str, list[tuple[TensorInfo, str]]]  # file -> (tensor on disk, state-dict key)
+LoadPlan = dict[str, list[tuple[TensorInfo, str | None]]]  # file -> (tensor on disk, state-dict key or None)
 
 
 def _plan_non_experts(
     model: PreTrainedModel, layout: ExpertLayout, mapper: KeyMapper, expert_paths: set[str]
 ) -> LoadPlan:
-    """Map and check every non-expert tensor before anything is allocated: shapes, and nothing missing."""
+    """Map and check every non-expert tensor before anything is allocated: shapes, and nothing missing.
+
+    A tensor that transformers converts on load (q/k/v merged into one, ``in_proj`` split, ...) is planned
+    with key None: :func:`_load_non_experts` hands those to transformers' own conversion code, and its shape
+    is checked there, after the conversion.
+    """
     state = {
         k: v for k, v in model.state_dict(keep_vars=True).items() if k.rpartition(".")[0] not in expert_paths
     }
@@ -304,11 +309,13 @@ def _plan_non_experts(
     for info, _kind in layout.non_expert:
         key, converter, _ = mapper.map(info.name)
         if converter is not None:
-            raise UnsupportedModelError(
-                f"non-expert tensor needs a conversion ({converter!r}) that ExpertFlow does not replay",
-                file=info.file,
-                tensor=info.name,
-            )
+            targets = mapper.targets(key, converter)
+            if not targets & set(state):
+                unexpected.append(info.name)
+                continue
+            plan.setdefault(info.file, []).append((info, None))
+            planned |= targets
+            continue
         if key not in state:
             unexpected.append(info.name)
             continue
@@ -346,16 +353,21 @@ def _non_persistent(model: nn.Module, key: str) -> bool:
 
 
 def _load_non_experts(
-    model: PreTrainedModel, plan: LoadPlan, device: torch.device, dtype: torch.dtype
+    model: PreTrainedModel, plan: LoadPlan, mapper: KeyMapper, device: torch.device, dtype: torch.dtype
 ) -> None:
-    """Read the planned tensors onto ``device`` in the model's dtype, then tie weights."""
+    """Read the planned tensors onto ``device`` in the model's dtype, let transformers convert the ones it
+    converts, then tie weights."""
     state = model.state_dict(keep_vars=True)
     fp32_patterns = list(model._get_dtype_plan(dtype))
     loaded: set[str] = set()
+    converted: list[TensorInfo] = []
     with ExitStack() as files, torch.no_grad():
         for file, entries in plan.items():
             handle = files.enter_context(safe_open(file, framework="pt", device=str(device)))
             for info, key in entries:
+                if key is None:
+                    converted.append(info)
+                    continue
                 tensor = handle.get_tensor(info.name)
                 current = state[key]
                 if tensor.is_floating_point():
@@ -363,7 +375,50 @@ def _load_non_experts(
                     tensor = tensor.to(torch.float32 if keep_fp32 else current.dtype)
                 _set_tensor(model, key, tensor, current)
                 loaded.add(key)
+    if converted:
+        loaded |= _load_converted(model, converted, mapper, device, dtype)
     model.tie_weights(missing_keys=set(state) - loaded, recompute_mapping=False)
+
+
+def _load_converted(
+    model: PreTrainedModel,
+    tensors: list[TensorInfo],
+    mapper: KeyMapper,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> set[str]:
+    """Load non-expert tensors that need a conversion through transformers' own loading code (the same merges,
+    splits and casts as ``from_pretrained``); the state-dict keys it filled."""
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    before = {k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta}
+    load_config = LoadStateDictConfig(
+        device_map={"": str(device)},
+        dtype=dtype,
+        dtype_plan=model._get_dtype_plan(dtype),
+        weight_mapping=mapper.transforms,
+    )
+    with ExitStack() as files:
+        handles: dict[str, Any] = {}
+        sources: dict[str, Any] = {}
+        for info in tensors:
+            if info.file not in handles:
+                handles[info.file] = files.enter_context(safe_open(info.file, framework="pt", device="cpu"))
+            sources[info.name] = handles[info.file].get_slice(info.name)
+        info_, _ = convert_and_load_state_dict_in_model(model, sources, load_config)
+    problems = [
+        *(f"{k}: shape {list(got)}, expected {list(want)}" for k, got, want in info_.mismatched_keys),
+        *(f"{k}: {err}" for k, err in info_.conversion_errors.items()),
+        *info_.error_msgs,
+    ]
+    if problems:
+        raise CheckpointError(
+            f"transformers could not convert {len(problems)} non-expert tensors: {'; '.join(problems[:4])}",
+            file=tensors[0].file,
+            tensor=tensors[0].name,
+        )
+    return {k for k, t in model.state_dict(keep_vars=True).items() if k in before and not t.is_meta}
 
 
 def _set_tensor(
