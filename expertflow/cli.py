@@ -18,11 +18,23 @@ from expertflow.errors import ConfigError, ExpertFlowError
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    from expertflow.tiers.inspect import describe, format_table
+def _open_layout(path: str) -> Any:
+    """The checkpoint's experts as ``load_model`` finds them (from the model's own modules), or, for a
+    checkpoint transformers cannot build a model for, by the model-free naming."""
+    from expertflow.errors import UnsupportedModelError
+    from expertflow.model.loader import open_model_checkpoint
     from expertflow.tiers.safetensors_index import open_checkpoint
 
-    layout = open_checkpoint(args.path)
+    try:
+        return open_model_checkpoint(path)
+    except UnsupportedModelError:
+        return open_checkpoint(path)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from expertflow.tiers.inspect import describe, format_table
+
+    layout = _open_layout(args.path)
     desc = describe(layout)
     if layout.experts:
         desc["budget"]["default"] = _auto_budget(layout, args.read_mode)
@@ -33,16 +45,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_pack(args: argparse.Namespace) -> int:
     from expertflow.tiers.pack import pack_checkpoint
 
-    out = pack_checkpoint(args.src, args.dst, progress=not args.no_progress)
+    out = pack_checkpoint(args.src, args.dst, progress=not args.no_progress, layout=_open_layout(args.src))
     print(f"packed {args.src} -> {out}")
     return 0
 
 
 def _cmd_checksums(args: argparse.Namespace) -> int:
     from expertflow.tiers.local_checksums import LocalChecksums, fill
-    from expertflow.tiers.safetensors_index import open_checkpoint
 
-    layout = open_checkpoint(args.model)
+    layout = _open_layout(args.model)
     if layout.packed:
         print(f"{args.model} is a pack: its manifest already records every expert's checksum")
         return 0
@@ -360,7 +371,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_request_bytes=parse_size(args.max_request_bytes),
         idle_timeout=args.idle_timeout,
     )
-    asyncio.run(run_server(args.path, config))
+    asyncio.run(run_server(_open_layout(args.path), config))
     return 0
 
 

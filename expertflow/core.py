@@ -122,7 +122,7 @@ def slot_nbytes(needs: Iterable[int]) -> int:
 
 
 #: Names model configs use for "experts per token", in order of preference.
-TOP_K_NAMES = ("num_experts_per_tok", "experts_per_token", "moe_topk", "top_k")
+TOP_K_NAMES = ("num_experts_per_tok", "experts_per_token", "moe_topk", "top_k", "top_k_experts")
 
 
 def routed_top_k(config: Mapping[str, Any] | Any) -> int | None:

@@ -116,6 +116,12 @@ class KeyMapper:
                 renamed, converter, pattern = out, c, pat
                 break
         key, _ = rename_source_key(renamed, [], [], self.prefix or None, self._keys)
+        if key not in self._keys:
+            # As transformers' loader does: a name the renamings broke (``model.norm`` -> ``model.kv_norm``)
+            # that the model has as it is keeps its own name.
+            plain, _ = rename_source_key(name, [], [], self.prefix or None, self._keys)
+            if plain in self._keys:
+                return plain, None, None
         return key, converter, pattern
 
     @staticmethod

@@ -34,6 +34,7 @@ from expertflow.model.adapters import (
     derive_adapters,
     experts_modules,
 )
+from expertflow.model.discovery import model_naming
 from expertflow.model.moe_block import OffloadedExperts, SlotStore
 from expertflow.model.prefetch import attach_predictor
 from expertflow.pipeline.budget import ACTIVATION_RESERVE
@@ -91,7 +92,11 @@ def load_model(
     root = Path(path)
     if store is not None and config is not None:
         raise ConfigError("pass a store or a config to load_model, not both: a store brings its own config")
+    given = layout is not None
     layout = layout or open_checkpoint(root)
+    hf_config = _hf_config(root)
+    layout, model, mapper, dtype = _layout_and_skeleton(root, hf_config, dtype, layout, given=given)
+    top_k = _top_k(hf_config, root)
     if store is not None and store.layout.fingerprint() != layout.fingerprint():
         raise ConfigError(
             f"the store serves the experts of {store.layout.root}, which differ from those of {root}"
@@ -101,12 +106,6 @@ def load_model(
         if store is not None:
             raise ConfigError(f"the store computes on {store.device}, but the model is asked for {device}")
         config = config.with_(device=str(torch.device(device)))
-    _require_experts(layout, root)
-    hf_config = _hf_config(root)
-    top_k = _top_k(hf_config, root)
-    dtype = _resolve_dtype(dtype, hf_config, layout)
-    model = _meta_model(hf_config, dtype, layout)
-    mapper = KeyMapper(model, set(model.state_dict().keys()))
     adapters = derive_adapters(model, layout, mapper, dtype)
     plan = _plan_non_experts(model, layout, mapper, {a.module_path for a in adapters.values()})
     owned = store is None
@@ -138,16 +137,50 @@ def load_model(
     return model
 
 
+def open_model_checkpoint(path: str | os.PathLike[str]) -> ExpertLayout:
+    """The checkpoint's experts as :func:`load_model` finds them: from the model's own experts modules and
+    transformers' conversion mapping, wherever the family keeps them on disk (a pack lists its own)."""
+    root = Path(path)
+    layout = open_checkpoint(root)
+    layout, _, _, _ = _layout_and_skeleton(root, _hf_config(root), None, layout, given=False)
+    return layout
+
+
 def _require_experts(layout: ExpertLayout, root: Path) -> None:
     if not layout.experts:
         raise UnsupportedModelError(
-            f"{layout.architecture} (model_type {layout.model_type!r}) has no routed experts: no tensor is named "
-            "like '...layers.N.mlp.experts.E...'; ExpertFlow runs Mixture-of-Experts checkpoints only",
+            f"{layout.architecture} (model_type {layout.model_type!r}) has no routed experts: no checkpoint tensor "
+            "loads into a module with transformers' experts seam; ExpertFlow runs Mixture-of-Experts checkpoints "
+            "only",
             file=str(root),
         )
 
 
 # --- building the skeleton ------------------------------------------------------------------------
+
+
+def _layout_and_skeleton(
+    root: Path, hf_config: PretrainedConfig, dtype: torch.dtype | None, layout: ExpertLayout, *, given: bool
+) -> tuple[ExpertLayout, PreTrainedModel, KeyMapper, torch.dtype]:
+    """The checkpoint's experts as the model names them, and the meta-device model they run in.
+
+    Experts are found from the model (:mod:`expertflow.model.discovery`), wherever the family keeps them on
+    disk; a pack, or a layout the caller gave (``given``), already says where they are.
+    """
+    wanted = _resolve_dtype(dtype, hf_config, layout)
+    model = _meta_model(hf_config, wanted, layout)
+    mapper = KeyMapper(model, set(model.state_dict().keys()))
+    if not given and not layout.packed:
+        names = [info.name for info, _ in layout.non_expert]
+        names += sorted({t.source for spec in layout.experts.values() for t in spec.tensors})
+        layout = open_checkpoint(root, naming=model_naming(model, mapper, names))
+        resolved = _resolve_dtype(dtype, hf_config, layout)
+        if resolved != wanted:
+            model = _meta_model(hf_config, resolved, layout)
+            mapper = KeyMapper(model, set(model.state_dict().keys()))
+            wanted = resolved
+    _require_experts(layout, root)
+    return layout, model, mapper, wanted
 
 
 def _hf_config(root: Path) -> PretrainedConfig:
@@ -169,8 +202,9 @@ def _resolve_dtype(
         configured = getattr(torch, configured, None)
     if isinstance(configured, torch.dtype):
         return configured
-    first = next(iter(layout.experts.values()))
-    return torch_dtype(first.tensors[0].dtype)
+    first = next(iter(layout.experts.values()), None)
+    # No expert found yet (before the model names them): any dtype builds the skeleton that finds them.
+    return torch_dtype(first.tensors[0].dtype) if first is not None else torch.float32
 
 
 def _model_class(hf_config: PretrainedConfig) -> type[PreTrainedModel] | None:

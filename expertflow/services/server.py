@@ -665,7 +665,7 @@ class ExpertServer:
         return out
 
 
-async def run_server(checkpoint: str | Path, config: ServerConfig) -> None:
+async def run_server(checkpoint: str | Path | ExpertLayout, config: ServerConfig) -> None:
     """Run the daemon until SIGTERM or SIGINT, then shut down gracefully."""
     server = await ExpertServer.start(checkpoint, config)
     loop = asyncio.get_running_loop()

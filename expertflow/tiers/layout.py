@@ -1,7 +1,9 @@
 """Where every expert's bytes are: ExpertKey -> tensor slices (file, offset, nbytes, dtype, shape).
 
-Nothing here knows about model classes. The only model knowledge is the naming convention of expert
-tensors on disk, which is a property of the checkpoint format:
+Nothing here knows about model classes. Which tensors are experts is decided by a *naming*: a function from
+a tensor's name to its :class:`ExpertName` (layer, expert or None for fused, role), or None for a non-expert
+tensor. The model side derives one from transformers' own modules and conversion mapping
+(``expertflow.model.discovery``); without a model, :func:`name_by_pattern` recognises the common convention:
 
 * one tensor per expert: ``...layers.{L}.(mlp|block_sparse_moe).experts.{E}.{name}`` (Mixtral ``w1/w2/w3``,
   Qwen/OLMoE/DeepSeek/Phi-MoE ``{gate,up,down}_proj``);
@@ -15,9 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 from expertflow.core import DTYPE_SIZES, ExpertKey
 from expertflow.errors import CheckpointError
@@ -26,7 +29,9 @@ __all__ = [
     "DTYPE_SIZES",
     "ExpertKey",
     "ExpertLayout",
+    "ExpertName",
     "ExpertSpec",
+    "Naming",
     "TensorInfo",
     "TensorKind",
     "TensorSlice",
@@ -208,6 +213,30 @@ _ROUTER = re.compile(r"\.(gate|router|shared_expert_gate)\.(weight|bias|e_score_
 _DENSE_MLP = re.compile(r"layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
+class ExpertName(NamedTuple):
+    """What a naming says of an expert tensor: its MoE layer, its expert (None: a fused tensor whose leading
+    dimension is the expert) and its role inside one expert (``w1.weight``, ``gate_up_proj``...)."""
+
+    layer: int
+    expert: int | None
+    role: str
+
+
+#: Tensor name -> its :class:`ExpertName`, or None for a tensor that is not an expert's.
+Naming = Callable[[str], ExpertName | None]
+
+
+def name_by_pattern(name: str) -> ExpertName | None:
+    """The model-free naming: ``...layers.{L}.(mlp|block_sparse_moe|feed_forward).experts.[{E}.]{role}``."""
+    m = _PER_EXPERT.match(name)
+    if m:
+        return ExpertName(int(m["layer"]), int(m["expert"]), m["role"])
+    m = _FUSED.match(name)
+    if m:
+        return ExpertName(int(m["layer"]), None, m["role"])
+    return None
+
+
 def classify_non_expert(name: str) -> TensorKind:
     if _SHARED.search(name):
         return TensorKind.SHARED_EXPERT
@@ -224,30 +253,31 @@ def build_layout(
     root: str,
     config: Mapping[str, object],
     files: Iterable[str],
+    naming: Naming = name_by_pattern,
 ) -> ExpertLayout:
-    """Split a checkpoint's tensors into experts and non-expert weights, checking consistency.
+    """Split a checkpoint's tensors into experts and non-expert weights (by ``naming``), checking consistency.
 
     Raises :class:`CheckpointError` when experts of one layer disagree in shape or dtype, a fused tensor's
     leading dimension is not the layer's expert count, or an expert has a hole in its tensor set.
     """
     per_key: dict[ExpertKey, list[TensorSlice]] = {}
     non_expert: list[tuple[TensorInfo, TensorKind]] = []
-    fused_by_layer: dict[int, list[TensorInfo]] = {}
+    fused_by_layer: dict[int, list[tuple[str, TensorInfo]]] = {}
     for t in tensors:
-        m = _PER_EXPERT.match(t.name)
-        if m:
-            key = ExpertKey(int(m["layer"]), int(m["expert"]))
+        named = naming(t.name)
+        if named is not None and named.expert is not None:
+            key = ExpertKey(named.layer, named.expert)
             per_key.setdefault(key, []).append(
-                TensorSlice(m["role"], t.name, t.file, t.offset, t.nbytes, t.dtype, t.shape)
+                TensorSlice(named.role, t.name, t.file, t.offset, t.nbytes, t.dtype, t.shape)
             )
             continue
-        m = _FUSED.match(t.name)
-        if m and len(t.shape) >= 2:
-            fused_by_layer.setdefault(int(m["layer"]), []).append(t)
+        if named is not None and len(t.shape) >= 2:
+            fused_by_layer.setdefault(named.layer, []).append((named.role, t))
             continue
         non_expert.append((t, classify_non_expert(t.name)))
 
-    for layer, fused in fused_by_layer.items():
+    for layer, named_fused in fused_by_layer.items():
+        fused = [t for _, t in named_fused]
         counts = {t.shape[0] for t in fused}
         if len(counts) != 1:
             raise CheckpointError(
@@ -262,8 +292,7 @@ def build_layout(
                 file=fused[0].file,
                 tensor=fused[0].name,
             )
-        for t in fused:
-            role = t.name.rsplit(".", 1)[1]
+        for role, t in named_fused:
             if t.nbytes % n:
                 raise CheckpointError(
                     f"fused tensor of {t.nbytes} bytes does not split into {n} experts",

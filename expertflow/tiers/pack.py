@@ -67,9 +67,16 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h
 
 
 def pack_checkpoint(
-    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, progress: bool = True
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    layout: ExpertLayout | None = None,
 ) -> Path:
     """Convert the checkpoint at ``src`` into a pack at ``dst`` (which must not exist, or be empty).
+
+    ``layout`` says which tensors of ``src`` are experts when the caller found them (e.g. from the model);
+    by default the model-free naming does.
 
     Returns the pack's path. Raises :class:`CheckpointError` for a bad source or destination and
     :class:`UnsupportedModelError` when the source has no routed experts.
@@ -78,7 +85,7 @@ def pack_checkpoint(
 
     source = Path(src)
     target = Path(dst)
-    layout = open_checkpoint(source)
+    layout = layout or open_checkpoint(source)
     if not layout.experts:
         raise UnsupportedModelError(
             f"{layout.architecture} has no routed experts: there is nothing to pack", file=str(source)

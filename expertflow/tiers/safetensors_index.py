@@ -16,7 +16,7 @@ from typing import Any
 
 from expertflow.core import DTYPE_SIZES
 from expertflow.errors import CheckpointError
-from expertflow.tiers.layout import ExpertLayout, TensorInfo, build_layout
+from expertflow.tiers.layout import ExpertLayout, Naming, TensorInfo, build_layout, name_by_pattern
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -294,12 +294,22 @@ def scan_checkpoint(path: str | os.PathLike[str]) -> tuple[list[TensorInfo], dic
     return tensors, config, files
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> ExpertLayout:
-    """Map every expert of a model directory (HF safetensors or an ExpertFlow pack) to its bytes on disk."""
+def open_checkpoint(path: str | os.PathLike[str], *, naming: Naming | None = None) -> ExpertLayout:
+    """Map every expert of a model directory (HF safetensors or an ExpertFlow pack) to its bytes on disk.
+
+    ``naming`` says which tensors are experts (default: :func:`~expertflow.tiers.layout.name_by_pattern`); a pack
+    records its experts in its manifest and needs none.
+    """
     root = Path(path)
     if (root / PACK_MANIFEST_NAME).is_file():
         from expertflow.tiers.pack import load_packed_layout
 
         return load_packed_layout(root)
     tensors, config, files = scan_checkpoint(root)
-    return build_layout(tensors, root=str(root.resolve()), config=config, files=[str(f) for f in files])
+    return build_layout(
+        tensors,
+        root=str(root.resolve()),
+        config=config,
+        files=[str(f) for f in files],
+        naming=naming or name_by_pattern,
+    )
