@@ -66,9 +66,13 @@ def test_a_daemon_serves_experts_found_from_the_model(granite: Path) -> None:
     want = _reference(granite, IDS)
     slot = _slot(granite)
     with daemon(granite, ("tcp://127.0.0.1:*",), "--mem", str(16 * slot)) as proc:
-        config = StoreConfig(host_bytes=4 * slot, predictor="none", remote=(proc.address,), remote_timeout=5.0)
+        config = StoreConfig(
+            host_bytes=4 * slot, predictor="none", remote=(proc.address,), remote_timeout=5.0
+        )
         with load_model(granite, config=config) as model, torch.no_grad():
-            model(input_ids=IDS)  # first reads are local: they record the checksums replies are checked against
+            model(
+                input_ids=IDS
+            )  # first reads are local: they record the checksums replies are checked against
             got = model(input_ids=IDS).logits
             stats = model.expert_stats()
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
