@@ -23,12 +23,15 @@ def _open_layout(path: str) -> Any:
     checkpoint transformers cannot build a model for, by the model-free naming."""
     from expertflow.errors import UnsupportedModelError
     from expertflow.model.loader import open_model_checkpoint
+    from expertflow.model.support import check_supported
     from expertflow.tiers.safetensors_index import open_checkpoint
 
     try:
         return open_model_checkpoint(path)
     except UnsupportedModelError:
-        return open_checkpoint(path)
+        layout = open_checkpoint(path)
+        check_supported(layout.model_type, file=str(path))  # a known limitation is said as it is
+        return layout
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

@@ -443,6 +443,26 @@ def model_class_name(model_type: str) -> tuple[str, str]:
     raise KeyError(f"transformers has no model class for {model_type!r}")
 
 
+def runnable_model_type(model_type: str) -> str:
+    """``model_type``, or, when its model class has no forward of its own (an Omni model that only wraps
+    generation around a thinker and a talker), the first sub-model type whose class runs a forward."""
+
+    def runs(mt: str) -> bool:
+        try:
+            cls = getattr(transformers, model_class_name(mt)[0])
+        except (KeyError, AttributeError):
+            return False
+        return cls.forward is not torch.nn.Module.forward
+
+    if runs(model_type):
+        return model_type
+    for sub in (getattr(config_class(model_type), "sub_configs", None) or {}).values():
+        sub_type = getattr(sub, "model_type", "")
+        if sub_type in configuration_auto.CONFIG_MAPPING and runs(sub_type):
+            return sub_type
+    return model_type
+
+
 def tiny_config(model_type: str) -> PretrainedConfig:
     """The family's default config shrunk generically (every sub-config too) plus its OVERRIDES; fp32, with
     ``architectures`` naming the class ``build_tiny_model`` builds."""

@@ -3,8 +3,9 @@ the experts seam gets a tiny seeded checkpoint (``tests/family_fixtures.py``), a
 lossless with experts evicted and read again. Nothing here names the families that pass: a new transformers
 release adds its new families to this sweep without an edit.
 
-Families that do not load yet are listed in ``NOT_YET`` with the cause the sweep shows (issue #14). Each of
-them is a strict expected failure: the day one starts to pass, this test fails until it leaves the table.
+Families ExpertFlow declares it cannot run (``expertflow.model.support.UNSUPPORTED``) must be refused with
+their reason, and must still fail without their entry. A family that fails for another reason would go in
+``NOT_YET`` with its cause, as a strict expected failure (none does today).
 """
 
 from __future__ import annotations
@@ -15,25 +16,25 @@ import pytest
 import torch
 import transformers
 
+from expertflow.cli import main
 from expertflow.config import StoreConfig
 from expertflow.core import routed_top_k
+from expertflow.errors import CheckpointError, UnsupportedModelError
 from expertflow.model.loader import load_model, open_model_checkpoint
+from expertflow.model.support import UNSUPPORTED
 from expertflow.tiers.safetensors_index import open_checkpoint
-from tests.family_fixtures import discover_expert_families, model_class_name, save_tiny_checkpoint
+from tests.family_fixtures import (
+    discover_expert_families,
+    model_class_name,
+    runnable_model_type,
+    save_tiny_checkpoint,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
-_FIXTURE = "the tiny fixture does not run in transformers itself"
-
-#: family -> why it does not load lossless yet (the stage and error the sweep shows).
-NOT_YET: dict[str, str] = {
-    "ernie4_5_vl_moe": "text and vision experts of two sizes in one layer",
-    "inkling2": "expert conversion is an interleave, not a view of the stored bytes",
-    "inkling2_loop": "expert conversion is a dequantize step, not a view of the stored bytes",
-    "dots3_note": "the vision tower's experts are missing from the checkpoint the fixture saves",
-    "qwen3_omni_moe": _FIXTURE + " (its top-level class has no forward; the thinker is not picked)",
-    "inkling_mm_model": _FIXTURE + " (it needs scipy)",
-}
+#: family -> why it does not load lossless yet, for a failure that is not a declared limitation (none today:
+#: families ExpertFlow cannot run are in ``expertflow.model.support.UNSUPPORTED``, tested below).
+NOT_YET: dict[str, str] = {}
 
 FAMILIES = discover_expert_families()
 
@@ -44,26 +45,26 @@ def test_discovery_finds_the_families_of_the_installed_transformers() -> None:
     assert set(NOT_YET) <= set(FAMILIES), "a family in NOT_YET is no longer shipped: remove it"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in UNSUPPORTED])
 def test_a_family_loads_lossless_with_experts_evicted_and_read_again(
     family: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     if family in NOT_YET:
         request.applymarker(pytest.mark.xfail(strict=True, reason=NOT_YET[family]))
-    root = save_tiny_checkpoint(family, tmp_path / family)
-    class_name, _ = model_class_name(family)  # the class the fixture was built with
+    runnable = runnable_model_type(family)  # an Omni family is run through its thinker
+    root = save_tiny_checkpoint(runnable, tmp_path / family)
+    class_name, _ = model_class_name(runnable)  # the class the fixture was built with
     reference = getattr(transformers, class_name).from_pretrained(root, dtype=torch.float32).eval()
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.manual_seed(
-            0
-        )  # a family whose forward samples (block diffusion draws its noise) sees the same draws
+        # A family whose forward samples (block diffusion draws its noise) sees the same draws.
+        torch.manual_seed(0)
         want = _output(reference(input_ids=ids))
     del reference
     layout = open_model_checkpoint(root)
     by_pattern = open_checkpoint(root)
-    if by_pattern.experts:  # where the model-free naming finds experts, it must find the same ones
-        assert by_pattern.fingerprint() == layout.fingerprint()
+    for key, spec in by_pattern.experts.items():  # what the model-free naming finds, the model finds alike
+        assert layout.spec(key) == spec
     top_k = routed_top_k(transformers.AutoConfig.from_pretrained(root)) or 2
     slot = -(-layout.max_expert_nbytes // 4096) * 4096
     config = StoreConfig(host_bytes=2 * top_k * slot, predictor="none")
@@ -77,6 +78,23 @@ def test_a_family_loads_lossless_with_experts_evicted_and_read_again(
         assert stats.evictions > 0  # more experts than slots: some were evicted and read again
 
 
+@pytest.mark.parametrize("family", sorted(UNSUPPORTED))
+def test_a_declared_unsupported_family_is_refused_precisely_and_still_needs_its_entry(
+    family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert family in FAMILIES, "an UNSUPPORTED family is no longer shipped: remove it"
+    root = save_tiny_checkpoint(runnable_model_type(family), tmp_path / family)
+    assert main(["inspect", str(root)]) == 2
+    assert f"{family} is not supported: {UNSUPPORTED[family]}" in capsys.readouterr().err
+    with pytest.raises(UnsupportedModelError, match="is not supported"):
+        load_model(root, config=StoreConfig(predictor="none"))
+    # Without its entry the family still fails, with a typed error and before any number is computed: the
+    # day it would load, this test says the entry must go.
+    monkeypatch.setattr("expertflow.model.support.UNSUPPORTED", {})
+    with pytest.raises((UnsupportedModelError, CheckpointError)):
+        load_model(root, config=StoreConfig(predictor="none"))
+
+
 def _output(out: object) -> torch.Tensor:
     """Logits, or the last hidden state of a family whose head is not a language model head."""
     logits = getattr(out, "logits", None)
@@ -88,5 +106,7 @@ def test_the_readme_states_the_sweep_as_it_is() -> None:
     text = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
     version = ".".join(transformers.__version__.split(".")[:2])
     assert f"({len(FAMILIES)} in transformers {version})" in text
-    assert f"{len(FAMILIES) - len(NOT_YET)} families load with logits equal" in text
-    assert f"the {len(NOT_YET)} others are in its `NOT_YET` table" in text
+    supported = sorted(set(FAMILIES) - set(NOT_YET) - set(UNSUPPORTED))
+    assert f"{len(supported)} families load with logits equal" in text
+    assert f"Supported families: {', '.join(supported)}." in text
+    assert f"Not supported: {', '.join(sorted(UNSUPPORTED))}." in text

@@ -18,18 +18,19 @@ from torch import nn
 from expertflow.model.adapters import KeyMapper, experts_modules
 from expertflow.tiers.layout import ExpertName, Naming, name_by_pattern
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d{1,9})(?:\.|$)")
+_INDEX = re.compile(r"(?:^|\.)(\d{1,9})(?:\.|$)")
 
 
 def experts_layer_ids(paths: Iterable[str]) -> dict[str, int]:
-    """A layer id per experts module: the number after its last ``layers.``, offset per stack of layers.
+    """A layer id per experts module: the last number in its path (``layers.3``, ``blocks.3``), offset per
+    stack of layers.
 
     A model with two stacks (an encoder and a decoder, each with ``layers.0..``) gets the second stack's ids
     after the first's, so that every experts module has its own id and a one-stack model keeps its numbers.
     """
     by_stack: dict[str, dict[str, int]] = defaultdict(dict)
     for i, path in enumerate(sorted(paths)):
-        found = list(_LAYER.finditer(path))
+        found = list(_INDEX.finditer(path))
         if found:
             m = found[-1]
             by_stack[path[: m.start()]][path] = int(m.group(1))

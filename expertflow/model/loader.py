@@ -37,6 +37,7 @@ from expertflow.model.adapters import (
 from expertflow.model.discovery import model_naming
 from expertflow.model.moe_block import OffloadedExperts, SlotStore
 from expertflow.model.prefetch import attach_predictor
+from expertflow.model.support import check_supported
 from expertflow.pipeline.budget import ACTIVATION_RESERVE
 from expertflow.tiers.layout import ExpertLayout, TensorInfo
 from expertflow.tiers.nvme import read_slot_nbytes
@@ -95,6 +96,7 @@ def load_model(
     given = layout is not None
     layout = layout or open_checkpoint(root)
     hf_config = _hf_config(root)
+    check_supported(hf_config.model_type, file=str(root))
     layout, model, mapper, dtype = _layout_and_skeleton(root, hf_config, dtype, layout, given=given)
     top_k = _top_k(hf_config, root)
     if store is not None and store.layout.fingerprint() != layout.fingerprint():
@@ -142,7 +144,9 @@ def open_model_checkpoint(path: str | os.PathLike[str]) -> ExpertLayout:
     transformers' conversion mapping, wherever the family keeps them on disk (a pack lists its own)."""
     root = Path(path)
     layout = open_checkpoint(root)
-    layout, _, _, _ = _layout_and_skeleton(root, _hf_config(root), None, layout, given=False)
+    hf_config = _hf_config(root)
+    check_supported(hf_config.model_type, file=str(root))
+    layout, _, _, _ = _layout_and_skeleton(root, hf_config, None, layout, given=False)
     return layout
 
 

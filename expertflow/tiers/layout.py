@@ -50,12 +50,16 @@ class TensorKind(Enum):
 # Canonical order of an expert's tensors inside one buffer: gate, up, down, then biases. With gate and up
 # adjacent, a slot holding ``w1`` then ``w3`` is exactly the fused ``gate_up_proj`` row transformers computes on.
 _ROLE_RANK: dict[str, int] = {
+    # fc1/fc3/fc2 follow the w1/w3/w2 convention (gate, up, down), e.g. dots' vision experts.
     "w1": 0,
+    "fc1": 0,
     "gate_proj": 0,
     "gate_up_proj": 0,
     "w3": 1,
+    "fc3": 1,
     "up_proj": 1,
     "w2": 2,
+    "fc2": 2,
     "down_proj": 2,
     "gate_up_proj_bias": 3,
     "up_proj_bias": 3,
