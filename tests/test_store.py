@@ -13,7 +13,7 @@ import torch
 
 from expertflow.config import StoreConfig
 from expertflow.core import ExpertKey
-from expertflow.errors import BudgetError, ExpertReadError, StoreClosedError
+from expertflow.errors import BudgetError, ConfigError, ExpertReadError, StoreClosedError
 from expertflow.pipeline.store import AsyncExpertStore
 from expertflow.pipeline.sync import ExpertStore
 from expertflow.tiers.nvme import NvmeTier
@@ -544,3 +544,32 @@ async def test_predictive_policy_learns_from_each_layer_visit_and_beats_lru_in_a
         finally:
             await store.aclose()
     assert hits["predictive"] >= 1.15 * hits["lru"], hits
+
+
+@pytest.mark.parametrize("separate", [False, True], ids=["shared-slots", "copy-slots"])
+async def test_a_fill_transform_runs_once_per_fill_before_anyone_sees_the_slot(ckpt, separate):
+    """A conversion that is not a view (a de-interleave) runs on each filled slot exactly once: a re-read
+    expert is converted again from its stored bytes, never twice; it is counted; it cannot be set late."""
+    _, layout, ref = ckpt
+    store, _ = await open_store(layout, 2, separate=separate)
+    try:
+
+        def negate(key: ExpertKey, slot: int) -> None:
+            store.tensor(key, slot, "w1.weight").neg_()
+
+        store.set_fill_transform(negate)
+        name = "model.layers.{}.block_sparse_moe.experts.{}.w1.weight"
+        for _ in range(2):  # two passes over four experts with two slots: each is evicted and read again
+            for e in range(4):
+                (h,) = await store.fetch([ExpertKey(0, e)])
+                assert torch.equal(store.tensor(h.key, h.slot, "w1.weight"), -ref[name.format(0, e)])
+                down = ref[f"model.layers.0.block_sparse_moe.experts.{e}.w2.weight"]
+                assert torch.equal(store.tensor(h.key, h.slot, "w2.weight"), down)  # other tensors untouched
+                store.release([h])
+        stats = store.stats()
+        assert stats.fill_transforms == stats.device_misses == 8
+        assert stats.fill_transform_seconds > 0
+        with pytest.raises(ConfigError, match="fresh store"):
+            store.set_fill_transform(negate)
+    finally:
+        await store.aclose()

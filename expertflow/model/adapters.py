@@ -17,6 +17,7 @@ family unsupported with a precise error rather than a silent copy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from transformers import PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
     Concatenate,
+    Interleave,
     MergeModulelist,
     Transpose,
     WeightConverter,
@@ -73,6 +75,9 @@ class ParamFill:
     param: str
     roles: tuple[str, ...]
     transpose: bool = False
+    deinterleave: bool = (
+        False  # rows stored interleaved (gate0, up0, gate1, ...): converted when a slot fills
+    )
 
     def view(self, stacked: torch.Tensor) -> torch.Tensor:
         """``stacked`` is ``[num_slots, *per_expert]``; returns the parameter's ``[num_slots, ...]`` view."""
@@ -131,9 +136,9 @@ class KeyMapper:
         return {key.replace(first, t) for t in converter.target_patterns} if first in key else {key}
 
 
-def _check_ops(converter: WeightConverter, fused_on_disk: bool, arch: str, tensor: str) -> bool:
-    """Whether the converter's operations are expressible as slot views; returns whether one is a transpose."""
-    transpose = False
+def _check_ops(converter: WeightConverter, fused_on_disk: bool, arch: str, tensor: str) -> tuple[bool, bool]:
+    """Whether the converter's operations can run on slots: (a transpose view, a de-interleave at fill)."""
+    transpose = deinterleave = False
     for op in converter.operations:
         if isinstance(op, MergeModulelist) and op.dim == 0 and not fused_on_disk:
             continue
@@ -142,13 +147,22 @@ def _check_ops(converter: WeightConverter, fused_on_disk: bool, arch: str, tenso
         if isinstance(op, Transpose) and {op.dim0, op.dim1} == {1, 2}:
             transpose = True
             continue
+        if isinstance(op, Interleave) and op.dim == 1 and not op.inverse:
+            # Not a view, but a permutation of each expert's rows: done once when its slot is filled.
+            deinterleave = True
+            continue
         raise UnsupportedModelError(
             f"{arch} converts its expert tensors with {type(op).__name__}"
             f"({', '.join(f'{k}={v}' for k, v in vars(op).items())}), which is not a view of the stored bytes; "
             "ExpertFlow cannot compute on such experts in place",
             tensor=tensor,
         )
-    return transpose
+    if transpose and deinterleave:
+        raise UnsupportedModelError(
+            f"{arch} both transposes and de-interleaves its expert tensors; ExpertFlow does only one of them",
+            tensor=tensor,
+        )
+    return transpose, deinterleave
 
 
 def _per_expert_shape(slices: list[TensorSlice]) -> tuple[int, ...]:
@@ -159,8 +173,8 @@ def _per_expert_shape(slices: list[TensorSlice]) -> tuple[int, ...]:
 
 
 # One tensor of a slot as the parameter it fills: (position among the converter's sources, slice, whether
-# the converter transposes it).
-_FillEntry = tuple[int, TensorSlice, bool]
+# the converter transposes it, whether it de-interleaves it).
+_FillEntry = tuple[int, TensorSlice, bool, bool]
 
 
 def derive_adapters(
@@ -255,11 +269,13 @@ def _fill_entry(
 ) -> _FillEntry:
     """Where ``t`` goes in its parameter: its rank among the converter's sources, and whether it is transposed."""
     if converter is None:
-        return (0, t, False)
-    fused_on_disk = t.source.rsplit(".", 1)[-1] == t.role
-    transpose = _check_ops(converter, fused_on_disk, arch, t.source)
+        return (0, t, False, False)
+    # A fused tensor holds every expert; a per-expert one has the expert id just before its role.
+    owner = t.source[: -len(t.role)].rstrip(".") if t.source.endswith(t.role) else t.source
+    fused_on_disk = not owner.rsplit(".", 1)[-1].isdigit()
+    transpose, deinterleave = _check_ops(converter, fused_on_disk, arch, t.source)
     order = converter.source_patterns.index(pattern) if pattern in converter.source_patterns else 0
-    return (order, t, transpose)
+    return (order, t, transpose, deinterleave)
 
 
 def _param_fills(
@@ -277,8 +293,11 @@ def _param_fills(
                 tensor=entries[0][1].source,
             )
         entries.sort(key=lambda e: e[0])
-        slices = [t for _, t, _ in entries]
-        fills.append(_fill(param, slices, any(tr for _, _, tr in entries), params[param], dtype, module_path))
+        slices = [t for _, t, _, _ in entries]
+        fill = _fill(param, slices, any(e[2] for e in entries), params[param], dtype, module_path)
+        if any(e[3] for e in entries):
+            fill = ParamFill(fill.param, fill.roles, fill.transpose, deinterleave=True)
+        fills.append(fill)
     return tuple(fills)
 
 
@@ -325,3 +344,29 @@ def _fill(
             f"experts are computed in place without conversion, so load with dtype={stored.pop()}"
         )
     return ParamFill(param, tuple(t.role for t in slices), transpose)
+
+
+def fill_transform(
+    adapters: dict[int, ExpertsAdapter], stacked: Callable[[int, tuple[str, ...]], torch.Tensor]
+) -> Callable[[ExpertKey, int], None] | None:
+    """What a slot needs once filled, for adapters with a de-interleaved parameter (None if no layer needs it).
+
+    ``stacked(layer, roles)`` is the store's ``[num_slots, ...]`` view of a layer's tensors. Rows stored as
+    (gate0, up0, gate1, up1, ...) become (gate..., up...), in place, as transformers' ``Interleave`` does on load.
+    """
+    plans = {
+        layer: [fill.roles for fill in adapter.fills if fill.deinterleave]
+        for layer, adapter in adapters.items()
+    }
+    plans = {layer: roles for layer, roles in plans.items() if roles}
+    if not plans:
+        return None
+
+    def transform(key: ExpertKey, slot: int) -> None:
+        for roles in plans.get(key.layer, ()):
+            rows = stacked(key.layer, roles)[slot]
+            pairs = rows.reshape(rows.shape[0] // 2, 2, *rows.shape[1:])
+            with torch.no_grad():
+                rows.copy_(pairs.transpose(0, 1).reshape(rows.shape))
+
+    return transform

@@ -204,6 +204,11 @@ def format_summary(result: GenerationResult) -> str:
             lines.append(
                 f"{name} skipped {count} reads (local checksum not known yet: read locally, recorded)"
             )
+        if s.get("fill_transforms"):
+            lines.append(
+                f"expert conversions at fill (not views of the stored bytes): {s['fill_transforms']} in "
+                f"{s.get('fill_transform_seconds', 0.0):.3f} s"
+            )
         lines.append(f"stall (compute waiting for experts): {s.get('stall_seconds', 0.0):.3f} s")
         lines.append(
             f"prefetch: {s.get('prefetch_issued', 0)} issued, {s.get('prefetch_used', 0)} used, "

@@ -33,6 +33,7 @@ from expertflow.model.adapters import (
     choose_implementation,
     derive_adapters,
     experts_modules,
+    fill_transform,
 )
 from expertflow.model.discovery import model_naming
 from expertflow.model.moe_block import OffloadedExperts, SlotStore
@@ -117,6 +118,9 @@ def load_model(
     close_store: Callable[[], None] = store.close if owned else (lambda: None)
     try:
         _check_slots(store, top_k)
+        transform = fill_transform(adapters, store.stacked)
+        if transform is not None:
+            store.set_fill_transform(transform)
         # Non-expert weights and transformers' initialisation first, while the family's own experts modules
         # (meta, never allocated) are in place: an _init_weights that reaches into them touches meta
         # tensors, never the offloaded module or its slots.

@@ -9,12 +9,6 @@ from __future__ import annotations
 
 from expertflow.errors import UnsupportedModelError
 
-_NOT_A_VIEW = (
-    "transformers converts its fused gate/up experts on load with Interleave(dim=1) (gate and up rows are "
-    "stored interleaved), which is not a view of the stored bytes, so ExpertFlow cannot compute on them in "
-    "place"
-)
-
 #: model_type -> why its experts cannot be offloaded.
 UNSUPPORTED: dict[str, str] = {
     "ernie4_5_vl_moe": (
@@ -22,8 +16,6 @@ UNSUPPORTED: dict[str, str] = {
         "two experts modules of different sizes on load (ErnieFuseAndSplitTextVisionExperts); ExpertFlow's "
         "slots hold one expert module per layer"
     ),
-    "inkling2": _NOT_A_VIEW,
-    "inkling_mm_model": _NOT_A_VIEW,
     "inkling2_loop": (
         "its experts are stored NVFP4/MXFP8 and dequantized on load (Inkling2LoopDequantizeExperts), then "
         "interleaved: neither is a view of the stored bytes"

@@ -27,6 +27,8 @@ class StoreStats:
     source_errors: dict[str, int] = field(default_factory=dict)
     source_skips: dict[str, int] = field(default_factory=dict)
     bytes_uploaded: int = 0
+    fill_transforms: int = 0  # slots converted after their fill (see AsyncExpertStore.set_fill_transform)
+    fill_transform_seconds: float = 0.0
     evictions: int = 0
     stall_seconds: float = 0.0
     prefetch_issued: int = 0

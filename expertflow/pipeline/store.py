@@ -47,6 +47,9 @@ from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.nvme import NvmeTier
 from expertflow.tiers.safetensors_index import open_checkpoint
 
+#: ``(key, device slot) -> None``: converts an expert's stored bytes in its slot in place.
+FillTransform = Callable[[ExpertKey, int], None]
+
 log = logging.getLogger(__name__)
 
 #: Seconds over which the read path's busy fraction is measured for prefetch admission.
@@ -121,6 +124,7 @@ class AsyncExpertStore:
         self._layers = sorted({k.layer for k in layout.experts})
         self._next_layer = dict(zip(self._layers, self._layers[1:]))
         self._current_layer: int | None = None
+        self._fill_transform: FillTransform | None = None
         self._visit_observers: list[PredictivePolicy] = []  # policies that learn from each layer's visit
 
         self.slot_nbytes = slot_nbytes([layout.max_expert_nbytes, *sources.buffer_needs()])
@@ -146,7 +150,8 @@ class AsyncExpertStore:
             else:
                 self.device_tier = SharedDeviceTier(self.pool)
                 fill_device = self._fill_host
-            self._device = self._level("device", self.device_tier.num_slots, fill_device)
+            self._fill_base = fill_device
+            self._device = self._level("device", self.device_tier.num_slots, self._fill_device)
         except BaseException:
             self.pool.close()
             raise
@@ -266,6 +271,37 @@ class AsyncExpertStore:
                 self._stats.bytes_uploaded += nbytes
         finally:
             self._host.unpin([host])
+
+    async def _fill_device(self, entry: Entry, slot: int) -> None:
+        await self._fill_base(entry, slot)
+        transform = self._fill_transform
+        if transform is None:
+            return
+        t0 = time.perf_counter()
+
+        def run() -> None:
+            self.device_tier.wait_ready(slot)  # a device slot's upload may still be in flight on its stream
+            transform(entry.key, slot)
+
+        await asyncio.to_thread(run)
+        with self._lock:
+            self._stats.fill_transforms += 1
+            self._stats.fill_transform_seconds += time.perf_counter() - t0
+
+    def set_fill_transform(self, transform: FillTransform | None) -> None:
+        """Run ``transform(key, slot)`` on every device slot once it holds an expert's stored bytes, before
+        anyone sees it: an expert conversion that is not a view of the stored bytes (a de-interleave), done
+        once per fill, in a worker thread, and counted (``fill_transforms``, ``fill_transform_seconds``).
+
+        Slots already filled would be left unconverted, so this is refused once any expert is resident, and
+        a store converts for one model only. The host pool and the daemon keep the stored bytes.
+        """
+        with self._lock:
+            if transform is not None and (self._fill_transform is not None or self._device.entries):
+                raise ConfigError(
+                    "a fill transform must be set on a fresh store, before any expert is read, and only once"
+                )
+            self._fill_transform = transform
 
     # --- prediction and admission -------------------------------------------------------------------
 

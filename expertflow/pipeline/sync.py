@@ -102,6 +102,9 @@ class ExpertStore:
     def set_scorer(self, scorer: Callable[[ExpertKey], float] | None) -> None:
         self.async_store.set_scorer(scorer)
 
+    def set_fill_transform(self, transform: Callable[[ExpertKey, int], None] | None) -> None:
+        self.async_store.set_fill_transform(transform)
+
     def stats(self) -> StoreStats:
         return self.async_store.stats()
 
