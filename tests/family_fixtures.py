@@ -123,7 +123,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # n_shared_experts defaults to None, which the MoE block multiplies by: real checkpoints set it.
     "dots1": {"n_shared_experts": 1},
     # The text tower's M-RoPE sections default to [22, 22, 20] in the modeling code, not in the config.
-    "ernie4_5_vl_moe": {"text_config": {"rope_parameters": {"mrope_section": [3, 3, 2]}}},
+    # Text and vision experts of two sizes, as the real model has (the generic shrink makes them equal).
+    "ernie4_5_vl_moe": {
+        "text_config": {"rope_parameters": {"mrope_section": [3, 3, 2]}, "moe_intermediate_size": [48, 32]}
+    },
     # The talker's MoE block reads shared_expert_intermediate_size, which its config class does not define.
     "qwen3_omni_moe": {
         "talker_config": {

@@ -62,9 +62,17 @@ def test_a_family_loads_lossless_with_experts_evicted_and_read_again(
         want = _output(reference(input_ids=ids))
     del reference
     layout = open_model_checkpoint(root)
-    by_pattern = open_checkpoint(root)
-    for key, spec in by_pattern.experts.items():  # what the model-free naming finds, the model finds alike
-        assert layout.spec(key) == spec
+    # What the model-free naming finds, the model finds alike, except a layer whose one on-disk list the model
+    # splits over two modules of different sizes: the name pattern cannot know, and refuses the mixed sizes.
+    try:
+        by_pattern = open_checkpoint(root)
+    except CheckpointError as exc:
+        assert "has tensors" in str(exc)  # experts of two sizes in one on-disk list
+    else:
+        model_counts, pattern_counts = layout.experts_per_layer(), by_pattern.experts_per_layer()
+        for key, spec in by_pattern.experts.items():
+            if model_counts.get(key.layer) == pattern_counts[key.layer]:
+                assert layout.spec(key) == spec
     top_k = routed_top_k(transformers.AutoConfig.from_pretrained(root)) or 2
     slot = -(-layout.max_expert_nbytes // 4096) * 4096
     config = StoreConfig(host_bytes=2 * top_k * slot, predictor="none")
@@ -109,4 +117,4 @@ def test_the_readme_states_the_sweep_as_it_is() -> None:
     supported = sorted(set(FAMILIES) - set(NOT_YET) - set(UNSUPPORTED))
     assert f"{len(supported)} families load with logits equal" in text
     assert f"Supported families: {', '.join(supported)}." in text
-    assert f"Not supported: {', '.join(sorted(UNSUPPORTED))}." in text
+    assert f"Not supported: {', '.join(sorted(UNSUPPORTED))}, listed with the reason" in text

@@ -17,7 +17,8 @@ family unsupported with a precise error rather than a silent copy.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from transformers import PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
     Concatenate,
+    ErnieFuseAndSplitTextVisionExperts,
     Interleave,
     MergeModulelist,
     Transpose,
@@ -109,9 +111,46 @@ class KeyMapper:
         self.prefix: str = getattr(model, "base_model_prefix", "") or ""
         # rename_source_key only needs membership tests on the meta state dict.
         self._keys = dict.fromkeys(meta_state_keys, True)
+        self._split: dict[str, tuple[str, int]] = {}  # on-disk expert tensor -> (its module's key, local id)
+
+    def prepare_splits(self, names: Iterable[str]) -> None:
+        """Resolve experts that one converter splits over several modules (ERNIE-4.5-VL keeps text and vision
+        experts in one on-disk list, which ``ErnieFuseAndSplitTextVisionExperts`` cuts into equal chunks in
+        order): which module, and which expert of it, each on-disk expert tensor becomes."""
+        groups: dict[str, list[str]] = defaultdict(list)
+        split_targets: dict[str, list[str]] = {}
+        for name in names:
+            key, converter, _ = self._map(name)
+            if converter is None or len(converter.target_patterns) < 2:
+                continue
+            if not any(isinstance(op, ErnieFuseAndSplitTextVisionExperts) for op in converter.operations):
+                continue
+            groups[key].append(name)
+            split_targets[key] = list(converter.target_patterns)
+        self._split = {}
+        for key, members in groups.items():
+            ids = _expert_ids(members)
+            if ids is None:
+                continue
+            order = sorted(set(ids.values()))
+            targets = split_targets[key]
+            chunk = -(-len(order) // len(targets))
+            for name, expert in ids.items():
+                i = order.index(expert)
+                self._split[name] = (key.replace(targets[0], targets[i // chunk]), i % chunk)
+
+    def split_expert(self, name: str) -> int | None:
+        """The expert id of ``name`` inside the module a split sends it to (None: no split applies)."""
+        found = self._split.get(name)
+        return found[1] if found is not None else None
 
     def map(self, name: str) -> tuple[str, WeightConverter | None, str | None]:
         """The in-memory key, the converter that matched (if any) and the converter's source pattern."""
+        key, converter, pattern = self._map(name)
+        split = self._split.get(name)
+        return (split[0], converter, pattern) if split is not None else (key, converter, pattern)
+
+    def _map(self, name: str) -> tuple[str, WeightConverter | None, str | None]:
         renamed = apply_renamings(name, self.renamings)
         converter: WeightConverter | None = None
         pattern: str | None = None
@@ -136,6 +175,19 @@ class KeyMapper:
         return {key.replace(first, t) for t in converter.target_patterns} if first in key else {key}
 
 
+def _expert_ids(names: list[str]) -> dict[str, int] | None:
+    """The expert id in each of ``names`` (tensors of one fused target): the numeric name component that
+    varies among them."""
+    parts = [n.split(".") for n in names]
+    if len({len(p) for p in parts}) != 1:
+        return None
+    for i in range(len(parts[0])):
+        column = [p[i] for p in parts]
+        if all(c.isdigit() and len(c) <= 9 for c in column) and len(set(column)) > 1:
+            return {n: int(p[i]) for n, p in zip(names, parts)}
+    return None
+
+
 def _check_ops(converter: WeightConverter, fused_on_disk: bool, arch: str, tensor: str) -> tuple[bool, bool]:
     """Whether the converter's operations can run on slots: (a transpose view, a de-interleave at fill)."""
     transpose = deinterleave = False
@@ -144,6 +196,13 @@ def _check_ops(converter: WeightConverter, fused_on_disk: bool, arch: str, tenso
             continue
         if isinstance(op, Concatenate) and op.dim == 1:
             continue
+        if (
+            isinstance(op, ErnieFuseAndSplitTextVisionExperts)
+            and op.stack_dim == 0
+            and op.concat_dim == 1
+            and not fused_on_disk
+        ):
+            continue  # stack per-expert tensors, concatenate gate and up, split the list: KeyMapper places them
         if isinstance(op, Transpose) and {op.dim0, op.dim1} == {1, 2}:
             transpose = True
             continue

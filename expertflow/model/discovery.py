@@ -32,8 +32,8 @@ def experts_layer_ids(paths: Iterable[str]) -> dict[str, int]:
     for i, path in enumerate(sorted(paths)):
         found = list(_INDEX.finditer(path))
         if found:
-            m = found[-1]
-            by_stack[path[: m.start()]][path] = int(m.group(1))
+            m = found[-1]  # the stack is the path around the number (text_moe and vision_moe are two stacks)
+            by_stack[f"{path[: m.start(1)]}#{path[m.end(1) :]}"][path] = int(m.group(1))
         else:
             by_stack[path][path] = i
     ids: dict[str, int] = {}
@@ -56,6 +56,8 @@ def model_naming(model: nn.Module, mapper: KeyMapper, names: Iterable[str]) -> N
     """
     modules = experts_modules(model)
     layer_of = experts_layer_ids(modules)
+    names = list(names)
+    mapper.prepare_splits(names)
     by_module: dict[str, list[str]] = defaultdict(list)
     for name in names:
         key, _, _ = mapper.map(name)
@@ -64,7 +66,9 @@ def model_naming(model: nn.Module, mapper: KeyMapper, names: Iterable[str]) -> N
             by_module[path].append(name)
     table: dict[str, ExpertName] = {}
     for path, tensor_names in by_module.items():
-        table.update(_name_module(layer_of[path], tensor_names))
+        for name, named in _name_module(layer_of[path], tensor_names).items():
+            local = mapper.split_expert(name)  # an expert of a list split over modules has a local id
+            table[name] = named if local is None else named._replace(expert=local)
     return table.get
 
 

@@ -42,7 +42,7 @@ from expertflow.model.support import check_supported
 from expertflow.pipeline.budget import ACTIVATION_RESERVE
 from expertflow.tiers.layout import ExpertLayout, TensorInfo
 from expertflow.tiers.nvme import read_slot_nbytes
-from expertflow.tiers.safetensors_index import open_checkpoint
+from expertflow.tiers.safetensors_index import PACK_MANIFEST_NAME, open_checkpoint, scan_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +94,10 @@ def load_model(
     root = Path(path)
     if store is not None and config is not None:
         raise ConfigError("pass a store or a config to load_model, not both: a store brings its own config")
-    given = layout is not None
-    layout = layout or open_checkpoint(root)
+    source = layout or _scan(root)  # a bad checkpoint is said before anything else
     hf_config = _hf_config(root)
     check_supported(hf_config.model_type, file=str(root))
-    layout, model, mapper, dtype = _layout_and_skeleton(root, hf_config, dtype, layout, given=given)
+    layout, model, mapper, dtype = _layout_and_skeleton(root, hf_config, dtype, source)
     top_k = _top_k(hf_config, root)
     if store is not None and store.layout.fingerprint() != layout.fingerprint():
         raise ConfigError(
@@ -147,11 +146,19 @@ def open_model_checkpoint(path: str | os.PathLike[str]) -> ExpertLayout:
     """The checkpoint's experts as :func:`load_model` finds them: from the model's own experts modules and
     transformers' conversion mapping, wherever the family keeps them on disk (a pack lists its own)."""
     root = Path(path)
-    layout = open_checkpoint(root)
+    source = _scan(root)
     hf_config = _hf_config(root)
     check_supported(hf_config.model_type, file=str(root))
-    layout, _, _, _ = _layout_and_skeleton(root, hf_config, None, layout, given=False)
+    layout, _, _, _ = _layout_and_skeleton(root, hf_config, None, source)
     return layout
+
+
+def _scan(root: Path) -> ExpertLayout | list[TensorInfo]:
+    """A pack's layout (its manifest lists its experts), else every tensor of the checkpoint, checked."""
+    if (root / PACK_MANIFEST_NAME).is_file():
+        return open_checkpoint(root)
+    tensors, _, _ = scan_checkpoint(root)
+    return tensors
 
 
 def _require_experts(layout: ExpertLayout, root: Path) -> None:
@@ -168,26 +175,33 @@ def _require_experts(layout: ExpertLayout, root: Path) -> None:
 
 
 def _layout_and_skeleton(
-    root: Path, hf_config: PretrainedConfig, dtype: torch.dtype | None, layout: ExpertLayout, *, given: bool
+    root: Path,
+    hf_config: PretrainedConfig,
+    dtype: torch.dtype | None,
+    source: ExpertLayout | list[TensorInfo],
 ) -> tuple[ExpertLayout, PreTrainedModel, KeyMapper, torch.dtype]:
     """The checkpoint's experts as the model names them, and the meta-device model they run in.
 
-    Experts are found from the model (:mod:`expertflow.model.discovery`), wherever the family keeps them on
-    disk; a pack, or a layout the caller gave (``given``), already says where they are.
+    ``source`` is a layout that already says where the experts are (a pack, or one the caller gave), or the
+    checkpoint's tensors: then experts are found from the model (:mod:`expertflow.model.discovery`), wherever
+    the family keeps them on disk.
     """
+    layout = source if isinstance(source, ExpertLayout) else None
     wanted = _resolve_dtype(dtype, hf_config, layout)
-    model = _meta_model(hf_config, wanted, layout)
+    model = _meta_model(hf_config, wanted, root)
     mapper = KeyMapper(model, set(model.state_dict().keys()))
-    if not given and not layout.packed:
-        names = [info.name for info, _ in layout.non_expert]
-        names += sorted({t.source for spec in layout.experts.values() for t in spec.tensors})
-        layout = open_checkpoint(root, naming=model_naming(model, mapper, names))
+    if layout is None:
+        assert not isinstance(source, ExpertLayout)
+        naming = model_naming(model, mapper, [t.name for t in source])
+        layout = open_checkpoint(root, naming=naming)
         resolved = _resolve_dtype(dtype, hf_config, layout)
         if resolved != wanted:
-            model = _meta_model(hf_config, resolved, layout)
+            model = _meta_model(hf_config, resolved, root)
             mapper = KeyMapper(model, set(model.state_dict().keys()))
             wanted = resolved
     _require_experts(layout, root)
+    # Experts one converter splits over two modules are placed by their on-disk order (KeyMapper).
+    mapper.prepare_splits(sorted({t.source for spec in layout.experts.values() for t in spec.tensors}))
     return layout, model, mapper, wanted
 
 
@@ -201,7 +215,7 @@ def _hf_config(root: Path) -> PretrainedConfig:
 
 
 def _resolve_dtype(
-    dtype: torch.dtype | None, hf_config: PretrainedConfig, layout: ExpertLayout
+    dtype: torch.dtype | None, hf_config: PretrainedConfig, layout: ExpertLayout | None
 ) -> torch.dtype:
     if dtype is not None:
         return dtype
@@ -210,7 +224,7 @@ def _resolve_dtype(
         configured = getattr(torch, configured, None)
     if isinstance(configured, torch.dtype):
         return configured
-    first = next(iter(layout.experts.values()), None)
+    first = next(iter(layout.experts.values()), None) if layout is not None else None
     # No expert found yet (before the model names them): any dtype builds the skeleton that finds them.
     return torch_dtype(first.tensors[0].dtype) if first is not None else torch.float32
 
@@ -224,7 +238,7 @@ def _model_class(hf_config: PretrainedConfig) -> type[PreTrainedModel] | None:
     return None
 
 
-def _meta_model(hf_config: PretrainedConfig, dtype: torch.dtype, layout: ExpertLayout) -> PreTrainedModel:
+def _meta_model(hf_config: PretrainedConfig, dtype: torch.dtype, root: Path) -> PreTrainedModel:
     cls = _model_class(hf_config)
     try:
         with torch.device("meta"):
@@ -232,9 +246,10 @@ def _meta_model(hf_config: PretrainedConfig, dtype: torch.dtype, layout: ExpertL
                 return cls._from_config(hf_config, dtype=dtype)
             return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     except ValueError as exc:
+        architectures = getattr(hf_config, "architectures", None) or ["?"]
         raise UnsupportedModelError(
-            f"transformers has no model class for {layout.architecture} (model_type {layout.model_type!r}): {exc}",
-            file=layout.root,
+            f"transformers has no model class for {architectures[0]} (model_type {hf_config.model_type!r}): {exc}",
+            file=str(root),
         ) from exc
 
 

@@ -11,11 +11,6 @@ from expertflow.errors import UnsupportedModelError
 
 #: model_type -> why its experts cannot be offloaded.
 UNSUPPORTED: dict[str, str] = {
-    "ernie4_5_vl_moe": (
-        "each MoE layer stores text and vision experts in one list (experts.E) that transformers splits into "
-        "two experts modules of different sizes on load (ErnieFuseAndSplitTextVisionExperts); ExpertFlow's "
-        "slots hold one expert module per layer"
-    ),
     "inkling2_loop": (
         "its experts are stored NVFP4/MXFP8 and dequantized on load (Inkling2LoopDequantizeExperts), then "
         "interleaved: neither is a view of the stored bytes"
