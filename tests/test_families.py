@@ -86,20 +86,52 @@ def test_a_family_loads_lossless_with_experts_evicted_and_read_again(
         assert stats.evictions > 0  # more experts than slots: some were evicted and read again
 
 
-@pytest.mark.parametrize("family", sorted(UNSUPPORTED))
-def test_a_declared_unsupported_family_is_refused_precisely_and_still_needs_its_entry(
-    family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_every_unsupported_entry_is_a_shipped_family_refused_precisely_that_still_needs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert family in FAMILIES, "an UNSUPPORTED family is no longer shipped: remove it"
-    root = save_tiny_checkpoint(runnable_model_type(family), tmp_path / family)
+    """A guard on the table (empty with transformers 5.24): each entry is refused with its reason and still
+    fails without the entry, with a typed error before any number is computed; the day it would load, this
+    test says the entry must go."""
+    for family, reason in sorted(UNSUPPORTED.items()):
+        assert family in FAMILIES, f"{family} is in UNSUPPORTED but no longer shipped: remove it"
+        root = save_tiny_checkpoint(runnable_model_type(family), tmp_path / family)
+        _assert_refused(root, family, reason, capsys)
+        with monkeypatch.context() as patch:
+            patch.setattr("expertflow.model.support.UNSUPPORTED", {})
+            with pytest.raises((UnsupportedModelError, CheckpointError)):
+                load_model(root, config=StoreConfig(predictor="none"))
+
+
+def test_a_family_in_the_unsupported_table_is_refused_by_inspect_and_load_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The table is empty with transformers 5.24; its mechanism is proved on a family that does load."""
+    root = save_tiny_checkpoint("olmoe", tmp_path / "olmoe")
+    reason = "its experts are kept where no checkpoint of it stores them"
+    monkeypatch.setattr("expertflow.model.support.UNSUPPORTED", {"olmoe": reason})
+    _assert_refused(root, "olmoe", reason, capsys)
+
+
+def _assert_refused(root: Path, family: str, reason: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", str(root)]) == 2
-    assert f"{family} is not supported: {UNSUPPORTED[family]}" in capsys.readouterr().err
+    assert f"{family} is not supported: {reason}" in capsys.readouterr().err
     with pytest.raises(UnsupportedModelError, match="is not supported"):
         load_model(root, config=StoreConfig(predictor="none"))
-    # Without its entry the family still fails, with a typed error and before any number is computed: the
-    # day it would load, this test says the entry must go.
-    monkeypatch.setattr("expertflow.model.support.UNSUPPORTED", {})
-    with pytest.raises((UnsupportedModelError, CheckpointError)):
+
+
+def test_experts_stored_quantized_are_refused_naming_the_tensors(tmp_path: Path) -> None:
+    """Inkling2-Loop's loader dequantizes NVFP4/MXFP8 experts when their scales are stored beside them; without
+    scales the step is the identity and the family loads (the sweep). With them: a precise refusal."""
+    from safetensors.torch import load_file, save_file
+
+    root = save_tiny_checkpoint("inkling2_loop", tmp_path / "loop")
+    (shard,) = root.glob("*.safetensors")
+    tensors = load_file(str(shard))
+    weight = next(n for n in tensors if n.endswith("layers.0.mlp.experts.w13_weight"))
+    experts, rows, cols = tensors[weight].shape
+    tensors[weight + "_scale"] = torch.full((experts, rows, cols // 32 or 1), 127.0)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(UnsupportedModelError, match=r"stored quantized .*w13_weight_scale"):
         load_model(root, config=StoreConfig(predictor="none"))
 
 
@@ -117,4 +149,4 @@ def test_the_readme_states_the_sweep_as_it_is() -> None:
     supported = sorted(set(FAMILIES) - set(NOT_YET) - set(UNSUPPORTED))
     assert f"{len(supported)} families load with logits equal" in text
     assert f"Supported families: {', '.join(supported)}." in text
-    assert f"Not supported: {', '.join(sorted(UNSUPPORTED))}, listed with the reason" in text
+    assert f"Not supported: {', '.join(sorted(UNSUPPORTED)) or 'none'}." in text

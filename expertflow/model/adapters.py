@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
     Concatenate,
     ErnieFuseAndSplitTextVisionExperts,
+    Inkling2LoopDequantizeExperts,
     Interleave,
     MergeModulelist,
     Transpose,
@@ -188,9 +190,17 @@ def _expert_ids(names: list[str]) -> dict[str, int] | None:
     return None
 
 
-def _check_ops(converter: WeightConverter, fused_on_disk: bool, arch: str, tensor: str) -> tuple[bool, bool]:
-    """Whether the converter's operations can run on slots: (a transpose view, a de-interleave at fill)."""
-    transpose = deinterleave = False
+class _Ops(NamedTuple):
+    """What a converter does to an expert tensor, as ExpertFlow runs it."""
+
+    transpose: bool = False  # a view
+    deinterleave: bool = False  # a row permutation at slot fill
+    dequantize_if_scaled: bool = False  # the identity unless scale tensors come with the weight
+
+
+def _check_ops(converter: WeightConverter, fused_on_disk: bool, arch: str, tensor: str) -> _Ops:
+    """Whether the converter's operations can run on slots, and how."""
+    transpose = deinterleave = dequantize = False
     for op in converter.operations:
         if isinstance(op, MergeModulelist) and op.dim == 0 and not fused_on_disk:
             continue
@@ -210,6 +220,10 @@ def _check_ops(converter: WeightConverter, fused_on_disk: bool, arch: str, tenso
             # Not a view, but a permutation of each expert's rows: done once when its slot is filled.
             deinterleave = True
             continue
+        if isinstance(op, Inkling2LoopDequantizeExperts):
+            # Returns its one input unchanged when no scales come with the weight (an unquantized checkpoint).
+            dequantize = True
+            continue
         raise UnsupportedModelError(
             f"{arch} converts its expert tensors with {type(op).__name__}"
             f"({', '.join(f'{k}={v}' for k, v in vars(op).items())}), which is not a view of the stored bytes; "
@@ -221,7 +235,7 @@ def _check_ops(converter: WeightConverter, fused_on_disk: bool, arch: str, tenso
             f"{arch} both transposes and de-interleaves its expert tensors; ExpertFlow does only one of them",
             tensor=tensor,
         )
-    return transpose, deinterleave
+    return _Ops(transpose, deinterleave, dequantize)
 
 
 def _per_expert_shape(slices: list[TensorSlice]) -> tuple[int, ...]:
@@ -231,9 +245,9 @@ def _per_expert_shape(slices: list[TensorSlice]) -> tuple[int, ...]:
     return (sum(t.shape[0] for t in slices), *first[1:])
 
 
-# One tensor of a slot as the parameter it fills: (position among the converter's sources, slice, whether
-# the converter transposes it, whether it de-interleaves it).
-_FillEntry = tuple[int, TensorSlice, bool, bool]
+# One tensor of a slot as the parameter it fills: (position among the converter's sources, slice, what the
+# converter does to it).
+_FillEntry = tuple[int, TensorSlice, _Ops]
 
 
 def derive_adapters(
@@ -328,13 +342,13 @@ def _fill_entry(
 ) -> _FillEntry:
     """Where ``t`` goes in its parameter: its rank among the converter's sources, and whether it is transposed."""
     if converter is None:
-        return (0, t, False, False)
+        return (0, t, _Ops())
     # A fused tensor holds every expert; a per-expert one has the expert id just before its role.
     owner = t.source[: -len(t.role)].rstrip(".") if t.source.endswith(t.role) else t.source
     fused_on_disk = not owner.rsplit(".", 1)[-1].isdigit()
-    transpose, deinterleave = _check_ops(converter, fused_on_disk, arch, t.source)
+    ops = _check_ops(converter, fused_on_disk, arch, t.source)
     order = converter.source_patterns.index(pattern) if pattern in converter.source_patterns else 0
-    return (order, t, transpose, deinterleave)
+    return (order, t, ops)
 
 
 def _param_fills(
@@ -352,9 +366,18 @@ def _param_fills(
                 tensor=entries[0][1].source,
             )
         entries.sort(key=lambda e: e[0])
-        slices = [t for _, t, _, _ in entries]
-        fill = _fill(param, slices, any(e[2] for e in entries), params[param], dtype, module_path)
-        if any(e[3] for e in entries):
+        slices = [t for _, t, _ in entries]
+        if any(ops.dequantize_if_scaled for _, _, ops in entries) and len(entries) > 1:
+            raise UnsupportedModelError(
+                f"{module_path}.{param} is stored quantized ({', '.join(t.role for t in slices)}: NVFP4/MXFP8 "
+                "codes with their scales), which transformers dequantizes on load; ExpertFlow computes experts "
+                "as stored and does not run quantized experts yet",
+                tensor=slices[0].source,
+            )
+        fill = _fill(
+            param, slices, any(ops.transpose for _, _, ops in entries), params[param], dtype, module_path
+        )
+        if any(ops.deinterleave for _, _, ops in entries):
             fill = ParamFill(fill.param, fill.roles, fill.transpose, deinterleave=True)
         fills.append(fill)
     return tuple(fills)

@@ -10,12 +10,7 @@ from __future__ import annotations
 from expertflow.errors import UnsupportedModelError
 
 #: model_type -> why its experts cannot be offloaded.
-UNSUPPORTED: dict[str, str] = {
-    "inkling2_loop": (
-        "its experts are stored NVFP4/MXFP8 and dequantized on load (Inkling2LoopDequantizeExperts), then "
-        "interleaved: neither is a view of the stored bytes"
-    ),
-}
+UNSUPPORTED: dict[str, str] = {}
 
 
 def check_supported(model_type: str, *, file: str | None = None) -> None:
