@@ -39,7 +39,12 @@ def bench_policies(
         " An online model learns from past tokens only: per-layer expert frequency, layer-to-layer"
         " transitions (experts of layers l-1..l-4 of a token -> expert at layer l) and token-to-token reuse"
         " at a layer, combined naive-Bayes style into the probability that an expert is routed at its"
-        " layer's next visit. Eviction drops the least probable expert (never one the current layer uses)."
+        " layer's next visit. Eviction drops the least probable expert."
+    )
+    result.notes.append(
+        "No policy evicts an expert the layer being computed uses (a runtime pins a layer's experts before"
+        " loading any of them); so with as many slots per layer as experts per token, every demand-only"
+        " policy, Belady included, has the same hit rate."
     )
     result.notes.append(
         "predictive PREFETCHES: after each layer of a token it makes the top-k (k = experts per token)"

@@ -504,8 +504,10 @@ class _Replayer:
 
     def _evict_for(self, cache: _Cache, t: int, lid: int, key: ExpertKey, pinned: set[ExpertKey]) -> None:
         """Evict the policy's victim to make room for ``key`` (if the policy names one)."""
-        # predictive never evicts what this layer of the token is computing (a runtime pins it)
-        cands = sorted(cache.resident - pinned) if self.predictive else sorted(cache.resident)
+        # No policy evicts what this layer of the token is computing: the runtime pins a layer's experts before
+        # it loads any of them. Only a cache smaller than one layer's experts has to (the runtime would compute
+        # that layer in waves).
+        cands = sorted(cache.resident - pinned) or sorted(cache.resident)
         victim = cache.policy.choose_victim(cands)
         if victim is not None:
             cache.resident.discard(victim)
