@@ -183,3 +183,16 @@ def test_predictive_policy_learns_each_experts_chance_of_use_from_the_visits_it_
     # A predictor's view, when there is one, replaces the policy's own statistics.
     informed = PredictivePolicy({often: 0.1, seldom: 0.9}.get, layers=[0, 1])
     assert informed.choose_victim([often, seldom]) == often
+
+
+def test_predictive_policy_replaces_within_the_layer_being_computed_first():
+    """An expert of the layer being computed that its tokens did not choose is a whole pass away for sure;
+    another layer's expert looks further only by an estimated chance of use."""
+    chance = {ExpertKey(1, 0): 0.5, ExpertKey(2, 0): 0.5, ExpertKey(3, 0): 0.2}
+    pol = PredictivePolicy(chance.get, layers=[0, 1, 2, 3])
+    pol.on_layer(1, [ExpertKey(1, 5)])
+    assert pol.reuse_distance(ExpertKey(3, 0)) > pol.reuse_distance(ExpertKey(1, 0))
+    assert pol.choose_victim([ExpertKey(1, 0), ExpertKey(3, 0)]) == ExpertKey(1, 0)
+    assert pol.choose_victim([ExpertKey(2, 0), ExpertKey(3, 0)]) == ExpertKey(
+        3, 0
+    )  # none of layer 1: by distance

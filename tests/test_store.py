@@ -524,7 +524,7 @@ async def test_a_budget_without_headroom_admits_only_certain_prefetches(ckpt):
         await store.aclose()
 
 
-@pytest.mark.parametrize("slots", [3, 5])
+@pytest.mark.parametrize("slots", [2, 5])
 async def test_predictive_policy_learns_from_each_layer_visit_and_beats_lru_in_a_layer_loop(ckpt, slots):
     """Decode visits layers in a loop, so LRU evicts exactly the layer needed soonest (zero hits once the
     cache is smaller than a pass). The predictive policy, fed each visit by the store, keeps the experts
@@ -543,7 +543,7 @@ async def test_predictive_policy_learns_from_each_layer_visit_and_beats_lru_in_a
             hits[policy] = store.stats().device_hits
         finally:
             await store.aclose()
-    assert hits["predictive"] >= 1.15 * hits["lru"], hits
+    assert hits["predictive"] > max(1.2 * hits["lru"], 10), hits
 
 
 @pytest.mark.parametrize("separate", [False, True], ids=["shared-slots", "copy-slots"])
