@@ -79,9 +79,8 @@ class ParamFill:
     param: str
     roles: tuple[str, ...]
     transpose: bool = False
-    deinterleave: bool = (
-        False  # rows stored interleaved (gate0, up0, gate1, ...): converted when a slot fills
-    )
+    # Rows stored interleaved (gate0, up0, gate1, ...): converted when a slot fills.
+    deinterleave: bool = False
 
     def view(self, stacked: torch.Tensor) -> torch.Tensor:
         """``stacked`` is ``[num_slots, *per_expert]``; returns the parameter's ``[num_slots, ...]`` view."""
@@ -114,6 +113,9 @@ class KeyMapper:
         # rename_source_key only needs membership tests on the meta state dict.
         self._keys = dict.fromkeys(meta_state_keys, True)
         self._split: dict[str, tuple[str, int]] = {}  # on-disk expert tensor -> (its module's key, local id)
+        # Every tensor name is mapped by discovery, by the split resolution and again by the loader's plan:
+        # the renaming regexes run once per name.
+        self._mapped: dict[str, tuple[str, WeightConverter | None, str | None]] = {}
 
     def prepare_splits(self, names: Iterable[str]) -> None:
         """Resolve experts that one converter splits over several modules (ERNIE-4.5-VL keeps text and vision
@@ -153,6 +155,12 @@ class KeyMapper:
         return (split[0], converter, pattern) if split is not None else (key, converter, pattern)
 
     def _map(self, name: str) -> tuple[str, WeightConverter | None, str | None]:
+        found = self._mapped.get(name)
+        if found is None:
+            found = self._mapped[name] = self._rename(name)
+        return found
+
+    def _rename(self, name: str) -> tuple[str, WeightConverter | None, str | None]:
         renamed = apply_renamings(name, self.renamings)
         converter: WeightConverter | None = None
         pattern: str | None = None
@@ -340,7 +348,7 @@ def _tensors_by_param(
 def _fill_entry(
     t: TensorSlice, converter: WeightConverter | None, pattern: str | None, arch: str
 ) -> _FillEntry:
-    """Where ``t`` goes in its parameter: its rank among the converter's sources, and whether it is transposed."""
+    """Where ``t`` goes in its parameter: its rank among the converter's sources, and what the converter does."""
     if converter is None:
         return (0, t, _Ops())
     # A fused tensor holds every expert; a per-expert one has the expert id just before its role.

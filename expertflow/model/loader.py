@@ -190,18 +190,22 @@ def _layout_and_skeleton(
     wanted = _resolve_dtype(dtype, hf_config, layout)
     model = _meta_model(hf_config, wanted, root)
     mapper = KeyMapper(model, set(model.state_dict().keys()))
+    splits_known = False  # model_naming resolves them on the mapper it is given
     if layout is None:
         assert not isinstance(source, ExpertLayout)
         naming = model_naming(model, mapper, [t.name for t in source])
+        splits_known = True
         layout = open_checkpoint(root, naming=naming)
         resolved = _resolve_dtype(dtype, hf_config, layout)
         if resolved != wanted:
             model = _meta_model(hf_config, resolved, root)
             mapper = KeyMapper(model, set(model.state_dict().keys()))
             wanted = resolved
+            splits_known = False
     _require_experts(layout, root)
-    # Experts one converter splits over two modules are placed by their on-disk order (KeyMapper).
-    mapper.prepare_splits(sorted({t.source for spec in layout.experts.values() for t in spec.tensors}))
+    if not splits_known:
+        # Experts one converter splits over two modules are placed by their on-disk order (KeyMapper).
+        mapper.prepare_splits(sorted({t.source for spec in layout.experts.values() for t in spec.tensors}))
     return layout, model, mapper, wanted
 
 

@@ -133,9 +133,9 @@ class PredictivePolicy:
     The estimate is Belady's rule with expectations in place of the future. An expert of a layer ``a`` layer
     visits ahead (1 = the next layer to run, ``n`` = the layer just computed, in a model of ``n`` MoE layers)
     that is chosen at a visit of its layer with chance ``p`` is next used after ``a + n(1-p)/p`` layer
-    visits on average (geometric in the number of passes). ``p`` is the larger of the predictor's view
-    (``scores(key)``: gate look-ahead for the next layers, routing statistics otherwise) and the policy's
-    own decayed share of its layer's visits that used the key, which it keeps from :meth:`on_layer`.
+    visits on average (geometric in the number of passes). ``p`` is the predictor's view when there is one
+    (``scores(key)`` not None: gate look-ahead for the next layers, routing statistics otherwise), else the
+    policy's own decayed share of its layer's visits that used the key, which it keeps from :meth:`on_layer`.
 
     :meth:`admit` is the admission control of prefetching: a predicted key may take a slot only from a
     candidate that scores strictly lower than it does. The caller passes as candidates only what may be
@@ -160,7 +160,9 @@ class PredictivePolicy:
         self._layers: list[int] = sorted(set(layers or ()))
         self._index = {layer: i for i, layer in enumerate(self._layers)}
         self._current: int | None = None
-        self._usage: dict[ExpertKey, float] = {}  # decayed share of the layer's visits that used the key
+        # Per layer, the decayed share of its visits that used each expert (per layer, so a visit touches
+        # only its own layer's entries).
+        self._usage: dict[int, dict[int, float]] = defaultdict(dict)
         self._visits: dict[int, int] = defaultdict(int)
 
     def on_insert(self, key: ExpertKey) -> None:
@@ -181,17 +183,18 @@ class PredictivePolicy:
         """A visit of ``layer`` begins and uses ``keys`` (the experts routed to by any of its tokens)."""
         self._learn_layer(layer)
         self._current = layer
-        used = {k for k in keys if k.layer == layer}
+        used = {k.expert for k in keys if k.layer == layer}
         d = self.decay
-        for k in [k for k in self._usage if k.layer == layer and k not in used]:
-            self._usage[k] *= d
-        for k in used:
-            self._usage[k] = d * self._usage.get(k, 0.0) + (1 - d)
+        usage = self._usage[layer]
+        for e in usage:
+            usage[e] *= d
+        for e in used:
+            usage[e] = usage.get(e, 0.0) + (1 - d)
         self._visits[layer] += 1
 
     def chance(self, key: ExpertKey) -> float:
         """The chance that ``key`` is used at its layer's next visit."""
-        usage = self._usage.get(key, 0.0)
+        usage = self._usage[key.layer].get(key.expert, 0.0) if key.layer in self._usage else 0.0
         visits = self._visits.get(key.layer, 0)
         if visits:
             usage /= 1 - self.decay**visits  # unbiased while few visits were seen
