@@ -12,6 +12,7 @@ import pytest
 from expertflow.cli import main as cli_main
 from expertflow.config import format_size
 from expertflow.core import BLOCK
+from expertflow.pipeline import budget as budget_module
 from expertflow.tiers.inspect import describe, format_table
 from expertflow.tiers.layout import TensorKind
 from expertflow.tiers.pack import pack_checkpoint
@@ -108,8 +109,12 @@ def test_table_states_the_budgets_a_user_needs(checkpoints: Any) -> None:
 
 
 def test_json_output_round_trips_through_the_cli(
-    checkpoints: Any, capsys: pytest.CaptureFixture[str]
+    checkpoints: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The two CLI calls below each read the machine's memory; hold the reading still between them (free
+    # memory moves by megabytes between calls, which made the printed budget differ in the last digit).
+    reading = budget_module.read_memory()
+    monkeypatch.setattr(budget_module, "read_memory", lambda *a, **k: reading)
     root = checkpoints.get("gpt_oss")
     desc = describe(open_checkpoint(root))
     assert json.loads(json.dumps(desc)) == desc
