@@ -8,6 +8,8 @@ from expertflow.config import StoreConfig
 from expertflow.core import ExpertKey
 from expertflow.model.loader import load_model
 from expertflow.pipeline.predictor import Predictor
+from expertflow.pipeline.sync import ExpertStore
+from expertflow.tiers.safetensors_index import open_checkpoint
 
 
 def test_statistics_learn_a_deterministic_layer_to_layer_transition():
@@ -140,3 +142,33 @@ def test_no_prediction_runs_when_the_budget_leaves_no_memory_headroom(checkpoint
     roomy = StoreConfig(host_bytes=400 << 10, predictor="combined")
     with load_model(path, config=roomy) as model:
         assert model.expert_store.budget.fits and model.expert_predictor is not None
+
+
+class _SaturatedStore(ExpertStore):
+    """A store whose reads are fully busy: admission would refuse every prefetch short of a certain one."""
+
+    def prefetch_floor(self) -> float:
+        return 1.0
+
+
+def test_no_look_ahead_runs_while_reads_are_too_busy_to_admit_any_prediction(checkpoints):
+    path = checkpoints.get("mixtral")
+    layout = open_checkpoint(path)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    config = StoreConfig(host_bytes=400 << 10, predictor="combined", policy="predictive", prefetch_depth=1)
+    runs = {}
+    for name, kind in (("idle", ExpertStore), ("saturated", _SaturatedStore)):
+        with kind(layout, config) as store:
+            model = load_model(path, store=store, layout=layout)
+            out = model.generate(input_ids=ids, max_new_tokens=40, do_sample=False)
+            runs[name] = (out, model.expert_predictor, store.stats())
+    idle, saturated = runs["idle"][1], runs["saturated"][1]
+    assert idle.skipped == 0
+    # While the precision is a prior (1.0 at distance 1) a prediction could be certain, so it is made; once
+    # measured below 1, no prediction can reach the floor and the look-ahead is skipped at every layer.
+    precision = saturated.precision(1)
+    assert precision < 1.0 and saturated.skipped > 0
+    assert saturated.stats()["by_distance"][1]["predicted"] < idle.stats()["by_distance"][1]["predicted"]
+    # Nothing was posted to the store after that: every prefetch it saw was a certain one or none at all.
+    assert runs["saturated"][2].prefetch_issued < runs["idle"][2].prefetch_issued
+    assert torch.equal(runs["idle"][0], runs["saturated"][0])

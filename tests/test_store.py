@@ -524,6 +524,25 @@ async def test_a_budget_without_headroom_admits_only_certain_prefetches(ckpt):
         await store.aclose()
 
 
+async def test_a_prefetch_admission_would_refuse_is_refused_before_it_reaches_the_loop(ckpt):
+    _, layout, _ = ckpt
+    store, source = await open_store(layout, 6, host_reserve_bytes=1 << 40)  # no headroom: floor 1.0
+    K = ExpertKey
+    try:
+        store.release(await store.fetch([K(0, 0)]))
+        assert store.prefetch_floor() == 1.0
+        reads = len(source.log)
+        # Screened on the caller's thread: resident keys and keys below the floor are left out, counted.
+        kept = await asyncio.to_thread(store.screen_prefetch, [K(0, 0), K(1, 1), K(9, 9)], 0.9)
+        assert kept == []
+        stats = store.stats()
+        assert stats.prefetch_refused == 1 and stats.prefetch_dropped == 1 and stats.prefetch_issued == 0
+        assert await asyncio.to_thread(store.screen_prefetch, [K(1, 1), K(1, 2)], 1.0) == [K(1, 1), K(1, 2)]
+        assert len(source.log) == reads and store.resident() == [K(0, 0)]
+    finally:
+        await store.aclose()
+
+
 @pytest.mark.parametrize("slots", [2, 5])
 async def test_predictive_policy_learns_from_each_layer_visit_and_beats_lru_in_a_layer_loop(ckpt, slots):
     """Decode visits layers in a loop, so LRU evicts exactly the layer needed soonest (zero hits once the

@@ -123,6 +123,11 @@ def attach_predictor(
         if pos > 0:
             predictor.record_stall(layers[order[pos - 1]].last_stalled)
         predictor.observe(layer, index)
+        if store.prefetch_floor() > predictor.ceiling():
+            # The read path is so busy that admission would refuse even the likeliest prediction: the gate
+            # look-ahead would be pure cost, on the compute thread.
+            predictor.skip()
+            return
         state = residual.get(layer, hidden)
         preds = predictor.predict(layer, state)
         predictor.predict_cache = preds

@@ -271,10 +271,25 @@ class CacheLevel:
                 entry.pins += 1
             return entries
 
-    def all_resident(self, keys: Iterable[ExpertKey]) -> bool:
-        """Whether every key is resident or on its way (safe from any thread)."""
+    def screen(self, keys: Iterable[ExpertKey], priority: float, floor: float) -> list[ExpertKey]:
+        """The keys a prefetch at ``priority`` may still be queued for (safe from any thread).
+
+        Keys resident or loading are left out, and so are keys whose chance of use is below ``floor`` (the read
+        path's load): :meth:`_try_acquire` would refuse them, so they are refused here, counted, and never cost
+        the loop a request. Queued prefetches stay in, as a new priority may move them up.
+        """
+        out: list[ExpertKey] = []
         with self.lock:
-            return all(key in self.entries for key in keys)
+            for key in keys:
+                entry = self.entries.get(key)
+                if entry is not None and entry.state is not State.QUEUED:
+                    continue
+                if entry is None and max(priority, self.score(key)) < floor:
+                    self.stats.prefetch_dropped += 1
+                    self.stats.prefetch_refused += 1
+                    continue
+                out.append(key)
+        return out
 
     def unpin(self, entries: Iterable[Entry]) -> None:
         """Drop one pin of each entry; experts left without pins become evictable. Safe from any thread."""
@@ -323,7 +338,7 @@ class CacheLevel:
         # is p > load * (1 + q) (a certain prefetch always is); never over a victim likelier than itself.
         want = 0.0 if demand else max(incoming.priority, self.score(incoming.key))
         load = 0.0 if demand else self.prefetch_floor()
-        if not demand and want < load:
+        if not demand and want < load:  # the rule screen() applies before a prefetch is queued
             self.stats.prefetch_refused += 1
             return None
         if self._free:

@@ -77,6 +77,7 @@ class Predictor:
         self._hits: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])  # d -> [tp, predicted, actual]
         self._quiet_layers = 0
         self.predict_cache: list[tuple[ExpertKey, float]] = []  # last predictions (kept by the model side)
+        self.skipped = 0  # layers after which prediction was skipped (see skip)
 
     # --- configuration ---------------------------------------------------------------------------------
 
@@ -207,6 +208,16 @@ class Predictor:
                 self._scores[key] = pr
         return out
 
+    def ceiling(self) -> float:
+        """The highest priority a prediction could have now: the best precision of the distances predicted."""
+        return max(self.precision(d) for d in range(1, self._depth + 1))
+
+    def skip(self) -> None:
+        """Make no prediction this time (no prefetch could be admitted): scores fall back to usage rates."""
+        self._scores = {}
+        self.predict_cache = []
+        self.skipped += 1
+
     def precision(self, distance: int) -> float:
         """Measured precision of predictions ``distance`` layers ahead (1/distance until warmed up)."""
         tp, npred, _ = self._hits.get(distance, (0, 0, 0))
@@ -237,4 +248,4 @@ class Predictor:
             }
         for d, v in by_distance.items():
             v["prefetching"] = self.worth_prefetching(d)
-        return {"mode": self.mode, "depth": self._depth, "by_distance": by_distance}
+        return {"mode": self.mode, "depth": self._depth, "by_distance": by_distance, "skipped": self.skipped}

@@ -12,7 +12,8 @@ class StoreStats:
     ``device_*`` count expert requests of compute (a hit: resident when asked). ``host_*`` count the host level
     when the device has its own slots. ``prefetch_*``: issued (queued), used (demanded after it landed or while
     loading), wasted (evicted unused), cancelled (stale, withdrawn), dropped (refused by admission control or
-    the bounded queue) and ``prefetch_refused`` (of the dropped: no victim scored below the incoming expert).
+    the bounded queue) and ``prefetch_refused`` (of the dropped: below the read path's load, or no victim
+    scored below the incoming expert). A prefetch refused before it was queued is not counted as issued.
     ``source_errors`` count reads a source failed and passed on; ``source_skips`` the reads a source declined
     without trying (a daemon's copy of an expert whose local checksum is not known yet).
     """

@@ -501,9 +501,18 @@ class AsyncExpertStore:
             return
         self._device.prefetch([k for k in keys if k in self.layout.experts], priority)
 
-    def all_resident(self, keys: Iterable[ExpertKey]) -> bool:
-        """Whether every key is resident or already on its way (any thread)."""
-        return self._device.all_resident(keys)
+    def screen_prefetch(self, keys: Iterable[ExpertKey], priority: float = 0.0) -> list[ExpertKey]:
+        """The keys worth passing to :meth:`prefetch` now (any thread): not resident or loading, and likely
+        enough for the read path's current load; the unlikely ones are refused and counted here."""
+        keys = [k for k in keys if k in self.layout.experts]
+        if self._closed or not keys:
+            return []
+        return self._device.screen(keys, priority, self.prefetch_floor())
+
+    def prefetch_floor(self) -> float:
+        """The chance of use a prefetch needs now to be admitted (0..1, any thread); see :meth:`_read_pressure`."""
+        with self._lock:
+            return self._read_pressure()
 
     def cancel_prefetches(self, keep: Iterable[ExpertKey] = ()) -> int:
         """Withdraw queued or loading prefetches not in ``keep``; their slots come back. Returns how many."""

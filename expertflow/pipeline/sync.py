@@ -91,9 +91,13 @@ class ExpertStore:
         self.async_store.release(handles)
 
     def prefetch(self, keys: Iterable[ExpertKey], priority: float = 0.0) -> None:
-        keys = list(keys)
-        if keys and not self.async_store.all_resident(keys):
+        # Screened on this thread: a prefetch that admission would refuse never wakes the loop.
+        keys = self.async_store.screen_prefetch(keys, priority)
+        if keys:
             self._post(self.async_store.prefetch, keys, priority)
+
+    def prefetch_floor(self) -> float:
+        return self.async_store.prefetch_floor()
 
     def cancel_prefetches(self, keep: Iterable[ExpertKey] = ()) -> None:
         """Withdraw stale prefetches (posted to the loop; does not wait)."""
