@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from expertflow.config import POLICIES, PREDICTORS, READ_MODES, StoreConfig, parse_size
@@ -46,6 +47,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
+    if args.quantize:
+        from expertflow.model.quantize import pack_quantized
+        from expertflow.quant.scheme import QuantScheme
+
+        bits = 4 if args.quantize == "int4" else 8
+        group = args.group_size if args.group_size is not None else (128 if bits == 4 else 0)
+        scheme = QuantScheme(bits, group, args.method)
+        out = pack_quantized(args.src, args.dst, scheme, progress=not args.no_progress)
+        print(f"packed {args.src} -> {out} ({scheme.name} experts)")
+        return 0
+    if args.group_size is not None or args.method != "rtn":
+        raise ConfigError("--group-size and --method apply to --quantize")
     from expertflow.tiers.pack import pack_checkpoint
 
     out = pack_checkpoint(args.src, args.dst, progress=not args.no_progress, layout=_open_layout(args.src))
@@ -255,6 +268,70 @@ def _cmd_bench_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_texts(paths: Sequence[str]) -> str:
+    """The evaluation text: files as given, directories as their ``.py`` / ``.txt`` files in sorted order."""
+    parts: list[str] = []
+    for name in paths:
+        path = Path(name)
+        files = (
+            sorted(f for f in path.rglob("*") if f.suffix in (".py", ".txt", ".md") and f.is_file())
+            if path.is_dir()
+            else [path]
+        )
+        for f in files:
+            try:
+                parts.append(f.read_text(encoding="utf-8", errors="replace"))
+            except OSError as exc:
+                raise ConfigError(f"cannot read {f}: {exc.strerror}") from exc
+    if not parts:
+        raise ConfigError(f"no text found in {', '.join(paths)}")
+    return "\n".join(parts)
+
+
+def _cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from expertflow.bench.accuracy import evaluate, format_results, load_for_eval, load_reference, token_ids
+
+    text = _read_texts(args.text)
+    ids = token_ids(args.models[0], text)
+    reference = load_reference(args.reference) if args.reference else None
+    results = []
+    try:
+        for path in args.models:
+            if token_ids(path, text[:4096]) != ids[: len(token_ids(path, text[:4096]))]:
+                raise ConfigError(f"{path} tokenizes the text differently from {args.models[0]}")
+            model = load_for_eval(path, _budget(args.host_mem))
+            try:
+                results.append(
+                    evaluate(
+                        model,
+                        ids,
+                        name=path,
+                        reference=reference,
+                        reference_name=args.reference,
+                        window=args.window,
+                        max_tokens=args.max_tokens,
+                    )
+                )
+            finally:
+                model.close()
+    finally:
+        close = getattr(reference, "close", None)
+        if callable(close):
+            close()
+    table = format_results(results)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        command = (
+            "expertflow " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "expertflow eval ppl"
+        )
+        payload = {"command": command, "text": list(args.text), "results": [r.as_dict() for r in results]}
+        (out / "accuracy.json").write_text(json.dumps(payload, indent=1))
+        (out / "accuracy.md").write_text(f"# accuracy\n\n{table}\n\nCommand: `{command}`\n")
+    print(json.dumps([r.as_dict() for r in results], indent=2) if args.json else table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expertflow", description="Run MoE models whose experts live on disk."
@@ -274,6 +351,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="Hugging Face model directory")
     p.add_argument("dst", help="output directory (must not exist)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--quantize",
+        choices=("int4", "int8"),
+        help="store the experts quantized (weight-only; non-expert weights unchanged): lossy, opt-in",
+    )
+    p.add_argument(
+        "--group-size", type=int, help="int4 group size: 32, 64, 128 (default) or 256; int8 is per channel"
+    )
+    p.add_argument(
+        "--method",
+        choices=("rtn", "hqq"),
+        default="rtn",
+        help="rtn: round to nearest; hqq: int4 zero points refined to minimise the weight error",
+    )
     p.set_defaults(func=_cmd_pack)
 
     p = sub.add_parser(
@@ -298,6 +389,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="trace file to write (.npz)")
     _add_store_options(p)
     p.set_defaults(func=_cmd_trace)
+
+    ev = sub.add_parser("eval", help="accuracy: perplexity, and KL / top-1 agreement against a reference")
+    evsub = ev.add_subparsers(dest="eval", required=True)
+    p = evsub.add_parser("ppl", help="teacher-forced perplexity of a model (e.g. a quantized pack) on a text")
+    p.add_argument("models", nargs="+", help="checkpoints or packs to evaluate (same tokenizer)")
+    p.add_argument(
+        "--text", nargs="+", required=True, help="text files, or directories of .py/.txt/.md files"
+    )
+    p.add_argument(
+        "--reference", help="reference checkpoint (plain transformers): adds mean KL and top-1 agreement"
+    )
+    p.add_argument("--window", type=int, default=256, help="tokens per teacher-forced window")
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="evaluate at most this many tokens of the text"
+    )
+    p.add_argument("--host-mem", default=None, help="host budget of the evaluated model (default: auto)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--out", help="directory for accuracy.json / accuracy.md (with the command)")
+    p.set_defaults(func=_cmd_eval_ppl)
 
     bench = sub.add_parser("bench", help="benchmarks: tiers, decode, policies").add_subparsers(
         dest="bench", required=True

@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "expertflow"
-SUBPACKAGES = ("tiers", "pipeline", "model", "services", "bench")
+SUBPACKAGES = ("quant", "tiers", "pipeline", "model", "services", "bench")
 
 
 def _imports(path: Path) -> set[str]:
@@ -55,8 +55,9 @@ def test_subpackages_form_no_import_cycle() -> None:
 
 def test_dependencies_point_the_documented_way() -> None:
     graph = _package_graph()
-    assert graph["tiers"] == set(), "storage tiers know nothing of the pipeline, models or the network"
-    assert graph["pipeline"] <= {"tiers"}
+    assert graph["quant"] == set(), "quantization schemes and kernels are the bottom level"
+    assert graph["tiers"] <= {"quant"}, "storage tiers know nothing of the pipeline, models or the network"
+    assert graph["pipeline"] <= {"quant", "tiers"}
     assert "model" not in graph["services"] and "bench" not in graph["services"]
 
 

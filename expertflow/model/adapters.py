@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -86,6 +86,10 @@ class ParamFill:
         """``stacked`` is ``[num_slots, *per_expert]``; returns the parameter's ``[num_slots, ...]`` view."""
         return stacked.transpose(1, 2) if self.transpose else stacked
 
+    def bind(self, stacked: Callable[[int, tuple[str, ...]], torch.Tensor], layer: int) -> torch.Tensor:
+        """The parameter over every slot of ``layer`` (``stacked`` is the store's); sliced per wave."""
+        return self.view(stacked(layer, self.roles))
+
 
 @dataclass(frozen=True)
 class ExpertsAdapter:
@@ -95,7 +99,8 @@ class ExpertsAdapter:
     module_path: str
     num_experts: int
     dtype: torch.dtype
-    fills: tuple[ParamFill, ...]
+    # ParamFill, or QuantFill (expertflow.model.quantized) for a quantized pack: both bind() to slot views.
+    fills: tuple[Any, ...]
 
 
 class KeyMapper:

@@ -38,6 +38,12 @@ from expertflow.model.adapters import (
 from expertflow.model.discovery import model_naming
 from expertflow.model.moe_block import OffloadedExperts, SlotStore
 from expertflow.model.prefetch import attach_predictor
+from expertflow.model.quantized import (
+    QUANTIZED_IMPLEMENTATION,
+    check_scales,
+    derive_quantized_adapters,
+    scheme_of,
+)
 from expertflow.model.support import check_supported
 from expertflow.pipeline.budget import ACTIVATION_RESERVE
 from expertflow.tiers.layout import ExpertLayout, TensorInfo
@@ -108,7 +114,12 @@ def load_model(
         if store is not None:
             raise ConfigError(f"the store computes on {store.device}, but the model is asked for {device}")
         config = config.with_(device=str(torch.device(device)))
-    adapters = derive_adapters(model, layout, mapper, dtype)
+    scheme = scheme_of(layout)
+    if scheme is None:
+        adapters = derive_adapters(model, layout, mapper, dtype)
+    else:
+        adapters = derive_quantized_adapters(model, layout, scheme, dtype)
+        check_scales(layout)
     plan = _plan_non_experts(model, layout, mapper, {a.module_path for a in adapters.values()})
     owned = store is None
     if store is None:
@@ -125,7 +136,7 @@ def load_model(
         # tensors, never the offloaded module or its slots.
         _load_non_experts(model, plan, mapper, torch.device(config.device), dtype)
         _finish(model, root, {a.module_path for a in adapters.values()})
-        expert_layers = _swap_experts(model, adapters, store, hf_config)
+        expert_layers = _swap_experts(model, adapters, store, hf_config, quantized=scheme is not None)
         predictor = attach_predictor(model, expert_layers, store, config, top_k)
     except BaseException:
         close_store()
@@ -229,8 +240,12 @@ def _resolve_dtype(
     if isinstance(configured, torch.dtype):
         return configured
     first = next(iter(layout.experts.values()), None) if layout is not None else None
-    # No expert found yet (before the model names them): any dtype builds the skeleton that finds them.
-    return torch_dtype(first.tensors[0].dtype) if first is not None else torch.float32
+    if first is None:
+        # No expert found yet (before the model names them): any dtype builds the skeleton that finds them.
+        return torch.float32
+    # A quantized pack's scales are in the compute dtype; otherwise experts are computed as stored.
+    scales = [t for t in first.tensors if t.role.endswith((".qparams", ".scales"))]
+    return torch_dtype((scales or list(first.tensors))[0].dtype)
 
 
 def _model_class(hf_config: PretrainedConfig) -> type[PreTrainedModel] | None:
@@ -326,12 +341,17 @@ def _check_slots(store: SlotStore, top_k: int) -> None:
 
 
 def _swap_experts(
-    model: nn.Module, adapters: dict[int, ExpertsAdapter], store: SlotStore, hf_config: PretrainedConfig
+    model: nn.Module,
+    adapters: dict[int, ExpertsAdapter],
+    store: SlotStore,
+    hf_config: PretrainedConfig,
+    *,
+    quantized: bool = False,
 ) -> dict[int, OffloadedExperts]:
     modules = experts_modules(model)
     requested = hf_config.get_text_config()._experts_implementation
-    implementation = choose_implementation(requested)
-    if implementation != requested:
+    implementation = QUANTIZED_IMPLEMENTATION if quantized else choose_implementation(requested)
+    if implementation != requested and not quantized:
         log.info(
             "offloaded experts use %s instead of %s (it skips non-resident experts)",
             implementation,

@@ -83,6 +83,7 @@ class OffloadedExperts(nn.Module):
     ) -> None:
         super().__init__()
         self.layer = adapter.layer
+        self.module_path = adapter.module_path
         self.num_experts = adapter.num_experts
         self.implementation = implementation
         self.store = store
@@ -92,10 +93,10 @@ class OffloadedExperts(nn.Module):
         self.last_stalled = False
         # [num_slots, *per_expert] views over the slot arena. Each call hands the kernel only the span of slots
         # its wave occupies (a free slice): a grouped kernel's cost grows with the number of groups it is given.
-        self._slot_views: dict[str, torch.Tensor] = {}
+        self._slot_views: dict[str, Any] = {}  # tensors, or QuantizedStack for quantized weights
         for fill in adapter.fills:
             del experts._parameters[fill.param]
-            self._slot_views[fill.param] = fill.view(store.stacked(adapter.layer, fill.roles))
+            self._slot_views[fill.param] = fill.bind(store.stacked, adapter.layer)
         # A private config so that our kernel choice does not leak into the rest of the model.
         config: Any = copy.copy(experts.config)
         config._experts_implementation_internal = implementation
@@ -105,6 +106,17 @@ class OffloadedExperts(nn.Module):
     @property
     def experts_class(self) -> type[nn.Module]:
         return type(self.__dict__["_experts"])
+
+    @property
+    def family_module(self) -> nn.Module:
+        """The family's experts module this one runs (meta-device; its parameters are the slot views)."""
+        module: nn.Module = self.__dict__["_experts"]
+        return module
+
+    def slot_parameters(self, slot: int) -> dict[str, torch.Tensor]:
+        """The module's expert parameters as the family sees them, for the expert held in ``slot`` (views of the
+        slot: valid while the caller holds the expert's pin)."""
+        return {name: view[slot] for name, view in self._slot_views.items() if isinstance(view, torch.Tensor)}
 
     def _kernel(
         self,

@@ -12,6 +12,7 @@ from typing import Any
 
 from expertflow.config import format_size
 from expertflow.core import routed_top_k
+from expertflow.quant.scheme import QuantScheme
 from expertflow.tiers.layout import ExpertLayout, TensorKind
 from expertflow.tiers.nvme import read_slot_nbytes
 
@@ -105,6 +106,7 @@ def describe(layout: ExpertLayout) -> dict[str, Any]:
             "resident_non_expert_bytes": layout.non_expert_bytes,
         },
     }
+    desc["quantization"] = _quantization(layout)
     if not layout.experts:
         desc["note"] = (
             "no routed experts found: no tensor is named like '...layers.N.mlp.experts.E...' or is a fused "
@@ -112,6 +114,29 @@ def describe(layout: ExpertLayout) -> dict[str, Any]:
             "layout; ExpertFlow has nothing to offload."
         )
     return desc
+
+
+def _quantization_text(q: Mapping[str, Any] | None) -> str:
+    if q is None:
+        return "none (experts as the checkpoint stores them: lossless)"
+    group = f"groups of {q['group_size']}" if q["group_size"] else "per output channel"
+    return (
+        f"{q['name']}: {q['bits']}-bit weights, {group}, {q['method']}; {q['layout']} layout; "
+        f"{format_size(q['bytes_per_expert'])} per expert (lossy)"
+    )
+
+
+def _quantization(layout: ExpertLayout) -> dict[str, Any] | None:
+    """A quantized pack's scheme: bits, group size, method, the kernel layout and the bytes per expert."""
+    if layout.quantization is None:
+        return None
+    scheme = QuantScheme.from_json(layout.quantization, layout.root)
+    return {
+        **scheme.to_json(),
+        "name": scheme.name,
+        "layout": scheme.layout_name(),
+        "bytes_per_expert": layout.max_expert_nbytes,
+    }
 
 
 def format_table(desc: Mapping[str, Any]) -> str:
@@ -155,6 +180,7 @@ def format_table(desc: Mapping[str, Any]) -> str:
             + ("" if desc["uniform_experts"] else ", largest; experts differ across layers"),
         ),
         ("expert dtypes", ", ".join(desc["expert_dtypes"])),
+        ("quantization", _quantization_text(desc.get("quantization"))),
         ("checksums", "yes (verified on every read)" if desc["checksums"] else "no (pack to add them)"),
     ]
     lines += _rows(rows)

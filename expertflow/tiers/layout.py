@@ -147,6 +147,8 @@ class ExpertLayout:
     files: tuple[str, ...]
     packed: bool = False
     config: Mapping[str, object] = field(default_factory=dict, compare=False)
+    #: A quantized pack's scheme (``QuantScheme.to_json``); None when experts are stored as the model holds them.
+    quantization: Mapping[str, object] | None = None
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -189,6 +191,8 @@ class ExpertLayout:
         """
         h = hashlib.sha256()
         h.update(self.model_type.encode())
+        if self.quantization is not None:
+            h.update(json.dumps(dict(self.quantization), sort_keys=True).encode())
         for key in sorted(self.experts):
             spec = self.experts[key]
             entry = [

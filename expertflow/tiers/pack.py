@@ -16,6 +16,7 @@ written last and the directory is renamed into place: a pack that exists is comp
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import itertools
 import json
 import math
@@ -23,14 +24,16 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import torch
 from tqdm import tqdm
 
-from expertflow.core import BLOCK, DTYPE_SIZES, ExpertKey, round_up
+from expertflow.core import BLOCK, DTYPE_SIZES, TORCH_DTYPES, ExpertKey, round_up
 from expertflow.errors import CheckpointError, UnsupportedModelError
+from expertflow.quant.scheme import QuantScheme, check_tensors
 from expertflow.tiers.checksum import spec_checksum
 from expertflow.tiers.layout import (
     ExpertLayout,
@@ -40,6 +43,7 @@ from expertflow.tiers.layout import (
     TensorSlice,
     _check_uniform,
     classify_non_expert,
+    make_spec,
     pack_offsets,
     role_rank,
 )
@@ -84,12 +88,25 @@ def pack_checkpoint(
     from expertflow.tiers.safetensors_index import open_checkpoint
 
     source = Path(src)
-    target = Path(dst)
     layout = layout or open_checkpoint(source)
     if not layout.experts:
         raise UnsupportedModelError(
             f"{layout.architecture} has no routed experts: there is nothing to pack", file=str(source)
         )
+    return write_pack(layout, source, dst, lambda path: _write_experts(layout, path, progress))
+
+
+def write_pack(
+    layout: ExpertLayout,
+    source: Path,
+    dst: str | os.PathLike[str],
+    write_experts: Callable[[Path], list[dict[str, Any]]],
+    *,
+    quantization: Mapping[str, Any] | None = None,
+) -> Path:
+    """Build a pack at ``dst`` from ``source``: ``write_experts(path)`` writes ``experts.bin`` and returns its
+    manifest entries; the non-expert tensors of ``layout`` and the side files are copied. Atomic (see above)."""
+    target = Path(dst)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise CheckpointError("pack destination exists and is not an empty directory", file=str(target))
     if target.resolve() == source.resolve():
@@ -98,10 +115,10 @@ def pack_checkpoint(
     tmp = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     try:
-        entries = _write_experts(layout, tmp / DATA_NAME, progress)
+        entries = write_experts(tmp / DATA_NAME)
         _write_non_experts(layout, tmp / NON_EXPERT_NAME)
         _copy_side_files(source, tmp)
-        manifest = _manifest(layout, entries, (tmp / DATA_NAME).stat().st_size)
+        manifest = _manifest(layout, entries, (tmp / DATA_NAME).stat().st_size, quantization)
         _write_durably(tmp / PACK_MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
         _fsync_dir(tmp)
         if target.exists():
@@ -112,6 +129,40 @@ def pack_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+class ExpertBlockWriter:
+    """Appends experts given as tensors to ``experts.bin``: canonical order, 4 KiB-aligned, checksummed."""
+
+    def __init__(self, out: BinaryIO, path: Path) -> None:
+        self.out = out
+        self.path = str(path)
+        self.pos = 0
+        self.entries: list[dict[str, Any]] = []
+
+    def add(self, key: ExpertKey, tensors: list[tuple[str, str, Any]]) -> None:
+        """``tensors``: (role, source name, contiguous CPU torch tensor) of one expert."""
+        slices = [
+            TensorSlice(role, src, self.path, 0, t.numel() * t.element_size(), _st_dtype(t), tuple(t.shape))
+            for role, src, t in tensors
+        ]
+        spec = make_spec(key, slices)
+        data = {role: t for role, _, t in tensors}
+        span = round_up(max(spec.nbytes, 1), ALIGNMENT)
+        buf = bytearray(span)
+        for t, off in spec.views():
+            raw = data[t.role].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            buf[off : off + t.nbytes] = raw
+        _write_block(self.out, memoryview(buf))
+        self.entries.append(_expert_entry(spec, self.pos, spec_checksum(spec, buf)))
+        self.pos += span
+
+
+def _st_dtype(t: Any) -> str:
+    for name, dtype in TORCH_DTYPES.items():
+        if t.dtype == dtype:
+            return name
+    raise CheckpointError(f"no safetensors dtype for {t.dtype}")
 
 
 def _write_experts(layout: ExpertLayout, path: Path, progress: bool) -> list[dict[str, Any]]:
@@ -201,12 +252,27 @@ def _copy_side_files(source: Path, dst: Path) -> None:
             os.fsync(g.fileno())
 
 
-def _manifest(layout: ExpertLayout, entries: list[dict[str, Any]], data_nbytes: int) -> dict[str, Any]:
-    return {
+def _manifest(
+    layout: ExpertLayout,
+    entries: list[dict[str, Any]],
+    data_nbytes: int,
+    quantization: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    fingerprint = layout.fingerprint()
+    if quantization is not None:
+        # The quantized experts are not the source's: the fingerprint is of what the pack holds.
+        written = {
+            spec.key: spec
+            for spec in (_parse_expert(e, i, "", sys.maxsize, "") for i, e in enumerate(entries))
+        }
+        fingerprint = dataclasses.replace(
+            layout, experts=written, quantization=dict(quantization)
+        ).fingerprint()
+    manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "alignment": ALIGNMENT,
-        "fingerprint": layout.fingerprint(),
+        "fingerprint": fingerprint,
         "model_type": layout.model_type,
         "architecture": layout.architecture,
         "source": {"root": layout.root, "files": [os.path.basename(f) for f in layout.files]},
@@ -216,6 +282,9 @@ def _manifest(layout: ExpertLayout, entries: list[dict[str, Any]], data_nbytes: 
         "checksum": "xxh3-64 seeded by (layer << 32 | expert), of the expert's tensor bytes in order, padding excluded",
         "experts": entries,
     }
+    if quantization is not None:
+        manifest["quantization"] = dict(quantization)
+    return manifest
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -257,6 +326,7 @@ def load_packed_layout(root: str | os.PathLike[str]) -> ExpertLayout:
     size = _data_file_size(data_file, _get(manifest, "data_nbytes", int, where))
     specs = _parse_experts(manifest, str(data_file), size, where)
     config = read_config(root_path)
+    quantization = _parse_quantization(manifest, specs, where)
     layout = ExpertLayout(
         root=str(root_path),
         architecture=architecture,
@@ -266,6 +336,7 @@ def load_packed_layout(root: str | os.PathLike[str]) -> ExpertLayout:
         files=(str(data_file), str(non_expert_file)),
         packed=True,
         config=config,
+        quantization=quantization,
     )
     if layout.fingerprint() != fingerprint:
         raise CheckpointError(
@@ -274,6 +345,23 @@ def load_packed_layout(root: str | os.PathLike[str]) -> ExpertLayout:
             file=where,
         )
     return layout
+
+
+def _parse_quantization(
+    manifest: Mapping[str, Any], specs: Mapping[ExpertKey, ExpertSpec], where: str
+) -> dict[str, Any] | None:
+    """A quantized pack's scheme, checked against the tensors of each layer's experts (uniform per layer)."""
+    raw = manifest.get("quantization")
+    if raw is None:
+        return None
+    scheme = QuantScheme.from_json(raw, where)
+    seen: set[int] = set()
+    for key, spec in sorted(specs.items()):
+        if key.layer in seen:
+            continue
+        seen.add(key.layer)
+        check_tensors(scheme, {t.role: (t.dtype, t.shape, t.source) for t in spec.tensors}, file=where)
+    return scheme.to_json()
 
 
 def _read_manifest(manifest_path: Path, where: str) -> dict[str, Any]:

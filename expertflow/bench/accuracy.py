@@ -1,0 +1,157 @@
+"""``expertflow eval ppl``: what quantizing (or any change to) the experts costs in accuracy, measured.
+
+Perplexity of a model on a text, teacher-forced over consecutive windows; against a reference model on the same
+windows also the mean KL divergence from the reference's next-token distribution and how often both put the
+same token first. Token ids come from the checkpoint's tokenizer, or are the text's bytes for a byte-level model
+(vocabulary of 256, no tokenizer), as for the trained model in ``shared/models``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from expertflow.errors import ConfigError
+
+
+@dataclass
+class EvalResult:
+    """Perplexity (and agreement with a reference) of one model on one text."""
+
+    model: str
+    tokens: int
+    nll: float  # mean negative log-likelihood per predicted token, nats
+    reference: str | None = None
+    kl: float | None = None  # mean KL(reference || model) per predicted token, nats
+    top1_agreement: float | None = None
+    reference_nll: float | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        out["perplexity"] = self.perplexity
+        if self.reference_nll is not None:
+            out["reference_perplexity"] = math.exp(self.reference_nll)
+        return {**out, **self.extra}
+
+
+def token_ids(model_dir: str | Path, text: str) -> list[int]:
+    """The text as token ids: the checkpoint's tokenizer, else bytes for a byte-level vocabulary."""
+    root = Path(model_dir)
+    if any(
+        (root / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    ):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
+        return list(tokenizer(text)["input_ids"])
+    from transformers import AutoConfig
+
+    vocab = getattr(
+        AutoConfig.from_pretrained(root, local_files_only=True).get_text_config(), "vocab_size", 0
+    )
+    if vocab < 256:
+        raise ConfigError(
+            f"{root} has no tokenizer and a vocabulary of {vocab}: cannot feed it text as bytes"
+        )
+    return list(text.encode("utf-8"))
+
+
+def _windows(ids: Sequence[int], length: int, limit: int | None) -> list[torch.Tensor]:
+    usable = len(ids) if limit is None else min(len(ids), limit)
+    return [
+        torch.tensor([ids[i : i + length]])
+        for i in range(0, usable - 1, length)
+        if len(ids[i : i + length]) > 1
+    ]
+
+
+def _logits(model: Any, window: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=window).logits[0, :-1].float()
+
+
+def evaluate(
+    model: Any,
+    ids: Sequence[int],
+    *,
+    name: str,
+    reference: Any | None = None,
+    reference_name: str | None = None,
+    window: int = 256,
+    max_tokens: int | None = None,
+) -> EvalResult:
+    """Teacher-forced perplexity of ``model`` over ``ids`` in windows of ``window`` tokens (and, with a
+    ``reference`` model, mean KL from it and top-1 agreement with it, on the same windows)."""
+    windows = _windows(ids, window, max_tokens)
+    if not windows:
+        raise ConfigError("the text is too short to evaluate: it needs at least two tokens")
+    nll = kl = ref_nll = 0.0
+    agree = count = 0
+    t0 = time.perf_counter()
+    for w in windows:
+        targets = w[0, 1:]
+        logp = F.log_softmax(_logits(model, w), dim=-1)
+        nll += float(F.nll_loss(logp, targets, reduction="sum"))
+        count += targets.numel()
+        if reference is not None:
+            ref_logp = F.log_softmax(_logits(reference, w), dim=-1)
+            ref_nll += float(F.nll_loss(ref_logp, targets, reduction="sum"))
+            kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
+            agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
+    result = EvalResult(name, count, nll / count, seconds=time.perf_counter() - t0)
+    if reference is not None:
+        result.reference = reference_name
+        result.kl = kl / count
+        result.top1_agreement = agree / count
+        result.reference_nll = ref_nll / count
+    return result
+
+
+def load_for_eval(path: str | Path, host_bytes: int | None = None) -> Any:
+    """A model to evaluate: ExpertFlow's loader for a pack (quantized or not) or a checkpoint."""
+    from expertflow.config import StoreConfig
+    from expertflow.model.loader import load_model
+
+    return load_model(path, config=StoreConfig(host_bytes=host_bytes, predictor="none"))
+
+
+def load_reference(path: str | Path) -> Any:
+    """The plain transformers model of a Hugging Face checkpoint (a pack is loaded by ExpertFlow: lossless)."""
+    import transformers
+
+    from expertflow.tiers.safetensors_index import PACK_MANIFEST_NAME
+
+    root = Path(path)
+    if (root / PACK_MANIFEST_NAME).is_file():
+        return load_for_eval(root)
+    config = transformers.AutoConfig.from_pretrained(root, local_files_only=True)
+    cls = next(
+        (getattr(transformers, a) for a in config.architectures or [] if hasattr(transformers, a)),
+        transformers.AutoModelForCausalLM,
+    )
+    return cls.from_pretrained(root, local_files_only=True).eval()
+
+
+def format_results(results: Sequence[EvalResult]) -> str:
+    rows = [
+        "| model | tokens | perplexity | nats/token | KL vs reference | top-1 agreement |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        kl = f"{r.kl:.4f}" if r.kl is not None else ""
+        agree = f"{r.top1_agreement:.3f}" if r.top1_agreement is not None else ""
+        rows.append(f"| {r.model} | {r.tokens} | {r.perplexity:.3f} | {r.nll:.4f} | {kl} | {agree} |")
+    return "\n".join(rows)

@@ -1,0 +1,135 @@
+"""``expertflow pack --quantize``: a pack whose experts are quantized for torch's weight-only kernels.
+
+The experts are taken as the model holds them (after every conversion the loader does at fill), one at a
+time through an ExpertStore, so any family ``load_model`` runs can be quantized, and its non-expert weights
+are copied unchanged. Each weight matrix of an experts module becomes the scheme's tensors
+(:mod:`expertflow.quant.scheme`); biases and other parameters are stored as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from expertflow.config import StoreConfig
+from expertflow.core import ExpertKey, torch_dtype
+from expertflow.errors import CheckpointError, ConfigError
+from expertflow.model.loader import load_model, open_model_checkpoint
+from expertflow.model.moe_block import OffloadedExperts
+from expertflow.model.quantized import WEIGHT_PARAMS, scheme_of, weight_shape
+from expertflow.quant.scheme import QuantScheme, dequantize, quantize
+from expertflow.tiers.layout import ExpertLayout
+from expertflow.tiers.pack import ExpertBlockWriter, write_pack
+
+Tensors = list[tuple[str, str, torch.Tensor]]
+
+
+def quantize_expert(layer: OffloadedExperts, params: dict[str, torch.Tensor], scheme: QuantScheme) -> Tensors:
+    """One expert's pack tensors (role, source, tensor) from its parameters as the family holds them."""
+    module = layer.family_module
+    out: Tensors = []
+    for param, value in sorted(params.items()):
+        source = f"{layer.module_path}.{param}"
+        if param in WEIGHT_PARAMS and value.dim() == 2:
+            weight = value.T if getattr(module, "is_transposed", False) else value
+            for suffix, t in quantize(weight, scheme, value.dtype).items():
+                out.append((f"{param}.{suffix}", source, t.contiguous()))
+        else:
+            out.append((param, source, value.detach().clone().contiguous()))
+    return out
+
+
+def pack_quantized(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    scheme: QuantScheme,
+    *,
+    progress: bool = True,
+    host_bytes: int | None = None,
+) -> Path:
+    """Write a quantized pack of the checkpoint at ``src`` to ``dst``; returns its path.
+
+    Raises :class:`ConfigError` for a weight the scheme cannot hold (naming it) and :class:`CheckpointError`
+    for a source that is already quantized or bad.
+    """
+    source = Path(src)
+    layout = open_model_checkpoint(source)
+    if layout.quantization is not None:
+        raise CheckpointError(
+            "the source is already a quantized pack: quantize the original checkpoint", file=str(src)
+        )
+    config = StoreConfig(host_bytes=host_bytes, predictor="none")
+    model: Any = load_model(source, config=config, layout=layout)
+    with model:
+        store = model.expert_store
+        layers: dict[int, OffloadedExperts] = model.expert_layers
+        if not layers:
+            raise ConfigError("the model has no offloaded experts to quantize")
+        show = progress and sys.stderr.isatty()
+
+        def write(path: Path) -> list[dict[str, object]]:
+            with (
+                open(path, "wb") as f,
+                tqdm(total=len(layout.experts), desc="quantizing", disable=not show) as bar,
+            ):
+                writer = ExpertBlockWriter(f, path)
+                for key in sorted(layout.experts):
+                    handles = store.fetch([key])
+                    try:
+                        params = layers[key.layer].slot_parameters(handles[0].slot)
+                        writer.add(key, quantize_expert(layers[key.layer], params, scheme))
+                    finally:
+                        store.release(handles)
+                    bar.update(1)
+                f.flush()
+                os.fsync(f.fileno())
+            return writer.entries
+
+        return write_pack(layout, source, dst, write, quantization=scheme.to_json())
+
+
+def read_expert(layout: ExpertLayout, key: ExpertKey) -> dict[str, torch.Tensor]:
+    """The tensors of one expert of a pack, by role, read from disk (for references and checks, not the hot path)."""
+    spec = layout.spec(key)
+    out: dict[str, torch.Tensor] = {}
+    for t in spec.tensors:
+        with open(t.file, "rb") as f:
+            f.seek(t.offset)
+            raw = bytearray(f.read(t.nbytes))
+        if len(raw) != t.nbytes:
+            raise CheckpointError(f"short read of expert {key}", file=t.file, tensor=t.source)
+        out[t.role] = torch.frombuffer(raw, dtype=torch_dtype(t.dtype)).reshape(t.shape)
+    return out
+
+
+def dequantized_state_dict(pack: str | os.PathLike[str], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The experts of a quantized pack as the float parameters the kernels compute with, by state-dict key of
+    ``model`` (the family's own model: ``[experts, ...]`` in each module's orientation and size)."""
+    layout = open_model_checkpoint(pack)
+    scheme = scheme_of(layout)
+    if scheme is None:
+        raise CheckpointError("not a quantized pack", file=str(pack))
+    stacks: dict[str, dict[int, torch.Tensor]] = {}
+    for key in sorted(layout.experts):
+        tensors = read_expert(layout, key)
+        sources = {t.role: t.source for t in layout.spec(key).tensors}
+        for role, value in tensors.items():
+            param, _, suffix = role.partition(".")
+            if suffix and suffix != "qweight":
+                continue
+            if suffix == "qweight":
+                parts = {s: tensors[f"{param}.{s}"] for s in scheme.suffixes()}
+                owner = model.get_submodule(sources[role].rpartition(".")[0])
+                out_features, in_features = weight_shape(owner, param)
+                value = dequantize(parts, scheme, out_features, in_features)
+                if getattr(owner, "is_transposed", False):
+                    value = value.T
+            stacks.setdefault(sources[role], {})[key.expert] = value
+    return {
+        name: torch.stack([by_expert[e] for e in sorted(by_expert)]) for name, by_expert in stacks.items()
+    }

@@ -1,0 +1,240 @@
+"""Quantized experts in a model: slot views of the quantized tensors, and the experts forward that uses them.
+
+A quantized pack (``expertflow pack --quantize``) stores, per expert and per weight parameter of the family's
+experts module (``gate_up_proj``, ``down_proj``...), the scheme's tensors as roles ``<param>.qweight`` and
+``<param>.qparams`` / ``<param>.scales``, the weight taken as ``[out, in]`` whatever the module's orientation;
+other parameters (biases) are stored as the module holds them. The forward registered here as
+``expertflow_quantized`` is transformers' grouped experts forward with each expert's two matrix products done
+by the weight-only kernels: the family's own gate (``_apply_gate``: SwiGLU, GPT-OSS's clamped SwiGLU...),
+activation, biases and post-expert norm are used as they are.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from expertflow.core import ExpertKey, torch_dtype
+from expertflow.errors import CheckpointError, ConfigError
+from expertflow.model.adapters import ExpertsAdapter, ParamFill, experts_modules
+from expertflow.quant.kernels import qlinear
+from expertflow.quant.scheme import QuantScheme
+from expertflow.tiers.layout import ExpertLayout, TensorSlice
+
+QUANTIZED_IMPLEMENTATION = "expertflow_quantized"
+#: Parameters of an experts module that are weight matrices (quantized); the rest are kept as stored.
+WEIGHT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
+
+
+class QuantizedStack:
+    """One weight parameter of a layer's experts as quantized slot views (``[slots, ...]`` per part)."""
+
+    def __init__(
+        self, parts: Mapping[str, torch.Tensor], scheme: QuantScheme, out_features: int, in_features: int
+    ) -> None:
+        self.parts = dict(parts)
+        self.scheme = scheme
+        self.out_features = out_features
+        self.in_features = in_features
+
+    def __getitem__(self, index: slice) -> QuantizedStack:
+        return QuantizedStack(
+            {k: v[index] for k, v in self.parts.items()}, self.scheme, self.out_features, self.in_features
+        )
+
+    def expert(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.parts.items()}
+
+    def linear(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """``x @ W_i.T`` for expert ``i`` of the stack."""
+        return qlinear(x, self.expert(i), self.scheme, self.out_features, self.in_features)
+
+
+@dataclass(frozen=True)
+class QuantFill:
+    """A weight parameter of an experts module filled from its quantized roles."""
+
+    param: str
+    roles: tuple[str, ...]  # the scheme's parts, in order (see QuantScheme.parts)
+    suffixes: tuple[str, ...]
+    scheme: QuantScheme
+    out_features: int
+    in_features: int
+    deinterleave: bool = False  # quantized packs store the module's own layout: nothing to convert at fill
+
+    def bind(self, stacked: Any, layer: int) -> QuantizedStack:
+        parts = {s: stacked(layer, (role,)) for s, role in zip(self.suffixes, self.roles)}
+        return QuantizedStack(parts, self.scheme, self.out_features, self.in_features)
+
+
+def weight_shape(module: nn.Module, param: str) -> tuple[int, int]:
+    """``(out, in)`` of one expert's ``param`` of an experts module, whatever its orientation."""
+    shape = tuple(getattr(module, param).shape[1:])
+    if len(shape) != 2:
+        raise ConfigError(f"{param} of {type(module).__name__} is not a matrix per expert: {list(shape)}")
+    return (shape[1], shape[0]) if getattr(module, "is_transposed", False) else (shape[0], shape[1])
+
+
+def quantized_fills(
+    module: nn.Module, roles: Mapping[str, TensorSlice], scheme: QuantScheme, where: str
+) -> dict[str, QuantFill]:
+    """The quantized weight parameters of ``module`` that the pack's ``roles`` hold, checked against its shapes."""
+    fills: dict[str, QuantFill] = {}
+    for param, _ in module.named_parameters(recurse=False):
+        if f"{param}.qweight" not in roles:
+            continue
+        out_features, in_features = weight_shape(module, param)
+        suffixes = scheme.suffixes()
+        stored = roles[f"{param}.qweight"]
+        want = scheme.parts(out_features, in_features, "BF16")[0][2]
+        if tuple(stored.shape) != want:
+            raise CheckpointError(
+                f"{param}.qweight is {list(stored.shape)}, but a {out_features}x{in_features} weight of this model "
+                f"is stored as {list(want)} in {scheme.name}: the pack is not of this model",
+                file=stored.file,
+                tensor=stored.source,
+            )
+        missing = [s for s in suffixes if f"{param}.{s}" not in roles]
+        if missing:
+            raise CheckpointError(
+                f"{param} has no {', '.join(missing)} for its {scheme.name} weight", file=where
+            )
+        fills[param] = QuantFill(
+            param, tuple(f"{param}.{s}" for s in suffixes), suffixes, scheme, out_features, in_features
+        )
+    return fills
+
+
+def quantized_experts_forward(
+    self: Any, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """transformers' grouped experts forward with quantized matrix products (see the module docstring)."""
+    num_top_k = top_k_index.size(-1)
+    num_tokens, hidden_dim = hidden_states.shape[0], hidden_states.shape[-1]
+    expert_ids = top_k_index.reshape(-1)
+    sample_weights = top_k_weights.reshape(-1)
+    expert_ids_g, perm = torch.sort(expert_ids)
+    x = hidden_states[perm // num_top_k]
+    # Ids >= num_experts are experts outside this wave (expert-parallel sentinels): sorted last, never computed.
+    counts = torch.bincount(expert_ids_g, minlength=self.num_experts + 1)[: self.num_experts].tolist()
+    up = self.gate_up_proj if self.has_gate else self.up_proj
+    up_bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
+    down_bias = self.down_proj_bias if self.has_bias else None
+    out = hidden_states.new_zeros(expert_ids.shape[0], hidden_dim)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        start += n
+        h = up.linear(x[rows], e)
+        if up_bias is not None:
+            h = h + up_bias[e]
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        h = self.down_proj.linear(h, e)
+        if down_bias is not None:
+            h = h + down_bias[e]
+        if self.has_post_expert_norm:
+            h = self.post_expert_norm(h)
+        out[rows] = h.to(out.dtype)
+    weighted = out * sample_weights[perm].unsqueeze(-1)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
+    final = weighted[inv_perm].view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
+    return final.to(hidden_states.dtype)
+
+
+ALL_EXPERTS_FUNCTIONS.register(QUANTIZED_IMPLEMENTATION, quantized_experts_forward)
+
+
+def scheme_of(layout: ExpertLayout) -> QuantScheme | None:
+    """The quantization scheme of a pack's experts, or None for experts stored as the model holds them."""
+    data = layout.quantization
+    return None if data is None else QuantScheme.from_json(data, layout.root)
+
+
+def derive_quantized_adapters(
+    model: nn.Module, layout: ExpertLayout, scheme: QuantScheme, dtype: torch.dtype
+) -> dict[int, ExpertsAdapter]:
+    """One adapter per MoE layer of a quantized pack, checked against the (meta-device) ``model``."""
+    modules = experts_modules(model)
+    counts = layout.experts_per_layer()
+    adapters: dict[int, ExpertsAdapter] = {}
+    for layer in layout.moe_layers:
+        spec = layout.spec(ExpertKey(layer, 0))
+        paths = {t.source.rpartition(".")[0] for t in spec.tensors}
+        path = paths.pop() if len(paths) == 1 else None
+        module = modules.get(path or "")
+        if module is None or path is None:
+            raise CheckpointError(
+                f"the quantized experts of layer {layer} belong to {sorted(paths | {path or ''})}, not to one "
+                "experts module of this model",
+                file=layout.root,
+            )
+        if int(getattr(module, "num_experts", -1)) != counts[layer]:
+            raise CheckpointError(
+                f"{path} has {getattr(module, 'num_experts', '?')} experts, the pack {counts[layer]}",
+                file=layout.root,
+            )
+        roles = {t.role: t for t in spec.tensors}
+        quantized = quantized_fills(module, roles, scheme, layout.root)
+        fills: list[ParamFill | QuantFill] = []
+        for param, value in sorted(module.named_parameters(recurse=False)):
+            if param in quantized:
+                fills.append(quantized[param])
+                continue
+            t = roles.get(param)
+            if t is None:
+                raise CheckpointError(f"the pack has no tensor for {path}.{param}", file=layout.root)
+            if tuple(t.shape) != tuple(value.shape[1:]) or torch_dtype(t.dtype) != dtype:
+                raise CheckpointError(
+                    f"{path}.{param} is stored as {t.dtype} {list(t.shape)}, the model expects {dtype} "
+                    f"{list(value.shape[1:])}",
+                    file=t.file,
+                    tensor=t.source,
+                )
+            fills.append(ParamFill(param, (param,)))
+        adapters[layer] = ExpertsAdapter(layer, path, counts[layer], dtype, tuple(fills))
+    unmapped = sorted(set(modules) - {a.module_path for a in adapters.values()})
+    if unmapped:
+        raise CheckpointError(f"the pack has no experts for {unmapped[:4]}", file=layout.root)
+    return adapters
+
+
+def check_scales(layout: ExpertLayout) -> None:
+    """Raise :class:`CheckpointError` naming the file and tensor if any expert's scales or zeros are NaN or
+    infinite. Reads only those tensors (a few percent of the experts' bytes)."""
+    scheme = scheme_of(layout)
+    if scheme is None:
+        return
+    fds: dict[str, int] = {}
+    try:
+        for spec in layout.experts.values():
+            for t in spec.tensors:
+                if not t.role.endswith((".qparams", ".scales")):
+                    continue
+                fd = fds.get(t.file)
+                if fd is None:
+                    fd = fds[t.file] = os.open(t.file, os.O_RDONLY)
+                raw = bytearray(os.pread(fd, t.nbytes, t.offset))
+                if len(raw) != t.nbytes:
+                    raise CheckpointError(
+                        f"short read of {t.role} of expert {spec.key}", file=t.file, tensor=t.source
+                    )
+                values = torch.frombuffer(raw, dtype=torch_dtype(t.dtype))
+                if not bool(torch.isfinite(values).all()):
+                    raise CheckpointError(
+                        f"expert {spec.key}: {int((~torch.isfinite(values)).sum())} values of {t.role} are NaN or "
+                        "infinite",
+                        file=t.file,
+                        tensor=f"{t.source} ({t.role})",
+                    )
+    finally:
+        for fd in fds.values():
+            os.close(fd)

@@ -1,0 +1,61 @@
+"""``x @ W.T`` for a quantized ``W``, with torch's weight-only kernels: the weight is never dequantized on CPU.
+
+CPU: ``_weight_int4pack_mm_for_cpu`` (group-wise int4, the layout of :mod:`expertflow.quant.scheme`) and
+``_weight_int8pack_mm`` (per-channel int8). Both take activations in the dtype of the scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch.nn import functional as F
+
+from expertflow.quant.scheme import QuantScheme, dequantize
+
+
+def qlinear(
+    x: torch.Tensor,
+    parts: Mapping[str, torch.Tensor],
+    scheme: QuantScheme,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """``x [..., in] @ W.T -> [..., out]`` in the dtype of the scales (which the pack wrote in the compute dtype)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if x2.device.type == "cuda":  # pragma: no cover - no GPU on the machines this runs on
+        y = _qlinear_cuda(x2, parts, scheme, out_features, in_features)
+    else:
+        out_p, in_p = scheme.padded(out_features, in_features)
+        if in_p != in_features:  # zero columns of the stored weight meet zero inputs
+            x2 = F.pad(x2, (0, in_p - in_features))
+        if scheme.bits == 4:
+            qp = parts["qparams"]
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(qp.dtype), parts["qweight"], scheme.group_size, qp
+            )
+        else:
+            s = parts["scales"]
+            y = torch._weight_int8pack_mm(x2.to(s.dtype), parts["qweight"], s)
+        if out_p != out_features:
+            y = y[:, :out_features]
+    return y.reshape(*lead, out_features)
+
+
+# --- CUDA (not exercised here: no GPU) -------------------------------------------------------------
+
+
+def _qlinear_cuda(
+    x: torch.Tensor,
+    parts: Mapping[str, torch.Tensor],
+    scheme: QuantScheme,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:  # pragma: no cover
+    # The slots hold the CPU layout; the GPU path dequantizes the expert into a scratch matrix and runs a dense
+    # GEMM. Device bandwidth makes that cheap next to the host-to-device copy the quantized bytes saved.
+    dtype = parts["qparams" if scheme.bits == 4 else "scales"].dtype
+    cpu = {k: v.cpu() for k, v in parts.items()}
+    weight = dequantize(cpu, scheme, out_features, in_features).to(device=x.device, dtype=dtype)
+    return F.linear(x.to(dtype), weight)
