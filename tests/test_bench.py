@@ -108,3 +108,22 @@ def test_bench_decode_runs_every_contender_with_identical_tokens(tmp_path):
     assert ef["MiB_read_per_token"] > 0 and ef["bound_ms_per_token"] > 0
     assert ef["stats"]["device_misses"] > 0
     assert "expertflow lru @50% / accelerate" in result.summary
+
+
+def test_bench_decode_runs_quantized_contenders_on_a_pack_it_builds(tmp_path):
+    """``lru-int4``: the bench quantizes the checkpoint once, runs on it, and reads a quarter of the bytes."""
+    from expertflow.bench.decode import bench_decode, build_preset, default_contenders
+
+    root = build_preset("tiny", tmp_path / "work", log=lambda _: None)
+    contenders = default_contenders([0.5], ["lru", "lru-int4"])
+    assert [c.label for c in contenders] == ["expertflow lru @50%", "expertflow lru int4 @50%"]
+    result = bench_decode(
+        str(root), contenders=contenders, new_tokens=4, workdir=tmp_path / "work", log=lambda _: None
+    )
+    rows = {r["label"]: r for r in result.rows}
+    assert all("error" not in r for r in rows.values()), rows
+    full, int4 = rows["expertflow lru @50%"], rows["expertflow lru int4 @50%"]
+    assert 0 < int4["MiB_read_per_token"] < 0.35 * full["MiB_read_per_token"]
+    assert int4["experts_compute_ms_per_token"] > 0 and "bound_ms_per_token" not in int4
+    assert (tmp_path / "work" / "mixtral-tiny-int4-g128" / "expertflow-manifest.json").is_file()
+    assert any("int4 pack" in n for n in result.notes)

@@ -39,6 +39,7 @@ class Contender:
     budget: float | str | None = None  # a share of all experts' slots, or "auto" (the default host budget)
     policy: str = "lru"
     predictor: str = "none"
+    quantize: str | None = None  # "int4" / "int8": runs on a quantized pack of the checkpoint
 
     @property
     def label(self) -> str:
@@ -68,16 +69,49 @@ def default_contenders(
     names: Sequence[str] = ("transformers", "accelerate", "no-cache", "lru", "predictive"),
 ) -> list[Contender]:
     """Peers first, then each ExpertFlow setting at each budget (a fraction, or "auto")."""
-    unknown = [n for n in names if n not in PEERS and n not in EXPERTFLOW_SETTINGS]
+    unknown = [n for n in names if n not in PEERS and _setting(n) is None]
     if unknown:
-        raise ConfigError(f"unknown contenders {unknown}; choose from {[*PEERS, *EXPERTFLOW_SETTINGS]}")
+        raise ConfigError(
+            f"unknown contenders {unknown}; choose from {[*PEERS, *EXPERTFLOW_SETTINGS]}, each ExpertFlow "
+            f"setting optionally on quantized experts ({', '.join(f'lru-{q}' for q in QUANTIZED_PACKS)}...)"
+        )
     out = [PEERS[n] for n in names if n in PEERS]
     for b in budgets:
         for n in names:
-            if n in EXPERTFLOW_SETTINGS:
-                policy, predictor = EXPERTFLOW_SETTINGS[n]
-                out.append(Contender(f"expertflow {n}", "expertflow", b, policy, predictor))
+            setting = _setting(n)
+            if setting is not None:
+                (policy, predictor), quantize = setting
+                label = f"expertflow {n.replace('-int', ' int')}"
+                out.append(Contender(label, "expertflow", b, policy, predictor, quantize))
     return out
+
+
+#: Quantized packs the decode bench builds for ``<setting>-int4`` / ``-int8`` contenders (pack --quantize).
+QUANTIZED_PACKS = {"int4": (4, 128), "int8": (8, 0)}
+
+
+def _setting(name: str) -> tuple[tuple[str, str], str | None] | None:
+    """``lru`` -> (("lru", "none"), None); ``lru-int4`` -> (("lru", "none"), "int4"); unknown -> None."""
+    base, _, quantize = name.partition("-int")
+    quantize = f"int{quantize}" if quantize else ""
+    if base not in EXPERTFLOW_SETTINGS or (quantize and quantize not in QUANTIZED_PACKS):
+        return None
+    return EXPERTFLOW_SETTINGS[base], quantize or None
+
+
+def quantized_pack(
+    model_dir: str | Path, quantize: str, workdir: str | Path, log: Callable[[str], None] = print
+) -> Path:
+    """Build (once) the ``quantize`` pack of ``model_dir`` under ``workdir``; its path."""
+    from expertflow.model.quantize import pack_quantized
+    from expertflow.quant.scheme import QuantScheme
+
+    scheme = QuantScheme(*QUANTIZED_PACKS[quantize])
+    root = Path(workdir) / f"{Path(model_dir).name}-{scheme.name}"
+    if not (root / "expertflow-manifest.json").is_file():
+        log(f"quantizing {model_dir} to {root} ({scheme.name}, once)")
+        pack_quantized(model_dir, root, scheme, progress=False)
+    return root
 
 
 def parse_budgets(text: str) -> list[float | str]:
@@ -182,6 +216,11 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "stats": result.stats,
         "decode_stats": result.decode_stats,
+        "experts_compute_ms_per_token": (
+            1e3 * result.decode_stats.get("experts_compute_seconds", 0.0) / max(1, result.new_tokens - 1)
+            if result.decode_stats
+            else None
+        ),
         "prediction": result.prediction,
         "budget_reason": result.budget,
         "host_MiB": model.expert_store.budget.host_bytes / 2**20 if hasattr(model, "expert_store") else None,
@@ -357,12 +396,22 @@ def bench_decode(
     # A budget is a share of what holding every expert takes (one slot each), so 100% means "all fit".
     from expertflow.tiers.nvme import read_slot_nbytes
 
-    all_slots = read_slot_nbytes(layout, read_mode) * len(layout.experts)
+    models = {None: (model_dir, read_slot_nbytes(layout, read_mode) * len(layout.experts))}
+    for c in contenders:
+        if c.quantize is not None and c.quantize not in models:
+            pack = quantized_pack(model_dir, c.quantize, workdir, log)
+            q = open_checkpoint(pack)
+            models[c.quantize] = (str(pack), read_slot_nbytes(q, read_mode) * len(q.experts))
+            result.notes.append(
+                f"{c.quantize} pack {pack}: {q.expert_bytes / 2**20:.1f} MiB of experts "
+                f"({q.expert_bytes / layout.expert_bytes:.2f}x), built by `expertflow pack --quantize`"
+            )
     best: dict[str, dict[str, Any]] = {}
     for _ in range(max(1, repeats)):
         for c in contenders:
+            path, all_slots = models[c.quantize]
             host = None if not isinstance(c.budget, float) else int(all_slots * c.budget)
-            spec = WorkerSpec(model_dir, asdict(c), list(prompt), new_tokens, read_mode, str(offload), host)
+            spec = WorkerSpec(path, asdict(c), list(prompt), new_tokens, read_mode, str(offload), host)
             log(f"running {c.label} ...")
             # The RAM ceiling is the compute time the bound uses; it is run without the memory limit.
             row = run_contender(
@@ -383,7 +432,9 @@ def bench_decode(
     )
     compute_s = 1 / ceiling["tokens_per_second"] if ceiling and ceiling["tokens_per_second"] else None
     for row in result.rows:
-        _add_bound(row, compute_s, bandwidth)
+        # The ceiling's compute time is that of the model's own dtype: no bound for quantized experts.
+        quantized = (row.get("contender") or {}).get("quantize") is not None
+        _add_bound(row, None if quantized else compute_s, bandwidth)
         if ceiling is not None and "tokens" in row:
             row["same_tokens_as_transformers"] = row["tokens"] == ceiling["tokens"]
     result.summary = _summary(result.rows)
@@ -474,6 +525,7 @@ COLUMNS = [
     "tokens_per_second",
     "ms_per_token",
     "stall_ms_per_token",
+    "experts_compute_ms_per_token",
     "MiB_read_per_token",
     "hit_rate",
     "bound_ms_per_token",

@@ -115,12 +115,20 @@ def generate(
     if max_new_tokens < 1:
         raise ConfigError("max_new_tokens must be >= 1")
     store = getattr(model, "expert_store", None)
-    before = store.stats().as_dict() if store is not None else {}
+    layers = getattr(model, "expert_layers", {})
+
+    def counters() -> dict[str, Any]:
+        out = store.stats().as_dict()
+        # Time in the experts kernels (the rest of a token's time is attention, norms, routing and the store).
+        out["experts_compute_seconds"] = sum(m.compute_seconds for m in layers.values())
+        return out
+
+    before = counters() if store is not None else {}
     at_first: dict[str, Any] = {}
 
     def snapshot() -> None:
         if store is not None:
-            at_first.update(store.stats().as_dict())
+            at_first.update(counters())
 
     streamer = _Streamer(on_token, snapshot)
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model.device)
@@ -144,7 +152,7 @@ def generate(
         decode_seconds=t_end - first,
     )
     if store is not None:
-        end = store.stats().as_dict()
+        end = counters()
         result.stats = _delta(end, before)
         result.decode_stats = _delta(end, at_first or end)
         result.budget = store.budget.describe()
@@ -210,6 +218,7 @@ def format_summary(result: GenerationResult) -> str:
                 f"{s.get('fill_transform_seconds', 0.0):.3f} s"
             )
         lines.append(f"stall (compute waiting for experts): {s.get('stall_seconds', 0.0):.3f} s")
+        lines.append(f"experts kernels: {s.get('experts_compute_seconds', 0.0):.3f} s")
         lines.append(
             f"prefetch: {s.get('prefetch_issued', 0)} issued, {s.get('prefetch_used', 0)} used, "
             f"{s.get('prefetch_wasted', 0)} wasted, {s.get('prefetch_cancelled', 0)} cancelled, "

@@ -14,6 +14,7 @@ waves' outputs are summed: each (token, expert) pair is computed exactly once.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -90,6 +91,7 @@ class OffloadedExperts(nn.Module):
         self.route_hooks: list[RouteHook] = []
         self.calls = 0
         self.waves = 0
+        self.compute_seconds = 0.0  # in the experts kernel (CPU: wall time; CUDA: launch time only)
         self.last_stalled = False
         # [num_slots, *per_expert] views over the slot arena. Each call hands the kernel only the span of slots
         # its wave occupies (a free slice): a grouped kernel's cost grows with the number of groups it is given.
@@ -160,7 +162,9 @@ class OffloadedExperts(nn.Module):
                 self.waves += 1
                 pending -= len(wave)
                 single = out is None and pending == 0
+                t0 = time.perf_counter()
                 part = self._kernel(hidden_states, top_k_index, top_k_weights, wave, partial=not single)
+                self.compute_seconds += time.perf_counter() - t0
                 if part.device.type == "cuda":
                     # Kernels run asynchronously: a released slot may be refilled by the copy stream at once,
                     # so the kernels reading this wave's slots must be done first.

@@ -28,6 +28,8 @@ def qlinear(
         y = _qlinear_cuda(x2, parts, scheme, out_features, in_features)
     else:
         out_p, in_p = scheme.padded(out_features, in_features)
+        if scheme.act_order:  # inputs in the stored (group) order of the weight's columns
+            x2 = x2.index_select(1, parts["perm"].long())
         if in_p != in_features:  # zero columns of the stored weight meet zero inputs
             x2 = F.pad(x2, (0, in_p - in_features))
         if scheme.bits == 4:

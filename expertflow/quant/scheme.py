@@ -38,6 +38,8 @@ class QuantScheme:
     bits: int
     group_size: int
     method: str = "rtn"
+    # Input channels stored in group order (GPTQ act-order): a ``perm`` part gives the order, applied to inputs.
+    act_order: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -54,6 +56,8 @@ class QuantScheme:
                 "int8 experts are quantized per output channel (torch's int8 kernel has no groups): "
                 "leave --group-size out"
             )
+        if self.act_order and self.bits != 4:
+            raise ConfigError("act-order (g_idx) weights are supported at 4 bits")
         if self.bits == 8 and self.method != "rtn":
             raise ConfigError("the hqq refinement is for int4; int8 is round-to-nearest")
 
@@ -61,14 +65,16 @@ class QuantScheme:
     def name(self) -> str:
         group = f"-g{self.group_size}" if self.group_size else ""
         method = "" if self.method == "rtn" else f"-{self.method}"
-        return f"int{self.bits}{group}{method}"
+        return f"int{self.bits}{group}{method}{'-actorder' if self.act_order else ''}"
 
     def layout_name(self) -> str:
         return "torch-cpu-int4pack" if self.bits == 4 else "int8-per-channel"
 
     def suffixes(self) -> tuple[str, ...]:
         """Names of the tensors a quantized weight becomes (``<param>.<suffix>`` in a pack)."""
-        return ("qweight", "qparams") if self.bits == 4 else ("qweight", "scales")
+        if self.bits == 8:
+            return ("qweight", "scales")
+        return ("qweight", "qparams", "perm") if self.act_order else ("qweight", "qparams")
 
     def padded(self, out_features: int, in_features: int) -> tuple[int, int]:
         """The stored ``(out, in)`` of a weight: int4 pads rows to 16 and columns to the group size with zeros
@@ -84,14 +90,18 @@ class QuantScheme:
         """(suffix, safetensors dtype, shape) of the tensors an ``out x in`` weight becomes, in order."""
         out_p, in_p = self.padded(out_features, in_features)
         if self.bits == 4:
-            return [
+            parts = [
                 ("qweight", "U8", (out_p, in_p // 2)),
                 ("qparams", dtype, (in_p // self.group_size, out_p, 2)),
             ]
+            return [*parts, ("perm", "I32", (in_features,))] if self.act_order else parts
         return [("qweight", "I8", (out_p, in_p)), ("scales", dtype, (out_p,))]
 
     def to_json(self) -> dict[str, Any]:
-        return {"bits": self.bits, "group_size": self.group_size, "method": self.method}
+        out: dict[str, Any] = {"bits": self.bits, "group_size": self.group_size, "method": self.method}
+        if self.act_order:
+            out["act_order"] = True
+        return out
 
     @classmethod
     def from_json(cls, data: object, where: str) -> QuantScheme:
@@ -99,9 +109,15 @@ class QuantScheme:
             raise CheckpointError("manifest 'quantization' is not an object", file=where)
         try:
             bits, group, method = data["bits"], data["group_size"], data.get("method", "rtn")
-            if not (isinstance(bits, int) and isinstance(group, int) and isinstance(method, str)):
+            act_order = data.get("act_order", False)
+            if not (
+                isinstance(bits, int)
+                and isinstance(group, int)
+                and isinstance(method, str)
+                and isinstance(act_order, bool)
+            ):
                 raise TypeError
-            return cls(bits, group, method)
+            return cls(bits, group, method, act_order)
         except (KeyError, TypeError) as exc:
             raise CheckpointError(
                 f"manifest 'quantization' {dict(data)!r} is not a scheme", file=where
@@ -218,7 +234,13 @@ def dequantize(
     qp = parts["qparams"].to(torch.float32)  # [groups, out, 2]
     scale = qp[..., 0].T.repeat_interleave(scheme.group_size, dim=1)
     zero = qp[..., 1].T.repeat_interleave(scheme.group_size, dim=1)
-    return ((codes - 8) * scale + zero)[:out_features, :in_features]
+    stored = ((codes - 8) * scale + zero)[:out_features, :in_features]
+    if not scheme.act_order:
+        return stored
+    # Column j of the stored weight is input channel perm[j].
+    weight = torch.empty_like(stored)
+    weight[:, parts["perm"].long()] = stored
+    return weight
 
 
 def check_parts(parts: Mapping[str, torch.Tensor], scheme: QuantScheme, *, file: str, tensor: str) -> None:
