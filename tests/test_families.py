@@ -21,7 +21,9 @@ from expertflow.config import StoreConfig
 from expertflow.core import routed_top_k
 from expertflow.errors import CheckpointError, UnsupportedModelError
 from expertflow.model.loader import load_model, open_model_checkpoint
+from expertflow.model.quantize import dequantized_state_dict, pack_quantized
 from expertflow.model.support import UNSUPPORTED
+from expertflow.quant.scheme import QuantScheme
 from expertflow.tiers.safetensors_index import open_checkpoint
 from tests.family_fixtures import (
     discover_expert_families,
@@ -84,6 +86,35 @@ def test_a_family_loads_lossless_with_experts_evicted_and_read_again(
     assert (got - want).abs().max().item() <= 1e-5 * scale
     if stats.device_misses > stats.num_slots:
         assert stats.evictions > 0  # more experts than slots: some were evicted and read again
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in UNSUPPORTED])
+def test_a_family_runs_int4_experts_like_transformers_with_the_dequantized_weights(
+    family: str, tmp_path: Path
+) -> None:
+    """Every family also runs from an int4 pack (``pack --quantize``): its logits are those of its transformers
+    model whose experts hold the dequantized values, with experts evicted and read again."""
+    runnable = runnable_model_type(family)
+    root = save_tiny_checkpoint(runnable, tmp_path / family)
+    pack = pack_quantized(root, tmp_path / f"{family}-int4", QuantScheme(4, 32), progress=False)
+    class_name, _ = model_class_name(runnable)
+    reference = getattr(transformers, class_name).from_pretrained(root, dtype=torch.float32).eval()
+    loaded = reference.load_state_dict(dequantized_state_dict(pack, reference), strict=False)
+    assert not loaded.unexpected_keys
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        want = _output(reference(input_ids=ids))
+    del reference
+    layout = open_checkpoint(pack)
+    top_k = routed_top_k(transformers.AutoConfig.from_pretrained(root)) or 2
+    slot = -(-layout.max_expert_nbytes // 4096) * 4096
+    with load_model(pack, config=StoreConfig(host_bytes=2 * top_k * slot, predictor="none")) as model:
+        with torch.no_grad():
+            torch.manual_seed(0)
+            got = _output(model(input_ids=ids))
+    scale = max(want.abs().max().item(), 1.0)
+    assert (got - want).abs().max().item() <= 1e-5 * scale
 
 
 def test_every_unsupported_entry_is_a_shipped_family_refused_precisely_that_still_needs_it(
