@@ -109,10 +109,10 @@ def test_a_family_runs_int4_experts_like_transformers_with_the_dequantized_weigh
     layout = open_checkpoint(pack)
     top_k = routed_top_k(transformers.AutoConfig.from_pretrained(root)) or 2
     slot = -(-layout.max_expert_nbytes // 4096) * 4096
-    with load_model(pack, config=StoreConfig(host_bytes=2 * top_k * slot, predictor="none")) as model:
-        with torch.no_grad():
-            torch.manual_seed(0)
-            got = _output(model(input_ids=ids))
+    config = StoreConfig(host_bytes=2 * top_k * slot, predictor="none")
+    with load_model(pack, config=config) as model, torch.no_grad():
+        torch.manual_seed(0)
+        got = _output(model(input_ids=ids))
     scale = max(want.abs().max().item(), 1.0)
     assert (got - want).abs().max().item() <= 1e-5 * scale
 
