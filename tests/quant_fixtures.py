@@ -8,6 +8,8 @@ written by its own library.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -75,18 +77,17 @@ def gptq_tensors(
 
 
 def gptq_dequantized(t: dict[str, torch.Tensor], bits: int, v1: bool = True) -> torch.Tensor:
-    """What a GPTQ layer computes with, from its own definition: ``(q - z) * s`` per input channel's group."""
+    """What a GPTQ layer computes with, from its own definition: input channel ``k`` of output ``n`` is bits
+    ``bits * (k % per)`` of ``qweight[k // per, n]``, minus its group's zero point, times its group's scale."""
     per = 32 // bits
+    mask = (1 << bits) - 1
     qweight, qzeros, scales, g_idx = t["qweight"], t["qzeros"], t["scales"].float(), t["g_idx"].long()
     in_f, out_f = qweight.shape[0] * per, qweight.shape[1]
-    w = torch.empty(out_f, in_f)
-    mask = (1 << bits) - 1
-    for k in range(in_f):
-        q = (qweight[k // per] >> (bits * (k % per))) & mask
-        g = int(g_idx[k])
-        z = torch.stack([(qzeros[g, n // per] >> (bits * (n % per))) & mask for n in range(out_f)])
-        w[:, k] = (q - (z + (1 if v1 else 0))).float() * scales[g]
-    return w
+    k, n = torch.arange(in_f), torch.arange(out_f)
+    q = (qweight[k // per, :] >> (bits * (k % per)).to(torch.int32)[:, None]) & mask  # [in, out]
+    z = (qzeros[:, n // per] >> (bits * (n % per)).to(torch.int32)[None, :]) & mask  # [groups, out]
+    z = z + (1 if v1 else 0)
+    return ((q - z[g_idx]).float() * scales[g_idx]).T.contiguous()
 
 
 def awq_tensors(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
@@ -109,13 +110,117 @@ def awq_dequantized(t: dict[str, torch.Tensor], group_size: int) -> torch.Tensor
     ``8c + AWQ_PACK_ORDER[i]``."""
     qweight, qzeros, scales = t["qweight"], t["qzeros"], t["scales"].float()
     in_f, out_f = qweight.shape[0], qweight.shape[1] * 8
-    w = torch.empty(out_f, in_f)
-    for k in range(in_f):
-        g = k // group_size
-        for c in range(out_f // 8):
-            for i in range(8):
-                n = c * 8 + AWQ_PACK_ORDER[i]
-                q = (int(qweight[k, c]) >> (4 * i)) & 0xF
-                z = (int(qzeros[g, c]) >> (4 * i)) & 0xF
-                w[n, k] = (q - z) * float(scales[g, n])
-    return w
+    n = torch.arange(out_f)
+    nibble = torch.tensor([AWQ_PACK_ORDER.index(j) for j in range(8)])[
+        n % 8
+    ]  # where column n sits in its word
+    q = (qweight[:, n // 8] >> (4 * nibble).to(torch.int32)[None, :]) & 0xF  # [in, out]
+    z = (qzeros[:, n // 8] >> (4 * nibble).to(torch.int32)[None, :]) & 0xF  # [groups, out]
+    g = torch.arange(in_f) // group_size
+    return ((q - z[g]).float() * scales[g]).T.contiguous()
+
+
+def quantize_checkpoint(
+    src: Path,
+    dst: Path,
+    reference: Path,
+    method: str,
+    *,
+    bits: int = 4,
+    group_size: int = 32,
+    sym: bool = False,
+    act_order: bool = False,
+) -> None:
+    """A pre-quantized copy of the checkpoint ``src`` at ``dst`` (every expert and attention linear quantized,
+    ``quantization_config`` in its config), and at ``reference`` the same model with those weights replaced
+    by the values the format defines (a dense checkpoint transformers loads as the reference)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    quantized: dict[str, torch.Tensor] = {}
+    dense: dict[str, torch.Tensor] = {}
+    for i, (name, value) in enumerate(sorted(tensors.items())):
+        linear = name.endswith(".weight") and value.dim() == 2 and (".experts." in name or "_proj" in name)
+        if not linear:
+            quantized[name] = dense[name] = value
+            continue
+        base = name[: -len(".weight")]
+        if method == "gptq":
+            t = gptq_tensors(value.float(), bits, group_size, sym=sym, act_order=act_order, seed=i)
+            deq = gptq_dequantized(t, bits)
+            if not act_order:
+                t.pop("g_idx")  # optional without act-order
+        elif method == "awq":
+            t = awq_tensors(value.float(), group_size)
+            deq = awq_dequantized(t, group_size)
+        elif method == "compressed-tensors":
+            t, deq = compressed_tensors_linear(value.float(), bits, group_size, sym=sym)
+        else:
+            raise ValueError(method)
+        quantized.update({f"{base}.{k}": v for k, v in t.items()})
+        dense[name] = deq.to(value.dtype)
+    dst.mkdir(parents=True)
+    reference.mkdir(parents=True)
+    save_file(quantized, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    save_file(dense, str(reference / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    (reference / "config.json").write_text(json.dumps(config))
+    if method == "gptq":
+        config["quantization_config"] = {
+            "quant_method": "gptq",
+            "bits": bits,
+            "group_size": group_size,
+            "desc_act": act_order,
+            "sym": sym,
+            "checkpoint_format": "gptq",
+        }
+    elif method == "compressed-tensors":
+        weights = {
+            "num_bits": bits,
+            "type": "int",
+            "symmetric": sym,
+            "strategy": "group",
+            "group_size": group_size,
+        }
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "config_groups": {
+                "group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}
+            },
+            "ignore": ["lm_head"],
+            "quantization_status": "compressed",
+        }
+    else:
+        config["quantization_config"] = {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": group_size,
+            "zero_point": True,
+            "version": "gemm",
+        }
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+def compressed_tensors_linear(
+    w: torch.Tensor, bits: int, group_size: int, *, sym: bool
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``w`` packed by compressed-tensors' own compressor (pack-quantized), and what its own decompressor makes
+    of it (the reference)."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="group", group_size=group_size)
+    groups = w.view(w.shape[0], -1, group_size)
+    scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    packed = PackedQuantizationCompressor.compress(
+        {"weight": w, "weight_scale": scale, "weight_zero_point": zero_point}, scheme
+    )
+    reference = PackedQuantizationCompressor.decompress(packed, scheme)["weight"]
+    return dict(packed), reference

@@ -86,9 +86,9 @@ class ParamFill:
         """``stacked`` is ``[num_slots, *per_expert]``; returns the parameter's ``[num_slots, ...]`` view."""
         return stacked.transpose(1, 2) if self.transpose else stacked
 
-    def bind(self, stacked: Callable[[int, tuple[str, ...]], torch.Tensor], layer: int) -> torch.Tensor:
-        """The parameter over every slot of ``layer`` (``stacked`` is the store's); sliced per wave."""
-        return self.view(stacked(layer, self.roles))
+    def bind(self, store: Any, layer: int) -> torch.Tensor:
+        """The parameter over every slot of ``layer`` of ``store``; sliced per wave."""
+        return self.view(store.stacked(layer, self.roles))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ everything.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import weakref
@@ -38,6 +39,16 @@ from expertflow.model.adapters import (
 from expertflow.model.discovery import model_naming
 from expertflow.model.moe_block import OffloadedExperts, SlotStore
 from expertflow.model.prefetch import attach_predictor
+from expertflow.model.prequantized import (
+    PreQuantized,
+    check_experts,
+    conversion,
+    dequantize_group,
+    derive_prequantized_adapters,
+    detect,
+    prequantized_naming,
+    quantized_groups,
+)
 from expertflow.model.quantized import (
     QUANTIZED_IMPLEMENTATION,
     check_scales,
@@ -103,7 +114,8 @@ def load_model(
     source = layout or _scan(root)  # a bad checkpoint is said before anything else
     hf_config = _hf_config(root)
     check_supported(hf_config.model_type, file=str(root))
-    layout, model, mapper, dtype = _layout_and_skeleton(root, hf_config, dtype, source)
+    fmt = detect(hf_config, str(root / "config.json"))
+    layout, model, mapper, dtype = _layout_and_skeleton(root, hf_config, dtype, source, fmt)
     top_k = _top_k(hf_config, root)
     if store is not None and store.layout.fingerprint() != layout.fingerprint():
         raise ConfigError(
@@ -115,12 +127,25 @@ def load_model(
             raise ConfigError(f"the store computes on {store.device}, but the model is asked for {device}")
         config = config.with_(device=str(torch.device(device)))
     scheme = scheme_of(layout)
-    if scheme is None:
+    dequantized: dict[str, tuple[str, dict[str, TensorInfo]]] = {}  # state key -> (linear, its tensors)
+    plan_layout = layout
+    if fmt is not None:
+        adapters, floor = derive_prequantized_adapters(model, layout, mapper, fmt, dtype)
+        check_experts(layout, fmt)
+        layout = dataclasses.replace(layout, slot_floor=floor)
+        groups, rest = quantized_groups((t for t, _ in layout.non_expert), fmt)
+        dequantized = {mapper.map(f"{base}.weight")[0]: (base, g) for base, g in groups.items()}
+        plan_layout = dataclasses.replace(
+            layout, non_expert=tuple((t, k) for t, k in layout.non_expert if t in set(rest))
+        )
+    elif scheme is None:
         adapters = derive_adapters(model, layout, mapper, dtype)
     else:
         adapters = derive_quantized_adapters(model, layout, scheme, dtype)
         check_scales(layout)
-    plan = _plan_non_experts(model, layout, mapper, {a.module_path for a in adapters.values()})
+    plan = _plan_non_experts(
+        model, plan_layout, mapper, {a.module_path for a in adapters.values()}, provided=set(dequantized)
+    )
     owned = store is None
     if store is None:
         config = _size_budget(config, layout, plan, dtype, top_k)
@@ -128,15 +153,27 @@ def load_model(
     close_store: Callable[[], None] = store.close if owned else (lambda: None)
     try:
         _check_slots(store, top_k)
-        transform = fill_transform(adapters, store.stacked)
+        if store.slot_nbytes < layout.slot_floor:
+            raise ConfigError(
+                f"the store's {store.slot_nbytes}-byte slots cannot hold these experts converted for the kernel "
+                f"({layout.slot_floor} bytes): open the store on load_model's layout"
+            )
+        transform = (
+            conversion(adapters, store, fmt, dtype, layout.root)
+            if fmt is not None
+            else fill_transform(adapters, store.stacked)
+        )
         if transform is not None:
             store.set_fill_transform(transform)
         # Non-expert weights and transformers' initialisation first, while the family's own experts modules
         # (meta, never allocated) are in place: an _init_weights that reaches into them touches meta
         # tensors, never the offloaded module or its slots.
         _load_non_experts(model, plan, mapper, torch.device(config.device), dtype)
+        if fmt is not None:
+            _load_dequantized(model, dequantized, fmt, torch.device(config.device), dtype)
         _finish(model, root, {a.module_path for a in adapters.values()})
-        expert_layers = _swap_experts(model, adapters, store, hf_config, quantized=scheme is not None)
+        quantized = scheme is not None or fmt is not None
+        expert_layers = _swap_experts(model, adapters, store, hf_config, quantized=quantized)
         predictor = attach_predictor(model, expert_layers, store, config, top_k)
     except BaseException:
         close_store()
@@ -160,7 +197,8 @@ def open_model_checkpoint(path: str | os.PathLike[str]) -> ExpertLayout:
     source = _scan(root)
     hf_config = _hf_config(root)
     check_supported(hf_config.model_type, file=str(root))
-    layout, _, _, _ = _layout_and_skeleton(root, hf_config, None, source)
+    fmt = detect(hf_config, str(root / "config.json"))
+    layout, _, _, _ = _layout_and_skeleton(root, hf_config, None, source, fmt)
     return layout
 
 
@@ -190,6 +228,7 @@ def _layout_and_skeleton(
     hf_config: PretrainedConfig,
     dtype: torch.dtype | None,
     source: ExpertLayout | list[TensorInfo],
+    fmt: PreQuantized | None = None,
 ) -> tuple[ExpertLayout, PreTrainedModel, KeyMapper, torch.dtype]:
     """The checkpoint's experts as the model names them, and the meta-device model they run in.
 
@@ -204,7 +243,12 @@ def _layout_and_skeleton(
     splits_known = False  # model_naming resolves them on the mapper it is given
     if layout is None:
         assert not isinstance(source, ExpertLayout)
-        naming = model_naming(model, mapper, [t.name for t in source])
+        names = [t.name for t in source]
+        naming = (
+            prequantized_naming(model, mapper, names, fmt)
+            if fmt is not None
+            else model_naming(model, mapper, names)
+        )
         splits_known = True
         layout = open_checkpoint(root, naming=naming)
         resolved = _resolve_dtype(dtype, hf_config, layout)
@@ -244,7 +288,7 @@ def _resolve_dtype(
         # No expert found yet (before the model names them): any dtype builds the skeleton that finds them.
         return torch.float32
     # A quantized pack's scales are in the compute dtype; otherwise experts are computed as stored.
-    scales = [t for t in first.tensors if t.role.endswith((".qparams", ".scales"))]
+    scales = [t for t in first.tensors if t.role.endswith((".qparams", "scales", ".weight_scale"))]
     return torch_dtype((scales or list(first.tensors))[0].dtype)
 
 
@@ -373,7 +417,12 @@ LoadPlan = dict[str, list[tuple[TensorInfo, str | None]]]  # file -> (tensor on 
 
 
 def _plan_non_experts(
-    model: PreTrainedModel, layout: ExpertLayout, mapper: KeyMapper, expert_paths: set[str]
+    model: PreTrainedModel,
+    layout: ExpertLayout,
+    mapper: KeyMapper,
+    expert_paths: set[str],
+    *,
+    provided: set[str] | None = None,
 ) -> LoadPlan:
     """Map and check every non-expert tensor before anything is allocated: shapes, and nothing missing.
 
@@ -385,7 +434,7 @@ def _plan_non_experts(
         k: v for k, v in model.state_dict(keep_vars=True).items() if k.rpartition(".")[0] not in expert_paths
     }
     plan: LoadPlan = {}
-    planned: set[str] = set()
+    planned: set[str] = set(provided or ())  # weights loaded another way (dequantized linears)
     unexpected: list[str] = []
     for info, _kind in layout.non_expert:
         key, converter, _ = mapper.map(info.name)
@@ -500,6 +549,30 @@ def _load_converted(
             tensor=tensors[0].name,
         )
     return {k for k, t in model.state_dict(keep_vars=True).items() if k in before and not t.is_meta}
+
+
+def _load_dequantized(
+    model: PreTrainedModel,
+    dequantized: dict[str, tuple[str, dict[str, TensorInfo]]],
+    fmt: PreQuantized,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Quantized non-expert linears (attention projections...), dequantized once into the model's weights."""
+    state = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, (base, tensors) in dequantized.items():
+            current = state.get(key)
+            if current is None:
+                raise CheckpointError(f"{base} is quantized but the model has no {key}", tensor=base)
+            weight = dequantize_group(tensors, fmt, base, dtype)
+            if tuple(weight.shape) != tuple(current.shape):
+                raise CheckpointError(
+                    f"{base} dequantizes to {list(weight.shape)}, but the model's {key} is {list(current.shape)}",
+                    file=next(iter(tensors.values())).file,
+                    tensor=base,
+                )
+            _set_tensor(model, key, weight.to(device), current)
 
 
 def _set_tensor(

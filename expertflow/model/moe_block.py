@@ -47,6 +47,10 @@ class SlotStore(Protocol):
 
     def stacked(self, layer: int, roles: str | tuple[str, ...]) -> torch.Tensor: ...
 
+    def tensor(self, key: ExpertKey, slot: int, role: str) -> torch.Tensor: ...
+
+    def region(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor: ...
+
     def fetch_as_ready(self, keys: Sequence[ExpertKey]) -> Iterator[list[ExpertHandle]]: ...
 
     def release(self, handles: Iterable[ExpertHandle]) -> None: ...
@@ -98,7 +102,7 @@ class OffloadedExperts(nn.Module):
         self._slot_views: dict[str, Any] = {}  # tensors, or QuantizedStack for quantized weights
         for fill in adapter.fills:
             del experts._parameters[fill.param]
-            self._slot_views[fill.param] = fill.bind(store.stacked, adapter.layer)
+            self._slot_views[fill.param] = fill.bind(store, adapter.layer)
         # A private config so that our kernel choice does not leak into the rest of the model.
         config: Any = copy.copy(experts.config)
         config._experts_implementation_internal = implementation

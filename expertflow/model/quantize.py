@@ -63,6 +63,14 @@ def pack_quantized(
         raise CheckpointError(
             "the source is already a quantized pack: quantize the original checkpoint", file=str(src)
         )
+    qc: Any = layout.config.get("quantization_config") or {}
+    method = qc.get("quant_method")
+    if method is not None:
+        raise CheckpointError(
+            f"the source is already quantized ({method}): load_model opens it as it is, "
+            "`expertflow pack` copies it without --quantize",
+            file=str(src),
+        )
     config = StoreConfig(host_bytes=host_bytes, predictor="none")
     model: Any = load_model(source, config=config, layout=layout)
     with model:

@@ -32,28 +32,36 @@ QUANTIZED_IMPLEMENTATION = "expertflow_quantized"
 WEIGHT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
 
 
+Block = tuple[dict[str, torch.Tensor], QuantScheme, int, int]  # (parts over slots, scheme, out, in)
+
+
 class QuantizedStack:
-    """One weight parameter of a layer's experts as quantized slot views (``[slots, ...]`` per part)."""
+    """One weight parameter of a layer's experts as quantized slot views (``[slots, ...]`` per part).
+
+    A parameter may be made of row blocks quantized apart (``gate_up_proj`` of a GPTQ checkpoint: its ``w1``
+    and ``w3``, each with its own groups); their outputs are concatenated, as the rows are.
+    """
 
     def __init__(
         self, parts: Mapping[str, torch.Tensor], scheme: QuantScheme, out_features: int, in_features: int
     ) -> None:
-        self.parts = dict(parts)
-        self.scheme = scheme
-        self.out_features = out_features
-        self.in_features = in_features
+        self.blocks: list[Block] = [(dict(parts), scheme, out_features, in_features)]
+
+    @classmethod
+    def of_blocks(cls, blocks: list[Block]) -> QuantizedStack:
+        stack = cls.__new__(cls)
+        stack.blocks = list(blocks)
+        return stack
 
     def __getitem__(self, index: slice) -> QuantizedStack:
-        return QuantizedStack(
-            {k: v[index] for k, v in self.parts.items()}, self.scheme, self.out_features, self.in_features
+        return QuantizedStack.of_blocks(
+            [({k: v[index] for k, v in parts.items()}, s, o, i) for parts, s, o, i in self.blocks]
         )
 
-    def expert(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[i] for k, v in self.parts.items()}
-
-    def linear(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        """``x @ W_i.T`` for expert ``i`` of the stack."""
-        return qlinear(x, self.expert(i), self.scheme, self.out_features, self.in_features)
+    def linear(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """``x @ W_e.T`` for expert ``e`` of the stack."""
+        outs = [qlinear(x, {k: v[e] for k, v in parts.items()}, s, o, i) for parts, s, o, i in self.blocks]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
 @dataclass(frozen=True)
@@ -68,8 +76,8 @@ class QuantFill:
     in_features: int
     deinterleave: bool = False  # quantized packs store the module's own layout: nothing to convert at fill
 
-    def bind(self, stacked: Any, layer: int) -> QuantizedStack:
-        parts = {s: stacked(layer, (role,)) for s, role in zip(self.suffixes, self.roles)}
+    def bind(self, store: Any, layer: int) -> QuantizedStack:
+        parts = {s: store.stacked(layer, (role,)) for s, role in zip(self.suffixes, self.roles)}
         return QuantizedStack(parts, self.scheme, self.out_features, self.in_features)
 
 

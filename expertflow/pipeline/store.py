@@ -127,7 +127,7 @@ class AsyncExpertStore:
         self._fill_transform: FillTransform | None = None
         self._visit_observers: list[PredictivePolicy] = []  # policies that learn from each layer's visit
 
-        self.slot_nbytes = slot_nbytes([layout.max_expert_nbytes, *sources.buffer_needs()])
+        self.slot_nbytes = slot_nbytes([layout.max_expert_nbytes, layout.slot_floor, *sources.buffer_needs()])
         all_experts = self.slot_nbytes * len(layout.experts)
         if config.host_bytes is None:
             self.budget = plan_host_budget(
@@ -360,6 +360,10 @@ class AsyncExpertStore:
     def stacked(self, layer: int, roles: str | tuple[str, ...]) -> torch.Tensor:
         """``[num_slots, ...]`` typed view of ``layer``'s tensor(s) ``roles`` over every device slot."""
         return self.views.stacked(layer, roles)
+
+    def region(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """``[num_slots, *shape]`` typed view of the bytes at ``offset`` of every device slot (see SlotViews)."""
+        return self.views.region(offset, dtype, shape)
 
     def host_buffer(self, handle: ExpertHandle) -> memoryview:
         """The pinned expert's bytes in host memory (canonical layout; valid while the handle is pinned).

@@ -66,6 +66,9 @@ class ExpertStore:
     def tensor(self, key: ExpertKey, slot: int, role: str) -> torch.Tensor:
         return self.async_store.tensor(key, slot, role)
 
+    def region(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.async_store.region(offset, dtype, shape)
+
     def fetch(self, keys: Sequence[ExpertKey], timeout: float | None = None) -> list[ExpertHandle]:
         return self.runtime.run(self.async_store.fetch(keys, timeout=timeout))
 

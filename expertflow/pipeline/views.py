@@ -63,6 +63,20 @@ class SlotViews:
         self._stacked[cache_key] = view
         return view
 
+    def region(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """Typed ``[num_slots, *shape]`` view of the bytes at ``offset`` of every slot: a form a fill transform
+        writes there (e.g. experts converted to a kernel's layout), beside or over the stored one."""
+        el = dtype.itemsize
+        numel = 1
+        for d in shape:
+            numel *= d
+        if offset % el or offset + numel * el > self.arena.shape[1]:
+            raise ConfigError(
+                f"a {dtype} region of {numel * el} bytes at {offset} does not fit a {self.arena.shape[1]}-byte slot"
+            )
+        typed = self.arena.view(dtype)
+        return typed[:, offset // el : offset // el + numel].view(self.num_slots, *shape)
+
     def close(self) -> None:
         self._stacked.clear()
         self.arena = torch.empty(0, dtype=torch.uint8)

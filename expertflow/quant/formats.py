@@ -95,8 +95,15 @@ def _check_groups(
 
 
 def read_gptq(
-    t: Mapping[str, torch.Tensor], *, bits: int, group_size: int, v1: bool, name: str, where: str
-) -> IntWeight:
+    t: Mapping[str, torch.Tensor],
+    *,
+    bits: int,
+    group_size: int,
+    v1: bool,
+    name: str,
+    where: str,
+    check_only: bool = False,
+) -> IntWeight | None:
     """A GPTQ linear (``qweight``, ``qzeros``, ``scales``, optional ``g_idx``) in plain form."""
     qweight, qzeros, scales = t["qweight"], t["qzeros"], t["scales"]
     if bits not in (4, 8) or qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
@@ -122,12 +129,16 @@ def read_gptq(
     g_idx = t.get("g_idx")
     g = (torch.arange(in_features) // size) if g_idx is None else g_idx.long()
     _check_groups(g, in_features, groups, size, f"{name}.g_idx", where)
+    if check_only:  # shapes, scales and g_idx checked; qweight's values are not needed
+        return None
     zeros = unpack_cols(qzeros, bits) + (1 if v1 else 0)
     codes = unpack_rows(qweight, bits).T.contiguous()  # [out, in]
     return IntWeight(codes, scales, zeros, g, bits, size)
 
 
-def read_awq(t: Mapping[str, torch.Tensor], *, group_size: int, name: str, where: str) -> IntWeight:
+def read_awq(
+    t: Mapping[str, torch.Tensor], *, group_size: int, name: str, where: str, check_only: bool = False
+) -> IntWeight | None:
     """An AWQ GEMM linear (``qweight``, ``qzeros``, ``scales``), 4-bit, in plain form."""
     qweight, qzeros, scales = t["qweight"], t["qzeros"], t["scales"]
     in_features, out_features = qweight.shape[0], qweight.shape[1] * 8
@@ -143,6 +154,8 @@ def read_awq(t: Mapping[str, torch.Tensor], *, group_size: int, name: str, where
             tensor=name,
         )
     _check_finite(f"{name}.scales", scales, where)
+    if check_only:
+        return None
     order = torch.tensor([AWQ_ORDER.index(j) for j in range(8)])
 
     def unpack(p: torch.Tensor) -> torch.Tensor:
@@ -154,8 +167,15 @@ def read_awq(t: Mapping[str, torch.Tensor], *, group_size: int, name: str, where
 
 
 def read_compressed(
-    t: Mapping[str, torch.Tensor], *, bits: int, group_size: int, symmetric: bool, name: str, where: str
-) -> IntWeight:
+    t: Mapping[str, torch.Tensor],
+    *,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    name: str,
+    where: str,
+    check_only: bool = False,
+) -> IntWeight | None:
     """A compressed-tensors ``pack-quantized`` linear (``weight_packed``, ``weight_scale``...) in plain form."""
     packed, scale = t["weight_packed"], t["weight_scale"]
     shape = t.get("weight_shape")
@@ -171,25 +191,41 @@ def read_compressed(
             tensor=name,
         )
     _check_finite(f"{name}.weight_scale", scale, where)
+    g_idx = t.get("weight_g_idx")
+    g = (torch.arange(in_features) // size) if g_idx is None else g_idx.long()
+    _check_groups(g, in_features, groups, size, f"{name}.weight_g_idx", where)
+    if check_only:
+        return None
     codes = unpack_cols(packed, bits)[:, :in_features]  # stored as value + 2^(bits-1)
     offset = 1 << (bits - 1)
     zp = t.get("weight_zero_point")
     if symmetric or zp is None:
         zeros = torch.full((groups, out_features), offset, dtype=torch.int32)
     else:
-        zeros = zp.to(torch.int32).T + offset
-    g_idx = t.get("weight_g_idx")
-    g = (torch.arange(in_features) // size) if g_idx is None else g_idx.long()
-    _check_groups(g, in_features, groups, size, f"{name}.weight_g_idx", where)
+        # Asymmetric zero points are packed like the weight, along the output dimension.
+        packed_zp = zp.dtype == torch.int32 and zp.shape[0] != out_features
+        zeros = unpack_rows(zp, bits)[:out_features].T if packed_zp else zp.to(torch.int32).T + offset
+        if tuple(zeros.shape) != (groups, out_features):
+            raise CheckpointError(
+                f"weight_zero_point {list(zp.shape)} does not give {groups} groups of {out_features} outputs",
+                file=where,
+                tensor=f"{name}.weight_zero_point",
+            )
     return IntWeight(codes.contiguous(), scale.T.contiguous(), zeros, g, bits, size)
 
 
+def kernel_group(size: int) -> int | None:
+    """The int4 kernel group a format's group of ``size`` input channels is cut into (None: no such group)."""
+    return next((k for k in sorted(INT4_GROUP_SIZES, reverse=True) if size % k == 0), None)
+
+
 def to_kernel_parts(
-    w: IntWeight, dtype: torch.dtype, *, name: str, where: str
+    w: IntWeight, dtype: torch.dtype, *, name: str, where: str, act_order: bool | None = None
 ) -> tuple[QuantScheme, dict[str, torch.Tensor]]:
-    """The kernel tensors of ``w``: int4 for 4-bit weights, int8 for symmetric per-channel 8-bit ones."""
+    """The kernel tensors of ``w``: int4 for 4-bit weights, int8 for symmetric per-channel 8-bit ones.
+    ``act_order`` forces the input permutation part (a checkpoint's layers all have it, identity or not)."""
     if w.bits == 4:
-        return to_int4_parts(w, dtype)
+        return to_int4_parts(w, dtype, act_order=act_order)
     one_group = w.scales.shape[0] == 1
     if w.bits == 8 and one_group and bool((w.zeros == 128).all()):
         scheme = QuantScheme(8, 0)
@@ -208,14 +244,16 @@ def to_kernel_parts(
     )
 
 
-def to_int4_parts(w: IntWeight, dtype: torch.dtype) -> tuple[QuantScheme, dict[str, torch.Tensor]]:
+def to_int4_parts(
+    w: IntWeight, dtype: torch.dtype, *, act_order: bool | None = None
+) -> tuple[QuantScheme, dict[str, torch.Tensor]]:
     """The int4 kernel's tensors for ``w`` (no re-quantization); act-order adds ``perm``, the input channels
     in group order, which the kernel applies to its input."""
     if w.bits != 4:
         raise CheckpointError(f"{w.bits}-bit weights cannot use the int4 kernel")
     if w.group_size not in INT4_GROUP_SIZES:
         # A group the kernel does not take (e.g. one per channel) is cut into equal kernel groups sharing it.
-        size = next((k for k in sorted(INT4_GROUP_SIZES, reverse=True) if w.group_size % k == 0), None)
+        size = kernel_group(w.group_size)
         if size is None:
             raise CheckpointError(
                 f"group size {w.group_size} is not a multiple of 32: the int4 kernel cannot take it"
@@ -231,7 +269,10 @@ def to_int4_parts(w: IntWeight, dtype: torch.dtype) -> tuple[QuantScheme, dict[s
         )
     out_features, in_features = w.codes.shape
     perm = torch.argsort(w.groups, stable=True)
-    act_order = not torch.equal(perm, torch.arange(in_features))
+    if act_order is None:
+        act_order = not torch.equal(perm, torch.arange(in_features))
+    elif not act_order and not torch.equal(perm, torch.arange(in_features)):
+        raise CheckpointError("the weight's g_idx permutes its input channels, but act-order is off")
     scheme = QuantScheme(4, w.group_size, act_order=act_order)
     codes = w.codes[:, perm] if act_order else w.codes
     scales = w.scales.to(torch.float32)

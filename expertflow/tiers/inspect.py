@@ -107,6 +107,7 @@ def describe(layout: ExpertLayout) -> dict[str, Any]:
         },
     }
     desc["quantization"] = _quantization(layout)
+    desc["prequantized"] = _prequantized(layout)
     if not layout.experts:
         desc["note"] = (
             "no routed experts found: no tensor is named like '...layers.N.mlp.experts.E...' or is a fused "
@@ -114,6 +115,39 @@ def describe(layout: ExpertLayout) -> dict[str, Any]:
             "layout; ExpertFlow has nothing to offload."
         )
     return desc
+
+
+_LINEAR_SUFFIXES = ("qweight", "weight_packed")
+
+
+def _prequantized(layout: ExpertLayout) -> dict[str, Any] | None:
+    """A pre-quantized checkpoint's ``quantization_config`` in short, and its quantized non-expert layers."""
+    qc = layout.config.get("quantization_config")
+    if not isinstance(qc, Mapping):
+        return None
+    layers = {
+        t.name.rpartition(".")[0]
+        for t, _ in layout.non_expert
+        if t.name.rpartition(".")[2] in _LINEAR_SUFFIXES
+    }
+    quantized_bytes = sum(t.nbytes for t, _ in layout.non_expert if t.name.rpartition(".")[0] in layers)
+    groups = qc.get("config_groups") or {}
+    weights = next(iter(groups.values()), {}).get("weights", {}) if groups else {}
+    return {
+        "method": qc.get("quant_method"),
+        "bits": qc.get("bits", weights.get("num_bits")),
+        "group_size": qc.get("group_size", weights.get("group_size")),
+        "non_expert_quantized_layers": len(layers),
+        "non_expert_quantized_bytes": quantized_bytes,
+    }
+
+
+def _prequantized_text(q: Mapping[str, Any]) -> str:
+    return (
+        f"{q['method']} {q['bits']}-bit, groups of {q['group_size']}: experts stay quantized (converted to the "
+        f"kernel layout at each slot fill); {q['non_expert_quantized_layers']} quantized non-expert layers "
+        f"({format_size(q['non_expert_quantized_bytes'])}) are dequantized once at load"
+    )
 
 
 def _quantization_text(q: Mapping[str, Any] | None) -> str:
@@ -180,7 +214,12 @@ def format_table(desc: Mapping[str, Any]) -> str:
             + ("" if desc["uniform_experts"] else ", largest; experts differ across layers"),
         ),
         ("expert dtypes", ", ".join(desc["expert_dtypes"])),
-        ("quantization", _quantization_text(desc.get("quantization"))),
+        (
+            "quantization",
+            _prequantized_text(desc["prequantized"])
+            if desc.get("prequantized")
+            else _quantization_text(desc.get("quantization")),
+        ),
         ("checksums", "yes (verified on every read)" if desc["checksums"] else "no (pack to add them)"),
     ]
     lines += _rows(rows)

@@ -112,7 +112,7 @@ def plan_direct(spec: ExpertSpec, block: int = BLOCK) -> _Plan:
 
 def read_slot_nbytes(layout: ExpertLayout, mode: str) -> int:
     """Slot size that holds any expert of ``layout`` read in ``mode`` (a direct read lands aligned extents)."""
-    needs = [layout.max_expert_nbytes]
+    needs = [layout.max_expert_nbytes, layout.slot_floor]
     if mode == "direct":
         needs += [plan_direct(s).extent for s in layout.experts.values()]
     return slot_nbytes(needs)
