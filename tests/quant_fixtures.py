@@ -179,13 +179,9 @@ def quantize_checkpoint(
             "checkpoint_format": "gptq",
         }
     elif method == "compressed-tensors":
-        weights = {
-            "num_bits": bits,
-            "type": "int",
-            "symmetric": sym,
-            "strategy": "group",
-            "group_size": group_size,
-        }
+        weights: dict = {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "channel"}
+        if group_size > 0:
+            weights.update(strategy="group", group_size=group_size)
         config["quantization_config"] = {
             "quant_method": "compressed-tensors",
             "format": "pack-quantized",
@@ -215,8 +211,14 @@ def compressed_tensors_linear(
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="group", group_size=group_size)
-    groups = w.view(w.shape[0], -1, group_size)
+    if group_size > 0:
+        args = QuantizationArgs(
+            num_bits=bits, type="int", symmetric=sym, strategy="group", group_size=group_size
+        )
+        groups = w.view(w.shape[0], -1, group_size)
+    else:
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="channel")
+        groups = w.view(w.shape[0], 1, -1)
     scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
     packed = PackedQuantizationCompressor.compress(
