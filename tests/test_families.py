@@ -179,5 +179,6 @@ def test_the_readme_states_the_sweep_as_it_is() -> None:
     assert f"({len(FAMILIES)} in transformers {version})" in text
     supported = sorted(set(FAMILIES) - set(NOT_YET) - set(UNSUPPORTED))
     assert f"{len(supported)} families load with logits equal" in text
+    assert f"each of the {len(supported)} also runs from an int4 pack" in text
     assert f"Supported families: {', '.join(supported)}." in text
     assert f"Not supported: {', '.join(sorted(UNSUPPORTED)) or 'none'}." in text
