@@ -34,6 +34,19 @@ def test_read_experts_moves_every_byte_of_every_expert(tmp_path):
         assert t.nbytes == layout.expert_bytes and len(t.latencies) == 6
 
 
+def test_read_experts_moves_every_byte_of_a_quantized_pack(tmp_path):
+    """A quantized pack's experts are not a whole number of 4 KiB blocks: buffers are sized as slots are."""
+    from expertflow.bench.decode import build_preset, quantized_pack
+
+    src = build_preset("tiny", tmp_path / "work", log=lambda _: None)
+    layout = open_checkpoint(quantized_pack(src, "int4", tmp_path / "work", log=lambda _: None))
+    assert layout.max_expert_nbytes % 4096 and layout.quantization is not None
+    for mode in ("mmap", "direct"):
+        with NvmeTier(layout, mode) as tier:
+            t = read_experts(tier, layout.keys(), concurrency=4)
+        assert t.nbytes == layout.expert_bytes and len(t.latencies) == len(layout.experts)
+
+
 def test_limits_are_measured_on_the_same_bytes(tmp_path):
     layout = open_checkpoint(write_expert_file(tmp_path / "ck", SMALL, 6 * SMALL.expert_nbytes))
     dd = dd_direct(list(layout.files), SMALL.expert_nbytes)

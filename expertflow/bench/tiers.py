@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from expertflow.bench.report import BenchResult
-from expertflow.core import BLOCK, ExpertKey
+from expertflow.core import BLOCK, ExpertKey, slot_nbytes
 from expertflow.tiers.device import CopyDeviceTier
 from expertflow.tiers.host import HostPool
 from expertflow.tiers.layout import ExpertLayout
@@ -115,7 +115,8 @@ def dd_direct(files: Sequence[str], block: int, streams: int = 1) -> Timing | No
 
 def read_experts(tier: NvmeTier, keys: Sequence[ExpertKey], concurrency: int) -> Timing:
     """Read ``keys`` through the NVMe tier with ``concurrency`` reads in flight, into host-pool buffers."""
-    pool = HostPool(tier.buffer_nbytes(), tier.buffer_nbytes() * concurrency + BLOCK)
+    slot = slot_nbytes([tier.buffer_nbytes()])  # what HostPool rounds each buffer up to
+    pool = HostPool(slot, slot * concurrency)
     latencies: list[float] = []
 
     async def run() -> int:
