@@ -143,7 +143,13 @@ def test_the_manifest_records_the_scheme_and_checksums_cover_the_quantized_bytes
 ) -> None:
     _, pack = mixtral_int4
     manifest = json.loads((pack / PACK_MANIFEST_NAME).read_text())
-    assert manifest["quantization"] == {"bits": 4, "group_size": 32, "method": "rtn"}
+    scheme = manifest["quantization"]
+    assert {k: scheme[k] for k in ("bits", "group_size", "method")} == {
+        "bits": 4,
+        "group_size": 32,
+        "method": "rtn",
+    }
+    assert scheme["layout"] == "torch-cpu-int4pack" and "(scale, zero)" in scheme["qparams"]
     entry = manifest["experts"][0]
     roles = {t["role"]: t for t in entry["tensors"]}
     assert roles["gate_up_proj.qweight"]["dtype"] == "U8" and roles["gate_up_proj.qparams"]["dtype"] == "F32"

@@ -98,7 +98,13 @@ def pack_quantized(
                 os.fsync(f.fileno())
             return writer.entries
 
-        return write_pack(layout, source, dst, write, quantization=scheme.to_json())
+        dtype = next(t.dtype for t in _first_expert(layout))
+        described = {**scheme.to_json(), **scheme.layout_json(dtype)}
+        return write_pack(layout, source, dst, write, quantization=described)
+
+
+def _first_expert(layout: ExpertLayout) -> Any:
+    return layout.spec(min(layout.experts)).tensors
 
 
 def read_expert(layout: ExpertLayout, key: ExpertKey) -> dict[str, torch.Tensor]:

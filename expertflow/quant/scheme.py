@@ -97,6 +97,24 @@ class QuantScheme:
             return [*parts, ("perm", "I32", (in_features,))] if self.act_order else parts
         return [("qweight", "I8", (out_p, in_p)), ("scales", dtype, (out_p,))]
 
+    def layout_json(self, dtype: str) -> dict[str, str]:
+        """What the pack's bytes of a weight are, for people reading a manifest (``dtype``: of the scales)."""
+        if self.bits == 8:
+            return {
+                "layout": self.layout_name(),
+                "qweight": "I8 [out, in padded to 16]: w = qweight * scales",
+                "scales": f"{dtype} [out]",
+            }
+        out = {
+            "layout": self.layout_name(),
+            "qweight": "U8 [out padded to 16, in padded to the group / 2], as _convert_weight_to_int4pack_for_cpu "
+            "packs codes 0..15",
+            "qparams": f"{dtype} [in / group, out, 2]: (scale, zero), w = (q - 8) * scale + zero",
+        }
+        if self.act_order:
+            out["perm"] = "I32 [in]: input channel of each stored column"
+        return out
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"bits": self.bits, "group_size": self.group_size, "method": self.method}
         if self.act_order:

@@ -260,14 +260,14 @@ def _manifest(
 ) -> dict[str, Any]:
     fingerprint = layout.fingerprint()
     if quantization is not None:
-        # The quantized experts are not the source's: the fingerprint is of what the pack holds.
+        # The quantized experts are not the source's: the fingerprint is of what the pack holds (its scheme as
+        # the reader normalises it; the manifest also describes the layout, for people).
         written = {
             spec.key: spec
             for spec in (_parse_expert(e, i, "", sys.maxsize, "") for i, e in enumerate(entries))
         }
-        fingerprint = dataclasses.replace(
-            layout, experts=written, quantization=dict(quantization)
-        ).fingerprint()
+        scheme = QuantScheme.from_json(quantization, "").to_json()
+        fingerprint = dataclasses.replace(layout, experts=written, quantization=scheme).fingerprint()
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
