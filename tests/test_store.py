@@ -524,6 +524,30 @@ async def test_a_budget_without_headroom_admits_only_certain_prefetches(ckpt):
         await store.aclose()
 
 
+async def test_a_demand_that_found_every_slot_loading_takes_one_when_a_prefetch_lands(ckpt):
+    """Both slots are filling with prefetches when a fetch comes: once they land, unpinned, one is evicted for
+    the fetch at once (it used to wait for an unpin that the blocked caller could never give: a deadlock
+    until the fetch timeout, seen under continuous batching)."""
+    _, layout, _ = ckpt
+    store, source = await open_store(layout, 2, gated=True, max_concurrent_reads=3, fetch_timeout=3.0)
+    K = ExpertKey
+    try:
+        store.prefetch([K(1, 0), K(1, 1)], priority=1.0)
+        for _ in range(2):
+            await asyncio.wait_for(source.started.get(), 5)
+        fetch = asyncio.create_task(store.fetch([K(2, 2)]))
+        await asyncio.sleep(0.05)  # the fetch's load finds both slots loading and waits
+        source.gate(K(1, 0)).set()
+        source.gate(K(1, 1)).set()
+        source.gate(K(2, 2)).set()
+        handles = await asyncio.wait_for(fetch, 2.0)  # well before the fetch timeout
+        assert [h.key for h in handles] == [K(2, 2)]
+        store.release(handles)
+    finally:
+        source.open_all()
+        await store.aclose()
+
+
 async def test_a_prefetch_admission_would_refuse_is_refused_before_it_reaches_the_loop(ckpt):
     _, layout, _ = ckpt
     store, source = await open_store(layout, 6, host_reserve_bytes=1 << 40)  # no headroom: floor 1.0

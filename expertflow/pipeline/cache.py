@@ -435,6 +435,10 @@ class CacheLevel:
             with self.lock:
                 entry.state = State.READY
                 self.policy.on_insert(entry.key)
+                if entry.pins == 0:
+                    # Landed unpinned (a prefetch): its slot is now evictable, so a demand load that found every
+                    # slot loading must look again, or it would wait for an unpin that may never come.
+                    self._signal()
             if not entry.ready.done():
                 entry.ready.set_result(None)
         except asyncio.CancelledError:
