@@ -117,10 +117,38 @@ def _store_config(args: argparse.Namespace) -> StoreConfig:
     )
 
 
+def _cmd_generate_many(args: argparse.Namespace) -> int:
+    from expertflow.model.batch import generate_many, read_requests
+    from expertflow.model.loader import load_model
+
+    if args.prompt or args.token_ids:
+        raise ConfigError("--prompts takes the prompts from its file: leave --prompt / --token-ids out")
+    requests = read_requests(
+        args.prompts, args.path, max_new_tokens=args.max_new_tokens, byte_tokens=args.byte_tokens
+    )
+    with load_model(args.path, device=args.device, config=_store_config(args)) as model:
+        result = generate_many(model, requests, schedule=args.schedule, max_requests=args.max_batch)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2, default=str))
+        return 0
+    for r in requests:
+        tokens = result.outputs[r.id]
+        text = (
+            "".join(chr(t) if 32 <= t < 127 or t == 10 else f"[{t}]" for t in tokens)
+            if args.byte_tokens
+            else None
+        )
+        print(json.dumps({"id": r.id, "tokens": tokens, **({"text": text} if text is not None else {})}))
+    print(result.summary())
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from expertflow.model.generate import encode_prompt, format_summary, generate
     from expertflow.model.loader import load_model
 
+    if args.prompts:
+        return _cmd_generate_many(args)
     ids = encode_prompt(args.path, args.prompt, args.token_ids, args.byte_tokens)
     model = load_model(args.path, device=args.device, config=_store_config(args))
     try:
@@ -377,8 +405,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="greedy generation with experts offloaded; prints a summary")
     p.add_argument("path", help="Hugging Face model directory")
     _add_prompt_options(p)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "--max-new-tokens", type=int, default=32, help="(with --prompts: for lines that give none)"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--prompts",
+        help="a JSONL file of requests ({'prompt' or 'token_ids', 'id', 'max_new_tokens'} per line), run with "
+        "continuous batching",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=("fifo", "experts"),
+        default="fifo",
+        help="with --prompts: admission order; experts groups requests whose predicted experts overlap",
+    )
+    p.add_argument("--max-batch", type=int, default=8, help="with --prompts: requests running at once")
     _add_store_options(p)
     p.set_defaults(func=_cmd_generate)
 

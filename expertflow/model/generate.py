@@ -118,6 +118,7 @@ def generate(
     layers = getattr(model, "expert_layers", {})
 
     def counters() -> dict[str, Any]:
+        assert store is not None
         out = store.stats().as_dict()
         # Time in the experts kernels (the rest of a token's time is attention, norms, routing and the store).
         out["experts_compute_seconds"] = sum(m.compute_seconds for m in layers.values())
