@@ -114,6 +114,8 @@ def _store_config(args: argparse.Namespace) -> StoreConfig:
         remote_timeout=args.remote_timeout,
         curve_server_key=args.curve_server_key,
         curve_client_secret=args.curve_client_secret,
+        routing=args.routing,
+        routing_margin=args.routing_margin,
     )
 
 
@@ -196,6 +198,15 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
         "--read-mode", choices=READ_MODES, default="mmap", help="NVMe reads: mmap or direct (O_DIRECT)"
     )
     p.add_argument("--policy", choices=POLICIES, default="lru", help="eviction policy")
+    p.add_argument(
+        "--routing",
+        choices=("exact", "cache-aware"),
+        default="exact",
+        help="cache-aware (LOSSY): a missing expert is replaced by a resident one within --routing-margin",
+    )
+    p.add_argument(
+        "--routing-margin", type=float, default=0.1, help="router-probability margin of cache-aware routing"
+    )
     p.add_argument(
         "--predictor", choices=PREDICTORS, default="combined", help="expert prediction for prefetch"
     )
@@ -327,7 +338,7 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
         for path in args.models:
             if token_ids(path, text[:4096]) != ids[: len(token_ids(path, text[:4096]))]:
                 raise ConfigError(f"{path} tokenizes the text differently from {args.models[0]}")
-            model = load_for_eval(path, _budget(args.host_mem))
+            model = load_for_eval(path, _budget(args.host_mem), args.routing_margin)
             try:
                 results.append(
                     evaluate(
@@ -338,6 +349,7 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
                         reference_name=args.reference,
                         window=args.window,
                         max_tokens=args.max_tokens,
+                        incremental=args.incremental,
                     )
                 )
             finally:
@@ -447,6 +459,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tokens", type=int, default=None, help="evaluate at most this many tokens of the text"
     )
     p.add_argument("--host-mem", default=None, help="host budget of the evaluated model (default: auto)")
+    p.add_argument(
+        "--incremental",
+        action="store_true",
+        help="feed each window one token at a time with the KV cache, as decoding does",
+    )
+    p.add_argument(
+        "--routing-margin",
+        type=float,
+        default=None,
+        help="evaluate with cache-aware routing (LOSSY) at this router-probability margin",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--out", help="directory for accuracy.json / accuracy.md (with the command)")
     p.set_defaults(func=_cmd_eval_ppl)

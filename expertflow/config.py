@@ -65,6 +65,10 @@ def format_size(nbytes: float) -> str:
     raise AssertionError("unreachable")
 
 
+RoutingName = Literal["exact", "cache-aware"]
+ROUTINGS: tuple[str, ...] = ("exact", "cache-aware")
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """Budgets and behaviour of an :class:`~expertflow.ExpertStore`.
@@ -78,6 +82,7 @@ class StoreConfig:
     ``policy``: eviction policy of the host and device tiers.
     ``predictor``: which experts to prefetch; ``prefetch_depth`` layers ahead (0 = adaptive).
     ``remote``: addresses of ``expertflow-store serve`` daemons, tried before NVMe.
+    ``routing``: ``exact`` (the model's own routing) or ``cache-aware`` (lossy: see ``routing_margin``).
     """
 
     device: str = "cpu"
@@ -100,6 +105,10 @@ class StoreConfig:
     curve_server_key: str | None = None
     curve_client_secret: str | None = None
     host_reserve_bytes: int = 0
+    # Lossy, opt-in: a token whose chosen expert is not resident uses a resident one whose router probability
+    # is within ``routing_margin`` of it (Mixture of Cache-Conditional Experts). "exact" changes nothing.
+    routing: RoutingName = "exact"
+    routing_margin: float = 0.0
 
     def __post_init__(self) -> None:
         if self.read_mode not in READ_MODES:
@@ -124,6 +133,12 @@ class StoreConfig:
             raise ConfigError("timeouts must be positive")
         if self.remote_replicas < 1:
             raise ConfigError("remote_replicas must be >= 1")
+        if self.routing not in ROUTINGS:
+            raise ConfigError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if not 0.0 <= self.routing_margin <= 1.0:
+            raise ConfigError(
+                f"routing_margin is a difference of router probabilities, in [0, 1]: {self.routing_margin}"
+            )
         if self.remote_retries < 0:
             raise ConfigError("remote_retries must be >= 0")
         if isinstance(self.remote, str):

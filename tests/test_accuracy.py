@@ -63,3 +63,20 @@ def test_text_is_fed_as_bytes_only_to_a_byte_level_model(tmp_path: Path) -> None
     config.save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="no tokenizer and a vocabulary of 100"):
         token_ids(tmp_path, "abc")
+
+
+def test_incremental_evaluation_equals_one_forward_and_measures_cache_aware_routing(
+    models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, _ = models
+    model = transformers.MixtralForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = token_ids(src, TEXT)[:40]
+    whole = evaluate(model, ids, name="m", window=20)
+    stepwise = evaluate(model, ids, name="m", window=20, incremental=True)
+    assert stepwise.tokens == whole.tokens and stepwise.nll == pytest.approx(whole.nll, rel=1e-5)
+    text = tmp_path / "held_out.py"
+    text.write_text(TEXT[:200])
+    args = ["eval", "ppl", str(src), "--text", str(text), "--reference", str(src), "--window", "32", "--json"]
+    assert main([*args, "--incremental", "--host-mem", "600KiB", "--routing-margin", "1.0"]) == 0
+    (lossy,) = json.loads(capsys.readouterr().out)
+    assert lossy["rerouted_share"] > 0 and lossy["kl"] > 0 and lossy["top1_agreement"] < 1

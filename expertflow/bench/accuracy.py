@@ -78,9 +78,19 @@ def _windows(ids: Sequence[int], length: int, limit: int | None) -> list[torch.T
     ]
 
 
-def _logits(model: Any, window: torch.Tensor) -> torch.Tensor:
+def _logits(model: Any, window: torch.Tensor, incremental: bool = False) -> torch.Tensor:
+    """Next-token logits at every position of ``window`` but the last: in one forward, or (``incremental``) one
+    token at a time with the KV cache, as decoding sees them (what per-step expert caching acts on)."""
     with torch.no_grad():
-        return model(input_ids=window).logits[0, :-1].float()
+        if not incremental:
+            return model(input_ids=window).logits[0, :-1].float()
+        past = None
+        steps = []
+        for t in range(window.shape[1] - 1):
+            out = model(input_ids=window[:, t : t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            steps.append(out.logits[0, -1].float())
+        return torch.stack(steps)
 
 
 def evaluate(
@@ -92,6 +102,7 @@ def evaluate(
     reference_name: str | None = None,
     window: int = 256,
     max_tokens: int | None = None,
+    incremental: bool = False,
 ) -> EvalResult:
     """Teacher-forced perplexity of ``model`` over ``ids`` in windows of ``window`` tokens (and, with a
     ``reference`` model, mean KL from it and top-1 agreement with it, on the same windows)."""
@@ -103,15 +114,23 @@ def evaluate(
     t0 = time.perf_counter()
     for w in windows:
         targets = w[0, 1:]
-        logp = F.log_softmax(_logits(model, w), dim=-1)
+        logp = F.log_softmax(_logits(model, w, incremental), dim=-1)
         nll += float(F.nll_loss(logp, targets, reduction="sum"))
         count += targets.numel()
         if reference is not None:
-            ref_logp = F.log_softmax(_logits(reference, w), dim=-1)
+            ref_logp = F.log_softmax(_logits(reference, w, incremental), dim=-1)
             ref_nll += float(F.nll_loss(ref_logp, targets, reduction="sum"))
             kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
             agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
     result = EvalResult(name, count, nll / count, seconds=time.perf_counter() - t0)
+    store = getattr(model, "expert_store", None)
+    if store is not None:
+        result.extra["hit_rate"] = store.stats().hit_rate
+    routings = [m.routing for m in getattr(model, "expert_layers", {}).values() if m.routing is not None]
+    if routings:
+        result.extra["rerouted_share"] = sum(r.rerouted for r in routings) / max(
+            1, sum(r.routed for r in routings)
+        )
     if reference is not None:
         result.reference = reference_name
         result.kl = kl / count
@@ -120,12 +139,18 @@ def evaluate(
     return result
 
 
-def load_for_eval(path: str | Path, host_bytes: int | None = None) -> Any:
-    """A model to evaluate: ExpertFlow's loader for a pack (quantized or not) or a checkpoint."""
+def load_for_eval(
+    path: str | Path, host_bytes: int | None = None, routing_margin: float | None = None
+) -> Any:
+    """A model to evaluate: ExpertFlow's loader for a pack (quantized or not) or a checkpoint; with
+    ``routing_margin``, cache-aware routing (lossy) at that margin."""
     from expertflow.config import StoreConfig
     from expertflow.model.loader import load_model
 
-    return load_model(path, config=StoreConfig(host_bytes=host_bytes, predictor="none"))
+    routing: dict[str, Any] = {}
+    if routing_margin is not None:
+        routing = {"routing": "cache-aware", "routing_margin": routing_margin}
+    return load_model(path, config=StoreConfig(host_bytes=host_bytes, predictor="none", **routing))
 
 
 def load_reference(path: str | Path) -> Any:
@@ -147,11 +172,15 @@ def load_reference(path: str | Path) -> Any:
 
 def format_results(results: Sequence[EvalResult]) -> str:
     rows = [
-        "| model | tokens | perplexity | nats/token | KL vs reference | top-1 agreement |",
-        "|---|---|---|---|---|---|",
+        "| model | tokens | perplexity | nats/token | KL vs reference | top-1 agreement | hit rate | rerouted |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         kl = f"{r.kl:.4f}" if r.kl is not None else ""
         agree = f"{r.top1_agreement:.3f}" if r.top1_agreement is not None else ""
-        rows.append(f"| {r.model} | {r.tokens} | {r.perplexity:.3f} | {r.nll:.4f} | {kl} | {agree} |")
+        hit = f"{r.extra['hit_rate']:.3f}" if "hit_rate" in r.extra else ""
+        rerouted = f"{r.extra['rerouted_share']:.3f}" if "rerouted_share" in r.extra else ""
+        rows.append(
+            f"| {r.model} | {r.tokens} | {r.perplexity:.3f} | {r.nll:.4f} | {kl} | {agree} | {hit} | {rerouted} |"
+        )
     return "\n".join(rows)

@@ -89,6 +89,12 @@ class BatchResult:
             f"{len(self.outputs)} requests, {self.new_tokens} tokens in {self.seconds:.2f} s: "
             f"{self.tokens_per_second:.2f} tokens/s, {self.expert_loads_per_token:.2f} expert loads per token, "
             f"hit rate {self.hit_rate:.3f} (schedule {self.schedule})"
+            + (
+                f"; LOSSY: cache-aware routing replaced {self.stats.get('rerouted', 0)} of {self.stats['routed']} "
+                "expert choices"
+                if self.stats.get("routed")
+                else ""
+            )
         )
 
 
@@ -224,6 +230,8 @@ def generate_many(
     logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
     store = getattr(model, "expert_store", None)
     before = store.stats().as_dict() if store is not None else {}
+    routings = [m.routing for m in getattr(model, "expert_layers", {}).values() if m.routing is not None]
+    rerouted0, routed0 = sum(r.rerouted for r in routings), sum(r.routed for r in routings)
     outputs: dict[str, list[int]] = {}
     t0 = time.perf_counter()
     manager = model.init_continuous_batching(generation, config)
@@ -249,6 +257,9 @@ def generate_many(
         manager.stop(block=True)
     seconds = time.perf_counter() - t0
     stats = _delta(store.stats().as_dict(), before) if store is not None else {}
+    if routings:  # cache-aware routing (lossy): how many expert choices it replaced
+        stats["rerouted"] = sum(r.rerouted for r in routings) - rerouted0
+        stats["routed"] = sum(r.routed for r in routings) - routed0
     return BatchResult(
         {r.id: outputs[r.id] for r in requests}, [requests[i].id for i in order], seconds, schedule, stats
     )

@@ -122,6 +122,10 @@ def generate(
         out = store.stats().as_dict()
         # Time in the experts kernels (the rest of a token's time is attention, norms, routing and the store).
         out["experts_compute_seconds"] = sum(m.compute_seconds for m in layers.values())
+        routings = [m.routing for m in layers.values() if m.routing is not None]
+        if routings:  # cache-aware routing (lossy): how many expert choices it replaced
+            out["rerouted"] = sum(r.rerouted for r in routings)
+            out["routed"] = sum(r.routed for r in routings)
         return out
 
     before = counters() if store is not None else {}
@@ -220,6 +224,11 @@ def format_summary(result: GenerationResult) -> str:
             )
         lines.append(f"stall (compute waiting for experts): {s.get('stall_seconds', 0.0):.3f} s")
         lines.append(f"experts kernels: {s.get('experts_compute_seconds', 0.0):.3f} s")
+        if s.get("routed"):
+            lines.append(
+                f"LOSSY: cache-aware routing replaced {s.get('rerouted', 0)} of {s['routed']} expert choices with "
+                "resident experts; outputs differ from the model's"
+            )
         lines.append(
             f"prefetch: {s.get('prefetch_issued', 0)} issued, {s.get('prefetch_used', 0)} used, "
             f"{s.get('prefetch_wasted', 0)} wasted, {s.get('prefetch_cancelled', 0)} cancelled, "

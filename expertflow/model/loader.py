@@ -55,6 +55,7 @@ from expertflow.model.quantized import (
     derive_quantized_adapters,
     scheme_of,
 )
+from expertflow.model.routing import attach as attach_routing
 from expertflow.model.support import check_supported
 from expertflow.pipeline.budget import ACTIVATION_RESERVE
 from expertflow.tiers.layout import ExpertLayout, TensorInfo
@@ -174,6 +175,8 @@ def load_model(
         _finish(model, root, {a.module_path for a in adapters.values()})
         quantized = scheme is not None or fmt is not None
         expert_layers = _swap_experts(model, adapters, store, hf_config, quantized=quantized)
+        if config.routing == "cache-aware":
+            attach_routing(model, expert_layers, config.routing_margin)
         predictor = attach_predictor(model, expert_layers, store, config, top_k)
     except BaseException:
         close_store()

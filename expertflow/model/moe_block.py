@@ -61,6 +61,8 @@ class SlotStore(Protocol):
 
     def cancel_prefetches(self, keep: Iterable[ExpertKey] = ()) -> None: ...
 
+    def resident(self) -> list[ExpertKey]: ...
+
     def set_scorer(self, scorer: Callable[[ExpertKey], float] | None) -> None: ...
 
     def set_fill_transform(self, transform: Callable[[ExpertKey, int], None] | None) -> None: ...
@@ -96,6 +98,8 @@ class OffloadedExperts(nn.Module):
         self.calls = 0
         self.waves = 0
         self.compute_seconds = 0.0  # in the experts kernel (CPU: wall time; CUDA: launch time only)
+        # Lossy, opt-in (expertflow.model.routing): rewrites routing toward resident experts.
+        self.routing: Any = None
         self.last_stalled = False
         # [num_slots, *per_expert] views over the slot arena. Each call hands the kernel only the span of slots
         # its wave occupies (a free slice): a grouped kernel's cost grows with the number of groups it is given.
@@ -152,6 +156,9 @@ class OffloadedExperts(nn.Module):
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         self.calls += 1
+        if self.routing is not None:
+            resident = [k.expert for k in self.store.resident() if k.layer == self.layer]
+            top_k_index = self.routing(hidden_states, top_k_index, resident)
         for hook in self.route_hooks:
             hook(self.layer, hidden_states, top_k_index, top_k_weights)
         # Most-wanted experts are requested first; the store yields the resident ones before any read.
