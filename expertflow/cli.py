@@ -372,6 +372,33 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_grid(args: argparse.Namespace) -> int:
+    from expertflow.bench.grid import bench_grid, parse_grid, write_report
+    from expertflow.bench.report import markdown_table
+
+    grid = parse_grid(args.grid or [])  # unknown axes and values are refused before any work
+    rows = bench_grid(
+        args.model,
+        args.tasks,
+        grid,
+        args.out,
+        byte_tokens=args.byte_tokens,
+        resume=args.resume,
+        workdir=args.workdir,
+        progress=sys.stderr.isatty(),
+    )
+    command = "expertflow " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "expertflow eval grid"
+    write_report(rows, args.out, command)
+    from expertflow.bench.grid import COLUMNS
+
+    print(markdown_table(rows, COLUMNS))
+    print(f"written to {args.out}/grid.jsonl, grid.md, grid.json, grid.png")
+    errors = [r for r in rows if r.get("error")]
+    for r in errors:
+        print(f"ERROR {r['config']}: {r['error']}", file=sys.stderr)
+    return 1 if errors else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expertflow", description="Run MoE models whose experts live on disk."
@@ -473,6 +500,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--out", help="directory for accuracy.json / accuracy.md (with the command)")
     p.set_defaults(func=_cmd_eval_ppl)
+
+    p = evsub.add_parser(
+        "grid", help="a task file run for every configuration of a grid: accuracy beside speed"
+    )
+    p.add_argument("model", help="checkpoint to evaluate (quantized variants are built from it)")
+    p.add_argument(
+        "--tasks", required=True, help="JSONL: {'kind': yesno|exact|ppl, 'prompt'|'text', 'answer'}"
+    )
+    p.add_argument(
+        "--grid",
+        nargs="*",
+        help="axes as AXIS=V1,V2: budget (shares or auto), policy, predictor, schedule (fifo, experts), "
+        "routing (exact, cache-aware:MARGIN), quantize (none, int4, int8)",
+    )
+    p.add_argument("--byte-tokens", action="store_true", help="byte-level model: token id = UTF-8 byte")
+    p.add_argument("--out", default="benchmarks/grid", help="directory for grid.jsonl / .md / .json / .png")
+    p.add_argument("--resume", action="store_true", help="keep the rows of grid.jsonl, run only the others")
+    p.add_argument("--workdir", default=".bench", help="where quantized packs are built")
+    p.set_defaults(func=_cmd_eval_grid)
 
     bench = sub.add_parser("bench", help="benchmarks: tiers, decode, policies").add_subparsers(
         dest="bench", required=True

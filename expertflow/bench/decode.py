@@ -396,7 +396,9 @@ def bench_decode(
     # A budget is a share of what holding every expert takes (one slot each), so 100% means "all fit".
     from expertflow.tiers.nvme import read_slot_nbytes
 
-    models = {None: (model_dir, read_slot_nbytes(layout, read_mode) * len(layout.experts))}
+    models: dict[str | None, tuple[str, int]] = {
+        None: (model_dir, read_slot_nbytes(layout, read_mode) * len(layout.experts))
+    }
     for c in contenders:
         if c.quantize is not None and c.quantize not in models:
             pack = quantized_pack(model_dir, c.quantize, workdir, log)

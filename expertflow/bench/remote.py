@@ -65,7 +65,7 @@ def raw_push_pull(bind: str, frame_sizes: Sequence[int], count: int) -> Timing:
         )
         child = subprocess.Popen([sys.executable, "-c", code])
         try:
-            if not sock.poll(START_TIMEOUT * 1000):
+            if not sock.poll(int(START_TIMEOUT * 1000)):
                 raise RuntimeError("the PUSH process sent nothing")
             sock.recv()  # warm-up: the connection is up and the child is sending
             latencies = []
