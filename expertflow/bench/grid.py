@@ -385,14 +385,26 @@ def write_report(rows: list[dict[str, Any]], out: str | Path, command: str) -> N
     metric = next(
         (m for m in ("exact_match", "yesno_accuracy", "perplexity") if any(m in r for r in rows)), None
     )
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # One series per combination of the axes that vary (short labels), so that points do not need captions.
+    varying = [a for a in AXES if len({str(r.get(a)) for r in rows}) > 1]
+    series: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if metric in r and r.get("tokens_per_second"):
-            ax.scatter(r["tokens_per_second"], r[metric])
-            ax.annotate(r["config"].replace(",", "\n"), (r["tokens_per_second"], r[metric]), fontsize=5)
+            series.setdefault(" ".join(f"{a}={r[a]}" for a in varying) or "all", []).append(r)
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    markers = "os^vD<>pP*Xh"
+    for i, (label, members) in enumerate(sorted(series.items())):
+        ax.scatter(
+            [r["tokens_per_second"] for r in members],
+            [r[metric] for r in members],
+            label=label,
+            marker=markers[i % len(markers)],
+            s=40,
+        )
     ax.set_xlabel("tokens/s")
     ax.set_ylabel(metric or "")
     ax.set_title("accuracy beside throughput")
+    ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
     fig.savefig(out_dir / "grid.png", dpi=120)
     plt.close(fig)
