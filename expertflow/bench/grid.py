@@ -385,6 +385,8 @@ def write_report(rows: list[dict[str, Any]], out: str | Path, command: str) -> N
     metric = next(
         (m for m in ("exact_match", "yesno_accuracy", "perplexity") if any(m in r for r in rows)), None
     )
+    if metric is None:
+        return
     # One series per combination of the axes that vary (short labels), so that points do not need captions.
     varying = [a for a in AXES if len({str(r.get(a)) for r in rows}) > 1]
     series: dict[str, list[dict[str, Any]]] = {}
@@ -402,7 +404,7 @@ def write_report(rows: list[dict[str, Any]], out: str | Path, command: str) -> N
             s=40,
         )
     ax.set_xlabel("tokens/s")
-    ax.set_ylabel(metric or "")
+    ax.set_ylabel(metric)
     ax.set_title("accuracy beside throughput")
     ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
