@@ -115,25 +115,13 @@ def lossless(config: dict[str, Any]) -> bool:
 
 def read_tasks(path: str | Path, model_dir: str | Path, *, byte_tokens: bool) -> list[Task]:
     """Tasks from a JSONL file, every line checked before any work; an error names the line."""
+    from expertflow.model.batch import jsonl_objects
     from expertflow.model.generate import encode_prompt
 
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the task file {path}: {exc.strerror}") from exc
     vision = "vision_config" in json.loads((Path(model_dir) / "config.json").read_text())
     tasks: list[Task] = []
     seen: set[str] = set()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: not JSON ({exc.msg})") from exc
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where}: a task is a JSON object")
+    for number, where, item in jsonl_objects(path, "task"):
         unknown = sorted(set(item) - {"id", "kind", "prompt", "answer", "text", "image", "max_new_tokens"})
         if unknown:
             raise ConfigError(f"{where}: unknown fields {unknown}")

@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,17 +98,13 @@ class BatchResult:
         )
 
 
-def read_requests(
-    path: str | Path, model_dir: str | Path, *, max_new_tokens: int, byte_tokens: bool = False
-) -> list[Request]:
-    """Requests from a JSONL file, one object per line: ``prompt`` (text) or ``token_ids`` (a list), and
-    optionally ``id`` and ``max_new_tokens``. Every line is checked before any work; an error names the line."""
+def jsonl_objects(path: str | Path, what: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(line number, "FILE, line N", object) for each non-blank line of a JSONL file of ``what`` objects; a
+    line that is not a JSON object is a :class:`ConfigError` naming it."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise ConfigError(f"cannot read the requests file {path}: {exc.strerror}") from exc
-    requests: list[Request] = []
-    seen: set[str] = set()
+        raise ConfigError(f"cannot read the {what} file {path}: {exc.strerror}") from exc
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -118,7 +114,18 @@ def read_requests(
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{where}: not JSON ({exc.msg})") from exc
         if not isinstance(item, dict):
-            raise ConfigError(f"{where}: a request is a JSON object")
+            raise ConfigError(f"{where}: a {what} is a JSON object")
+        yield number, where, item
+
+
+def read_requests(
+    path: str | Path, model_dir: str | Path, *, max_new_tokens: int, byte_tokens: bool = False
+) -> list[Request]:
+    """Requests from a JSONL file, one object per line: ``prompt`` (text) or ``token_ids`` (a list), and
+    optionally ``id`` and ``max_new_tokens``. Every line is checked before any work; an error names the line."""
+    requests: list[Request] = []
+    seen: set[str] = set()
+    for number, where, item in jsonl_objects(path, "request"):
         unknown = sorted(set(item) - {"id", "prompt", "token_ids", "max_new_tokens"})
         if unknown:
             raise ConfigError(f"{where}: unknown fields {unknown}")

@@ -72,6 +72,15 @@ def _check_finite(name: str, t: torch.Tensor, where: str) -> None:
         )
 
 
+def _groups(
+    g_idx: torch.Tensor | None, in_features: int, groups: int, size: int, name: str, where: str
+) -> torch.Tensor:
+    """The group of each input channel: ``g_idx`` checked, or consecutive groups of ``size`` without one."""
+    g = (torch.arange(in_features) // size) if g_idx is None else g_idx.long()
+    _check_groups(g, in_features, groups, size, name, where)
+    return g
+
+
 def _check_groups(
     g_idx: torch.Tensor, in_features: int, groups: int, group_size: int, name: str, where: str
 ) -> None:
@@ -126,9 +135,7 @@ def read_gptq(
             tensor=name,
         )
     _check_finite(f"{name}.scales", scales, where)
-    g_idx = t.get("g_idx")
-    g = (torch.arange(in_features) // size) if g_idx is None else g_idx.long()
-    _check_groups(g, in_features, groups, size, f"{name}.g_idx", where)
+    g = _groups(t.get("g_idx"), in_features, groups, size, f"{name}.g_idx", where)
     if check_only:  # shapes, scales and g_idx checked; qweight's values are not needed
         return None
     zeros = unpack_cols(qzeros, bits) + (1 if v1 else 0)
@@ -191,9 +198,7 @@ def read_compressed(
             tensor=name,
         )
     _check_finite(f"{name}.weight_scale", scale, where)
-    g_idx = t.get("weight_g_idx")
-    g = (torch.arange(in_features) // size) if g_idx is None else g_idx.long()
-    _check_groups(g, in_features, groups, size, f"{name}.weight_g_idx", where)
+    g = _groups(t.get("weight_g_idx"), in_features, groups, size, f"{name}.weight_g_idx", where)
     if check_only:
         return None
     codes = unpack_cols(packed, bits)[:, :in_features]  # stored as value + 2^(bits-1)
