@@ -163,23 +163,17 @@ def expert_profiles(model: Any, requests: Sequence[Request]) -> list[dict[int, d
     gates, _ = find_gates(model, layers)
     embed = model.get_input_embeddings()
     device = next(p.device for p in embed.parameters())
+    top_k = model.expert_top_k  # validated by load_model
     profiles: list[dict[int, dict[int, float]]] = []
     with torch.no_grad():
         for r in requests:
             x = embed(torch.tensor([list(r.input_ids)], device=device))[0]
             profile: dict[int, dict[int, float]] = {}
             for layer, gate in gates.items():
-                k = min(_top_k(model), layers[layer].num_experts)
-                ids, counts = torch.unique(gate(x).topk(k, dim=-1).indices, return_counts=True)
+                ids, counts = torch.unique(gate(x).topk(top_k, dim=-1).indices, return_counts=True)
                 profile[layer] = {int(e): float(c) for e, c in zip(ids.tolist(), counts.tolist())}
             profiles.append(profile)
     return profiles
-
-
-def _top_k(model: Any) -> int:
-    from expertflow.core import routed_top_k
-
-    return routed_top_k(model.config.get_text_config().to_dict()) or 2
 
 
 def admission_order(model: Any, requests: Sequence[Request], schedule: str, max_requests: int) -> list[int]:

@@ -70,6 +70,7 @@ class ExpertFlowModelMixin:
 
     expert_store: Any
     expert_layers: dict[int, OffloadedExperts]
+    expert_top_k: int  # experts per token, validated at load
     _expertflow_close: Callable[[], None]
 
     def close(self) -> None:
@@ -136,8 +137,9 @@ def load_model(
         layout = dataclasses.replace(layout, slot_floor=floor)
         groups, rest = quantized_groups((t for t, _ in layout.non_expert), fmt)
         dequantized = {mapper.map(f"{base}.weight")[0]: (base, g) for base, g in groups.items()}
+        kept = set(rest)
         plan_layout = dataclasses.replace(
-            layout, non_expert=tuple((t, k) for t, k in layout.non_expert if t in set(rest))
+            layout, non_expert=tuple((t, k) for t, k in layout.non_expert if t in kept)
         )
     elif scheme is None:
         adapters = derive_adapters(model, layout, mapper, dtype)
@@ -188,6 +190,7 @@ def load_model(
     extended.expert_store = store
     extended.expert_layers = expert_layers
     extended.expert_predictor = predictor
+    extended.expert_top_k = top_k
     extended._expertflow_close = weakref.finalize(model, close_store)
     model.eval()
     return model

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from expertflow.core import ExpertKey, torch_dtype
+from expertflow.core import SAFETENSORS_CODES, ExpertKey, round_up, torch_dtype
 from expertflow.errors import CheckpointError, UnsupportedModelError
 from expertflow.model.adapters import ExpertsAdapter, KeyMapper, experts_modules
 from expertflow.model.discovery import model_naming
@@ -33,6 +33,7 @@ from expertflow.quant.formats import (
 )
 from expertflow.quant.scheme import QuantScheme
 from expertflow.tiers.layout import ExpertLayout, ExpertName, Naming, TensorInfo
+from expertflow.tiers.nvme import read_tensor
 
 SUFFIXES: dict[str, tuple[str, ...]] = {
     "gptq": ("qweight", "qzeros", "scales", "g_idx"),
@@ -236,6 +237,10 @@ class Block:
     scheme: QuantScheme
     parts: tuple[tuple[str, str, tuple[int, ...], int], ...]  # (suffix, dtype, shape, offset in the slot)
 
+    def views(self, store: Any) -> dict[str, torch.Tensor]:
+        """Each converted part as a ``[slots, ...]`` view of the store's slots."""
+        return {s: store.region(off, torch_dtype(dt), shape) for s, dt, shape, off in self.parts}
+
 
 @dataclass(frozen=True)
 class ConvertedFill:
@@ -246,16 +251,9 @@ class ConvertedFill:
     deinterleave: bool = False
 
     def bind(self, store: Any, layer: int) -> QuantizedStack:
-        blocks = [
-            (
-                {s: store.region(off, torch_dtype(dt), shape) for s, dt, shape, off in b.parts},
-                b.scheme,
-                b.out_features,
-                b.in_features,
-            )
-            for b in self.blocks
-        ]
-        return QuantizedStack.of_blocks(blocks)
+        return QuantizedStack.of_blocks(
+            [(b.views(store), b.scheme, b.out_features, b.in_features) for b in self.blocks]
+        )
 
 
 def derive_prequantized_adapters(
@@ -266,10 +264,10 @@ def derive_prequantized_adapters(
     counts = layout.experts_per_layer()
     adapters: dict[int, ExpertsAdapter] = {}
     floor = 0
-    dtype_name = next(k for k, v in _DTYPES.items() if v == dtype)
+    dtype_name = SAFETENSORS_CODES[dtype]
     for layer in layout.moe_layers:
         spec = layout.spec(ExpertKey(layer, 0))
-        by_param: dict[str, list[tuple[int, str, str, bool]]] = {}
+        by_param: dict[str, list[tuple[int, str, str]]] = {}  # param -> (source order, role prefix, source)
         path = None
         for t in spec.tensors:
             parts = fmt.split(t.source)
@@ -295,7 +293,7 @@ def derive_prequantized_adapters(
                 else 0
             )
             base = t.role[: -len(fmt.primary)]
-            by_param.setdefault(param, []).append((order, base, parts[0], False))
+            by_param.setdefault(param, []).append((order, base, parts[0]))
         module = modules.get(path or "")
         if module is None or path is None:
             raise UnsupportedModelError(
@@ -317,13 +315,13 @@ def derive_prequantized_adapters(
         roles = {t.role: t for t in spec.tensors}
         fills = []
         offset = 0
+        transposed = bool(getattr(module, "is_transposed", False))
         for param, entries in sorted(by_param.items()):
             entries.sort()
-            transposed = bool(getattr(module, "is_transposed", False))
             shape = tuple(params[param].shape[1:])
             out_total, in_features = (shape[1], shape[0]) if transposed else shape
             blocks = []
-            for _, base, source, _ in entries:
+            for _, base, source in entries:
                 out_b, in_b = _stored_shape(fmt, roles, base)
                 if fmt.method == "compressed-tensors" and in_b - 32 // fmt.bits < in_features <= in_b:
                     in_b = in_features  # packed rows are padded to whole words; weight_shape has the width
@@ -337,7 +335,7 @@ def derive_prequantized_adapters(
                 placed: list[tuple[str, str, tuple[int, ...], int]] = []
                 for suffix, dt, part_shape in scheme.parts(out_b, in_b, dtype_name):
                     size = torch.Size(part_shape).numel() * torch_dtype(dt).itemsize
-                    offset = -(-offset // _ALIGN) * _ALIGN
+                    offset = round_up(offset, _ALIGN)
                     placed.append((suffix, dt, part_shape, offset))
                     offset += size
                 blocks.append(Block(base, source, out_b, in_b, scheme, tuple(placed)))
@@ -351,9 +349,6 @@ def derive_prequantized_adapters(
         floor = max(floor, offset)
         adapters[layer] = ExpertsAdapter(layer, path, counts[layer], dtype, tuple(fills))
     return adapters, floor
-
-
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def _stored_shape(fmt: PreQuantized, roles: Mapping[str, Any], base: str) -> tuple[int, int]:
@@ -373,11 +368,7 @@ def conversion(
 ) -> Callable[[ExpertKey, int], None]:
     """The fill transform: an expert's stored tensors -> the kernel layout, in its slot, never re-quantized."""
     regions = {
-        layer: [
-            (block, {s: store.region(off, torch_dtype(dt), shape) for s, dt, shape, off in block.parts})
-            for fill in adapter.fills
-            for block in fill.blocks
-        ]
+        layer: [(block, block.views(store)) for fill in adapter.fills for block in fill.blocks]
         for layer, adapter in adapters.items()
     }
 
@@ -439,9 +430,11 @@ def dequantize_group(
     from safetensors import safe_open
 
     parts: dict[str, torch.Tensor] = {}
-    for suffix, info in group.items():
-        with safe_open(info.file, framework="pt", device="cpu") as handle:
-            parts[suffix] = handle.get_tensor(info.name)
+    for file in {info.file for info in group.values()}:  # one linear's tensors: usually one file, opened once
+        with safe_open(file, framework="pt", device="cpu") as handle:
+            for suffix, info in group.items():
+                if info.file == file:
+                    parts[suffix] = handle.get_tensor(info.name)
     where = next(iter(group.values())).file
     if fmt.primary not in parts:
         raise CheckpointError(f"{base} has {sorted(parts)} but no {fmt.primary}", file=where, tensor=base)
@@ -464,21 +457,8 @@ def check_experts(layout: ExpertLayout, fmt: PreQuantized) -> None:
                 if suffix == fmt.primary:
                     values[suffix] = torch.empty(t.shape, dtype=torch_dtype(t.dtype), device="meta")
                 else:
-                    values[suffix] = _read_slice(t)
+                    values[suffix] = read_tensor(t)
             main = tensors.get(fmt.primary)
             if main is None:
                 raise CheckpointError(f"{base} has {sorted(tensors)} but no {fmt.primary}", file=layout.root)
             fmt.check(values, name=base, where=main.file)
-
-
-def _read_slice(t: Any) -> torch.Tensor:
-    """One tensor slice of the layout, read from its file (packs and safetensors alike)."""
-    with open(t.file, "rb") as f:
-        f.seek(t.offset)
-        raw = bytearray(f.read(t.nbytes))
-    if len(raw) != t.nbytes:
-        raise CheckpointError(f"short read of {t.nbytes} bytes", file=t.file, tensor=t.source)
-    dtype = torch_dtype(t.dtype)
-    return (
-        torch.frombuffer(raw, dtype=dtype).reshape(t.shape) if t.nbytes else torch.empty(t.shape, dtype=dtype)
-    )

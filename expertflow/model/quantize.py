@@ -17,13 +17,14 @@ import torch
 from tqdm import tqdm
 
 from expertflow.config import StoreConfig
-from expertflow.core import ExpertKey, torch_dtype
+from expertflow.core import ExpertKey
 from expertflow.errors import CheckpointError, ConfigError
 from expertflow.model.loader import load_model, open_model_checkpoint
 from expertflow.model.moe_block import OffloadedExperts
 from expertflow.model.quantized import WEIGHT_PARAMS, scheme_of, weight_shape
 from expertflow.quant.scheme import QuantScheme, dequantize, quantize
 from expertflow.tiers.layout import ExpertLayout
+from expertflow.tiers.nvme import read_tensor
 from expertflow.tiers.pack import ExpertBlockWriter, write_pack
 
 Tensors = list[tuple[str, str, torch.Tensor]]
@@ -98,27 +99,14 @@ def pack_quantized(
                 os.fsync(f.fileno())
             return writer.entries
 
-        dtype = next(t.dtype for t in _first_expert(layout))
+        dtype = next(t.dtype for t in layout.spec(min(layout.experts)).tensors)
         described = {**scheme.to_json(), **scheme.layout_json(dtype)}
         return write_pack(layout, source, dst, write, quantization=described)
 
 
-def _first_expert(layout: ExpertLayout) -> Any:
-    return layout.spec(min(layout.experts)).tensors
-
-
 def read_expert(layout: ExpertLayout, key: ExpertKey) -> dict[str, torch.Tensor]:
     """The tensors of one expert of a pack, by role, read from disk (for references and checks, not the hot path)."""
-    spec = layout.spec(key)
-    out: dict[str, torch.Tensor] = {}
-    for t in spec.tensors:
-        with open(t.file, "rb") as f:
-            f.seek(t.offset)
-            raw = bytearray(f.read(t.nbytes))
-        if len(raw) != t.nbytes:
-            raise CheckpointError(f"short read of expert {key}", file=t.file, tensor=t.source)
-        out[t.role] = torch.frombuffer(raw, dtype=torch_dtype(t.dtype)).reshape(t.shape)
-    return out
+    return {t.role: read_tensor(t) for t in layout.spec(key).tensors}
 
 
 def dequantized_state_dict(pack: str | os.PathLike[str], model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -11,7 +11,6 @@ activation, biases and post-expert norm are used as they are.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from expertflow.model.adapters import ExpertsAdapter, ParamFill, experts_modules
 from expertflow.quant.kernels import qlinear
 from expertflow.quant.scheme import QuantScheme
 from expertflow.tiers.layout import ExpertLayout, TensorSlice
+from expertflow.tiers.nvme import read_tensor
 
 QUANTIZED_IMPLEMENTATION = "expertflow_quantized"
 #: Parameters of an experts module that are weight matrices (quantized); the rest are kept as stored.
@@ -221,28 +221,15 @@ def check_scales(layout: ExpertLayout) -> None:
     scheme = scheme_of(layout)
     if scheme is None:
         return
-    fds: dict[str, int] = {}
-    try:
-        for spec in layout.experts.values():
-            for t in spec.tensors:
-                if not t.role.endswith((".qparams", ".scales")):
-                    continue
-                fd = fds.get(t.file)
-                if fd is None:
-                    fd = fds[t.file] = os.open(t.file, os.O_RDONLY)
-                raw = bytearray(os.pread(fd, t.nbytes, t.offset))
-                if len(raw) != t.nbytes:
-                    raise CheckpointError(
-                        f"short read of {t.role} of expert {spec.key}", file=t.file, tensor=t.source
-                    )
-                values = torch.frombuffer(raw, dtype=torch_dtype(t.dtype))
-                if not bool(torch.isfinite(values).all()):
-                    raise CheckpointError(
-                        f"expert {spec.key}: {int((~torch.isfinite(values)).sum())} values of {t.role} are NaN or "
-                        "infinite",
-                        file=t.file,
-                        tensor=f"{t.source} ({t.role})",
-                    )
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    for spec in layout.experts.values():
+        for t in spec.tensors:
+            if not t.role.endswith((".qparams", ".scales")):
+                continue
+            values = read_tensor(t)
+            if not bool(torch.isfinite(values).all()):
+                raise CheckpointError(
+                    f"expert {spec.key}: {int((~torch.isfinite(values)).sum())} values of {t.role} are NaN or "
+                    "infinite",
+                    file=t.file,
+                    tensor=f"{t.source} ({t.role})",
+                )

@@ -17,13 +17,13 @@ half-quadratic steps that minimise the weight error under an l_p (p < 1) loss, t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from expertflow.core import round_up
 from expertflow.errors import CheckpointError, ConfigError
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -81,8 +81,8 @@ class QuantScheme:
         (the kernel's constraints), so that any shape can be held; the padding never reaches the output."""
         if self.bits == 8:
             # torch's bf16 int8 kernel reads past the row when in % 16 != 0 (it crashes): pad like int4.
-            return out_features, _round_up(in_features, 16)
-        return _round_up(out_features, 16), _round_up(in_features, self.group_size)
+            return out_features, round_up(in_features, 16)
+        return round_up(out_features, 16), round_up(in_features, self.group_size)
 
     def parts(
         self, out_features: int, in_features: int, dtype: str
@@ -145,10 +145,6 @@ class QuantScheme:
 
 
 # --- the CPU int4 layout --------------------------------------------------------------------------
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -261,17 +257,6 @@ def dequantize(
     return weight
 
 
-def check_parts(parts: Mapping[str, torch.Tensor], scheme: QuantScheme, *, file: str, tensor: str) -> None:
-    """Raise :class:`CheckpointError` for scales or zeros that are not finite (a corrupt or hostile file)."""
-    for name in ("qparams", "scales"):
-        t = parts.get(name)
-        if t is not None and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise CheckpointError(
-                f"{bad} {name} values are NaN or infinite", file=file, tensor=f"{tensor}.{name}"
-            )
-
-
 def check_tensors(
     scheme: QuantScheme, tensors: Mapping[str, tuple[str, tuple[int, ...], str]], *, file: str
 ) -> None:
@@ -318,11 +303,3 @@ def check_tensors(
             raise CheckpointError(
                 f"{param} scales are {scales_dtype}, not a float type", file=file, tensor=source
             )
-
-
-def nbytes(scheme: QuantScheme, out_features: int, in_features: int, dtype_size: int) -> int:
-    """Bytes an ``out x in`` weight takes under ``scheme`` (for sizing and reports)."""
-    return sum(
-        math.prod(shape) * (1 if dtype in ("U8", "I8") else dtype_size)
-        for _, dtype, shape in scheme.parts(out_features, in_features, "BF16")
-    )

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+import torch
 
-from expertflow.core import BLOCK, ExpertKey, slot_nbytes
+from expertflow.core import BLOCK, ExpertKey, slot_nbytes, torch_dtype
 from expertflow.errors import (
     CheckpointChangedError,
     CheckpointError,
@@ -40,7 +41,7 @@ from expertflow.errors import (
     StoreClosedError,
 )
 from expertflow.tiers.checksum import spec_checksum
-from expertflow.tiers.layout import ExpertLayout, ExpertSpec
+from expertflow.tiers.layout import ExpertLayout, ExpertSpec, TensorSlice
 
 if TYPE_CHECKING:
     from expertflow.tiers.local_checksums import LocalChecksums
@@ -108,6 +109,26 @@ def plan_direct(spec: ExpertSpec, block: int = BLOCK) -> _Plan:
         runs.append(_Run(first.file, start, end - start, pos, tuple(placed)))
         pos += end - start
     return _Plan(tuple(runs), pos, needs_move, in_place)
+
+
+def read_tensor(t: TensorSlice) -> torch.Tensor:
+    """One tensor of an expert read from its file as it is stored (for checks and references at open, not the
+    hot path: that reads whole experts into slots)."""
+    try:
+        with open(t.file, "rb") as f:
+            raw = bytearray(os.pread(f.fileno(), t.nbytes, t.offset))
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot read tensor {t.role}: {exc.strerror}", file=t.file, tensor=t.source
+        ) from exc
+    if len(raw) != t.nbytes:
+        raise CheckpointError(
+            f"short read of {t.role} ({len(raw)}/{t.nbytes} bytes)", file=t.file, tensor=t.source
+        )
+    dtype = torch_dtype(t.dtype)
+    return (
+        torch.frombuffer(raw, dtype=dtype).reshape(t.shape) if t.nbytes else torch.empty(t.shape, dtype=dtype)
+    )
 
 
 def read_slot_nbytes(layout: ExpertLayout, mode: str) -> int:

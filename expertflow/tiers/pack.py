@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 import torch
 from tqdm import tqdm
 
-from expertflow.core import BLOCK, DTYPE_SIZES, TORCH_DTYPES, ExpertKey, round_up
+from expertflow.core import BLOCK, DTYPE_SIZES, SAFETENSORS_CODES, ExpertKey, round_up
 from expertflow.errors import CheckpointError, UnsupportedModelError
 from expertflow.quant.scheme import QuantScheme, check_tensors
 from expertflow.tiers.checksum import spec_checksum
@@ -159,10 +159,10 @@ class ExpertBlockWriter:
 
 
 def _st_dtype(t: Any) -> str:
-    for name, dtype in TORCH_DTYPES.items():
-        if t.dtype == dtype:
-            return name
-    raise CheckpointError(f"no safetensors dtype for {t.dtype}")
+    code = SAFETENSORS_CODES.get(t.dtype)
+    if code is None:
+        raise CheckpointError(f"no safetensors dtype for {t.dtype}")
+    return code
 
 
 def _write_experts(layout: ExpertLayout, path: Path, progress: bool) -> list[dict[str, Any]]:
