@@ -125,3 +125,16 @@ def test_compressed_tensors_pack_quantized_is_read_as_its_library_defines_it() -
     )
     want = codes.float() * scale.repeat_interleave(64, dim=1)
     assert torch.equal(got.dequantize(), want)
+
+
+def test_act_order_groups_the_kernel_cannot_take_are_cut_within_each_group() -> None:
+    """GPTQ groups of 512 run as kernel groups of 256 sharing the group's scale and zero; with act-order each
+    group's channels are scattered over the input, and still compute exactly the format's values."""
+    w = torch.randn(48, 1024, generator=torch.Generator().manual_seed(3))
+    t = gptq_tensors(w, 4, 512, sym=False, act_order=True, seed=3)
+    want = gptq_dequantized(t, 4)
+    scheme, parts = to_kernel_parts(
+        read_gptq(t, bits=4, group_size=512, v1=True, name="l", where="f"), torch.float32, name="l", where="f"
+    )
+    assert scheme.group_size == 256 and scheme.act_order
+    assert (dequantize(parts, scheme, 48, 1024) - want).abs().max() <= 1e-6 * want.abs().max()
