@@ -11,6 +11,7 @@ their reason, and must still fail without their entry. A family that fails for a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from expertflow.model.loader import load_model, open_model_checkpoint
 from expertflow.model.quantize import dequantized_state_dict, pack_quantized
 from expertflow.model.support import UNSUPPORTED
 from expertflow.quant.scheme import QuantScheme
+from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.safetensors_index import open_checkpoint
 from tests.family_fixtures import (
     discover_expert_families,
@@ -57,11 +59,7 @@ def test_a_family_loads_lossless_with_experts_evicted_and_read_again(
     root = save_tiny_checkpoint(runnable, tmp_path / family)
     class_name, _ = model_class_name(runnable)  # the class the fixture was built with
     reference = getattr(transformers, class_name).from_pretrained(root, dtype=torch.float32).eval()
-    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        # A family whose forward samples (block diffusion draws its noise) sees the same draws.
-        torch.manual_seed(0)
-        want = _output(reference(input_ids=ids))
+    want = _forward(reference)
     del reference
     layout = open_model_checkpoint(root)
     # What the model-free naming finds, the model finds alike, except a layer whose one on-disk list the model
@@ -75,13 +73,7 @@ def test_a_family_loads_lossless_with_experts_evicted_and_read_again(
         for key, spec in by_pattern.experts.items():
             if model_counts.get(key.layer) == pattern_counts[key.layer]:
                 assert layout.spec(key) == spec
-    top_k = routed_top_k(transformers.AutoConfig.from_pretrained(root)) or 2
-    slot = -(-layout.max_expert_nbytes // 4096) * 4096
-    config = StoreConfig(host_bytes=2 * top_k * slot, predictor="none")
-    with load_model(root, config=config) as model, torch.no_grad():
-        torch.manual_seed(0)
-        got = _output(model(input_ids=ids))
-        stats = model.expert_stats()
+    got, stats = _offloaded(root, layout)
     scale = max(want.abs().max().item(), 1.0)
     assert (got - want).abs().max().item() <= 1e-5 * scale
     if stats.device_misses > stats.num_slots:
@@ -101,18 +93,9 @@ def test_a_family_runs_int4_experts_like_transformers_with_the_dequantized_weigh
     reference = getattr(transformers, class_name).from_pretrained(root, dtype=torch.float32).eval()
     loaded = reference.load_state_dict(dequantized_state_dict(pack, reference), strict=False)
     assert not loaded.unexpected_keys
-    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.manual_seed(0)
-        want = _output(reference(input_ids=ids))
+    want = _forward(reference)
     del reference
-    layout = open_checkpoint(pack)
-    top_k = routed_top_k(transformers.AutoConfig.from_pretrained(root)) or 2
-    slot = -(-layout.max_expert_nbytes // 4096) * 4096
-    config = StoreConfig(host_bytes=2 * top_k * slot, predictor="none")
-    with load_model(pack, config=config) as model, torch.no_grad():
-        torch.manual_seed(0)
-        got = _output(model(input_ids=ids))
+    got, _ = _offloaded(pack, open_checkpoint(pack))
     scale = max(want.abs().max().item(), 1.0)
     assert (got - want).abs().max().item() <= 1e-5 * scale
 
@@ -164,6 +147,25 @@ def test_experts_stored_quantized_are_refused_naming_the_tensors(tmp_path: Path)
     save_file(tensors, str(shard), metadata={"format": "pt"})
     with pytest.raises(UnsupportedModelError, match=r"stored quantized .*w13_weight_scale"):
         load_model(root, config=StoreConfig(predictor="none"))
+
+
+IDS = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _forward(model: Any) -> torch.Tensor:
+    """The model's output on :data:`IDS`; a family whose forward samples (block diffusion draws its noise)
+    sees the same draws every time."""
+    with torch.no_grad():
+        torch.manual_seed(0)
+        return _output(model(input_ids=IDS))
+
+
+def _offloaded(path: Path, layout: ExpertLayout) -> tuple[torch.Tensor, Any]:
+    """The output of ``path`` loaded with room for two layers' top-k experts, and the store's statistics."""
+    top_k = routed_top_k(transformers.AutoConfig.from_pretrained(path)) or 2
+    slot = -(-layout.max_expert_nbytes // 4096) * 4096
+    with load_model(path, config=StoreConfig(host_bytes=2 * top_k * slot, predictor="none")) as model:
+        return _forward(model), model.expert_stats()
 
 
 def _output(out: object) -> torch.Tensor:
