@@ -150,8 +150,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from expertflow.model.loader import load_model
 
     if args.prompts:
+        if args.image:
+            raise ConfigError(
+                "--prompts takes its images from the file ('image' per line): leave --image out"
+            )
         return _cmd_generate_many(args)
     ids = encode_prompt(args.path, args.prompt, args.token_ids, args.byte_tokens)
+    prompt: list[int] | dict[str, Any] = ids
+    if args.image:
+        from expertflow.model.vision import ImagePrompts
+
+        prompt = ImagePrompts(args.path).inputs(ids, args.image)  # checked before the model loads
     model = load_model(args.path, device=args.device, config=_store_config(args))
     try:
 
@@ -159,7 +168,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             text = chr(token) if args.byte_tokens and 32 <= token < 127 else f"[{token}]"
             print(text, end="", flush=True)
 
-        result = generate(model, ids, args.max_new_tokens, on_token=show)
+        result = generate(model, prompt, args.max_new_tokens, on_token=show)
         print()
         if args.json:
             print(json.dumps(result.as_dict(), indent=2, default=str))
@@ -449,9 +458,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument(
+        "--image",
+        help="an image for the prompt (MoE vision-language models: Qwen3-VL-MoE, GLM-4.5V-MoE, "
+        "ERNIE-4.5-VL-MoE); its tokens go before the prompt's text, or in place of the prompt's image token "
+        "when it has one",
+    )
+    p.add_argument(
         "--prompts",
-        help="a JSONL file of requests ({'prompt' or 'token_ids', 'id', 'max_new_tokens'} per line), run with "
-        "continuous batching",
+        help="a JSONL file of requests ({'prompt' or 'token_ids', 'id', 'max_new_tokens', 'image'} per line), "
+        "run with continuous batching",
     )
     p.add_argument(
         "--schedule",

@@ -79,7 +79,12 @@ def _write(tmp_path: Path, *lines: str) -> Path:
         ('{"token_ids": []}', "line 2: 'token_ids' must be"),
         ('{"token_ids": [1], "max_new_tokens": 0}', "line 2: 'max_new_tokens' must be"),
         ('{"id": "a", "token_ids": [1]}', "line 2: request id 'a' is used twice"),
-        ('{"token_ids": [1], "image": "x.png"}', r"line 2: unknown fields \['image'\]"),
+        ('{"token_ids": [1], "images": "x.png"}', r"line 2: unknown fields \['images'\]"),
+        ('{"token_ids": [1], "image": "x.png"}', r"line 2: image 'x.png' does not exist"),
+        (
+            '{"token_ids": [1], "image": "requests.jsonl"}',
+            "line 2: .* is a text-only model: it takes no image",
+        ),
     ],
 )
 def test_a_bad_request_line_is_named_before_any_work(

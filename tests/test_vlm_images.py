@@ -1,6 +1,8 @@
-"""MoE vision-language models with an image in the prompt: ExpertFlow's logits equal transformers' in-memory
-model's, experts evicted and read again. Images are generated here; the image processor is built from the
-fixture's vision config (nothing is downloaded)."""
+"""MoE vision-language models with an image in the prompt: ExpertFlow's logits and greedy tokens equal
+transformers' in-memory model's, experts evicted and read again, from the library, `generate --image`, a
+requests file and the eval grid. Images are generated here; the image processor is built from the fixture's
+vision config (nothing is downloaded). The reference inputs are built by hand in this file, apart from
+expertflow.model.vision, which builds them for the CLI, the batch and the grid."""
 
 from __future__ import annotations
 
@@ -13,15 +15,27 @@ import torch
 import transformers
 from PIL import Image
 
+from expertflow.bench.grid import bench_grid, parse_grid, read_tasks, run_configuration
+from expertflow.cli import main
 from expertflow.config import StoreConfig
+from expertflow.errors import ConfigError
+from expertflow.model.batch import generate_many, read_requests
 from expertflow.model.loader import load_model
+from expertflow.model.vision import ImagePrompts
 from tests.family_fixtures import model_class_name, save_tiny_checkpoint
 
 #: MoE-VLM families checked with images, and the image processor each family's processor uses.
 FAMILIES = {
     "qwen3_vl_moe": "Qwen2VLImageProcessorPil",
     "glm4v_moe": "Glm4vImageProcessorPil",
+    "ernie4_5_vl_moe": "Ernie4_5_VLMoeImageProcessorPil",
 }
+
+
+def _image(path: Path, seed: int = 0, size: int = 112) -> Path:
+    pixels = (np.random.default_rng(seed).random((size, size, 3)) * 255).astype("uint8")
+    Image.fromarray(pixels).save(path)
+    return path
 
 
 def _inputs(root: Path, family: str) -> dict[str, torch.Tensor]:
@@ -30,10 +44,11 @@ def _inputs(root: Path, family: str) -> dict[str, torch.Tensor]:
     config = json.loads((root / "config.json").read_text())
     vision = config["vision_config"]
     merge = vision["spatial_merge_size"]
+    temporal = (
+        {} if family == "ernie4_5_vl_moe" else {"temporal_patch_size": vision.get("temporal_patch_size", 2)}
+    )
     processor = getattr(transformers, FAMILIES[family])(
-        patch_size=vision["patch_size"],
-        merge_size=merge,
-        temporal_patch_size=vision.get("temporal_patch_size", 2),
+        patch_size=vision["patch_size"], merge_size=merge, **temporal
     )
     pixels = (np.random.default_rng(0).random((112, 112, 3)) * 255).astype("uint8")
     image = processor(images=[Image.fromarray(pixels)], return_tensors="pt")
@@ -41,17 +56,21 @@ def _inputs(root: Path, family: str) -> dict[str, torch.Tensor]:
     start = config.get("image_start_token_id", config.get("vision_start_token_id"))
     end = config.get("image_end_token_id", config.get("vision_end_token_id"))
     ids = torch.tensor([[1, 2, start] + [config["image_token_id"]] * count + [end, 5, 6, 7]])
-    return {
+    inputs = {
         "input_ids": ids,
         "pixel_values": image["pixel_values"],
         "image_grid_thw": image["image_grid_thw"],
         "mm_token_type_ids": (ids == config["image_token_id"]).long(),
     }
+    if family == "ernie4_5_vl_moe":  # its processor's second mask: image tokens and markers to vision experts
+        inputs["moe_mm_token_type_ids"] = (
+            (ids == config["image_token_id"]) | (ids == start) | (ids == end)
+        ).long()
+    return inputs
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_an_image_prompt_gives_the_logits_of_the_in_memory_model(family: str, tmp_path: Path) -> None:
-    root = save_tiny_checkpoint(family, tmp_path / family)
+def _checkpoint(family: str, root: Path) -> Path:
+    save_tiny_checkpoint(family, root)
     config = json.loads((root / "config.json").read_text())
     if config.get("image_token_id", 1 << 30) >= config.get("text_config", config).get("vocab_size", 0):
         # The generic fixture keeps the family's real special-token ids; move them into its tiny vocabulary.
@@ -59,9 +78,30 @@ def test_an_image_prompt_gives_the_logits_of_the_in_memory_model(family: str, tm
             image_token_id=250, video_token_id=249, vision_start_token_id=251, vision_end_token_id=252
         )
         (root / "config.json").write_text(json.dumps(config))
-    inputs = _inputs(root, family)
+    return root
+
+
+def _reference(root: Path, family: str) -> transformers.PreTrainedModel:
     class_name, _ = model_class_name(family)
-    reference = getattr(transformers, class_name).from_pretrained(root, dtype=torch.float32).eval()
+    return getattr(transformers, class_name).from_pretrained(root, dtype=torch.float32).eval()
+
+
+def _greedy(model: torch.nn.Module, inputs: dict[str, torch.Tensor], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+@pytest.fixture(scope="module")
+def qwen3_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _checkpoint("qwen3_vl_moe", tmp_path_factory.mktemp("vlm") / "qwen3_vl_moe")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_an_image_prompt_gives_the_logits_of_the_in_memory_model(family: str, tmp_path: Path) -> None:
+    root = _checkpoint(family, tmp_path / family)
+    inputs = _inputs(root, family)
+    reference = _reference(root, family)
     with torch.no_grad():
         want = reference(**inputs).logits
     del reference
@@ -74,3 +114,121 @@ def test_an_image_prompt_gives_the_logits_of_the_in_memory_model(family: str, tm
     assert inputs["mm_token_type_ids"].sum() >= 4  # the image is really in the prompt
     assert stats.evictions > 0
     assert (got - want).abs().max() <= 1e-5 * max(want.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_image_prompts_are_built_as_the_family_processor_builds_them(family: str, tmp_path: Path) -> None:
+    """The library's builder gives the hand-built inputs: a prompt holding the image token has it expanded in
+    place; a prompt without one gets the image, between its markers, before the text."""
+    root = _checkpoint(family, tmp_path / family)
+    want = _inputs(root, family)
+    config = json.loads((root / "config.json").read_text())
+    start = config.get("image_start_token_id", config.get("vision_start_token_id"))
+    end = config.get("image_end_token_id", config.get("vision_end_token_id"))
+    image = _image(tmp_path / "image.png")
+    got = ImagePrompts(root).inputs([1, 2, start, config["image_token_id"], end, 5, 6, 7], image)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    before = ImagePrompts(root).inputs([1, 2], image)["input_ids"][0].tolist()
+    count = int(want["mm_token_type_ids"].sum())
+    assert before == [start] + [config["image_token_id"]] * count + [end, 1, 2]
+    with pytest.raises(ConfigError, match="one image per prompt"):
+        ImagePrompts(root).inputs([config["image_token_id"]] * 2, image)
+
+
+def test_generate_with_an_image_prints_the_in_memory_models_tokens(
+    qwen3_vl: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = _image(tmp_path / "cat.png", seed=3)
+    args = ["generate", str(qwen3_vl), "--image", str(image), "--token-ids", "7,8,9", "--max-new-tokens", "6"]
+    assert main([*args, "--host-mem", "100KiB", "--json"]) == 0
+    streamed, _, summary = capsys.readouterr().out.partition("\n")  # the tokens as they come, then JSON
+    got = json.loads(summary)["tokens"]
+    want = _greedy(_reference(qwen3_vl, "qwen3_vl_moe"), ImagePrompts(qwen3_vl).inputs([7, 8, 9], image), 6)
+    assert got == want and len(got) == 6
+    assert streamed == "".join(f"[{t}]" for t in got)
+
+
+def test_an_image_for_a_text_only_model_or_a_bad_image_is_refused_before_loading(
+    qwen3_vl: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text_only = save_tiny_checkpoint("mixtral", tmp_path / "mixtral")
+    image = _image(tmp_path / "x.png")
+    assert main(["generate", str(text_only), "--image", str(image), "--token-ids", "1,2"]) == 2
+    assert "text-only model: it takes no image" in capsys.readouterr().err
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not pixels")
+    assert main(["generate", str(qwen3_vl), "--image", str(not_an_image), "--token-ids", "1,2"]) == 2
+    assert "is not a readable image" in capsys.readouterr().err
+    assert main(["generate", str(qwen3_vl), "--image", str(tmp_path / "gone.png"), "--token-ids", "1"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_requests_file_mixes_image_and_text_requests_each_as_if_run_alone(
+    qwen3_vl: Path, tmp_path: Path
+) -> None:
+    """Text requests run in the continuous batch, image requests one at a time; every output is the in-memory
+    model's for the request alone, experts evicted and read again."""
+    for seed in (1, 2):
+        _image(tmp_path / f"img{seed}.png", seed=seed, size=56 * seed)
+    lines = [
+        {"id": "t1", "token_ids": [3, 4, 5], "max_new_tokens": 4},
+        {"id": "i1", "token_ids": [10, 11], "image": "img1.png", "max_new_tokens": 5},
+        {"id": "t2", "token_ids": [9, 8, 7, 6, 5], "max_new_tokens": 3},
+        {"id": "i2", "token_ids": [12], "image": str(tmp_path / "img2.png"), "max_new_tokens": 3},
+    ]
+    path = tmp_path / "requests.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    requests = read_requests(path, qwen3_vl, max_new_tokens=2)
+    assert [r.image is not None for r in requests] == [False, True, False, True]
+    with load_model(qwen3_vl, config=StoreConfig(host_bytes=100 << 10)) as model:
+        result = generate_many(model, requests, schedule="experts", max_requests=2)
+        assert model.expert_stats().evictions > 0
+    reference = _reference(qwen3_vl, "qwen3_vl_moe")
+    prompts = ImagePrompts(qwen3_vl)
+    for r in requests:
+        if r.image is None:
+            inputs = {"input_ids": torch.tensor([list(r.input_ids)])}
+        else:
+            inputs = prompts.inputs(r.input_ids, r.image)
+        assert result.outputs[r.id] == _greedy(reference, inputs, r.max_new_tokens), r.id
+    assert sorted(result.order) == ["i1", "i2", "t1", "t2"]
+
+
+def test_the_grid_runs_image_yes_no_tasks_and_lossless_configurations_agree(
+    qwen3_vl: Path, tmp_path: Path
+) -> None:
+    """POPE-style yes/no questions about generated images; two lossless configurations answer alike."""
+    for seed in range(3):
+        _image(tmp_path / f"scene{seed}.png", seed=seed)
+    tasks = [
+        {"kind": "yesno", "prompt": f"Is there a cat? {i}", "image": f"scene{i % 3}.png", "answer": a}
+        for i, a in enumerate(["yes", "no", "yes", "no"])
+    ]
+    tasks.append({"kind": "exact", "prompt": "1+1=", "answer": "2"})
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    assert sum(t.image is not None for t in read_tasks(path, qwen3_vl, byte_tokens=True)) == 4
+    rows = bench_grid(
+        str(qwen3_vl),
+        str(path),
+        parse_grid(["budget=0.3,1", "schedule=fifo,experts"]),
+        tmp_path / "out",
+        byte_tokens=True,
+        workdir=tmp_path / "work",
+        progress=False,
+        run=run_configuration,
+    )
+    assert len(rows) == 4 and not any("error" in r for r in rows)
+    assert len({r["answers_digest"] for r in rows}) == 1
+    assert all({"yesno_accuracy", "yesno_f1", "yes_ratio", "exact_match"} <= set(r) for r in rows)
+    assert all(len(r["answers"]) == 5 for r in rows)
+
+
+def test_a_ppl_task_with_an_image_is_refused(qwen3_vl: Path, tmp_path: Path) -> None:
+    _image(tmp_path / "a.png")
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(json.dumps({"kind": "ppl", "text": "abc", "image": "a.png"}) + "\n")
+    with pytest.raises(ConfigError, match="line 1: a ppl task is a text; it takes no image"):
+        read_tasks(path, qwen3_vl, byte_tokens=True)

@@ -55,6 +55,7 @@ class Task:
     input_ids: tuple[int, ...]
     answer: str | None
     max_new_tokens: int
+    image: str | None = None  # an image file, for MoE vision-language models
 
 
 def _axis_value(axis: str, text: str) -> Any:
@@ -115,10 +116,9 @@ def lossless(config: dict[str, Any]) -> bool:
 
 def read_tasks(path: str | Path, model_dir: str | Path, *, byte_tokens: bool) -> list[Task]:
     """Tasks from a JSONL file, every line checked before any work; an error names the line."""
-    from expertflow.model.batch import jsonl_objects
+    from expertflow.model.batch import check_image, jsonl_objects
     from expertflow.model.generate import encode_prompt
 
-    vision = "vision_config" in json.loads((Path(model_dir) / "config.json").read_text())
     tasks: list[Task] = []
     seen: set[str] = set()
     for number, where, item in jsonl_objects(path, "task"):
@@ -128,15 +128,9 @@ def read_tasks(path: str | Path, model_dir: str | Path, *, byte_tokens: bool) ->
         kind = item.get("kind")
         if kind not in KINDS:
             raise ConfigError(f"{where}: 'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
-        if "image" in item:
-            image = Path(str(item["image"]))
-            if not image.is_absolute():
-                image = Path(path).parent / image
-            if not image.is_file():
-                raise ConfigError(f"{where}: image {item['image']!r} does not exist")
-            if not vision:
-                raise ConfigError(f"{where}: an image is given, but {model_dir} is a text-only model")
-            raise ConfigError(f"{where}: image tasks are not supported by the grid yet")
+        image = check_image(item.get("image"), path, model_dir, where)
+        if image is not None and kind == "ppl":
+            raise ConfigError(f"{where}: a ppl task is a text; it takes no image")
         field = "text" if kind == "ppl" else "prompt"
         content = item.get(field)
         if not isinstance(content, str) or not content:
@@ -155,7 +149,7 @@ def read_tasks(path: str | Path, model_dir: str | Path, *, byte_tokens: bool) ->
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ConfigError(f"{where}: 'max_new_tokens' must be a positive integer")
         ids = encode_prompt(model_dir, content, None, byte_tokens)
-        tasks.append(Task(tid, kind, tuple(ids), answer, n))
+        tasks.append(Task(tid, kind, tuple(ids), answer, n, image))
     if not tasks:
         raise ConfigError(f"{path} has no tasks")
     return tasks
@@ -242,7 +236,7 @@ def run_configuration(
         if generation:
             result = generate_many(
                 model,
-                [Request(t.id, t.input_ids, t.max_new_tokens) for t in generation],
+                [Request(t.id, t.input_ids, t.max_new_tokens, t.image) for t in generation],
                 schedule=config["schedule"],
             )
             answers = result.outputs

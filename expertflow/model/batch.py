@@ -10,6 +10,11 @@ each request's experts (every MoE layer's router applied to the prompt's token e
 of :mod:`expertflow.model.prefetch`) and orders the queue so that requests whose experts overlap run together
 (:func:`expertflow.pipeline.schedule.group_requests`). Scheduling changes order and speed, never text: greedy
 outputs are those of each request run alone.
+
+A request may carry an image (MoE vision-language models, :mod:`expertflow.model.vision`). transformers'
+continuous batching takes token ids only (no pixels, no 3-D rotary positions), so requests with an image run
+one at a time, in the schedule's order, after the batch of text requests; their outputs are likewise those
+of the request run alone.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class Request:
     id: str
     input_ids: tuple[int, ...]
     max_new_tokens: int
+    image: str | None = None  # an image file, for MoE vision-language models
 
 
 @dataclass
@@ -122,11 +128,12 @@ def read_requests(
     path: str | Path, model_dir: str | Path, *, max_new_tokens: int, byte_tokens: bool = False
 ) -> list[Request]:
     """Requests from a JSONL file, one object per line: ``prompt`` (text) or ``token_ids`` (a list), and
-    optionally ``id`` and ``max_new_tokens``. Every line is checked before any work; an error names the line."""
+    optionally ``id``, ``max_new_tokens`` and ``image`` (a file, relative to the requests file's folder).
+    Every line is checked before any work, images opened included; an error names the line."""
     requests: list[Request] = []
     seen: set[str] = set()
     for number, where, item in jsonl_objects(path, "request"):
-        unknown = sorted(set(item) - {"id", "prompt", "token_ids", "max_new_tokens"})
+        unknown = sorted(set(item) - {"id", "prompt", "token_ids", "max_new_tokens", "image"})
         if unknown:
             raise ConfigError(f"{where}: unknown fields {unknown}")
         prompt, token_ids = item.get("prompt"), item.get("token_ids")
@@ -150,10 +157,33 @@ def read_requests(
         ids = (
             list(token_ids) if token_ids is not None else encode_prompt(model_dir, prompt, None, byte_tokens)
         )
-        requests.append(Request(rid, tuple(ids), n))
+        image = check_image(item.get("image"), path, model_dir, where)
+        requests.append(Request(rid, tuple(ids), n, image))
     if not requests:
         raise ConfigError(f"{path} has no requests")
     return requests
+
+
+def check_image(value: Any, path: str | Path, model_dir: str | Path, where: str) -> str | None:
+    """A request's ``image`` field, checked: the file (relative to the request file's folder) opens as an image
+    and the model takes images. A :class:`ConfigError` naming ``where`` otherwise."""
+    from expertflow.model.vision import ImagePrompts, load_image
+
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: 'image' must be a file name")
+    image = Path(value)
+    if not image.is_absolute():
+        image = Path(path).parent / image
+    if not image.is_file():
+        raise ConfigError(f"{where}: image {value!r} does not exist ({image})")
+    try:
+        ImagePrompts(model_dir)  # a text-only model, or a family whose images are not built here
+        load_image(image)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return str(image)
 
 
 def expert_profiles(model: Any, requests: Sequence[Request]) -> list[dict[int, dict[int, float]]]:
@@ -235,11 +265,31 @@ def generate_many(
     rerouted0, routed0 = sum(r.rerouted for r in routings), sum(r.routed for r in routings)
     outputs: dict[str, list[int]] = {}
     t0 = time.perf_counter()
+    text = [requests[i] for i in order if requests[i].image is None]
+    if text:
+        outputs.update(_continuous(model, text, generation, config, timeout))
+    pictured = [requests[i] for i in order if requests[i].image is not None]
+    if pictured:
+        outputs.update(_one_at_a_time(model, pictured, generation))
+    seconds = time.perf_counter() - t0
+    stats = _delta(store.stats().as_dict(), before) if store is not None else {}
+    if routings:  # cache-aware routing (lossy): how many expert choices it replaced
+        stats["rerouted"] = sum(r.rerouted for r in routings) - rerouted0
+        stats["routed"] = sum(r.routed for r in routings) - routed0
+    return BatchResult(
+        {r.id: outputs[r.id] for r in requests}, [requests[i].id for i in order], seconds, schedule, stats
+    )
+
+
+def _continuous(
+    model: Any, requests: Sequence[Request], generation: Any, config: Any, timeout: float
+) -> dict[str, list[int]]:
+    """Text requests through transformers' continuous batching, admitted in the order given."""
+    outputs: dict[str, list[int]] = {}
     manager = model.init_continuous_batching(generation, config)
     manager.start()
     try:
-        for i in order:
-            r = requests[i]
+        for r in requests:
             manager.add_request(list(r.input_ids), request_id=r.id, max_new_tokens=r.max_new_tokens)
         deadline = time.monotonic() + timeout
         while len(outputs) < len(requests):
@@ -256,11 +306,25 @@ def generate_many(
             outputs[result.request_id] = list(result.generated_tokens)
     finally:
         manager.stop(block=True)
-    seconds = time.perf_counter() - t0
-    stats = _delta(store.stats().as_dict(), before) if store is not None else {}
-    if routings:  # cache-aware routing (lossy): how many expert choices it replaced
-        stats["rerouted"] = sum(r.rerouted for r in routings) - rerouted0
-        stats["routed"] = sum(r.routed for r in routings) - routed0
-    return BatchResult(
-        {r.id: outputs[r.id] for r in requests}, [requests[i].id for i in order], seconds, schedule, stats
-    )
+    return outputs
+
+
+def _one_at_a_time(model: Any, requests: Sequence[Request], generation: Any) -> dict[str, list[int]]:
+    """Requests with an image, each alone: greedy, stopping at the end-of-sequence token as the batch does."""
+    from expertflow.model.vision import ImagePrompts
+
+    images = ImagePrompts(getattr(model, "expert_model_dir", None) or model.name_or_path)
+    outputs: dict[str, list[int]] = {}
+    with torch.inference_mode():
+        for r in requests:
+            assert r.image is not None
+            inputs = {k: v.to(model.device) for k, v in images.inputs(r.input_ids, r.image).items()}
+            out = model.generate(
+                **inputs,
+                do_sample=False,
+                max_new_tokens=r.max_new_tokens,
+                eos_token_id=model.generation_config.eos_token_id,
+                pad_token_id=generation.pad_token_id,
+            )
+            outputs[r.id] = out[0, inputs["input_ids"].shape[1] :].tolist()
+    return outputs

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,18 +100,29 @@ def _delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
 
 def generate(
     model: Any,
-    input_ids: Sequence[int],
+    input_ids: Sequence[int] | Mapping[str, torch.Tensor],
     max_new_tokens: int,
     *,
     on_token: Callable[[int], None] | None = None,
 ) -> GenerationResult:
     """Greedy decode ``max_new_tokens`` after ``input_ids`` with ``model.generate`` (any HF causal LM).
 
+    ``input_ids`` is a prompt's token ids, or a processor's inputs for one prompt (``input_ids`` with a
+    batch of one, plus e.g. ``pixel_values``; see :class:`expertflow.model.vision.ImagePrompts`).
+
     When the model was loaded by :func:`expertflow.load_model`, the result carries the store's counters
     for this call (hits, misses, bytes per source, stall, prefetch) and the predictor's precision/recall.
     """
-    if not input_ids:
-        raise ConfigError("the prompt is empty: give --prompt text or --token-ids")
+    if isinstance(input_ids, Mapping):
+        inputs = {k: v.to(model.device) for k, v in input_ids.items()}
+        if inputs["input_ids"].shape[0] != 1:
+            raise ConfigError("generate takes one prompt; use generate_many for many")
+    else:
+        if not input_ids:
+            raise ConfigError("the prompt is empty: give --prompt text or --token-ids")
+        ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model.device)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    prompt_tokens = int(inputs["input_ids"].shape[1])
     if max_new_tokens < 1:
         raise ConfigError("max_new_tokens must be >= 1")
     store = getattr(model, "expert_store", None)
@@ -136,12 +147,10 @@ def generate(
             at_first.update(counters())
 
     streamer = _Streamer(on_token, snapshot)
-    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
+            **inputs,
             max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens,
             do_sample=False,
@@ -151,7 +160,7 @@ def generate(
     t_end = time.perf_counter()
     first = streamer.times[0] if streamer.times else t_end
     result = GenerationResult(
-        prompt_tokens=len(input_ids),
+        prompt_tokens=prompt_tokens,
         tokens=streamer.tokens,
         prefill_seconds=first - t0,
         decode_seconds=t_end - first,

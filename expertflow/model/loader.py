@@ -71,6 +71,7 @@ class ExpertFlowModelMixin:
     expert_store: Any
     expert_layers: dict[int, OffloadedExperts]
     expert_top_k: int  # experts per token, validated at load
+    expert_model_dir: Path  # the checkpoint it was loaded from (its config, processor settings)
     _expertflow_close: Callable[[], None]
 
     def close(self) -> None:
@@ -191,6 +192,7 @@ def load_model(
     extended.expert_layers = expert_layers
     extended.expert_predictor = predictor
     extended.expert_top_k = top_k
+    extended.expert_model_dir = Path(root)
     extended._expertflow_close = weakref.finalize(model, close_store)
     model.eval()
     return model
