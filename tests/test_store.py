@@ -616,3 +616,20 @@ async def test_a_fill_transform_runs_once_per_fill_before_anyone_sees_the_slot(c
             store.set_fill_transform(negate)
     finally:
         await store.aclose()
+
+
+def test_ranked_prefetches_from_model_code_load_the_likeliest_first(ckpt):
+    """The synchronous face takes a layer's predictions at their own priorities in one call: resident keys
+    are left out, and the reads start likeliest first."""
+    _, layout, _ = ckpt
+    source = GatedSource(NvmeTier(layout, "mmap"))
+    config = StoreConfig(host_bytes=budget_for(layout, 6), max_concurrent_reads=1, fetch_timeout=5.0)
+    K = ExpertKey
+    with ExpertStore(layout, config, sources=[source]) as store:
+        store.release(store.fetch([K(0, 0)]))
+        store.prefetch_ranked([(K(2, 1), 0.5), (K(0, 0), 1.0), (K(1, 1), 0.9), (K(0, 2), 0.2)])
+        wanted = [K(1, 1), K(2, 1), K(0, 2)]
+        store.release(store.fetch(wanted))  # waits for the prefetches, which are already loading
+        assert source.log == [K(0, 0), *wanted]
+        stats = store.stats()
+        assert stats.prefetch_issued == 3 and stats.prefetch_used == 3

@@ -9,7 +9,6 @@ prefetched, nearer layers at higher priority; stale prefetches are cancelled whe
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +17,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from expertflow.config import StoreConfig
-from expertflow.core import ExpertKey
 from expertflow.model.moe_block import OffloadedExperts, SlotStore
 from expertflow.pipeline.predictor import Gate, Predictor
 
@@ -131,11 +129,7 @@ def attach_predictor(
         state = residual.get(layer, hidden)
         preds = predictor.predict(layer, state)
         predictor.predict_cache = preds
-        by_priority: dict[float, list[ExpertKey]] = defaultdict(list)
-        for key, pr in preds:
-            by_priority[pr].append(key)
-        for pr, keys in sorted(by_priority.items(), reverse=True):
-            store.prefetch(keys, priority=pr)
+        store.prefetch_ranked(preds)
 
     for m in layers.values():
         m.route_hooks.append(on_route)

@@ -99,6 +99,26 @@ class ExpertStore:
         if keys:
             self._post(self.async_store.prefetch, keys, priority)
 
+    def prefetch_ranked(self, ranked: Iterable[tuple[ExpertKey, float]]) -> None:
+        """Prefetch each key at its own priority, likeliest first, with one wake-up of the loop thread.
+
+        Each post to the loop costs a hand-over of the interpreter lock, which the compute thread then waits
+        to get back: a layer's predictions go as one post, not one per priority."""
+        groups: dict[float, list[ExpertKey]] = {}
+        for key, priority in ranked:
+            groups.setdefault(priority, []).append(key)
+        batches = []
+        for priority in sorted(groups, reverse=True):
+            keys = self.async_store.screen_prefetch(groups[priority], priority)
+            if keys:
+                batches.append((keys, priority))
+        if batches:
+            self._post(self._prefetch_batches, batches)
+
+    def _prefetch_batches(self, batches: list[tuple[list[ExpertKey], float]]) -> None:
+        for keys, priority in batches:
+            self.async_store.prefetch(keys, priority)
+
     def prefetch_floor(self) -> float:
         return self.async_store.prefetch_floor()
 
