@@ -273,7 +273,9 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
     _require_bench_extra("matplotlib", *(["accelerate"] if "accelerate" in args.contenders else []))
     from expertflow.bench.decode import (
         COLUMNS,
+        LEARNED_PRESETS,
         bench_decode,
+        build_learned_preset,
         build_preset,
         default_contenders,
         parse_budgets,
@@ -283,11 +285,22 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
 
     budgets = parse_budgets(args.budgets)
     contenders = default_contenders(budgets, [c.strip() for c in args.contenders.split(",")])
-    model = args.model or str(build_preset(args.preset, args.workdir))
+    if args.model:
+        model = args.model
+    elif args.preset in LEARNED_PRESETS:
+        if not args.learned_from:
+            raise ConfigError(
+                f"--preset {args.preset} widens a trained Mixtral: give it with --learned-from DIR"
+            )
+        model = str(build_learned_preset(args.preset, args.learned_from, args.workdir))
+    else:
+        model = str(build_preset(args.preset, args.workdir))
+    prompt = tuple(args.prompt.encode("utf-8")) if args.prompt else tuple(range(1, 17))
     result = bench_decode(
         model,
         budgets=budgets,
         contenders=contenders,
+        prompt=prompt,
         new_tokens=args.new_tokens,
         read_mode=args.read_mode,
         memory_limit=parse_size(args.memory_limit) if args.memory_limit else None,
@@ -551,7 +564,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = bench.add_parser("decode", help="tokens/s across budgets and policies vs transformers and accelerate")
     p.add_argument("--model", help="checkpoint (default: build --preset)")
-    p.add_argument("--preset", default="small", choices=["tiny", "small", "beyond-ram"])
+    p.add_argument(
+        "--preset",
+        default="small",
+        choices=["tiny", "small", "beyond-ram", "beyond-ram-learned"],
+        help="random-weight Mixtrals, or beyond-ram-learned: the trained Mixtral of --learned-from with each "
+        "expert widened to 42 MiB by units that add zeros (same outputs, learned routing)",
+    )
+    p.add_argument("--learned-from", help="a trained Mixtral checkpoint, for --preset beyond-ram-learned")
+    p.add_argument(
+        "--prompt", help="prompt text, as UTF-8 bytes (the presets are byte-level); default: token ids 1..16"
+    )
     p.add_argument(
         "--budgets",
         default="1.0,0.5,0.25,0.1",

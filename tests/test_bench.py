@@ -140,3 +140,33 @@ def test_bench_decode_runs_quantized_contenders_on_a_pack_it_builds(tmp_path):
     assert int4["experts_compute_ms_per_token"] > 0 and "bound_ms_per_token" not in int4
     assert (tmp_path / "work" / "mixtral-tiny-int4-g128" / "expertflow-manifest.json").is_file()
     assert any("int4 pack" in n for n in result.notes)
+
+
+def test_widened_experts_compute_and_route_as_the_source_model(tmp_path) -> None:
+    """The learned-routing preset's builder: experts widened by units with zero output weights give the source
+    model's logits and its routing at every layer, and ExpertFlow runs the widened checkpoint like transformers."""
+    import torch
+    from transformers import MixtralForCausalLM
+
+    from expertflow.bench.decode import widen_experts
+    from expertflow.config import StoreConfig
+    from expertflow.model.loader import load_model
+    from tests.checkpoints import save_checkpoint
+
+    source = save_checkpoint("mixtral", tmp_path / "narrow", shard_size=None)
+    narrow = MixtralForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    units = narrow.config.intermediate_size
+    wide_dir = widen_experts(source, tmp_path / "wide", 3 * units, dtype="float32")
+    wide = MixtralForCausalLM.from_pretrained(wide_dir, dtype=torch.float32).eval()
+    assert wide.config.intermediate_size == 3 * units
+    assert wide.model.layers[0].mlp.experts.down_proj.shape[-1] == 3 * units
+    ids = torch.tensor([[5, 17, 99, 3, 250, 42, 7]])
+    with torch.no_grad():
+        a = narrow(ids, output_router_logits=True)
+        b = wide(ids, output_router_logits=True)
+    scale = a.logits.abs().max().item()
+    assert (a.logits - b.logits).abs().max() <= 1e-5 * scale
+    for ra, rb in zip(a.router_logits, b.router_logits):
+        assert torch.equal(ra.topk(2).indices, rb.topk(2).indices)
+    with load_model(wide_dir, config=StoreConfig(host_bytes=None)) as model, torch.no_grad():
+        assert (model(ids).logits - b.logits).abs().max() <= 1e-5 * scale

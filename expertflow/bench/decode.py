@@ -287,6 +287,71 @@ def build_preset(name: str, workdir: str | Path, log: Callable[[str], None] = pr
     return root
 
 
+#: Presets widened from a trained Mixtral (``--learned-from``): its learned routing, experts as large as a big
+#: model's. 57,344 hidden units per expert: 42 MiB of bf16 per expert, 1.3 GiB for a 4-layer, 8-expert model.
+LEARNED_PRESETS: dict[str, dict[str, Any]] = {
+    "beyond-ram-learned": dict(intermediate_size=57344, dtype="bfloat16"),
+}
+
+
+def widen_experts(
+    source: str | Path, dest: str | Path, intermediate_size: int, dtype: str = "bfloat16", seed: int = 0
+) -> Path:
+    """Save a copy of the Mixtral checkpoint ``source`` whose experts have ``intermediate_size`` hidden units.
+
+    The added units have random input weights and zero output weights, so they add exact zeros: the copy
+    computes what the source computes (in the same dtype) and routes as it learned to, while every expert
+    read moves as many bytes as a big model's. Routing beyond RAM can then be real, not random.
+    """
+    import torch
+    from transformers import MixtralForCausalLM
+
+    from expertflow.errors import ConfigError
+
+    model = MixtralForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    config = model.config
+    narrow = config.intermediate_size
+    if intermediate_size < narrow:
+        raise ConfigError(
+            f"{source}: experts have {narrow} hidden units; cannot widen them to {intermediate_size}"
+        )
+    state = model.state_dict()
+    del model
+    g = torch.Generator().manual_seed(seed)
+    extra = intermediate_size - narrow
+    for name, t in state.items():
+        if name.endswith("experts.gate_up_proj"):  # [experts, 2 * units, hidden]: gate rows, then up rows
+            gate, up = t.chunk(2, dim=1)
+            pad = [torch.randn(t.shape[0], extra, t.shape[2], generator=g) * 0.05 for _ in range(2)]
+            state[name] = torch.cat([gate, pad[0], up, pad[1]], dim=1)
+        elif name.endswith(
+            "experts.down_proj"
+        ):  # [experts, hidden, units]: the added units' outputs are zero
+            state[name] = torch.cat([t, t.new_zeros(t.shape[0], t.shape[1], extra)], dim=2)
+    config.intermediate_size = intermediate_size
+    with torch.device("meta"):
+        wide = MixtralForCausalLM(config)
+    wide.load_state_dict({k: v.to(getattr(torch, dtype)) for k, v in state.items()}, assign=True)
+    wide.config.dtype = dtype
+    root = Path(dest)
+    tmp = root.with_name(root.name + ".partial")
+    wide.save_pretrained(tmp, max_shard_size="400MB")
+    tmp.rename(root)
+    return root
+
+
+def build_learned_preset(
+    name: str, source: str | Path, workdir: str | Path, log: Callable[[str], None] = print
+) -> Path:
+    """Build (once) preset ``name`` of :data:`LEARNED_PRESETS` from the trained Mixtral at ``source``."""
+    params = LEARNED_PRESETS[name]
+    root = Path(workdir) / f"mixtral-{name}"
+    if (root / "config.json").is_file() and any(root.glob("*.safetensors")):
+        return root
+    log(f"building the {name} checkpoint in {root} from {source} (once)")
+    return widen_experts(source, root, params["intermediate_size"], params["dtype"])
+
+
 # --- the driver --------------------------------------------------------------------------------------------
 
 
