@@ -285,6 +285,10 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
 
     budgets = parse_budgets(args.budgets)
     contenders = default_contenders(budgets, [c.strip() for c in args.contenders.split(",")])
+    if args.learned_from and (args.model or args.preset not in LEARNED_PRESETS):
+        raise ConfigError(
+            f"--learned-from applies to --preset {', '.join(LEARNED_PRESETS)} (without --model)"
+        )
     if args.model:
         model = args.model
     elif args.preset in LEARNED_PRESETS:

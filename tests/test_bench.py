@@ -170,3 +170,16 @@ def test_widened_experts_compute_and_route_as_the_source_model(tmp_path) -> None
         assert torch.equal(ra.topk(2).indices, rb.topk(2).indices)
     with load_model(wide_dir, config=StoreConfig(host_bytes=None)) as model, torch.no_grad():
         assert (model(ids).logits - b.logits).abs().max() <= 1e-5 * scale
+
+
+def test_widening_refuses_what_is_not_a_mixtral_checkpoint(tmp_path) -> None:
+    from expertflow.bench.decode import widen_experts
+    from expertflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not a checkpoint directory"):
+        widen_experts(tmp_path / "nowhere", tmp_path / "wide", 1024)
+    (tmp_path / "qwen").mkdir()
+    (tmp_path / "qwen" / "config.json").write_text(json.dumps({"model_type": "qwen2_moe"}))
+    with pytest.raises(ConfigError, match="not 'qwen2_moe'"):
+        widen_experts(tmp_path / "qwen", tmp_path / "wide", 1024)
+    assert not (tmp_path / "wide").exists() and not (tmp_path / "wide.partial").exists()

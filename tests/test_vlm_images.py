@@ -58,6 +58,7 @@ def _inputs(root: Path, family: str) -> dict[str, torch.Tensor]:
     ids = torch.tensor([[1, 2, start] + [config["image_token_id"]] * count + [end, 5, 6, 7]])
     inputs = {
         "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
         "pixel_values": image["pixel_values"],
         "image_grid_thw": image["image_grid_thw"],
         "mm_token_type_ids": (ids == config["image_token_id"]).long(),
@@ -193,7 +194,8 @@ def test_a_requests_file_mixes_image_and_text_requests_each_as_if_run_alone(
         else:
             inputs = prompts.inputs(r.input_ids, r.image)
         assert result.outputs[r.id] == _greedy(reference, inputs, r.max_new_tokens), r.id
-    assert sorted(result.order) == ["i1", "i2", "t1", "t2"]
+    # The text requests ran in the batch, then the image requests one at a time.
+    assert set(result.order[:2]) == {"t1", "t2"} and set(result.order[2:]) == {"i1", "i2"}
 
 
 def test_the_grid_runs_image_yes_no_tasks_and_lossless_configurations_agree(
@@ -232,3 +234,83 @@ def test_a_ppl_task_with_an_image_is_refused(qwen3_vl: Path, tmp_path: Path) -> 
     path.write_text(json.dumps({"kind": "ppl", "text": "abc", "image": "a.png"}) + "\n")
     with pytest.raises(ConfigError, match="line 1: a ppl task is a text; it takes no image"):
         read_tasks(path, qwen3_vl, byte_tokens=True)
+
+
+def test_prompt_tokens_equal_to_the_pad_id_are_kept_with_an_image(
+    qwen3_vl: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Token 0 is the pad id generate() uses: without an explicit attention mask it would mask those prompt
+    tokens out and answer another prompt."""
+    image = _image(tmp_path / "x.png", seed=5)
+    prompt = [0, 5, 0, 7, 0]
+    args = [
+        "generate",
+        str(qwen3_vl),
+        "--image",
+        str(image),
+        "--token-ids",
+        "0,5,0,7,0",
+        "--max-new-tokens",
+        "5",
+    ]
+    assert main([*args, "--host-mem", "100KiB", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.partition("\n")[2])["tokens"]
+    inputs = ImagePrompts(qwen3_vl).inputs(prompt, image)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])  # the reference attends to every token
+    assert got == _greedy(_reference(qwen3_vl, "qwen3_vl_moe"), inputs, 5)
+
+
+def test_saved_processor_settings_are_used(qwen3_vl: Path, tmp_path: Path) -> None:
+    """A checkpoint's saved image processor settings (transformers 5's processor_config.json, or the older
+    preprocessor_config.json) decide how many tokens an image becomes."""
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    for f in qwen3_vl.iterdir():
+        (root / f.name).symlink_to(f)
+    image = _image(tmp_path / "x.png", size=112)
+    default = int(ImagePrompts(root).inputs([1], image)["mm_token_type_ids"].sum())
+    settings = {
+        "image_processor_type": "Qwen2VLImageProcessorFast",
+        "max_pixels": 56 * 56,
+        "min_pixels": 28 * 28,
+    }
+    (root / "processor_config.json").write_text(json.dumps({"image_processor": settings}))
+    smaller = int(ImagePrompts(root).inputs([1], image)["mm_token_type_ids"].sum())
+    assert 0 < smaller < default
+    (root / "processor_config.json").unlink()
+    (root / "preprocessor_config.json").write_text(json.dumps(settings))
+    assert int(ImagePrompts(root).inputs([1], image)["mm_token_type_ids"].sum()) == smaller
+    (root / "preprocessor_config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="not a JSON object"):
+        ImagePrompts(root)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["vision_config"].pop("patch_size"), "cannot build its image processor"),
+        (lambda c: c.update(image_token_id=None), "image token id"),
+        (lambda c: c.update(vision_start_token_id=10**6), "image start token id"),
+    ],
+)
+def test_a_malformed_vision_config_is_a_config_error(qwen3_vl: Path, tmp_path: Path, change, message) -> None:
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    for f in qwen3_vl.iterdir():
+        if f.name != "config.json":
+            (root / f.name).symlink_to(f)
+    config = json.loads((qwen3_vl / "config.json").read_text())
+    change(config)
+    (root / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=message):
+        ImagePrompts(root)
+
+
+def test_an_image_the_processor_refuses_is_named_before_any_work(qwen3_vl: Path, tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((10, 4000, 3), dtype="uint8")).save(tmp_path / "strip.png")
+    path = tmp_path / "requests.jsonl"
+    path.write_text(
+        json.dumps({"token_ids": [1, 2]}) + "\n" + json.dumps({"token_ids": [3], "image": "strip.png"}) + "\n"
+    )
+    with pytest.raises(ConfigError, match=r"line 2: .*strip\.png: the image processor refuses it"):
+        read_requests(path, qwen3_vl, max_new_tokens=2)

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -306,8 +307,12 @@ def widen_experts(
     import torch
     from transformers import MixtralForCausalLM
 
-    from expertflow.errors import ConfigError
-
+    try:
+        model_type = json.loads((Path(source) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{source} is not a checkpoint directory with a config.json ({exc})") from None
+    if model_type != "mixtral":
+        raise ConfigError(f"{source}: widening is built for Mixtral checkpoints, not {model_type!r}")
     model = MixtralForCausalLM.from_pretrained(str(source), dtype=torch.float32)
     config = model.config
     narrow = config.intermediate_size
@@ -319,15 +324,19 @@ def widen_experts(
     del model
     g = torch.Generator().manual_seed(seed)
     extra = intermediate_size - narrow
+    widened = 0
     for name, t in state.items():
         if name.endswith("experts.gate_up_proj"):  # [experts, 2 * units, hidden]: gate rows, then up rows
             gate, up = t.chunk(2, dim=1)
             pad = [torch.randn(t.shape[0], extra, t.shape[2], generator=g) * 0.05 for _ in range(2)]
             state[name] = torch.cat([gate, pad[0], up, pad[1]], dim=1)
+            widened += 1
         elif name.endswith(
             "experts.down_proj"
         ):  # [experts, hidden, units]: the added units' outputs are zero
             state[name] = torch.cat([t, t.new_zeros(t.shape[0], t.shape[1], extra)], dim=2)
+    if not widened:
+        raise ConfigError(f"{source}: no fused experts (experts.gate_up_proj) found to widen")
     config.intermediate_size = intermediate_size
     with torch.device("meta"):
         wide = MixtralForCausalLM(config)
@@ -335,8 +344,14 @@ def widen_experts(
     wide.config.dtype = dtype
     root = Path(dest)
     tmp = root.with_name(root.name + ".partial")
-    wide.save_pretrained(tmp, max_shard_size="400MB")
-    tmp.rename(root)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted build
+    try:
+        wide.save_pretrained(tmp, max_shard_size="400MB")
+        shutil.rmtree(root, ignore_errors=True)  # an incomplete earlier build
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return root
 
 

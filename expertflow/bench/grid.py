@@ -128,8 +128,7 @@ def read_tasks(path: str | Path, model_dir: str | Path, *, byte_tokens: bool) ->
         kind = item.get("kind")
         if kind not in KINDS:
             raise ConfigError(f"{where}: 'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
-        image = check_image(item.get("image"), path, model_dir, where)
-        if image is not None and kind == "ppl":
+        if kind == "ppl" and "image" in item:
             raise ConfigError(f"{where}: a ppl task is a text; it takes no image")
         field = "text" if kind == "ppl" else "prompt"
         content = item.get(field)
@@ -149,6 +148,7 @@ def read_tasks(path: str | Path, model_dir: str | Path, *, byte_tokens: bool) ->
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ConfigError(f"{where}: 'max_new_tokens' must be a positive integer")
         ids = encode_prompt(model_dir, content, None, byte_tokens)
+        image = check_image(item.get("image"), path, model_dir, where, ids)
         tasks.append(Task(tid, kind, tuple(ids), answer, n, image))
     if not tasks:
         raise ConfigError(f"{path} has no tasks")

@@ -53,7 +53,7 @@ class BatchResult:
     """Outputs of :func:`generate_many` and what the run cost."""
 
     outputs: dict[str, list[int]]
-    order: list[str]  # the order requests were admitted in
+    order: list[str]  # the order requests ran in (admitted to the batch; then those with an image)
     seconds: float
     schedule: str
     stats: dict[str, Any] = field(default_factory=dict)  # the store's counters for this run
@@ -157,17 +157,20 @@ def read_requests(
         ids = (
             list(token_ids) if token_ids is not None else encode_prompt(model_dir, prompt, None, byte_tokens)
         )
-        image = check_image(item.get("image"), path, model_dir, where)
+        image = check_image(item.get("image"), path, model_dir, where, ids)
         requests.append(Request(rid, tuple(ids), n, image))
     if not requests:
         raise ConfigError(f"{path} has no requests")
     return requests
 
 
-def check_image(value: Any, path: str | Path, model_dir: str | Path, where: str) -> str | None:
-    """A request's ``image`` field, checked: the file (relative to the request file's folder) opens as an image
-    and the model takes images. A :class:`ConfigError` naming ``where`` otherwise."""
-    from expertflow.model.vision import ImagePrompts, load_image
+def check_image(
+    value: Any, path: str | Path, model_dir: str | Path, where: str, prompt_ids: Sequence[int]
+) -> str | None:
+    """A request's ``image`` field, checked: the file (relative to the request file's folder) opens, the model
+    takes images, and the family's processor accepts the image with this prompt. A :class:`ConfigError`
+    naming ``where`` otherwise."""
+    from expertflow.model.vision import ImagePrompts
 
     if value is None:
         return None
@@ -179,8 +182,7 @@ def check_image(value: Any, path: str | Path, model_dir: str | Path, where: str)
     if not image.is_file():
         raise ConfigError(f"{where}: image {value!r} does not exist ({image})")
     try:
-        ImagePrompts(model_dir)  # a text-only model, or a family whose images are not built here
-        load_image(image)
+        ImagePrompts(model_dir).inputs(prompt_ids, image)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return str(image)
@@ -276,9 +278,8 @@ def generate_many(
     if routings:  # cache-aware routing (lossy): how many expert choices it replaced
         stats["rerouted"] = sum(r.rerouted for r in routings) - rerouted0
         stats["routed"] = sum(r.routed for r in routings) - routed0
-    return BatchResult(
-        {r.id: outputs[r.id] for r in requests}, [requests[i].id for i in order], seconds, schedule, stats
-    )
+    ran = [r.id for r in text] + [r.id for r in pictured]  # image requests run after the batch
+    return BatchResult({r.id: outputs[r.id] for r in requests}, ran, seconds, schedule, stats)
 
 
 def _continuous(

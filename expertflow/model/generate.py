@@ -115,8 +115,9 @@ def generate(
     """
     if isinstance(input_ids, Mapping):
         inputs = {k: v.to(model.device) for k, v in input_ids.items()}
-        if inputs["input_ids"].shape[0] != 1:
-            raise ConfigError("generate takes one prompt; use generate_many for many")
+        given = inputs.get("input_ids")
+        if given is None or given.ndim != 2 or given.shape[0] != 1 or given.shape[1] == 0:
+            raise ConfigError("generate takes the inputs of one non-empty prompt (input_ids of shape [1, n])")
     else:
         if not input_ids:
             raise ConfigError("the prompt is empty: give --prompt text or --token-ids")

@@ -55,11 +55,6 @@ def _read_config(model_dir: str | Path) -> dict[str, Any]:
     return config
 
 
-def takes_images(model_dir: str | Path) -> bool:
-    """Whether the checkpoint is a vision-language model (it has a vision tower)."""
-    return "vision_config" in _read_config(model_dir)
-
-
 def load_image(path: str | Path) -> Any:
     """An RGB PIL image from ``path``; a missing or unreadable file is a :class:`ConfigError` naming it."""
     from PIL import Image, UnidentifiedImageError
@@ -69,8 +64,30 @@ def load_image(path: str | Path) -> Any:
             return image.convert("RGB")
     except FileNotFoundError:
         raise ConfigError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise ConfigError(f"{path} is not a readable image ({exc})") from None
+
+
+def _saved_processor_settings(root: Path) -> dict[str, Any]:
+    """The image processor's settings saved with the checkpoint: ``processor_config.json``'s
+    ``image_processor`` (transformers 5) or ``preprocessor_config.json``; none when neither is there."""
+    for name, section in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
+        path = root / name
+        if not path.is_file():
+            continue
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from None
+        if section is not None:
+            saved = saved.get(section) if isinstance(saved, dict) else None
+            if saved is None:
+                continue
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{path}: the image processor's settings are not a JSON object")
+        # The class named there may be a fast (torchvision) variant; its settings are the same.
+        return {k: v for k, v in saved.items() if k not in ("image_processor_type", "processor_class")}
+    return {}
 
 
 class ImagePrompts:
@@ -78,10 +95,9 @@ class ImagePrompts:
     take images (a text-only model, or a MoE-VLM family not in :data:`VISION_FAMILIES`)."""
 
     def __init__(self, model_dir: str | Path) -> None:
-        import transformers
-
         config = _read_config(model_dir)
-        if "vision_config" not in config:
+        vision = config.get("vision_config")
+        if not isinstance(vision, dict):
             raise ConfigError(f"{model_dir} is a text-only model: it takes no image")
         family = VISION_FAMILIES.get(str(config.get("model_type")))
         if family is None:
@@ -89,38 +105,52 @@ class ImagePrompts:
                 f"image prompts for model type {config.get('model_type')!r} are not built here; supported: "
                 f"{', '.join(sorted(VISION_FAMILIES))}"
             )
-        vision = config["vision_config"]
-        self.merge = int(vision.get("spatial_merge_size", 2))
-        kwargs: dict[str, Any] = {"patch_size": vision["patch_size"], "merge_size": self.merge}
+        try:
+            self._build(Path(model_dir), config, vision, family)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(
+                f"{model_dir}: cannot build its image processor from its config ({exc!r})"
+            ) from None
+
+    def _build(
+        self, root: Path, config: dict[str, Any], vision: dict[str, Any], family: VisionFamily
+    ) -> None:
+        import transformers
+
+        kwargs: dict[str, Any] = {
+            "patch_size": vision["patch_size"],
+            "merge_size": vision.get("spatial_merge_size", 2),
+        }
         if family.temporal:
             kwargs["temporal_patch_size"] = vision.get("temporal_patch_size", 2)
+        kwargs.update(_saved_processor_settings(root))
+        self.merge = int(kwargs["merge_size"])
         self.expert_types = family.expert_types
-        saved = Path(model_dir) / "preprocessor_config.json"
-        if saved.is_file():
-            try:
-                stored = json.loads(saved.read_text())
-            except ValueError as exc:
-                raise ConfigError(f"{saved} is not JSON: {exc}") from exc
-            # The class names a fast (torchvision) variant; its settings are the same.
-            stored.pop("image_processor_type", None)
-            stored.pop("processor_class", None)
-            kwargs.update(stored)
-            self.merge = int(kwargs["merge_size"])
         self.processor = getattr(transformers, family.processor)(**kwargs)
-        text = config.get("text_config", config)
-        self.image_token = int(config.get("image_token_id", text.get("image_token_id", -1)))
-        self.start = int(config.get(family.start_key, text.get(family.start_key, -1)))
-        self.end = int(config.get(family.end_key, text.get(family.end_key, -1)))
-        vocab = int(text.get("vocab_size", 0))
-        for name, token in (("image", self.image_token), ("start", self.start), ("end", self.end)):
-            if not 0 <= token < vocab:
-                raise ConfigError(f"{model_dir}: the image {name} token id {token} is not in the vocabulary")
+        text = config.get("text_config") or {}
+        vocab = int(text.get("vocab_size", config.get("vocab_size", 0)))
+        ids = {}
+        for name, key in (
+            ("image", "image_token_id"),
+            ("image start", family.start_key),
+            ("image end", family.end_key),
+        ):
+            token = config.get(key, text.get(key))
+            if not isinstance(token, int) or not 0 <= token < vocab:
+                raise ConfigError(
+                    f"{root}: the {name} token id ({key} = {token!r}) is not in the vocabulary of {vocab}"
+                )
+            ids[name] = token
+        self.image_token, self.start, self.end = ids["image"], ids["image start"], ids["image end"]
 
     def inputs(self, prompt_ids: Sequence[int], image: str | Path) -> dict[str, torch.Tensor]:
         """``input_ids`` with the image's tokens, ``pixel_values``, ``image_grid_thw`` and the token types
         (``mm_token_type_ids``: 1 on image tokens) the model's 3-D rotary positions need; for ERNIE-4.5-VL,
         also ``moe_mm_token_type_ids`` (image tokens and their markers), which sends them to vision experts."""
-        pixels = self.processor(images=[load_image(image)], return_tensors="pt")
+        try:
+            pixels = self.processor(images=[load_image(image)], return_tensors="pt")
+        except ValueError as exc:  # e.g. an aspect ratio the processor refuses
+            raise ConfigError(f"{image}: the image processor refuses it ({exc})") from None
         count = int(pixels["image_grid_thw"].prod()) // self.merge**2
         ids = list(prompt_ids)
         places = [i for i, t in enumerate(ids) if t == self.image_token]
@@ -135,6 +165,8 @@ class ImagePrompts:
         image_tokens = input_ids == self.image_token
         inputs = {
             "input_ids": input_ids,
+            # Explicit: without it, generate() would mask prompt tokens equal to the pad id.
+            "attention_mask": torch.ones_like(input_ids),
             "pixel_values": pixels["pixel_values"],
             "image_grid_thw": pixels["image_grid_thw"],
             "mm_token_type_ids": image_tokens.long(),
