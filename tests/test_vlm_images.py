@@ -314,3 +314,11 @@ def test_an_image_the_processor_refuses_is_named_before_any_work(qwen3_vl: Path,
     )
     with pytest.raises(ConfigError, match=r"line 2: .*strip\.png: the image processor refuses it"):
         read_requests(path, qwen3_vl, max_new_tokens=2)
+
+
+def test_a_prompt_holding_the_image_token_without_an_image_is_refused(qwen3_vl: Path, tmp_path: Path) -> None:
+    token = json.loads((qwen3_vl / "config.json").read_text())["image_token_id"]
+    path = tmp_path / "requests.jsonl"
+    path.write_text(json.dumps({"token_ids": [1, 2]}) + "\n" + json.dumps({"token_ids": [3, token]}) + "\n")
+    with pytest.raises(ConfigError, match=rf"line 2: the prompt holds the image token \({token}\)"):
+        read_requests(path, qwen3_vl, max_new_tokens=2)

@@ -170,9 +170,13 @@ def check_image(
     """A request's ``image`` field, checked: the file (relative to the request file's folder) opens, the model
     takes images, and the family's processor accepts the image with this prompt. A :class:`ConfigError`
     naming ``where`` otherwise."""
-    from expertflow.model.vision import ImagePrompts
+    from expertflow.model.vision import ImagePrompts, image_token_id
 
     if value is None:
+        token = image_token_id(model_dir)
+        if token is not None and token in prompt_ids:
+            # Without pixels the model would read the placeholder as an ordinary token: wrong, silently.
+            raise ConfigError(f"{where}: the prompt holds the image token ({token}) but no 'image' is given")
         return None
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: 'image' must be a file name")

@@ -55,6 +55,16 @@ def _read_config(model_dir: str | Path) -> dict[str, Any]:
     return config
 
 
+def image_token_id(model_dir: str | Path) -> int | None:
+    """The token that stands for an image's patches in a MoE-VLM's prompts; None for a text-only model."""
+    config = _read_config(model_dir)
+    if not isinstance(config.get("vision_config"), dict):
+        return None
+    text = config.get("text_config") or {}
+    token = config.get("image_token_id", text.get("image_token_id") if isinstance(text, dict) else None)
+    return token if isinstance(token, int) else None
+
+
 def load_image(path: str | Path) -> Any:
     """An RGB PIL image from ``path``; a missing or unreadable file is a :class:`ConfigError` naming it."""
     from PIL import Image, UnidentifiedImageError
