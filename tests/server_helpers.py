@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from expertflow.services.process import DaemonProcess
 
@@ -11,6 +12,28 @@ from expertflow.services.process import DaemonProcess
 def daemon(checkpoint: Path, binds: tuple[str, ...] = ("tcp://127.0.0.1:*",), *extra: str) -> DaemonProcess:
     """A started daemon; use it as a context manager (it is killed on exit)."""
     return DaemonProcess(checkpoint, binds, extra, start_timeout=60.0)
+
+
+def logits_through_daemon(
+    checkpoint: Path, input_ids: Any, *, daemon_bytes: int, host_bytes: int, passes: int = 1
+) -> tuple[Any, Any]:
+    """``load_model(checkpoint)`` with a real loopback daemon (``--mem daemon_bytes``) serving its experts:
+    the logits of the last of ``passes`` forwards of ``input_ids``, and the store's statistics. Earlier passes
+    let the local reads record the checksums that daemon replies are checked against, where the checkpoint
+    has none of its own."""
+    import torch
+
+    from expertflow.config import StoreConfig
+    from expertflow.model.loader import load_model
+
+    with daemon(checkpoint, ("tcp://127.0.0.1:*",), "--mem", str(daemon_bytes)) as proc:
+        config = StoreConfig(
+            host_bytes=host_bytes, predictor="none", remote=(proc.address,), remote_timeout=5.0
+        )
+        with load_model(checkpoint, config=config) as model, torch.no_grad():
+            for _ in range(passes):
+                logits = model(input_ids=input_ids).logits
+            return logits, model.expert_stats()
 
 
 class CorruptingProxy:

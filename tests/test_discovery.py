@@ -16,7 +16,7 @@ from expertflow.model.discovery import experts_layer_ids
 from expertflow.model.loader import load_model, open_model_checkpoint
 from expertflow.tiers.safetensors_index import open_checkpoint
 from tests.family_fixtures import save_tiny_checkpoint
-from tests.server_helpers import daemon
+from tests.server_helpers import logits_through_daemon
 
 
 def test_layer_ids_keep_a_single_stack_numbering_and_separate_two_stacks() -> None:
@@ -65,16 +65,7 @@ def test_experts_the_name_pattern_misses_are_found_from_the_model(granite: Path)
 def test_a_daemon_serves_experts_found_from_the_model(granite: Path) -> None:
     want = _reference(granite, IDS)
     slot = _slot(granite)
-    with daemon(granite, ("tcp://127.0.0.1:*",), "--mem", str(16 * slot)) as proc:
-        config = StoreConfig(
-            host_bytes=4 * slot, predictor="none", remote=(proc.address,), remote_timeout=5.0
-        )
-        with load_model(granite, config=config) as model, torch.no_grad():
-            model(
-                input_ids=IDS
-            )  # first reads are local: they record the checksums replies are checked against
-            got = model(input_ids=IDS).logits
-            stats = model.expert_stats()
+    got, stats = logits_through_daemon(granite, IDS, daemon_bytes=16 * slot, host_bytes=4 * slot, passes=2)
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
     assert stats.reads.get("remote", 0) > 0 and not stats.source_errors
 

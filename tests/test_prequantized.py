@@ -19,7 +19,7 @@ from expertflow.model.quantize import pack_quantized
 from expertflow.quant.scheme import QuantScheme
 from tests.checkpoints import save_checkpoint
 from tests.quant_fixtures import quantize_checkpoint
-from tests.server_helpers import daemon
+from tests.server_helpers import logits_through_daemon
 
 IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]])
 VARIANTS = {
@@ -111,16 +111,7 @@ def test_a_pack_of_a_gptq_checkpoint_keeps_its_bytes_and_runs_the_same(gptq_pair
 def test_a_daemon_serves_the_checkpoints_quantized_bytes(gptq_pair) -> None:
     root, reference = gptq_pair
     slot = _slot(root)
-    with daemon(root, ("tcp://127.0.0.1:*",), "--mem", str(64 * slot)) as proc:
-        config = StoreConfig(
-            host_bytes=12 * slot, predictor="none", remote=(proc.address,), remote_timeout=5.0
-        )
-        with load_model(root, config=config) as model, torch.no_grad():
-            model(
-                input_ids=IDS
-            )  # the first reads are local: they record the checksums replies are checked against
-            got = model(input_ids=IDS).logits
-            stats = model.expert_stats()
+    got, stats = logits_through_daemon(root, IDS, daemon_bytes=64 * slot, host_bytes=12 * slot, passes=2)
     assert stats.reads.get("remote", 0) > 0 and not stats.source_errors
     want = _reference_logits(reference)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()

@@ -20,7 +20,7 @@ from expertflow.quant.kernels import qlinear
 from expertflow.quant.scheme import QuantScheme, dequantize, pack_int4, quantize, unpack_int4
 from expertflow.tiers.safetensors_index import PACK_MANIFEST_NAME, open_checkpoint
 from tests.checkpoints import save_checkpoint
-from tests.server_helpers import daemon
+from tests.server_helpers import logits_through_daemon
 
 INT4 = QuantScheme(4, 32)
 INT8 = QuantScheme(8, 0)
@@ -255,13 +255,7 @@ def test_a_daemon_serves_quantized_experts_with_their_checksums(mixtral_int4: tu
     slot = _slot(pack)
     with torch.no_grad():
         want = _reference(src, pack)(input_ids=IDS).logits
-    with daemon(pack, ("tcp://127.0.0.1:*",), "--mem", str(64 * slot)) as proc:
-        config = StoreConfig(
-            host_bytes=4 * slot, predictor="none", remote=(proc.address,), remote_timeout=5.0
-        )
-        with load_model(pack, config=config) as model, torch.no_grad():
-            got = model(input_ids=IDS).logits
-            stats = model.expert_stats()
+    got, stats = logits_through_daemon(pack, IDS, daemon_bytes=64 * slot, host_bytes=4 * slot)
     assert stats.reads.get("remote", 0) > 0 and not stats.source_errors
     assert stats.bytes_read.get("remote", 0) % open_checkpoint(pack).max_expert_nbytes == 0
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
