@@ -116,11 +116,12 @@ def lossless(config: dict[str, Any]) -> bool:
 
 def read_tasks(path: str | Path, model_dir: str | Path, *, byte_tokens: bool) -> list[Task]:
     """Tasks from a JSONL file, every line checked before any work; an error names the line."""
-    from expertflow.model.batch import check_image, jsonl_objects
+    from expertflow.model.batch import ImageFields, jsonl_objects
     from expertflow.model.generate import encode_prompt
 
     tasks: list[Task] = []
     seen: set[str] = set()
+    images = ImageFields(path, model_dir)
     for number, where, item in jsonl_objects(path, "task"):
         unknown = sorted(set(item) - {"id", "kind", "prompt", "answer", "text", "image", "max_new_tokens"})
         if unknown:
@@ -148,7 +149,7 @@ def read_tasks(path: str | Path, model_dir: str | Path, *, byte_tokens: bool) ->
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ConfigError(f"{where}: 'max_new_tokens' must be a positive integer")
         ids = encode_prompt(model_dir, content, None, byte_tokens)
-        image = check_image(item.get("image"), path, model_dir, where, ids)
+        image = images.check(item.get("image"), where, ids)
         tasks.append(Task(tid, kind, tuple(ids), answer, n, image))
     if not tasks:
         raise ConfigError(f"{path} has no tasks")

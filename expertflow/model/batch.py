@@ -132,6 +132,7 @@ def read_requests(
     Every line is checked before any work, images opened included; an error names the line."""
     requests: list[Request] = []
     seen: set[str] = set()
+    images = ImageFields(path, model_dir)
     for number, where, item in jsonl_objects(path, "request"):
         unknown = sorted(set(item) - {"id", "prompt", "token_ids", "max_new_tokens", "image"})
         if unknown:
@@ -157,39 +158,51 @@ def read_requests(
         ids = (
             list(token_ids) if token_ids is not None else encode_prompt(model_dir, prompt, None, byte_tokens)
         )
-        image = check_image(item.get("image"), path, model_dir, where, ids)
+        image = images.check(item.get("image"), where, ids)
         requests.append(Request(rid, tuple(ids), n, image))
     if not requests:
         raise ConfigError(f"{path} has no requests")
     return requests
 
 
-def check_image(
-    value: Any, path: str | Path, model_dir: str | Path, where: str, prompt_ids: Sequence[int]
-) -> str | None:
-    """A request's ``image`` field, checked: the file (relative to the request file's folder) opens, the model
-    takes images, and the family's processor accepts the image with this prompt. A :class:`ConfigError`
-    naming ``where`` otherwise."""
-    from expertflow.model.vision import ImagePrompts, image_token_id
+class ImageFields:
+    """Checks the ``image`` field of a request or task file's lines against one model: the file (relative to
+    the request file's folder) opens, the model takes images, and the family's processor accepts the image
+    with the line's prompt; a prompt that holds the image token needs an image. The model's config is read
+    and its processor built once per file, not per line."""
 
-    if value is None:
-        token = image_token_id(model_dir)
-        if token is not None and token in prompt_ids:
-            # Without pixels the model would read the placeholder as an ordinary token: wrong, silently.
-            raise ConfigError(f"{where}: the prompt holds the image token ({token}) but no 'image' is given")
-        return None
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where}: 'image' must be a file name")
-    image = Path(value)
-    if not image.is_absolute():
-        image = Path(path).parent / image
-    if not image.is_file():
-        raise ConfigError(f"{where}: image {value!r} does not exist ({image})")
-    try:
-        ImagePrompts(model_dir).inputs(prompt_ids, image)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    return str(image)
+    def __init__(self, path: str | Path, model_dir: str | Path) -> None:
+        from expertflow.model.vision import image_token_id
+
+        self.path, self.model_dir = Path(path), model_dir
+        self.image_token = image_token_id(model_dir)
+        self._prompts: Any = None
+
+    def check(self, value: Any, where: str, prompt_ids: Sequence[int]) -> str | None:
+        """The line's image file, checked; a :class:`ConfigError` naming ``where`` otherwise."""
+        from expertflow.model.vision import ImagePrompts
+
+        if value is None:
+            if self.image_token is not None and self.image_token in prompt_ids:
+                # Without pixels the model would read the placeholder as an ordinary token: wrong, silently.
+                raise ConfigError(
+                    f"{where}: the prompt holds the image token ({self.image_token}) but no 'image' is given"
+                )
+            return None
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: 'image' must be a file name")
+        image = Path(value)
+        if not image.is_absolute():
+            image = self.path.parent / image
+        if not image.is_file():
+            raise ConfigError(f"{where}: image {value!r} does not exist ({image})")
+        try:
+            if self._prompts is None:  # a text-only model, or a family whose images are not built here
+                self._prompts = ImagePrompts(self.model_dir)
+            self._prompts.inputs(prompt_ids, image)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        return str(image)
 
 
 def expert_profiles(model: Any, requests: Sequence[Request]) -> list[dict[int, dict[int, float]]]:

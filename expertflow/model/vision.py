@@ -55,13 +55,18 @@ def _read_config(model_dir: str | Path) -> dict[str, Any]:
     return config
 
 
+def _config_value(config: dict[str, Any], key: str) -> Any:
+    """A MoE-VLM's setting: at the top of its config, or in its text config."""
+    text = config.get("text_config")
+    return config.get(key, text.get(key) if isinstance(text, dict) else None)
+
+
 def image_token_id(model_dir: str | Path) -> int | None:
     """The token that stands for an image's patches in a MoE-VLM's prompts; None for a text-only model."""
     config = _read_config(model_dir)
     if not isinstance(config.get("vision_config"), dict):
         return None
-    text = config.get("text_config") or {}
-    token = config.get("image_token_id", text.get("image_token_id") if isinstance(text, dict) else None)
+    token = _config_value(config, "image_token_id")
     return token if isinstance(token, int) else None
 
 
@@ -145,7 +150,7 @@ class ImagePrompts:
             ("image start", family.start_key),
             ("image end", family.end_key),
         ):
-            token = config.get(key, text.get(key))
+            token = _config_value(config, key)
             if not isinstance(token, int) or not 0 <= token < vocab:
                 raise ConfigError(
                     f"{root}: the {name} token id ({key} = {token!r}) is not in the vocabulary of {vocab}"
