@@ -111,3 +111,23 @@ def test_the_cli_runs_a_requests_file(
     with load_model(mixtral, config=StoreConfig(predictor="none")) as model:
         assert out["outputs"]["x"] == _alone(model, Request("x", (5, 6, 7), 3))
     assert main([*args, "--prompt", "hello"]) == 2  # --prompts and --prompt together: refused
+
+
+def test_prompts_are_encoded_by_the_checkpoints_tokenizer_loaded_once(mixtral: Path, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from expertflow.model.generate import load_tokenizer
+
+    root = tmp_path / "with-tokenizer"
+    root.mkdir()
+    for f in mixtral.iterdir():
+        (root / f.name).symlink_to(f)
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "def": 7, "main": 9}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(root)
+    path = _write(tmp_path, *(json.dumps({"prompt": p}) for p in ("def main", "main main def", "x")))
+    before = load_tokenizer.cache_info().misses
+    requests = read_requests(path, root, max_new_tokens=2)
+    assert [r.input_ids for r in requests] == [(7, 9), (9, 9, 7), (0,)]
+    assert load_tokenizer.cache_info().misses == before + 1

@@ -162,9 +162,9 @@ def read_tasks(path: str | Path, model_dir: str | Path, *, byte_tokens: bool) ->
 def _text(tokens: Sequence[int], model_dir: str, byte_tokens: bool) -> str:
     if byte_tokens:
         return bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
-    from transformers import AutoTokenizer
+    from expertflow.model.generate import load_tokenizer
 
-    return str(AutoTokenizer.from_pretrained(model_dir, local_files_only=True).decode(list(tokens)))
+    return str(load_tokenizer(model_dir).decode(list(tokens)))
 
 
 def score(tasks: Sequence[Task], texts: dict[str, str], nll: float | None) -> dict[str, Any]:

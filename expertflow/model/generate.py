@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -190,16 +191,22 @@ def encode_prompt(
         raise ConfigError("give --prompt or --token-ids")
     if byte_tokens:
         return list(prompt.encode("utf-8"))
+    return list(load_tokenizer(str(model_dir))(prompt)["input_ids"])
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(model_dir: str) -> Any:
+    """The checkpoint's own tokenizer, loaded once per process (request and task files encode every line, and
+    the grid decodes every answer); a :class:`ConfigError` when it has none."""
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"{model_dir} has no tokenizer ({exc.__class__.__name__}); pass --token-ids 1,2,3 "
             "or --byte-tokens for byte-level models"
         ) from None
-    return list(tok(prompt)["input_ids"])
 
 
 def format_summary(result: GenerationResult) -> str:
