@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from expertflow.errors import ConfigError, ExpertFlowError
-from expertflow.model.generate import _delta, encode_prompt
+from expertflow.model.generate import counters_delta, encode_prompt, run_counters
 from expertflow.model.prefetch import find_gates
 from expertflow.pipeline.schedule import group_requests
 
@@ -278,10 +278,7 @@ def generate_many(
     )
     # transformers' batching logs every start and stop at INFO; keep its warnings.
     logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
-    store = getattr(model, "expert_store", None)
-    before = store.stats().as_dict() if store is not None else {}
-    routings = [m.routing for m in getattr(model, "expert_layers", {}).values() if m.routing is not None]
-    rerouted0, routed0 = sum(r.rerouted for r in routings), sum(r.routed for r in routings)
+    before = run_counters(model)
     outputs: dict[str, list[int]] = {}
     t0 = time.perf_counter()
     text = [requests[i] for i in order if requests[i].image is None]
@@ -291,10 +288,7 @@ def generate_many(
     if pictured:
         outputs.update(_one_at_a_time(model, pictured, generation))
     seconds = time.perf_counter() - t0
-    stats = _delta(store.stats().as_dict(), before) if store is not None else {}
-    if routings:  # cache-aware routing (lossy): how many expert choices it replaced
-        stats["rerouted"] = sum(r.rerouted for r in routings) - rerouted0
-        stats["routed"] = sum(r.routed for r in routings) - routed0
+    stats = counters_delta(run_counters(model), before) if before else {}
     ran = [r.id for r in text] + [r.id for r in pictured]  # image requests run after the batch
     return BatchResult({r.id: outputs[r.id] for r in requests}, ran, seconds, schedule, stats)
 

@@ -82,7 +82,26 @@ class _Streamer:
         pass
 
 
-def _delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+def run_counters(model: Any) -> dict[str, Any]:
+    """A model's running counters: its store's (hits, misses, bytes per source, stall, prefetch), the time in
+    the experts' kernels and, with cache-aware routing, the expert choices it replaced; {} for a model not
+    loaded by :func:`expertflow.load_model`. :func:`counters_delta` gives what a run cost."""
+    store = getattr(model, "expert_store", None)
+    if store is None:
+        return {}
+    layers = getattr(model, "expert_layers", {})
+    out: dict[str, Any] = store.stats().as_dict()
+    # Time in the experts kernels (the rest of a token's time is attention, norms, routing and the store).
+    out["experts_compute_seconds"] = sum(m.compute_seconds for m in layers.values())
+    routings = [m.routing for m in layers.values() if m.routing is not None]
+    if routings:  # cache-aware routing (lossy): how many expert choices it replaced
+        out["rerouted"] = sum(r.rerouted for r in routings)
+        out["routed"] = sum(r.routed for r in routings)
+    return out
+
+
+def counters_delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """``after - before`` for two :func:`run_counters` readings, with the hit rate of the difference."""
     out: dict[str, Any] = {}
     for k, v in after.items():
         b = before.get(k)
@@ -128,25 +147,11 @@ def generate(
     if max_new_tokens < 1:
         raise ConfigError("max_new_tokens must be >= 1")
     store = getattr(model, "expert_store", None)
-    layers = getattr(model, "expert_layers", {})
-
-    def counters() -> dict[str, Any]:
-        assert store is not None
-        out = store.stats().as_dict()
-        # Time in the experts kernels (the rest of a token's time is attention, norms, routing and the store).
-        out["experts_compute_seconds"] = sum(m.compute_seconds for m in layers.values())
-        routings = [m.routing for m in layers.values() if m.routing is not None]
-        if routings:  # cache-aware routing (lossy): how many expert choices it replaced
-            out["rerouted"] = sum(r.rerouted for r in routings)
-            out["routed"] = sum(r.routed for r in routings)
-        return out
-
-    before = counters() if store is not None else {}
+    before = run_counters(model)
     at_first: dict[str, Any] = {}
 
     def snapshot() -> None:
-        if store is not None:
-            at_first.update(counters())
+        at_first.update(run_counters(model))
 
     streamer = _Streamer(on_token, snapshot)
     t0 = time.perf_counter()
@@ -168,9 +173,9 @@ def generate(
         decode_seconds=t_end - first,
     )
     if store is not None:
-        end = counters()
-        result.stats = _delta(end, before)
-        result.decode_stats = _delta(end, at_first or end)
+        end = run_counters(model)
+        result.stats = counters_delta(end, before)
+        result.decode_stats = counters_delta(end, at_first or end)
         result.budget = store.budget.describe()
     predictor = getattr(model, "expert_predictor", None)
     if predictor is not None:
