@@ -94,16 +94,14 @@ class ExpertStore:
         self.async_store.release(handles)
 
     def prefetch(self, keys: Iterable[ExpertKey], priority: float = 0.0) -> None:
-        # Screened on this thread: a prefetch that admission would refuse never wakes the loop.
-        keys = self.async_store.screen_prefetch(keys, priority)
-        if keys:
-            self._post(self.async_store.prefetch, keys, priority)
+        self.prefetch_ranked((key, priority) for key in keys)
 
     def prefetch_ranked(self, ranked: Iterable[tuple[ExpertKey, float]]) -> None:
         """Prefetch each key at its own priority, likeliest first, with one wake-up of the loop thread.
 
         Each post to the loop costs a hand-over of the interpreter lock, which the compute thread then waits
-        to get back: a layer's predictions go as one post, not one per priority."""
+        to get back: a layer's predictions go as one post, not one per priority. Screened on this thread: a
+        prefetch that admission would refuse never wakes the loop."""
         groups: dict[float, list[ExpertKey]] = {}
         for key, priority in ranked:
             groups.setdefault(priority, []).append(key)
