@@ -264,7 +264,7 @@ def build_preset(name: str, workdir: str | Path, log: Callable[[str], None] = pr
     params = dict(DECODE_PRESETS[name])
     dtype = getattr(torch, params.pop("dtype"))
     root = Path(workdir) / f"mixtral-{name}"
-    if (root / "config.json").is_file() and any(root.glob("*.safetensors")):
+    if _built(root):
         return root
     log(f"building the {name} checkpoint in {root} (once)")
     config = MixtralConfig(
@@ -282,9 +282,25 @@ def build_preset(name: str, workdir: str | Path, log: Callable[[str], None] = pr
         for p in model.parameters():  # random, non-degenerate routing and experts
             if p.ndim >= 2:
                 p.normal_(0.0, 0.05)
+    return _save_checkpoint(model, root)
+
+
+def _built(root: Path) -> bool:
+    """Whether a bench checkpoint was already built at ``root`` (it is moved there only once complete)."""
+    return (root / "config.json").is_file() and any(root.glob("*.safetensors"))
+
+
+def _save_checkpoint(model: Any, root: Path) -> Path:
+    """``save_pretrained`` into a side folder moved to ``root`` once complete; nothing partial is left."""
     tmp = root.with_name(root.name + ".partial")
-    model.save_pretrained(tmp, max_shard_size="400MB")
-    tmp.rename(root)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted build
+    try:
+        model.save_pretrained(tmp, max_shard_size="400MB")
+        shutil.rmtree(root, ignore_errors=True)  # an incomplete earlier build
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return root
 
 
@@ -342,17 +358,7 @@ def widen_experts(
         wide = MixtralForCausalLM(config)
     wide.load_state_dict({k: v.to(getattr(torch, dtype)) for k, v in state.items()}, assign=True)
     wide.config.dtype = dtype
-    root = Path(dest)
-    tmp = root.with_name(root.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted build
-    try:
-        wide.save_pretrained(tmp, max_shard_size="400MB")
-        shutil.rmtree(root, ignore_errors=True)  # an incomplete earlier build
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+    return _save_checkpoint(wide, Path(dest))
 
 
 def build_learned_preset(
@@ -361,7 +367,7 @@ def build_learned_preset(
     """Build (once) preset ``name`` of :data:`LEARNED_PRESETS` from the trained Mixtral at ``source``."""
     params = LEARNED_PRESETS[name]
     root = Path(workdir) / f"mixtral-{name}"
-    if (root / "config.json").is_file() and any(root.glob("*.safetensors")):
+    if _built(root):
         return root
     log(f"building the {name} checkpoint in {root} from {source} (once)")
     return widen_experts(source, root, params["intermediate_size"], params["dtype"])
