@@ -131,3 +131,9 @@ def test_prompts_are_encoded_by_the_checkpoints_tokenizer_loaded_once(mixtral: P
     requests = read_requests(path, root, max_new_tokens=2)
     assert [r.input_ids for r in requests] == [(7, 9), (9, 9, 7), (0,)]
     assert load_tokenizer.cache_info().misses == before + 1
+
+
+def test_a_requests_file_without_requests_is_refused(mixtral: Path, tmp_path: Path) -> None:
+    path = _write(tmp_path, "", "   ")
+    with pytest.raises(ConfigError, match="has no requests"):
+        read_requests(path, mixtral, max_new_tokens=4)

@@ -116,16 +116,13 @@ def lossless(config: dict[str, Any]) -> bool:
 
 def read_tasks(path: str | Path, model_dir: str | Path, *, byte_tokens: bool) -> list[Task]:
     """Tasks from a JSONL file, every line checked before any work; an error names the line."""
-    from expertflow.model.batch import ImageFields, jsonl_objects
+    from expertflow.model.batch import ImageFields, jsonl_objects, positive_int
     from expertflow.model.generate import encode_prompt
 
     tasks: list[Task] = []
-    seen: set[str] = set()
     images = ImageFields(path, model_dir)
-    for number, where, item in jsonl_objects(path, "task"):
-        unknown = sorted(set(item) - {"id", "kind", "prompt", "answer", "text", "image", "max_new_tokens"})
-        if unknown:
-            raise ConfigError(f"{where}: unknown fields {unknown}")
+    fields = ("kind", "prompt", "answer", "text", "image", "max_new_tokens")
+    for tid, where, item in jsonl_objects(path, "task", fields):
         kind = item.get("kind")
         if kind not in KINDS:
             raise ConfigError(f"{where}: 'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -140,19 +137,11 @@ def read_tasks(path: str | Path, model_dir: str | Path, *, byte_tokens: bool) ->
             raise ConfigError(f"{where}: a yesno task's 'answer' is yes or no, got {answer!r}")
         if kind == "exact" and not (isinstance(answer, str) and answer):
             raise ConfigError(f"{where}: an exact task needs a non-empty 'answer'")
-        tid = str(item.get("id", f"task-{number}"))
-        if tid in seen:
-            raise ConfigError(f"{where}: task id {tid!r} is used twice")
-        seen.add(tid)
         default_new = 3 if kind == "yesno" else max(4, len(str(answer or "")) + 2)
-        n = item.get("max_new_tokens", default_new)
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ConfigError(f"{where}: 'max_new_tokens' must be a positive integer")
+        n = positive_int(item, "max_new_tokens", default_new, where)
         ids = encode_prompt(model_dir, content, None, byte_tokens)
         image = images.check(item.get("image"), where, ids)
         tasks.append(Task(tid, kind, tuple(ids), answer, n, image))
-    if not tasks:
-        raise ConfigError(f"{path} has no tasks")
     return tasks
 
 

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,13 +104,18 @@ class BatchResult:
         )
 
 
-def jsonl_objects(path: str | Path, what: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
-    """(line number, "FILE, line N", object) for each non-blank line of a JSONL file of ``what`` objects; a
-    line that is not a JSON object is a :class:`ConfigError` naming it."""
+def jsonl_objects(
+    path: str | Path, what: str, fields: Iterable[str]
+) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(id, "FILE, line N", object) for each non-blank line of a JSONL file of ``what`` objects (requests,
+    tasks). A line that is not a JSON object, has fields outside ``fields`` or reuses an id, and a file with no
+    lines, are a :class:`ConfigError` naming the line or file. A line without ``id`` is ``what-N``."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise ConfigError(f"cannot read the {what} file {path}: {exc.strerror}") from exc
+    allowed = {"id", *fields}
+    seen: set[str] = set()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -121,7 +126,24 @@ def jsonl_objects(path: str | Path, what: str) -> Iterator[tuple[int, str, dict[
             raise ConfigError(f"{where}: not JSON ({exc.msg})") from exc
         if not isinstance(item, dict):
             raise ConfigError(f"{where}: a {what} is a JSON object")
-        yield number, where, item
+        unknown = sorted(set(item) - allowed)
+        if unknown:
+            raise ConfigError(f"{where}: unknown fields {unknown}")
+        oid = str(item.get("id", f"{what}-{number}"))
+        if oid in seen:
+            raise ConfigError(f"{where}: {what} id {oid!r} is used twice")
+        seen.add(oid)
+        yield oid, where, item
+    if not seen:
+        raise ConfigError(f"{path} has no {what}s")
+
+
+def positive_int(item: dict[str, Any], key: str, default: int, where: str) -> int:
+    """``item[key]`` (or ``default``), which must be a positive integer; a :class:`ConfigError` naming ``where``."""
+    n = item.get(key, default)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ConfigError(f"{where}: '{key}' must be a positive integer")
+    return n
 
 
 def read_requests(
@@ -131,12 +153,9 @@ def read_requests(
     optionally ``id``, ``max_new_tokens`` and ``image`` (a file, relative to the requests file's folder).
     Every line is checked before any work, images opened included; an error names the line."""
     requests: list[Request] = []
-    seen: set[str] = set()
     images = ImageFields(path, model_dir)
-    for number, where, item in jsonl_objects(path, "request"):
-        unknown = sorted(set(item) - {"id", "prompt", "token_ids", "max_new_tokens", "image"})
-        if unknown:
-            raise ConfigError(f"{where}: unknown fields {unknown}")
+    fields = ("prompt", "token_ids", "max_new_tokens", "image")
+    for rid, where, item in jsonl_objects(path, "request", fields):
         prompt, token_ids = item.get("prompt"), item.get("token_ids")
         if (prompt is None) == (token_ids is None):
             raise ConfigError(f"{where}: give exactly one of 'prompt' and 'token_ids'")
@@ -148,20 +167,12 @@ def read_requests(
             raise ConfigError(f"{where}: 'token_ids' must be a non-empty list of token ids")
         if prompt is not None and not (isinstance(prompt, str) and prompt):
             raise ConfigError(f"{where}: 'prompt' must be non-empty text")
-        n = item.get("max_new_tokens", max_new_tokens)
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ConfigError(f"{where}: 'max_new_tokens' must be a positive integer")
-        rid = str(item.get("id", f"request-{number}"))
-        if rid in seen:
-            raise ConfigError(f"{where}: request id {rid!r} is used twice")
-        seen.add(rid)
+        n = positive_int(item, "max_new_tokens", max_new_tokens, where)
         ids = (
             list(token_ids) if token_ids is not None else encode_prompt(model_dir, prompt, None, byte_tokens)
         )
         image = images.check(item.get("image"), where, ids)
         requests.append(Request(rid, tuple(ids), n, image))
-    if not requests:
-        raise ConfigError(f"{path} has no requests")
     return requests
 
 
