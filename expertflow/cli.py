@@ -334,7 +334,8 @@ def _cmd_bench_policies(args: argparse.Namespace) -> int:
 
 
 def _read_texts(paths: Sequence[str]) -> str:
-    """The evaluation text: files as given, directories as their ``.py`` / ``.txt`` files in sorted order."""
+    """The evaluation text: files as given, directories as their ``.py`` / ``.txt`` / ``.md`` files in sorted
+    order."""
     parts: list[str] = []
     for name in paths:
         path = Path(name)
@@ -362,7 +363,8 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
     results = []
     try:
         for path in args.models:
-            if token_ids(path, text[:4096]) != ids[: len(token_ids(path, text[:4096]))]:
+            head = token_ids(path, text[:4096])
+            if head != ids[: len(head)]:
                 raise ConfigError(f"{path} tokenizes the text differently from {args.models[0]}")
             model = load_for_eval(path, _budget(args.host_mem), args.routing_margin)
             try:

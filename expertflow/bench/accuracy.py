@@ -53,10 +53,9 @@ def token_ids(model_dir: str | Path, text: str) -> list[int]:
     if any(
         (root / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
     ):
-        from transformers import AutoTokenizer
+        from expertflow.model.generate import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
-        return list(tokenizer(text)["input_ids"])
+        return list(load_tokenizer(str(root))(text)["input_ids"])
     from transformers import AutoConfig
 
     vocab = getattr(
