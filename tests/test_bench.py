@@ -123,6 +123,31 @@ def test_bench_decode_runs_every_contender_with_identical_tokens(tmp_path):
     assert "expertflow lru @50% / accelerate" in result.summary
 
 
+def test_paired_ratios_compare_each_policy_with_lru_at_its_budget_round_by_round():
+    """A slow round slows both contenders: ratios are taken within a round, then their median."""
+    from expertflow.bench.decode import default_contenders, paired_ratios
+
+    contenders = default_contenders([0.25, 0.1], ["lru", "predictive"]) + default_contenders(
+        [0.5], ["predictive"]
+    )
+    lru, pred = "expertflow lru @25%", "expertflow predictive @25%"
+    rounds = [
+        {lru: 4.0, pred: 4.4, "expertflow lru @10%": 3.0, "expertflow predictive @10%": 2.7},
+        {lru: 2.0, pred: 1.9},  # a slow round: best-of and median comparisons would mix it with fast ones
+        {lru: 3.0, pred: 3.3, "expertflow predictive @50%": 9.0},
+    ]
+    out = paired_ratios(contenders, rounds)
+    assert out[f"{pred} / {lru} (paired)"] == {
+        "median": 1.1,
+        "min": 0.95,
+        "max": 1.1,
+        "rounds": 3,
+        "rounds_at_or_above": 2,
+    }
+    assert out["expertflow predictive @10% / expertflow lru @10% (paired)"]["rounds"] == 1
+    assert not any("@50%" in k for k in out)  # no LRU run at that budget to compare with
+
+
 def test_bench_decode_runs_quantized_contenders_on_a_pack_it_builds(tmp_path):
     """``lru-int4``: the bench quantizes the checkpoint once, runs on it, and reads a quarter of the bytes."""
     from expertflow.bench.decode import bench_decode, build_preset, default_contenders

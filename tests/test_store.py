@@ -212,6 +212,7 @@ async def test_cancelled_prefetches_return_their_buffers(ckpt):
         await asyncio.wait_for(source.started.get(), 5)
         await asyncio.wait_for(source.started.get(), 5)  # two loading, two queued
         assert store.free_slots == 2
+        assert store.outstanding_prefetches() == [ExpertKey(1, e) for e in range(4)]
         cancelled = store.cancel_prefetches()
         assert cancelled == 4
         source.open_all()
@@ -220,6 +221,7 @@ async def test_cancelled_prefetches_return_their_buffers(ckpt):
                 break
             await asyncio.sleep(0.01)
         assert store.free_slots == 4 and store.resident() == []
+        assert store.outstanding_prefetches() == []
         assert store.stats().prefetch_cancelled == 4
         # The store keeps working after cancellations.
         handles = await store.fetch([ExpertKey(1, 0)])

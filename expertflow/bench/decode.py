@@ -17,10 +17,11 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -478,7 +479,10 @@ def bench_decode(
             f"every contender but the RAM ceiling ran in a memory cgroup of {memory_limit / 2**20:.0f} MiB (page cache included)"
         )
     if repeats > 1:
-        result.notes.append(f"contenders ran round-robin {repeats} times; each row is its fastest run")
+        result.notes.append(
+            f"contenders ran round-robin {repeats} times; each row is its fastest run, with the median of its "
+            "runs beside it; the summary gives each policy's tok/s over LRU's at the same budget, round by round"
+        )
     # A budget is a share of what holding every expert takes (one slot each), so 100% means "all fit".
     from expertflow.tiers.nvme import read_slot_nbytes
 
@@ -495,7 +499,9 @@ def bench_decode(
                 f"({q.expert_bytes / layout.expert_bytes:.2f}x), built by `expertflow pack --quantize`"
             )
     best: dict[str, dict[str, Any]] = {}
+    rounds: list[dict[str, float]] = []  # per round, each contender's tok/s (for medians and paired ratios)
     for _ in range(max(1, repeats)):
+        rounds.append({})
         for c in contenders:
             path, all_slots = models[c.quantize]
             host = None if not isinstance(c.budget, float) else int(all_slots * c.budget)
@@ -506,6 +512,8 @@ def bench_decode(
                 spec, limit_bytes=None if c.kind == "transformers" else memory_limit, timeout=timeout
             )
             log(f"  {row['tokens_per_second']:.2f} tok/s" if "error" not in row else f"  {row['error']}")
+            if "error" not in row:
+                rounds[-1][c.label] = row["tokens_per_second"]
             kept = best.get(c.label)
             if (
                 kept is None
@@ -514,6 +522,10 @@ def bench_decode(
             ):
                 best[c.label] = row
     result.rows = [best[c.label] for c in contenders]
+    for row in result.rows:
+        runs = [r[row["label"]] for r in rounds if row["label"] in r]
+        row["tokens_per_second_runs"] = runs
+        row["median_tokens_per_second"] = statistics.median(runs) if runs else None
     bandwidth = _device_rate(layout, files, rate_before, result)
     ceiling = next(
         (r for r in result.rows if r["contender"]["kind"] == "transformers" and "error" not in r), None
@@ -526,7 +538,39 @@ def bench_decode(
         if ceiling is not None and "tokens" in row:
             row["same_tokens_as_transformers"] = row["tokens"] == ceiling["tokens"]
     result.summary = _summary(result.rows)
+    result.summary.update(paired_ratios(contenders, rounds))
     return result
+
+
+def paired_ratios(contenders: Sequence[Contender], rounds: Sequence[Mapping[str, float]]) -> dict[str, Any]:
+    """Each ExpertFlow contender against LRU at the same budget, round by round: the median ratio and its range.
+
+    Contenders of one round run back to back, so a ratio within a round cancels the slow drift of this
+    machine's speed (runs of one configuration spread by 20-40 %), which comparing best or median runs does not.
+    """
+
+    def is_lru(c: Contender) -> bool:
+        return c.kind == "expertflow" and (c.policy, c.predictor) == EXPERTFLOW_SETTINGS["lru"]
+
+    out: dict[str, Any] = {}
+    for c in contenders:
+        if c.kind != "expertflow" or is_lru(c):
+            continue
+        ref = next(
+            (r for r in contenders if is_lru(r) and (r.budget, r.quantize) == (c.budget, c.quantize)), None
+        )
+        if ref is None:
+            continue
+        ratios = sorted(r[c.label] / r[ref.label] for r in rounds if c.label in r and r.get(ref.label))
+        if ratios:
+            out[f"{c.label} / {ref.label} (paired)"] = {
+                "median": round(statistics.median(ratios), 3),
+                "min": round(ratios[0], 3),
+                "max": round(ratios[-1], 3),
+                "rounds": len(ratios),
+                "rounds_at_or_above": sum(x >= 1 for x in ratios),
+            }
+    return out
 
 
 def _dd_rate(layout: Any, files: list[str]) -> Any:
@@ -611,6 +655,7 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 COLUMNS = [
     "label",
     "tokens_per_second",
+    "median_tokens_per_second",
     "ms_per_token",
     "stall_ms_per_token",
     "experts_compute_ms_per_token",

@@ -243,7 +243,7 @@ class CacheLevel:
         cancelled = 0
         with self.lock:
             for entry in list(self.entries.values()):
-                if entry.key in keep_set or entry.demanded or entry.pins or entry.state is State.READY:
+                if entry.key in keep_set or not _withdrawable(entry):
                     continue
                 cancelled += 1
                 if entry.state is State.LOADING and entry.task is not None:
@@ -480,6 +480,11 @@ class CacheLevel:
         with self.lock:
             return sorted(e.key for e in self.entries.values() if e.pins > 0)
 
+    def outstanding_prefetches(self) -> list[ExpertKey]:
+        """Prefetches queued or loading that nothing waits for: what :meth:`cancel_prefetches` would withdraw."""
+        with self.lock:
+            return sorted(e.key for e in self.entries.values() if _withdrawable(e))
+
     @property
     def free_slots(self) -> int:
         with self.lock:
@@ -508,3 +513,8 @@ def _consume_exception(fut: asyncio.Future[None]) -> None:
     """Mark a future's exception as retrieved: errors are delivered to waiters, not logged as lost."""
     if not fut.cancelled():
         fut.exception()
+
+
+def _withdrawable(entry: Entry) -> bool:
+    """A prefetch not yet resident that no one demands or holds: withdrawing it loses nothing."""
+    return not (entry.demanded or entry.pins or entry.state is State.READY)

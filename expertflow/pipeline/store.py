@@ -530,6 +530,10 @@ class AsyncExpertStore:
     def pinned(self) -> list[ExpertKey]:
         return self._device.pinned()
 
+    def outstanding_prefetches(self) -> list[ExpertKey]:
+        """Prefetches queued or loading that nothing waits for yet (any thread)."""
+        return self._device.outstanding_prefetches()
+
     @property
     def free_slots(self) -> int:
         return self._device.free_slots

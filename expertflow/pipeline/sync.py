@@ -121,8 +121,11 @@ class ExpertStore:
         return self.async_store.prefetch_floor()
 
     def cancel_prefetches(self, keep: Iterable[ExpertKey] = ()) -> None:
-        """Withdraw stale prefetches (posted to the loop; does not wait)."""
-        self._post(self.async_store.cancel_prefetches, list(keep))
+        """Withdraw stale prefetches (posted to the loop; does not wait). No post when none is outstanding: a
+        decode bound by the disk refuses most prefetches, and the post would cost every token a hand-over."""
+        keep = set(keep)
+        if any(key not in keep for key in self.async_store.outstanding_prefetches()):
+            self._post(self.async_store.cancel_prefetches, keep)
 
     def set_scorer(self, scorer: Callable[[ExpertKey], float] | None) -> None:
         self.async_store.set_scorer(scorer)
