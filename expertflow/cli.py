@@ -592,7 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="which to run, comma-separated: transformers, accelerate, no-cache, lru, predictive",
     )
     p.add_argument(
-        "--repeats", type=int, default=1, help="run all contenders this many times; keep each one's best"
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of all contenders (order alternating); rows give each one's best and median run, "
+        "the summary each policy over LRU at its budget, round by round",
     )
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--read-mode", choices=READ_MODES, default="direct")

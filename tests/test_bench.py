@@ -123,6 +123,15 @@ def test_bench_decode_runs_every_contender_with_identical_tokens(tmp_path):
     assert "expertflow lru @50% / accelerate" in result.summary
 
 
+def test_rounds_alternate_the_contenders_order():
+    from expertflow.bench.decode import default_contenders, round_order
+
+    contenders = default_contenders([0.25], ["lru", "predictive"])
+    orders = [[c.label for c in round_order(contenders, i)] for i in range(3)]
+    assert orders[0] == orders[2] == ["expertflow lru @25%", "expertflow predictive @25%"]
+    assert orders[1] == orders[0][::-1]
+
+
 def test_paired_ratios_compare_each_policy_with_lru_at_its_budget_round_by_round():
     """A slow round slows both contenders: ratios are taken within a round, then their median."""
     from expertflow.bench.decode import default_contenders, paired_ratios

@@ -457,8 +457,9 @@ def bench_decode(
 ) -> BenchResult:
     """Every contender on the same checkpoint and prompt; rows with tokens/s, stall, bytes, bound, efficiency.
 
-    With ``repeats`` > 1 the contenders run round-robin that many times and each keeps its fastest run (this
-    machine's noise only ever slows a run down).
+    With ``repeats`` > 1 the contenders run that many rounds (order alternating, see :func:`round_order`); each
+    row is a contender's fastest run (this machine's noise only ever slows a run down) with the median of its
+    runs, and the summary compares each policy with LRU at its budget round by round (:func:`paired_ratios`).
     """
     from expertflow.tiers.safetensors_index import open_checkpoint
 
@@ -480,7 +481,8 @@ def bench_decode(
         )
     if repeats > 1:
         result.notes.append(
-            f"contenders ran round-robin {repeats} times; each row is its fastest run, with the median of its "
+            f"contenders ran round-robin {repeats} times, in the given order and reversed alternately; each row "
+            "is its fastest run, with the median of its "
             "runs beside it; the summary gives each policy's tok/s over LRU's at the same budget, round by round"
         )
     # A budget is a share of what holding every expert takes (one slot each), so 100% means "all fit".
@@ -500,9 +502,9 @@ def bench_decode(
             )
     best: dict[str, dict[str, Any]] = {}
     rounds: list[dict[str, float]] = []  # per round, each contender's tok/s (for medians and paired ratios)
-    for _ in range(max(1, repeats)):
+    for i in range(max(1, repeats)):
         rounds.append({})
-        for c in contenders:
+        for c in round_order(contenders, i):
             path, all_slots = models[c.quantize]
             host = None if not isinstance(c.budget, float) else int(all_slots * c.budget)
             spec = WorkerSpec(path, asdict(c), list(prompt), new_tokens, read_mode, str(offload), host)
@@ -540,6 +542,14 @@ def bench_decode(
     result.summary = _summary(result.rows)
     result.summary.update(paired_ratios(contenders, rounds))
     return result
+
+
+def round_order(contenders: Sequence[Contender], i: int) -> list[Contender]:
+    """The order of round ``i``: as given, then reversed, alternately, so no contender always runs first.
+
+    A round's runs follow each other within seconds, and this machine's disk and CPU drift over a minute; with
+    one fixed order, a drift (or what one run leaves behind) would favour the same contender every round."""
+    return list(contenders) if i % 2 == 0 else list(reversed(contenders))
 
 
 def paired_ratios(contenders: Sequence[Contender], rounds: Sequence[Mapping[str, float]]) -> dict[str, Any]:
