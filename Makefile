@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check expertflow tests
 	$(BIN)/ruff format --check expertflow tests
-	$(BIN)/mypy expertflow/__init__.py expertflow/config.py expertflow/errors.py expertflow/core.py expertflow/assemble.py expertflow/pipeline \
+	$(BIN)/mypy expertflow/__init__.py expertflow/config.py expertflow/errors.py expertflow/core.py expertflow/aio.py expertflow/assemble.py expertflow/pipeline \
 		expertflow/services/protocol.py expertflow/services/server.py expertflow/services/frontend.py expertflow/services/curve.py expertflow/services/client.py \
 		expertflow/services/keys.py expertflow/services/monitoring.py expertflow/services/remote.py \
 		expertflow/tiers/fingerprint.py expertflow/services/process.py expertflow/quant expertflow/model/quantized.py expertflow/model/quantize.py expertflow/model/prequantized.py expertflow/model/batch.py expertflow/model/vision.py expertflow/model/routing.py expertflow/bench/accuracy.py expertflow/bench/grid.py

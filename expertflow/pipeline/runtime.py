@@ -8,6 +8,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from expertflow.aio import cancel_and_wait
 from expertflow.errors import StoreClosedError
 
 T = TypeVar("T")
@@ -62,10 +63,7 @@ class LoopThread:
         self._closed = True
 
         async def _drain() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(t for t in asyncio.all_tasks() if t is not asyncio.current_task())
             await self.loop.shutdown_default_executor()
 
         asyncio.run_coroutine_threadsafe(_drain(), self.loop).result()

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import zmq
 import zmq.asyncio
 
+from expertflow.aio import cancel_and_wait
 from expertflow.errors import ConfigError
 from expertflow.services.curve import COMMAND as CURVE_COMMAND
 from expertflow.services.curve import MESSAGE_OVERHEAD, CurveError, CurveKeys, CurveSession
@@ -171,9 +172,7 @@ class _Connection:
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await cancel_and_wait(tasks)
             for t in done:
                 t.result()
         except (_Refused, CurveError) as exc:
@@ -500,9 +499,7 @@ class ZmtpFrontend:
         await asyncio.to_thread(thread.join)
 
     async def _shutdown(self, grace: float) -> None:
-        for task in self._accepting:
-            task.cancel()
-        await asyncio.gather(*self._accepting, return_exceptions=True)
+        await cancel_and_wait(self._accepting)
         for sock in self._listeners:
             sock.close()
         for path in self._unix_paths:
@@ -512,10 +509,7 @@ class ZmtpFrontend:
         until = loop.time() + grace
         while self._pending_replies() and loop.time() < until:
             await asyncio.sleep(0.01)
-        connections = list(self._connections)
-        for task in connections:
-            task.cancel()
-        await asyncio.gather(*connections, return_exceptions=True)
+        await cancel_and_wait(list(self._connections))
 
     def _pending_replies(self) -> bool:
         return any(c.writing or int(c.dealer.getsockopt(zmq.EVENTS)) & zmq.POLLIN for c in self._open)

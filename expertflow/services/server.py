@@ -29,6 +29,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
+from expertflow.aio import cancel_and_wait
 from expertflow.config import StoreConfig
 from expertflow.core import ExpertKey
 from expertflow.errors import CheckpointChangedError, ConfigError, ExpertFlowError
@@ -324,12 +325,8 @@ class ExpertServer:
         if self._tasks:
             log.info("shutting down: %d requests in flight", len(self._tasks))
             _, pending = await asyncio.wait(list(self._tasks), timeout=self.config.grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        for task in self._loops:
-            task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+            await cancel_and_wait(pending)
+        await cancel_and_wait(self._loops)
         if self._frontend is not None:
             await self._frontend.aclose(self.config.grace)
         if self._sock is not None:
