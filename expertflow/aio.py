@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import Any
 
 #: Seconds between repeated cancellations of a task that is still running.
 RECANCEL_INTERVAL = 0.05
 
 
-async def cancel_and_wait(tasks: Iterable[asyncio.Future[object]]) -> None:
+async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
     """Cancel ``tasks`` and return once all have ended, cancelling again any that swallowed a cancellation.
 
     Their results and exceptions are left on the tasks (retrieved, so none is logged as never retrieved).
