@@ -482,8 +482,8 @@ def bench_decode(
     if repeats > 1:
         result.notes.append(
             f"contenders ran round-robin {repeats} times, in the given order and reversed alternately; each row "
-            "is its fastest run, with the median of its "
-            "runs beside it; the summary gives each policy's tok/s over LRU's at the same budget, round by round"
+            "is its fastest run, with the median of its runs beside it; the summary gives each policy's tok/s "
+            "over LRU's at the same budget, round by round"
         )
     # A budget is a share of what holding every expert takes (one slot each), so 100% means "all fit".
     from expertflow.tiers.nvme import read_slot_nbytes

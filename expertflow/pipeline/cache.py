@@ -499,6 +499,8 @@ class CacheLevel:
         if self._closed:
             return
         self._closed = True
+        # One cancellation, then wait (not expertflow.aio.cancel_and_wait): a worker cancelled again while it
+        # waits for its load would end before that load's read stops writing into the slot.
         for w in self._workers:
             w.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)

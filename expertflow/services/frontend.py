@@ -509,7 +509,7 @@ class ZmtpFrontend:
         until = loop.time() + grace
         while self._pending_replies() and loop.time() < until:
             await asyncio.sleep(0.01)
-        await cancel_and_wait(list(self._connections))
+        await cancel_and_wait(self._connections)  # read once, before any of them ends
 
     def _pending_replies(self) -> bool:
         return any(c.writing or int(c.dealer.getsockopt(zmq.EVENTS)) & zmq.POLLIN for c in self._open)
