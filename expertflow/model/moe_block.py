@@ -74,6 +74,24 @@ class SlotStore(Protocol):
     def close(self) -> None: ...
 
 
+def _expert_tables(
+    experts: nn.Module, num_experts: int, slot_params: set[str]
+) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """Tensors of the experts module kept resident, one row per expert, that its forward indexes by expert id
+    (a ``[num_experts, hidden]`` per-expert norm weight in a submodule): taken out of their modules' registries,
+    so that each call can hand the module the rows of the experts in its slots, in slot order."""
+    found: list[tuple[nn.Module, str, torch.Tensor]] = []
+    for name, tensor in (*experts.named_parameters(), *experts.named_buffers()):
+        if name in slot_params or tensor.dim() == 0 or tensor.shape[0] != num_experts:
+            continue
+        path, _, leaf = name.rpartition(".")
+        owner = experts.get_submodule(path)
+        registry = owner._parameters if leaf in owner._parameters else owner._buffers
+        del registry[leaf]
+        found.append((owner, leaf, tensor.detach()))
+    return found
+
+
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -109,6 +127,7 @@ class OffloadedExperts(nn.Module):
         for fill in adapter.fills:
             del experts._parameters[fill.param]
             self._slot_views[fill.param] = fill.bind(store, adapter.layer)
+        self._tables = _expert_tables(experts, adapter.num_experts, set(self._slot_views))
         # A private config so that our kernel choice does not leak into the rest of the model.
         config: Any = copy.copy(experts.config)
         config._experts_implementation_internal = implementation
@@ -150,6 +169,15 @@ class OffloadedExperts(nn.Module):
         slot_index = torch.tensor(table, device=top_k_index.device)[top_k_index]  # [tokens, top_k]
         for name, view in self._slot_views.items():
             experts.__dict__[name] = view[lo : lo + span]
+        if self._tables:
+            # Resident per-expert tensors (Ergo's per-expert norm) are indexed by slot id too: row i of the
+            # table the module sees is the row of the expert in slot lo + i.
+            held = [0] * span
+            for h in wave:
+                held[h.slot - lo] = h.key.expert
+            held_t = torch.tensor(held)
+            for owner, name, per_expert in self._tables:
+                owner.__dict__[name] = per_expert[held_t.to(per_expert.device)]
         experts.__dict__.update(num_experts=span, _is_expert_parallel=partial)
         weights = top_k_weights.masked_fill(slot_index == span, 0) if partial else top_k_weights
         return experts(hidden_states, slot_index, weights)
