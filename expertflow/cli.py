@@ -36,12 +36,16 @@ def _open_layout(path: str) -> Any:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from expertflow.model.loader import check_family, family_status
     from expertflow.tiers.inspect import describe, format_table
 
     layout = _open_layout(args.path)
     desc = describe(layout)
     if layout.experts:
         desc["budget"]["default"] = _auto_budget(layout, args.read_mode)
+        if args.check_family:
+            check_family(args.path, refresh=True)
+        desc["family_check"] = family_status(args.path)
     print(json.dumps(desc, indent=2) if args.json else format_table(desc))
     return 0
 
@@ -121,14 +125,13 @@ def _store_config(args: argparse.Namespace) -> StoreConfig:
 
 def _cmd_generate_many(args: argparse.Namespace) -> int:
     from expertflow.model.batch import generate_many, read_requests
-    from expertflow.model.loader import load_model
 
     if args.prompt or args.token_ids:
         raise ConfigError("--prompts takes the prompts from its file: leave --prompt / --token-ids out")
     requests = read_requests(
         args.prompts, args.path, max_new_tokens=args.max_new_tokens, byte_tokens=args.byte_tokens
     )
-    with load_model(args.path, device=args.device, config=_store_config(args)) as model:
+    with _load(args) as model:
         result = generate_many(model, requests, schedule=args.schedule, max_requests=args.max_batch)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2, default=str))
@@ -147,7 +150,6 @@ def _cmd_generate_many(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from expertflow.model.generate import encode_prompt, format_summary, generate
-    from expertflow.model.loader import load_model
 
     if args.prompts:
         if args.image:
@@ -161,7 +163,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         from expertflow.model.vision import ImagePrompts
 
         prompt = ImagePrompts(args.path).inputs(ids, args.image)  # checked before the model loads
-    model = load_model(args.path, device=args.device, config=_store_config(args))
+    model = _load(args)
     try:
 
         def show(token: int) -> None:
@@ -181,12 +183,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_trace(args: argparse.Namespace) -> int:
     from expertflow.model.generate import encode_prompt, generate
-    from expertflow.model.loader import load_model
     from expertflow.model.tracing import RoutingRecorder
     from expertflow.pipeline.traces import save
 
     ids = encode_prompt(args.path, args.prompt, args.token_ids, args.byte_tokens)
-    with load_model(args.path, device=args.device, config=_store_config(args)) as model:
+    with _load(args) as model:
         recorder = RoutingRecorder(model, meta={"model": str(args.path), "prompt_tokens": len(ids)})
         generate(model, ids, args.max_new_tokens)
         trace = recorder.finish()
@@ -223,6 +224,25 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--remote-replicas", type=int, default=1, help="servers that hold each expert")
     p.add_argument("--remote-timeout", type=float, default=5.0, help="seconds to wait for one remote expert")
     _curve_client_args(p)
+    p.add_argument(
+        "--trust-family",
+        action="store_true",
+        help="UNSAFE: run without the family check that proves the offloaded experts exact for this family",
+    )
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """``load_model`` with the command line's store options."""
+    from expertflow.model.loader import load_model
+
+    if args.trust_family:
+        print(
+            "WARNING: --trust-family: this family's offloaded experts are not proved exact; outputs may be wrong",
+            file=sys.stderr,
+        )
+    return load_model(
+        args.path, device=args.device, config=_store_config(args), trust_family=args.trust_family
+    )
 
 
 def _add_prompt_options(p: argparse.ArgumentParser) -> None:
@@ -439,6 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
         "--read-mode", choices=READ_MODES, default="mmap", help="read mode the default budget is sized for"
+    )
+    p.add_argument(
+        "--check-family",
+        action="store_true",
+        help="run the family check now (proves the offloaded experts exact on a tiny instance of the family)",
     )
     p.set_defaults(func=_cmd_inspect)
 

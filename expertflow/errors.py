@@ -86,6 +86,11 @@ class UnverifiableExpertError(RemoteError):
     """
 
 
+class UnverifiedFamilyWarning(UserWarning):
+    """A model runs without the load-time family check (``trust_family=True``): nothing proves that its offloaded
+    experts compute what its family's own module computes."""
+
+
 __all__ = [
     "BudgetError",
     "CheckpointError",
@@ -99,4 +104,5 @@ __all__ = [
     "StoreClosedError",
     "UnsupportedModelError",
     "UnverifiableExpertError",
+    "UnverifiedFamilyWarning",
 ]

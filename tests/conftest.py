@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,28 @@ from tests.checkpoints import FAMILIES, FamilyUnavailable, save_checkpoint
 
 # The repository sits beside the shared directory (/work/main and /work/shared; CI clones the same way).
 SHARED_MODEL_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "tiny-mixtral-pystdlib"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Family checks are cached in a folder of this session's own (a user's cache is never read or written;
+    CLI subprocesses inherit it): each family is checked once per session, at its first load."""
+    folder = tempfile.mkdtemp(prefix="expertflow-test-cache-")
+    config.stash[_CACHE_KEY] = (folder, os.environ.get("EXPERTFLOW_CACHE_DIR"))
+    os.environ["EXPERTFLOW_CACHE_DIR"] = folder
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder, before = config.stash.get(_CACHE_KEY, (None, None))
+    if folder is None:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    if before is None:
+        os.environ.pop("EXPERTFLOW_CACHE_DIR", None)
+    else:
+        os.environ["EXPERTFLOW_CACHE_DIR"] = before
+
+
+_CACHE_KEY = pytest.StashKey[tuple[str, "str | None"]]()
 
 
 class CheckpointCache:

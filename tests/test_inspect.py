@@ -122,10 +122,13 @@ def test_json_output_round_trips_through_the_cli(
     printed = json.loads(capsys.readouterr().out)
     # The CLI adds the default budget this machine would get, sized from its memory, and says why.
     default = printed["budget"].pop("default")
+    check = printed.pop("family_check")  # and what is known of the family check (tests/test_family_check.py)
+    assert check["status"] in ("verified", "not yet checked")
     assert printed == desc
     assert 0 < default["host_bytes"] <= desc["budget"]["host_all_experts_bytes"]["mmap"]
     assert default["experts"] >= 1 and "available" in default["reason"]
     desc["budget"]["default"] = default
+    desc["family_check"] = check
     assert cli_main(["inspect", str(root)]) == 0
     assert capsys.readouterr().out.strip() == format_table(desc)
     assert "default host budget on this machine" in format_table(desc)

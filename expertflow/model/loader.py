@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import warnings
 import weakref
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -27,7 +28,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from expertflow.assemble import open_store
 from expertflow.config import StoreConfig, format_size
 from expertflow.core import DTYPE_SIZES, routed_top_k, torch_dtype
-from expertflow.errors import BudgetError, CheckpointError, ConfigError, UnsupportedModelError
+from expertflow.errors import (
+    BudgetError,
+    CheckpointError,
+    ConfigError,
+    UnsupportedModelError,
+    UnverifiedFamilyWarning,
+)
 from expertflow.model.adapters import (
     ExpertsAdapter,
     KeyMapper,
@@ -57,6 +64,7 @@ from expertflow.model.quantized import (
 )
 from expertflow.model.routing import attach as attach_routing
 from expertflow.model.support import check_supported
+from expertflow.model.verify import FamilyCheck, cached_status, verify_family
 from expertflow.pipeline.budget import ACTIVATION_RESERVE
 from expertflow.tiers.layout import ExpertLayout, TensorInfo
 from expertflow.tiers.nvme import read_slot_nbytes
@@ -97,6 +105,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     layout: ExpertLayout | None = None,
+    trust_family: bool = False,
 ) -> PreTrainedModel:
     """Load the MoE checkpoint at ``path`` with its routed experts served by an ExpertStore.
 
@@ -107,10 +116,38 @@ def load_model(
     ``dtype``), else the experts' stored dtype; experts are computed in their stored dtype, so the two must
     agree. ``layout`` saves re-reading the headers when the caller already has ``open_checkpoint(path)``.
 
-    Raises :class:`UnsupportedModelError` (no routed experts / no experts seam), :class:`CheckpointError`
-    (config and weights disagree, naming the tensor), :class:`BudgetError` (budget below one token's top-k)
-    and :class:`ConfigError` (both a store and a config, or a store over other experts).
+    Before the checkpoint's weights run, the family is proved exact on a tiny seeded instance of its config
+    class (:mod:`expertflow.model.verify`; cached per family and versions, so only a family's first load pays
+    for it). ``trust_family=True`` skips that proof, loudly (:class:`UnverifiedFamilyWarning`).
+
+    Raises :class:`UnsupportedModelError` (no routed experts / no experts seam / refused by the family check),
+    :class:`CheckpointError` (config and weights disagree, naming the tensor), :class:`BudgetError` (budget
+    below one token's top-k) and :class:`ConfigError` (both a store and a config, or a store over other experts).
     """
+    return _load_model(
+        path,
+        config=config,
+        store=store,
+        device=device,
+        dtype=dtype,
+        layout=layout,
+        family=_TRUST if trust_family else _VERIFY,
+    )
+
+
+_VERIFY, _TRUST, _SKIP = "verify", "trust", "skip"  # _SKIP: the family check's own tiny instance
+
+
+def _load_model(
+    path: str | os.PathLike[str],
+    *,
+    config: StoreConfig | None,
+    store: SlotStore | None,
+    device: str | torch.device | None,
+    dtype: torch.dtype | None,
+    layout: ExpertLayout | None,
+    family: str,
+) -> PreTrainedModel:
     root = Path(path)
     if store is not None and config is not None:
         raise ConfigError("pass a store or a config to load_model, not both: a store brings its own config")
@@ -120,6 +157,8 @@ def load_model(
     fmt = detect(hf_config, str(root / "config.json"))
     layout, model, mapper, dtype = _layout_and_skeleton(root, hf_config, dtype, source, fmt)
     top_k = _top_k(hf_config, root)
+    # A checkpoint or config error is said as such first; then, before any weight is read, the family check.
+    family_check = _check_family(hf_config, root, family)
     if store is not None and store.layout.fingerprint() != layout.fingerprint():
         raise ConfigError(
             f"the store serves the experts of {store.layout.root}, which differ from those of {root}"
@@ -193,9 +232,57 @@ def load_model(
     extended.expert_predictor = predictor
     extended.expert_top_k = top_k
     extended.expert_model_dir = Path(root)
+    extended.expert_family_check = family_check  # None: not checked (trusted, or the check's own instance)
     extended._expertflow_close = weakref.finalize(model, close_store)
     model.eval()
     return model
+
+
+def _check_family(hf_config: PretrainedConfig, root: Path, family: str) -> FamilyCheck | None:
+    """The family check's outcome for a model that may run; a refused family raises here, before any work."""
+    if family == _SKIP:
+        return None
+    if family == _TRUST:
+        message = (
+            f"{hf_config.model_type} runs WITHOUT the family check (trust_family=True): nothing proves that "
+            "ExpertFlow's offloaded experts compute what this family's own module computes, so its outputs may "
+            "be silently wrong"
+        )
+        log.warning(message)
+        warnings.warn(message, UnverifiedFamilyWarning, stacklevel=4)
+        return None
+    result = verify_family(hf_config, _load_for_check)
+    if not result.verified:
+        raise result.error(str(root))
+    return result
+
+
+def check_family(path: str | os.PathLike[str], *, refresh: bool = False) -> FamilyCheck:
+    """Run (or, unless ``refresh``, look up) the family check of the checkpoint at ``path`` without loading its
+    weights; a refusal is returned, not raised (``inspect --check-family``)."""
+    root = Path(path)
+    hf_config = _hf_config(root)
+    check_supported(hf_config.model_type, file=str(root))
+    return verify_family(hf_config, _load_for_check, refresh=refresh)
+
+
+def family_status(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What is known of the family check of the checkpoint at ``path``, without running it (``inspect``)."""
+    try:
+        hf_config = _hf_config(Path(path))
+    except UnsupportedModelError as exc:
+        return {"status": "not checkable", "detail": str(exc)}
+    return cached_status(hf_config)
+
+
+def _load_for_check(root: Path) -> PreTrainedModel:
+    """The family check's tiny instance, offloaded with room for two layers' experts: experts are evicted and
+    read again."""
+    layout = open_model_checkpoint(root)
+    top_k = _top_k(_hf_config(root), root)
+    slot = read_slot_nbytes(layout, StoreConfig().read_mode)
+    config = StoreConfig(host_bytes=2 * top_k * slot, predictor="none")
+    return _load_model(root, config=config, store=None, device=None, dtype=None, layout=layout, family=_SKIP)
 
 
 def open_model_checkpoint(path: str | os.PathLike[str]) -> ExpertLayout:

@@ -184,6 +184,15 @@ def format_table(desc: Mapping[str, Any]) -> str:
         ),
         ("fingerprint", str(desc["fingerprint"])),
     ]
+    check = desc.get("family_check")
+    if check is not None:
+        # verified / refused / not yet checked: whether the offloaded experts are proved exact for this family
+        rows.append(
+            (
+                "family check",
+                f"{check['status']}: {check['detail']}",
+            )
+        )
     lines: list[str] = []
     if not desc["has_experts"]:
         rows.append(("layers", str(desc["num_layers"])))
