@@ -1,5 +1,6 @@
 """ExpertFlow: run Mixture-of-Experts models whose experts do not fit in memory."""
 
+from expertflow._version import __version__
 from expertflow.assemble import open_async_store, open_store
 from expertflow.config import StoreConfig
 from expertflow.core import ExpertKey
@@ -22,8 +23,6 @@ from expertflow.pipeline.store import AsyncExpertStore, ExpertHandle, PendingFet
 from expertflow.pipeline.sync import ExpertStore
 from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.safetensors_index import open_checkpoint
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:

@@ -36,13 +36,14 @@ def _open_layout(path: str) -> Any:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from expertflow.model.loader import check_family, family_status
-    from expertflow.tiers.inspect import describe, format_table
+    from expertflow.lab.inspect import describe, format_table
+    from expertflow.model.loader import check_family, family_status, plan_model
 
     layout = _open_layout(args.path)
     desc = describe(layout)
     if layout.experts:
-        desc["budget"]["default"] = _auto_budget(layout, args.read_mode)
+        # The plan generate would open its store with here, by default (the same planner, the same reserve).
+        desc["budget"]["default"] = plan_model(args.path, StoreConfig(read_mode=args.read_mode)).as_dict()
         if args.check_family:
             check_family(args.path, refresh=True)
         desc["family_check"] = family_status(args.path)
@@ -52,7 +53,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_pack(args: argparse.Namespace) -> int:
     if args.quantize:
-        from expertflow.model.quantize import pack_quantized
+        from expertflow.model.quantize_pack import pack_quantized
         from expertflow.quant.scheme import QuantScheme
 
         bits = 4 if args.quantize == "int4" else 8
@@ -86,18 +87,6 @@ def _cmd_checksums(args: argparse.Namespace) -> int:
     where = book.path if book.path is not None else "memory only (no writable place)"
     print(f"{added} expert checksums computed, {known} already known; {len(layout.experts)} in {where}")
     return 0
-
-
-def _auto_budget(layout: Any, read_mode: str) -> dict[str, Any]:
-    """The host budget ``generate`` would choose here by default, and why (non-expert weights as stored)."""
-    from expertflow.pipeline.budget import ACTIVATION_RESERVE, plan_host_budget, reads_in_flight_bytes
-    from expertflow.tiers.nvme import read_slot_nbytes
-
-    slot = read_slot_nbytes(layout, read_mode)
-    other = sum(info.nbytes for info, _ in layout.non_expert) + ACTIVATION_RESERVE
-    io = reads_in_flight_bytes(read_mode, StoreConfig().max_concurrent_reads, slot)
-    plan = plan_host_budget(slot * len(layout.experts), other_bytes=other, io_bytes=io)
-    return {"host_bytes": plan.host_bytes, "experts": plan.host_bytes // slot, "reason": plan.reason}
 
 
 def _budget(text: str | None) -> int | None:
@@ -271,8 +260,8 @@ def _require_bench_extra(*modules: str) -> None:
 
 def _cmd_bench_tiers(args: argparse.Namespace) -> int:
     _require_bench_extra("matplotlib")
-    from expertflow.bench.report import markdown_table
-    from expertflow.bench.tiers import bench_tiers
+    from expertflow.lab.report import markdown_table
+    from expertflow.lab.tiers import bench_tiers
 
     result = bench_tiers(
         model=args.model,
@@ -291,7 +280,7 @@ def _cmd_bench_tiers(args: argparse.Namespace) -> int:
 
 def _cmd_bench_decode(args: argparse.Namespace) -> int:
     _require_bench_extra("matplotlib", *(["accelerate"] if "accelerate" in args.contenders else []))
-    from expertflow.bench.decode import (
+    from expertflow.lab.decode import (
         COLUMNS,
         LEARNED_PRESETS,
         bench_decode,
@@ -301,7 +290,7 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
         parse_budgets,
         plot_decode,
     )
-    from expertflow.bench.report import markdown_table
+    from expertflow.lab.report import markdown_table
 
     budgets = parse_budgets(args.budgets)
     contenders = default_contenders(budgets, [c.strip() for c in args.contenders.split(",")])
@@ -340,8 +329,8 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
 
 def _cmd_bench_policies(args: argparse.Namespace) -> int:
     _require_bench_extra("matplotlib")
-    from expertflow.bench.policies import bench_policies, plot_policies
-    from expertflow.bench.report import markdown_table
+    from expertflow.lab.policies import bench_policies, plot_policies
+    from expertflow.lab.report import markdown_table
 
     result = bench_policies(
         args.trace, capacities=[int(c) for c in args.capacities.split(",")], partitioned=not args.shared_cache
@@ -375,7 +364,7 @@ def _read_texts(paths: Sequence[str]) -> str:
 
 
 def _cmd_eval_ppl(args: argparse.Namespace) -> int:
-    from expertflow.bench.accuracy import evaluate, format_results, load_for_eval, load_reference, token_ids
+    from expertflow.lab.accuracy import evaluate, format_results, load_for_eval, load_reference, token_ids
 
     text = _read_texts(args.text)
     ids = token_ids(args.models[0], text)
@@ -421,8 +410,8 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_grid(args: argparse.Namespace) -> int:
-    from expertflow.bench.grid import bench_grid, parse_grid, write_report
-    from expertflow.bench.report import markdown_table
+    from expertflow.lab.grid import bench_grid, parse_grid, write_report
+    from expertflow.lab.report import markdown_table
 
     grid = parse_grid(args.grid or [])  # unknown axes and values are refused before any work
     rows = bench_grid(
@@ -437,7 +426,7 @@ def _cmd_eval_grid(args: argparse.Namespace) -> int:
     )
     command = "expertflow " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "expertflow eval grid"
     write_report(rows, args.out, command)
-    from expertflow.bench.grid import COLUMNS
+    from expertflow.lab.grid import COLUMNS
 
     print(markdown_table(rows, COLUMNS))
     print(f"written to {args.out}/grid.jsonl, grid.md, grid.json, grid.png")

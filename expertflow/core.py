@@ -103,6 +103,19 @@ def expert_checksum(key: ExpertKey, data: Buffer | Iterable[Buffer]) -> int:
     return h.intdigest()
 
 
+#: A layer or expert index in a tensor name: ASCII digits, at most 9 of them. A crafted name with a huge number
+#: must not become a huge int (or a ValueError from Python's int-string limit), and ``str.isdigit`` also
+#: accepts characters ``int`` refuses (``"²"``): such a component is simply not an index.
+INDEX_PATTERN = r"[0-9]{1,9}"
+
+
+def name_index(component: str) -> int | None:
+    """The index one dotted-name component holds (``"12"`` -> 12), or None when it holds none."""
+    if 0 < len(component) <= 9 and component.isascii() and component.isdigit():
+        return int(component)
+    return None
+
+
 def round_up(n: int, multiple: int) -> int:
     """The smallest multiple of ``multiple`` that is >= ``n``."""
     return -(-n // multiple) * multiple

@@ -23,11 +23,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from expertflow.bench.decode import build_preset
     from expertflow.config import StoreConfig, format_size
+    from expertflow.lab.decode import build_preset
+    from expertflow.lab.inspect import describe, format_table
     from expertflow.model.generate import format_summary, generate
     from expertflow.model.loader import load_model
-    from expertflow.tiers.inspect import describe, format_table
     from expertflow.tiers.safetensors_index import open_checkpoint
 
     root = build_preset(args.preset, args.workdir)

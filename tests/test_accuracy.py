@@ -10,10 +10,10 @@ import pytest
 import torch
 import transformers
 
-from expertflow.bench.accuracy import evaluate, token_ids
 from expertflow.cli import main
 from expertflow.errors import ConfigError
-from expertflow.model.quantize import pack_quantized
+from expertflow.lab.accuracy import evaluate, token_ids
+from expertflow.model.quantize_pack import pack_quantized
 from expertflow.quant.scheme import QuantScheme
 from tests.checkpoints import save_checkpoint
 

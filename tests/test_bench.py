@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from expertflow.bench.checkpoints import PRESETS, ExpertShape, write_expert_file
-from expertflow.bench.report import BenchResult, markdown_table
-from expertflow.bench.tiers import bench_tiers, dd_direct, memcpy, read_experts
+from expertflow.lab.checkpoints import PRESETS, ExpertShape, write_expert_file
+from expertflow.lab.report import BenchResult, markdown_table
+from expertflow.lab.tiers import bench_tiers, dd_direct, memcpy, read_experts
 from expertflow.tiers.nvme import NvmeTier
 from expertflow.tiers.safetensors_index import open_checkpoint
 
@@ -36,7 +36,7 @@ def test_read_experts_moves_every_byte_of_every_expert(tmp_path):
 
 def test_read_experts_moves_every_byte_of_a_quantized_pack(tmp_path):
     """A quantized pack's experts are not a whole number of 4 KiB blocks: buffers are sized as slots are."""
-    from expertflow.bench.decode import build_preset, quantized_pack
+    from expertflow.lab.decode import build_preset, quantized_pack
 
     src = build_preset("tiny", tmp_path / "work", log=lambda _: None)
     layout = open_checkpoint(quantized_pack(src, "int4", tmp_path / "work", log=lambda _: None))
@@ -103,7 +103,7 @@ def test_bench_result_records_summary_and_notes(tmp_path):
 
 def test_bench_decode_runs_every_contender_with_identical_tokens(tmp_path):
     """Tiny preset, one budget: peers and ExpertFlow run in subprocesses and agree token for token."""
-    from expertflow.bench.decode import Contender, bench_decode, build_preset
+    from expertflow.lab.decode import Contender, bench_decode, build_preset
 
     root = build_preset("tiny", tmp_path / "work", log=lambda _: None)
     contenders = [
@@ -124,7 +124,7 @@ def test_bench_decode_runs_every_contender_with_identical_tokens(tmp_path):
 
 
 def test_rounds_alternate_the_contenders_order():
-    from expertflow.bench.decode import default_contenders, round_order
+    from expertflow.lab.decode import default_contenders, round_order
 
     contenders = default_contenders([0.25], ["lru", "predictive"])
     orders = [[c.label for c in round_order(contenders, i)] for i in range(3)]
@@ -134,7 +134,7 @@ def test_rounds_alternate_the_contenders_order():
 
 def test_paired_ratios_compare_each_policy_with_lru_at_its_budget_round_by_round():
     """A slow round slows both contenders: ratios are taken within a round, then their median."""
-    from expertflow.bench.decode import default_contenders, paired_ratios
+    from expertflow.lab.decode import default_contenders, paired_ratios
 
     contenders = default_contenders([0.25, 0.1], ["lru", "predictive"]) + default_contenders(
         [0.5], ["predictive"]
@@ -159,7 +159,7 @@ def test_paired_ratios_compare_each_policy_with_lru_at_its_budget_round_by_round
 
 def test_bench_decode_runs_quantized_contenders_on_a_pack_it_builds(tmp_path):
     """``lru-int4``: the bench quantizes the checkpoint once, runs on it, and reads a quarter of the bytes."""
-    from expertflow.bench.decode import bench_decode, build_preset, default_contenders
+    from expertflow.lab.decode import bench_decode, build_preset, default_contenders
 
     root = build_preset("tiny", tmp_path / "work", log=lambda _: None)
     contenders = default_contenders([0.5], ["lru", "lru-int4"])
@@ -172,7 +172,8 @@ def test_bench_decode_runs_quantized_contenders_on_a_pack_it_builds(tmp_path):
     full, int4 = rows["expertflow lru @50%"], rows["expertflow lru int4 @50%"]
     assert 0 < int4["MiB_read_per_token"] < 0.35 * full["MiB_read_per_token"]
     assert int4["experts_compute_ms_per_token"] > 0 and "bound_ms_per_token" not in int4
-    assert (tmp_path / "work" / "mixtral-tiny-int4-g128" / "expertflow-manifest.json").is_file()
+    (pack,) = (tmp_path / "work").glob("mixtral-tiny-int4-g128-*")
+    assert (pack / "expertflow-manifest.json").is_file()
     assert any("int4 pack" in n for n in result.notes)
 
 
@@ -182,8 +183,8 @@ def test_widened_experts_compute_and_route_as_the_source_model(tmp_path) -> None
     import torch
     from transformers import MixtralForCausalLM
 
-    from expertflow.bench.decode import widen_experts
     from expertflow.config import StoreConfig
+    from expertflow.lab.decode import widen_experts
     from expertflow.model.loader import load_model
     from tests.checkpoints import save_checkpoint
 
@@ -207,8 +208,8 @@ def test_widened_experts_compute_and_route_as_the_source_model(tmp_path) -> None
 
 
 def test_widening_refuses_what_is_not_a_mixtral_checkpoint(tmp_path) -> None:
-    from expertflow.bench.decode import widen_experts
     from expertflow.errors import ConfigError
+    from expertflow.lab.decode import widen_experts
 
     with pytest.raises(ConfigError, match="not a checkpoint directory"):
         widen_experts(tmp_path / "nowhere", tmp_path / "wide", 1024)
@@ -217,3 +218,31 @@ def test_widening_refuses_what_is_not_a_mixtral_checkpoint(tmp_path) -> None:
     with pytest.raises(ConfigError, match="not 'qwen2_moe'"):
         widen_experts(tmp_path / "qwen", tmp_path / "wide", 1024)
     assert not (tmp_path / "wide").exists() and not (tmp_path / "wide.partial").exists()
+
+
+def test_two_checkpoints_of_one_folder_name_get_their_own_quantized_packs(tmp_path) -> None:
+    """Packs in a work folder are keyed by what they were built from: two different checkpoints both named
+    ``vlm``, and one rewritten in place, each get their own int4 experts (not the first one's)."""
+    from expertflow.lab.decode import quantized_pack
+    from tests.checkpoints import save_checkpoint
+
+    a = save_checkpoint("mixtral", tmp_path / "a" / "vlm", seed=1, shard_size=None)
+    b = save_checkpoint("mixtral", tmp_path / "b" / "vlm", seed=2, shard_size=None)
+    work = tmp_path / "work"
+    pack_a = quantized_pack(a, "int4", work, log=lambda _: None)
+    pack_b = quantized_pack(b, "int4", work, log=lambda _: None)
+    assert pack_a != pack_b
+    assert quantized_pack(a, "int4", work, log=lambda _: None) == pack_a  # built once
+
+    def first_expert(pack) -> bytes:
+        layout = open_checkpoint(pack)
+        with NvmeTier(layout, "mmap") as tier:
+            buf = memoryview(bytearray(tier.buffer_nbytes()))
+            n = tier.read_into(layout.keys()[0], buf)
+            return bytes(buf[:n])
+
+    assert first_expert(pack_a) != first_expert(pack_b)
+    save_checkpoint("mixtral", a, seed=3, shard_size=None)  # rebuilt in place
+    pack_a2 = quantized_pack(a, "int4", work, log=lambda _: None)
+    assert pack_a2 not in (pack_a, pack_b)
+    assert first_expert(pack_a2) not in (first_expert(pack_a), first_expert(pack_b))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from expertflow.bench.decode import memory_cgroup
 from expertflow.config import StoreConfig
+from expertflow.lab.decode import memory_cgroup
 from expertflow.pipeline.budget import (
     MIN_MARGIN,
     MemoryReading,

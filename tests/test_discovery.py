@@ -82,3 +82,34 @@ def test_pack_and_inspect_see_experts_found_from_the_model(
     with load_model(pack, config=config) as model, torch.no_grad():
         got = model(input_ids=IDS).logits
     assert torch.allclose(got, _reference(granite, IDS), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("index", ["²", "٣", "1234567890"])
+def test_an_index_that_is_not_a_bounded_ascii_number_is_no_expert_id(
+    index: str, tmp_path: Path, checkpoints: object
+) -> None:
+    """``"²".isdigit()`` is true but ``int("²")`` raises; Arabic-Indic digits parse but are not what a checkpoint
+    writes; ten digits is past the bound. A tensor named with one of them in the expert's place is not taken
+    for an expert: the checkpoint is read (the name is reported as unused) or refused with a typed error,
+    never a ValueError."""
+    from safetensors.torch import load_file, save_file
+
+    from expertflow.errors import CheckpointError
+
+    root = tmp_path / "m"
+    root.mkdir()
+    source = checkpoints.get("mixtral", sharded=False)  # type: ignore[attr-defined]
+    for f in source.iterdir():
+        (root / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(root / "model.safetensors"))
+    name = "model.layers.0.block_sparse_moe.experts.{}.w1.weight"
+    tensors[name.format(index)] = tensors[name.format(0)].clone()
+    save_file(tensors, str(root / "model.safetensors"), metadata={"format": "pt"})
+    try:
+        layout = open_model_checkpoint(root)
+    except CheckpointError:
+        return
+    assert all(key.expert < 8 for key in layout.experts)
+    assert experts_layer_ids([f"model.layers.{index}.mlp.experts"]) == {
+        f"model.layers.{index}.mlp.experts": 0
+    }

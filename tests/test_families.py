@@ -24,7 +24,7 @@ from expertflow.config import StoreConfig
 from expertflow.core import routed_top_k
 from expertflow.errors import CheckpointError, UnsupportedModelError
 from expertflow.model.loader import load_model, open_model_checkpoint
-from expertflow.model.quantize import dequantized_state_dict, pack_quantized
+from expertflow.model.quantize_pack import dequantized_state_dict, pack_quantized
 from expertflow.model.support import UNSUPPORTED
 from expertflow.quant.scheme import QuantScheme
 from expertflow.tiers.layout import ExpertLayout

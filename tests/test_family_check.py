@@ -17,7 +17,7 @@ from expertflow.cli import main as cli_main
 from expertflow.config import StoreConfig
 from expertflow.errors import UnsupportedModelError, UnverifiedFamilyWarning
 from expertflow.model.loader import load_model, open_model_checkpoint
-from expertflow.tiers.nvme import read_slot_nbytes
+from expertflow.pipeline.planner import slot_size
 from tests.fake_families import IdScaledConfig, NormedConfig, reference_logits, save_fake_checkpoint
 
 IDS = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(1))
@@ -70,7 +70,7 @@ def test_a_per_expert_table_inside_the_experts_module_is_indexed_by_expert_and_r
     real checkpoint's logits equal transformers' with experts evicted and read again."""
     root = save_fake_checkpoint(NormedConfig, tmp_path / "normed")
     want = reference_logits(root, IDS)
-    slot = read_slot_nbytes(open_model_checkpoint(root), "mmap")
+    slot = slot_size(open_model_checkpoint(root), "mmap")
     with load_model(root, config=StoreConfig(host_bytes=4 * slot, predictor="none")) as model:
         assert model.expert_family_check.verified
         with torch.no_grad():

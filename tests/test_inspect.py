@@ -12,8 +12,8 @@ import pytest
 from expertflow.cli import main as cli_main
 from expertflow.config import format_size
 from expertflow.core import BLOCK
+from expertflow.lab.inspect import describe, format_table
 from expertflow.pipeline import budget as budget_module
-from expertflow.tiers.inspect import describe, format_table
 from expertflow.tiers.layout import TensorKind
 from expertflow.tiers.pack import pack_checkpoint
 from expertflow.tiers.safetensors_index import open_checkpoint, scan_checkpoint
@@ -126,7 +126,7 @@ def test_json_output_round_trips_through_the_cli(
     assert check["status"] in ("verified", "not yet checked")
     assert printed == desc
     assert 0 < default["host_bytes"] <= desc["budget"]["host_all_experts_bytes"]["mmap"]
-    assert default["experts"] >= 1 and "available" in default["reason"]
+    assert default["slots"] >= 1 and "available" in default["reason"]
     desc["budget"]["default"] = default
     desc["family_check"] = check
     assert cli_main(["inspect", str(root)]) == 0

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 from expertflow.core import ExpertKey
-from expertflow.pipeline.policy import PredictivePolicy
-from expertflow.pipeline.traces import (
+from expertflow.lab.replay import (
     OnlineRoutingModel,
     ReplayEvent,
-    RoutingTrace,
     access_sequence,
     compare_policies,
     replay,
 )
+from expertflow.pipeline.policy import PredictivePolicy
+from expertflow.pipeline.traces import RoutingTrace
 
 
 def random_trace(seed: int, tokens: int = 40, layers: int = 4, experts: int = 8) -> RoutingTrace:

@@ -15,7 +15,7 @@ from expertflow.cli import main
 from expertflow.config import StoreConfig
 from expertflow.errors import CheckpointError, UnsupportedModelError
 from expertflow.model.loader import load_model, open_model_checkpoint
-from expertflow.model.quantize import pack_quantized
+from expertflow.model.quantize_pack import pack_quantized
 from expertflow.quant.scheme import QuantScheme
 from tests.checkpoints import save_checkpoint
 from tests.quant_fixtures import quantize_checkpoint

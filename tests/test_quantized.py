@@ -15,7 +15,7 @@ from expertflow.cli import main
 from expertflow.config import StoreConfig
 from expertflow.errors import CheckpointError, ConfigError
 from expertflow.model.loader import load_model
-from expertflow.model.quantize import dequantized_state_dict, pack_quantized
+from expertflow.model.quantize_pack import dequantized_state_dict, pack_quantized
 from expertflow.quant.kernels import qlinear
 from expertflow.quant.scheme import QuantScheme, dequantize, pack_int4, quantize, unpack_int4
 from expertflow.tiers.safetensors_index import PACK_MANIFEST_NAME, open_checkpoint

@@ -15,10 +15,10 @@ import torch
 import transformers
 from PIL import Image
 
-from expertflow.bench.grid import bench_grid, parse_grid, read_tasks, run_configuration
 from expertflow.cli import main
 from expertflow.config import StoreConfig
 from expertflow.errors import ConfigError
+from expertflow.lab.grid import bench_grid, parse_grid, read_tasks, run_configuration
 from expertflow.model.batch import generate_many, read_requests
 from expertflow.model.loader import load_model
 from expertflow.model.vision import ImagePrompts

@@ -39,7 +39,7 @@ from transformers.core_model_loading import (
     rename_source_key,
 )
 
-from expertflow.core import ExpertKey, torch_dtype
+from expertflow.core import ExpertKey, name_index, torch_dtype
 from expertflow.errors import CheckpointError, ConfigError, UnsupportedModelError
 from expertflow.tiers.layout import ExpertLayout, ExpertSpec, TensorSlice
 
@@ -99,7 +99,7 @@ class ExpertsAdapter:
     module_path: str
     num_experts: int
     dtype: torch.dtype
-    # ParamFill, or QuantFill (expertflow.model.quantized) for a quantized pack: both bind() to slot views.
+    # ParamFill, or QuantFill (expertflow.model.quantized_experts) for a quantized pack: both bind() to slot views.
     fills: tuple[Any, ...]
 
 
@@ -198,7 +198,7 @@ def _expert_ids(names: list[str]) -> dict[str, int] | None:
         return None
     for i in range(len(parts[0])):
         column = [p[i] for p in parts]
-        if all(c.isdigit() and len(c) <= 9 for c in column) and len(set(column)) > 1:
+        if all(name_index(c) is not None for c in column) and len(set(column)) > 1:
             return {n: int(p[i]) for n, p in zip(names, parts)}
     return None
 
@@ -358,7 +358,7 @@ def _fill_entry(
         return (0, t, _Ops())
     # A fused tensor holds every expert; a per-expert one has the expert id just before its role.
     owner = t.source[: -len(t.role)].rstrip(".") if t.source.endswith(t.role) else t.source
-    fused_on_disk = not owner.rsplit(".", 1)[-1].isdigit()
+    fused_on_disk = name_index(owner.rsplit(".", 1)[-1]) is None
     ops = _check_ops(converter, fused_on_disk, arch, t.source)
     order = converter.source_patterns.index(pattern) if pattern in converter.source_patterns else 0
     return (order, t, ops)

@@ -9,16 +9,14 @@ in-memory parameter. Together they name every expert tensor wherever a family ke
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Iterable
 
 from torch import nn
 
+from expertflow.core import name_index
 from expertflow.model.adapters import KeyMapper, experts_modules
 from expertflow.tiers.layout import ExpertName, Naming, name_by_pattern
-
-_INDEX = re.compile(r"(?:^|\.)(\d{1,9})(?:\.|$)")
 
 
 def experts_layer_ids(paths: Iterable[str]) -> dict[str, int]:
@@ -30,10 +28,12 @@ def experts_layer_ids(paths: Iterable[str]) -> dict[str, int]:
     """
     by_stack: dict[str, dict[str, int]] = defaultdict(dict)
     for i, path in enumerate(sorted(paths)):
-        found = list(_INDEX.finditer(path))
-        if found:
-            m = found[-1]  # the stack is the path around the number (text_moe and vision_moe are two stacks)
-            by_stack[f"{path[: m.start(1)]}#{path[m.end(1) :]}"][path] = int(m.group(1))
+        parts = path.split(".")
+        at = [j for j, part in enumerate(parts) if name_index(part) is not None]
+        if at:
+            j = at[-1]  # the stack is the path around the number (text_moe and vision_moe are two stacks)
+            stack = f"{'.'.join(parts[:j])}#{'.'.join(parts[j + 1 :])}"
+            by_stack[stack][path] = int(parts[j])
         else:
             by_stack[path][path] = i
     ids: dict[str, int] = {}
@@ -83,8 +83,9 @@ def _name_module(layer: int, names: list[str]) -> dict[str, ExpertName]:
     out: dict[str, ExpertName] = {}
     for name, p in zip(names, parts):
         rest = p[prefix:]
-        if len(rest) > 1 and rest[0].isdigit() and len(rest[0]) <= 9:
-            out[name] = ExpertName(layer, int(rest[0]), ".".join(rest[1:]))
+        expert = name_index(rest[0]) if len(rest) > 1 else None
+        if expert is not None:
+            out[name] = ExpertName(layer, expert, ".".join(rest[1:]))
         elif len(names) == 1 or len({q[prefix] for q in parts}) > 1:
             out[name] = ExpertName(layer, None, ".".join(rest))
         else:

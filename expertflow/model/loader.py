@@ -44,9 +44,7 @@ from expertflow.model.adapters import (
     fill_transform,
 )
 from expertflow.model.discovery import model_naming
-from expertflow.model.moe_block import OffloadedExperts, SlotStore
-from expertflow.model.prefetch import attach_predictor
-from expertflow.model.prequantized import (
+from expertflow.model.hf_quantized import (
     PreQuantized,
     check_experts,
     conversion,
@@ -56,7 +54,9 @@ from expertflow.model.prequantized import (
     prequantized_naming,
     quantized_groups,
 )
-from expertflow.model.quantized import (
+from expertflow.model.moe_block import OffloadedExperts, SlotStore
+from expertflow.model.prefetch import attach_predictor
+from expertflow.model.quantized_experts import (
     QUANTIZED_IMPLEMENTATION,
     check_scales,
     derive_quantized_adapters,
@@ -66,8 +66,8 @@ from expertflow.model.routing import attach as attach_routing
 from expertflow.model.support import check_supported
 from expertflow.model.verify import FamilyCheck, cached_status, verify_family
 from expertflow.pipeline.budget import ACTIVATION_RESERVE
+from expertflow.pipeline.planner import StorePlan, check_minimum, plan_store, slot_size
 from expertflow.tiers.layout import ExpertLayout, TensorInfo
-from expertflow.tiers.nvme import read_slot_nbytes
 from expertflow.tiers.safetensors_index import PACK_MANIFEST_NAME, open_checkpoint, scan_checkpoint
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,94 @@ def _load_model(
     root = Path(path)
     if store is not None and config is not None:
         raise ConfigError("pass a store or a config to load_model, not both: a store brings its own config")
+    if store is not None and device is not None and torch.device(device) != torch.device(store.config.device):
+        raise ConfigError(f"the store computes on {store.device}, but the model is asked for {device}")
+    config = store.config if store is not None else (config or StoreConfig())
+    if device is not None:
+        config = config.with_(device=str(torch.device(device)))
+    prep = _prepare(root, config, dtype, layout, family)
+    layout, model, adapters, fmt, dtype = prep.layout, prep.model, prep.adapters, prep.fmt, prep.dtype
+    if store is not None and store.layout.fingerprint() != layout.fingerprint():
+        raise ConfigError(
+            f"the store serves the experts of {store.layout.root}, which differ from those of {root}"
+        )
+    owned = store is None
+    if store is None:
+        config = prep.config
+        store = open_store(layout, config)
+    close_store: Callable[[], None] = store.close if owned else (lambda: None)
+    try:
+        _check_slots(store, prep.top_k)
+        if store.slot_nbytes < layout.slot_floor:
+            raise ConfigError(
+                f"the store's {store.slot_nbytes}-byte slots cannot hold these experts converted for the kernel "
+                f"({layout.slot_floor} bytes): open the store on load_model's layout"
+            )
+        transform = (
+            conversion(adapters, store, fmt, dtype, layout.root)
+            if fmt is not None
+            else fill_transform(adapters, store.stacked)
+        )
+        if transform is not None:
+            store.set_fill_transform(transform)
+        # Non-expert weights and transformers' initialisation first, while the family's own experts modules
+        # (meta, never allocated) are in place: an _init_weights that reaches into them touches meta
+        # tensors, never the offloaded module or its slots.
+        _load_non_experts(model, prep.plan, prep.mapper, torch.device(config.device), dtype)
+        if fmt is not None:
+            _load_dequantized(model, prep.dequantized, fmt, torch.device(config.device), dtype)
+        _finish(model, root, {a.module_path for a in adapters.values()})
+        quantized = prep.scheme is not None or fmt is not None
+        expert_layers = _swap_experts(model, adapters, store, prep.hf_config, quantized=quantized)
+        if config.routing == "cache-aware":
+            attach_routing(model, expert_layers, config.routing_margin)
+        predictor = attach_predictor(model, expert_layers, store, config, prep.top_k)
+    except BaseException:
+        close_store()
+        raise
+    cls = type(model)
+    # Same name and module as the family's class: transformers looks some behaviour up by class name.
+    model.__class__ = type(cls.__name__, (ExpertFlowModelMixin, cls), {"__module__": cls.__module__})
+    extended = cast(Any, model)
+    extended.expert_store = store
+    extended.expert_layers = expert_layers
+    extended.expert_predictor = predictor
+    extended.expert_top_k = prep.top_k
+    extended.expert_model_dir = Path(root)
+    extended.expert_family_check = (
+        prep.family_check
+    )  # None: not checked (trusted, or the check's own instance)
+    extended._expertflow_close = weakref.finalize(model, close_store)
+    model.eval()
+    return model
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """Everything ``load_model`` decides before it reads a weight: the layout and skeleton, how experts run,
+    which non-expert tensors load where, and the store's memory plan."""
+
+    hf_config: PretrainedConfig
+    layout: ExpertLayout
+    model: PreTrainedModel
+    mapper: KeyMapper
+    dtype: torch.dtype
+    top_k: int
+    family_check: FamilyCheck | None
+    fmt: PreQuantized | None
+    scheme: Any
+    adapters: dict[int, ExpertsAdapter]
+    plan: LoadPlan  # non-expert tensors
+    dequantized: dict[str, tuple[str, dict[str, TensorInfo]]]  # state key -> (linear, its tensors)
+    config: StoreConfig  # with the reserve for what the process allocates besides the pool
+
+    def store_plan(self) -> StorePlan:
+        return plan_store(self.layout, self.config)
+
+
+def _prepare(
+    root: Path, config: StoreConfig, dtype: torch.dtype | None, layout: ExpertLayout | None, family: str
+) -> _Prepared:
     source = layout or _scan(root)  # a bad checkpoint is said before anything else
     hf_config = _hf_config(root)
     check_supported(hf_config.model_type, file=str(root))
@@ -159,17 +247,8 @@ def _load_model(
     top_k = _top_k(hf_config, root)
     # A checkpoint or config error is said as such first; then, before any weight is read, the family check.
     family_check = _check_family(hf_config, root, family)
-    if store is not None and store.layout.fingerprint() != layout.fingerprint():
-        raise ConfigError(
-            f"the store serves the experts of {store.layout.root}, which differ from those of {root}"
-        )
-    config = store.config if store is not None else (config or StoreConfig())
-    if device is not None and torch.device(device) != torch.device(config.device):
-        if store is not None:
-            raise ConfigError(f"the store computes on {store.device}, but the model is asked for {device}")
-        config = config.with_(device=str(torch.device(device)))
     scheme = scheme_of(layout)
-    dequantized: dict[str, tuple[str, dict[str, TensorInfo]]] = {}  # state key -> (linear, its tensors)
+    dequantized: dict[str, tuple[str, dict[str, TensorInfo]]] = {}
     plan_layout = layout
     if fmt is not None:
         adapters, floor = derive_prequantized_adapters(model, layout, mapper, fmt, dtype)
@@ -189,53 +268,34 @@ def _load_model(
     plan = _plan_non_experts(
         model, plan_layout, mapper, {a.module_path for a in adapters.values()}, provided=set(dequantized)
     )
-    owned = store is None
-    if store is None:
-        config = _size_budget(config, layout, plan, dtype, top_k)
-        store = open_store(layout, config)
-    close_store: Callable[[], None] = store.close if owned else (lambda: None)
-    try:
-        _check_slots(store, top_k)
-        if store.slot_nbytes < layout.slot_floor:
-            raise ConfigError(
-                f"the store's {store.slot_nbytes}-byte slots cannot hold these experts converted for the kernel "
-                f"({layout.slot_floor} bytes): open the store on load_model's layout"
-            )
-        transform = (
-            conversion(adapters, store, fmt, dtype, layout.root)
-            if fmt is not None
-            else fill_transform(adapters, store.stacked)
-        )
-        if transform is not None:
-            store.set_fill_transform(transform)
-        # Non-expert weights and transformers' initialisation first, while the family's own experts modules
-        # (meta, never allocated) are in place: an _init_weights that reaches into them touches meta
-        # tensors, never the offloaded module or its slots.
-        _load_non_experts(model, plan, mapper, torch.device(config.device), dtype)
-        if fmt is not None:
-            _load_dequantized(model, dequantized, fmt, torch.device(config.device), dtype)
-        _finish(model, root, {a.module_path for a in adapters.values()})
-        quantized = scheme is not None or fmt is not None
-        expert_layers = _swap_experts(model, adapters, store, hf_config, quantized=quantized)
-        if config.routing == "cache-aware":
-            attach_routing(model, expert_layers, config.routing_margin)
-        predictor = attach_predictor(model, expert_layers, store, config, top_k)
-    except BaseException:
-        close_store()
-        raise
-    cls = type(model)
-    # Same name and module as the family's class: transformers looks some behaviour up by class name.
-    model.__class__ = type(cls.__name__, (ExpertFlowModelMixin, cls), {"__module__": cls.__module__})
-    extended = cast(Any, model)
-    extended.expert_store = store
-    extended.expert_layers = expert_layers
-    extended.expert_predictor = predictor
-    extended.expert_top_k = top_k
-    extended.expert_model_dir = Path(root)
-    extended.expert_family_check = family_check  # None: not checked (trusted, or the check's own instance)
-    extended._expertflow_close = weakref.finalize(model, close_store)
-    model.eval()
-    return model
+    check_minimum(layout, config, top_k)
+    # What the process still allocates besides the pool: the auto budget leaves room for it, and an explicit
+    # budget that leaves none is warned about by the store.
+    other = _non_expert_bytes(plan, dtype) + ACTIVATION_RESERVE
+    config = config.with_(host_reserve_bytes=max(config.host_reserve_bytes, other))
+    return _Prepared(
+        hf_config,
+        layout,
+        model,
+        mapper,
+        dtype,
+        top_k,
+        family_check,
+        fmt,
+        scheme,
+        adapters,
+        plan,
+        dequantized,
+        config,
+    )
+
+
+def plan_model(
+    path: str | os.PathLike[str], config: StoreConfig | None = None, *, dtype: torch.dtype | None = None
+) -> StorePlan:
+    """The memory plan ``load_model(path, config=config)`` would open its store with, without reading a weight
+    or running the family check (``inspect`` prints it)."""
+    return _prepare(Path(path), config or StoreConfig(), dtype, None, _SKIP).store_plan()
 
 
 def _check_family(hf_config: PretrainedConfig, root: Path, family: str) -> FamilyCheck | None:
@@ -280,7 +340,7 @@ def _load_for_check(root: Path) -> PreTrainedModel:
     read again."""
     layout = open_model_checkpoint(root)
     top_k = _top_k(_hf_config(root), root)
-    slot = read_slot_nbytes(layout, StoreConfig().read_mode)
+    slot = slot_size(layout, StoreConfig().read_mode)
     config = StoreConfig(host_bytes=2 * top_k * slot, predictor="none")
     return _load_model(root, config=config, store=None, device=None, dtype=None, layout=layout, family=_SKIP)
 
@@ -430,29 +490,6 @@ def _num_experts(hf_config: PretrainedConfig) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
-
-
-def _size_budget(
-    config: StoreConfig, layout: ExpertLayout, plan: LoadPlan, dtype: torch.dtype, top_k: int
-) -> StoreConfig:
-    """Refuse a budget below one token's experts; leave room for the non-expert weights this call loads."""
-    per_expert = read_slot_nbytes(layout, config.read_mode)
-    minimum = top_k * per_expert
-    if config.host_bytes is not None and config.host_bytes < minimum:
-        raise BudgetError(
-            f"host budget {format_size(config.host_bytes)} is below the minimum of {format_size(minimum)} "
-            f"({minimum} bytes): one token routes to {top_k} experts of {format_size(per_expert)} each, and they "
-            "must be resident together"
-        )
-    if config.device_slots is not None and config.device_slots < top_k:
-        raise BudgetError(
-            f"device_slots={config.device_slots} is below the minimum of {top_k}: one token routes to "
-            f"{top_k} experts, and they must be resident together"
-        )
-    # What the process still allocates besides the pool: the auto budget leaves room for it, and an explicit
-    # budget that leaves none is warned about by the store.
-    other = _non_expert_bytes(plan, dtype) + ACTIVATION_RESERVE
-    return config.with_(host_reserve_bytes=max(config.host_reserve_bytes, other))
 
 
 def _non_expert_bytes(plan: LoadPlan, dtype: torch.dtype) -> int:

@@ -36,6 +36,7 @@ import transformers
 from torch import nn
 from transformers import PretrainedConfig
 
+from expertflow._version import __version__
 from expertflow.errors import ExpertFlowError, UnsupportedModelError
 from expertflow.model.adapters import experts_modules
 from expertflow.model.tiny import randomise, tiny_copy
@@ -101,8 +102,6 @@ def cache_dir() -> Path:
 @cache
 def code_digest() -> str:
     """A digest of ExpertFlow's own code: a check made by other code is made again."""
-    from expertflow import __version__
-
     package = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256(__version__.encode())
     for path in sorted(package.rglob("*.py")):
@@ -112,8 +111,6 @@ def code_digest() -> str:
 
 
 def versions() -> str:
-    from expertflow import __version__
-
     return f"transformers {transformers.__version__}, torch {torch.__version__}, expertflow {__version__}+{code_digest()}"
 
 

@@ -239,50 +239,12 @@ class PredictivePolicy:
         return victim
 
 
-class BeladyPolicy:
-    """Offline optimum: evict the key whose next use is furthest in the future. Needs the whole sequence.
-
-    Call :meth:`advance` with the position of each access before the cache handles it.
-    """
-
-    def __init__(self, future: Sequence[ExpertKey]) -> None:
-        self._uses: dict[ExpertKey, list[int]] = defaultdict(list)
-        for i, k in enumerate(future):
-            self._uses[k].append(i)
-        self._ptr: dict[ExpertKey, int] = defaultdict(int)
-        self._pos = 0
-
-    def advance(self, position: int) -> None:
-        self._pos = position
-
-    def next_use(self, key: ExpertKey) -> float:
-        uses = self._uses.get(key, [])
-        i = self._ptr[key]
-        while i < len(uses) and uses[i] <= self._pos:
-            i += 1
-        self._ptr[key] = i
-        return uses[i] if i < len(uses) else math.inf
-
-    def on_insert(self, key: ExpertKey) -> None:
-        pass
-
-    def on_access(self, key: ExpertKey) -> None:
-        pass
-
-    def on_remove(self, key: ExpertKey) -> None:
-        pass
-
-    def choose_victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey | None:
-        if not candidates:
-            return None
-        return max(candidates, key=lambda k: (self.next_use(k), k))
-
-
-POLICY_NAMES = ("lru", "lfu", "static", "predictive", "belady")
+POLICY_NAMES = ("lru", "lfu", "static", "predictive")
 
 
 def make_policy(name: str, **kwargs: object) -> EvictionPolicy:
-    """Policy by name. ``static`` takes ``keys``; ``predictive`` takes ``scores``; ``belady`` takes ``future``."""
+    """Policy by name. ``static`` takes ``keys``; ``predictive`` takes ``scores``. (Belady's offline optimum is
+    the lab's: :class:`expertflow.lab.replay.BeladyPolicy`.)"""
     if name == "lru":
         return LRUPolicy()
     if name == "lfu":
@@ -291,8 +253,4 @@ def make_policy(name: str, **kwargs: object) -> EvictionPolicy:
         return StaticPolicy(**kwargs)  # type: ignore[arg-type]
     if name == "predictive":
         return PredictivePolicy(**kwargs)  # type: ignore[arg-type]
-    if name == "belady":
-        if "future" not in kwargs:
-            raise ConfigError("the belady policy needs the future access sequence (offline evaluation only)")
-        return BeladyPolicy(**kwargs)  # type: ignore[arg-type]
     raise ConfigError(f"unknown eviction policy {name!r}; choose one of {POLICY_NAMES}")

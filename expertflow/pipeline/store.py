@@ -27,15 +27,10 @@ from pathlib import Path
 import torch
 
 from expertflow.config import StoreConfig
-from expertflow.core import ExpertKey, slot_nbytes
+from expertflow.core import ExpertKey
 from expertflow.errors import BudgetError, ConfigError, ExpertReadError, StoreClosedError
-from expertflow.pipeline.budget import (
-    BudgetPlan,
-    explicit_budget_warning,
-    plan_host_budget,
-    reads_in_flight_bytes,
-)
 from expertflow.pipeline.cache import CacheLevel, Entry, Fill, Scorer
+from expertflow.pipeline.planner import plan_store
 from expertflow.pipeline.policy import EvictionPolicy, PredictivePolicy, make_policy
 from expertflow.pipeline.sources import SourceChain
 from expertflow.pipeline.stats import StoreStats
@@ -127,14 +122,9 @@ class AsyncExpertStore:
         self._fill_transform: FillTransform | None = None
         self._visit_observers: list[PredictivePolicy] = []  # policies that learn from each layer's visit
 
-        self.slot_nbytes = slot_nbytes([layout.max_expert_nbytes, layout.slot_floor, *sources.buffer_needs()])
-        all_experts = self.slot_nbytes * len(layout.experts)
-        if config.host_bytes is None:
-            self.budget = plan_host_budget(
-                all_experts, other_bytes=config.host_reserve_bytes, io_bytes=self._io_bytes()
-            )
-        else:
-            self.budget = self._explicit_budget(config.host_bytes, all_experts)
+        self.plan = plan_store(layout, config, source_needs=sources.buffer_needs())
+        self.slot_nbytes = self.plan.slot_nbytes
+        self.budget = self.plan.budget
         device = torch.device(config.device)
         separate = device.type != "cpu" if separate_device is None else separate_device
         self.pool = HostPool(self.slot_nbytes, self.budget.host_bytes)
@@ -167,27 +157,8 @@ class AsyncExpertStore:
         self._stats.host_buffers = self.pool.num_buffers
         self._stats.host_bytes = self.pool.nbytes
 
-    def _explicit_budget(self, host_bytes: int, all_experts: int) -> BudgetPlan:
-        used = min(host_bytes, all_experts)
-        warning = explicit_budget_warning(
-            used, other_bytes=self.config.host_reserve_bytes, io_bytes=self._io_bytes()
-        )
-        if warning is None:
-            return BudgetPlan(used, "set by the caller")
-        log.warning("%s", warning)
-        # No headroom: the process is at its memory limit and every read competes with reclaim, so only a
-        # certain prefetch is worth a read (see _read_pressure).
-        return BudgetPlan(used, f"set by the caller; {warning}", fits=False)
-
-    def _io_bytes(self) -> int:
-        return reads_in_flight_bytes(
-            self.config.read_mode, self.config.max_concurrent_reads, self.slot_nbytes
-        )
-
     def _level(self, name: str, num_slots: int, fill: Fill) -> CacheLevel:
-        workers = max(
-            1, min(self.config.max_concurrent_reads, self.config.max_inflight_bytes // self.slot_nbytes)
-        )
+        workers = self.plan.reads_in_flight
         return CacheLevel(
             name,
             num_slots,

@@ -18,6 +18,7 @@ from expertflow.config import StoreConfig
 from expertflow.core import ExpertKey
 from expertflow.errors import StoreClosedError
 from expertflow.pipeline.budget import BudgetPlan
+from expertflow.pipeline.planner import StorePlan
 from expertflow.pipeline.runtime import LoopThread
 from expertflow.pipeline.stats import StoreStats
 from expertflow.pipeline.store import AsyncExpertStore, ExpertHandle, SourceBuilder
@@ -57,6 +58,7 @@ class ExpertStore:
         self.num_slots: int = self.async_store.num_slots
         self.slot_nbytes: int = self.async_store.slot_nbytes
         self.budget: BudgetPlan = self.async_store.budget
+        self.plan: StorePlan = self.async_store.plan
         #: Whether the last :meth:`fetch_as_ready` had to wait for a read (compute stalled on that layer).
         self.last_fetch_waited = False
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
 
-from expertflow.core import DTYPE_SIZES, ExpertKey
+from expertflow.core import DTYPE_SIZES, INDEX_PATTERN, ExpertKey
 from expertflow.errors import CheckpointError
 
 __all__ = [
@@ -209,19 +209,18 @@ class ExpertLayout:
 
 # --- recognising expert tensors by name ------------------------------------------------------------
 
-# Indices are bounded to 9 digits: a crafted name with a huge number must not become a huge int (or a
-# ValueError from Python's int-string limit); such a tensor is simply not an expert.
+# Indices are INDEX_PATTERN (bounded ASCII digits): a name with anything else there is not an expert's.
 _PER_EXPERT = re.compile(
-    r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d{1,9})\.(?:mlp|block_sparse_moe|feed_forward)\.experts)"
-    r"\.(?P<expert>\d{1,9})\.(?P<role>.+)$"
+    rf"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>{INDEX_PATTERN})\.(?:mlp|block_sparse_moe|feed_forward)\.experts)"
+    rf"\.(?P<expert>{INDEX_PATTERN})\.(?P<role>.+)$"
 )
 _FUSED = re.compile(
-    r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d{1,9})\.(?:mlp|block_sparse_moe|feed_forward)\.experts)"
+    rf"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>{INDEX_PATTERN})\.(?:mlp|block_sparse_moe|feed_forward)\.experts)"
     r"\.(?P<role>[A-Za-z_][A-Za-z0-9_]*)$"
 )
 _SHARED = re.compile(r"\.(shared_expert|shared_experts|shared_mlp)(\.|$)")
 _ROUTER = re.compile(r"\.(gate|router|shared_expert_gate)\.(weight|bias|e_score_correction_bias)$")
-_DENSE_MLP = re.compile(r"layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+_DENSE_MLP = re.compile(rf"layers\.{INDEX_PATTERN}\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 class ExpertName(NamedTuple):

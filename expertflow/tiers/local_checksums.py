@@ -23,7 +23,7 @@ from pathlib import Path
 
 import xxhash
 
-from expertflow.core import ExpertKey
+from expertflow.core import ExpertKey, name_index
 from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.safetensors_index import open_regular
 
@@ -154,11 +154,14 @@ def _read(path: Path, header: str, layout: ExpertLayout) -> dict[ExpertKey, int]
 
 def _parse_line(line: str) -> tuple[ExpertKey, int] | None:
     parts = line.split(" ")
-    if len(parts) != 3 or len(parts[2]) != 16 or not all(p.isascii() for p in parts):
+    if len(parts) != 3 or len(parts[2]) != 16 or not parts[2].isascii():
         return None
+    layer, expert = name_index(parts[0]), name_index(parts[1])
     try:
-        layer, expert, value = int(parts[0]), int(parts[1]), int(parts[2], 16)
+        value = int(parts[2], 16)
     except ValueError:
+        return None
+    if layer is None or expert is None:
         return None
     return ExpertKey(layer, expert), value
 

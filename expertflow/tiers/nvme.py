@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
-from expertflow.core import BLOCK, ExpertKey, slot_nbytes, torch_dtype
+from expertflow.core import BLOCK, ExpertKey, torch_dtype
 from expertflow.errors import (
     CheckpointChangedError,
     CheckpointError,
@@ -131,12 +131,13 @@ def read_tensor(t: TensorSlice) -> torch.Tensor:
     )
 
 
-def read_slot_nbytes(layout: ExpertLayout, mode: str) -> int:
-    """Slot size that holds any expert of ``layout`` read in ``mode`` (a direct read lands aligned extents)."""
-    needs = [layout.max_expert_nbytes, layout.slot_floor]
+def read_need(layout: ExpertLayout, mode: str) -> int:
+    """Bytes a buffer needs to receive any expert of ``layout`` read in ``mode``: the expert itself, or for a
+    direct read the whole aligned extent it lands."""
+    need = layout.max_expert_nbytes
     if mode == "direct":
-        needs += [plan_direct(s).extent for s in layout.experts.values()]
-    return slot_nbytes(needs)
+        need = max([need, *(plan_direct(s).extent for s in layout.experts.values())])
+    return need
 
 
 class NvmeTier:
@@ -271,7 +272,7 @@ class NvmeTier:
             return self.layout.spec(key).nbytes if key is not None else self.layout.max_expert_nbytes
         if key is not None:
             return max(self._plans[key].extent, self.layout.spec(key).nbytes)
-        return max((max(p.extent, self.layout.experts[k].nbytes) for k, p in self._plans.items()), default=0)
+        return read_need(self.layout, self.mode)
 
     # --- reads -----------------------------------------------------------------------------------
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from expertflow.bench.report import BenchResult
 from expertflow.core import BLOCK, ExpertKey, slot_nbytes
+from expertflow.lab.report import BenchResult
 from expertflow.tiers.device import CopyDeviceTier
 from expertflow.tiers.host import HostPool
 from expertflow.tiers.layout import ExpertLayout
@@ -389,7 +389,7 @@ def bench_tiers(
     log: Callable[[str], None] = print,
 ) -> BenchResult:
     """The whole ``expertflow bench tiers`` run: checkpoint (given or built), measurements, JSON/MD/PNG."""
-    from expertflow.bench.checkpoints import PRESETS, describe, write_expert_file
+    from expertflow.lab.checkpoints import PRESETS, describe, write_expert_file
     from expertflow.tiers.safetensors_index import open_checkpoint
 
     if model is None:
@@ -401,7 +401,7 @@ def bench_tiers(
     layout = open_checkpoint(model)
     remote_fn = None
     if remote:
-        from expertflow.bench.remote import measure_remote
+        from expertflow.lab.remote import measure_remote
 
         remote_fn = measure_remote
     result = run_tiers(layout, max_experts=max_experts, concurrency=concurrency, remote=remote_fn, log=log)

@@ -22,7 +22,7 @@ from expertflow.core import SAFETENSORS_CODES, ExpertKey, round_up, torch_dtype
 from expertflow.errors import CheckpointError, UnsupportedModelError
 from expertflow.model.adapters import ExpertsAdapter, KeyMapper, experts_modules
 from expertflow.model.discovery import model_naming
-from expertflow.model.quantized import QuantizedStack
+from expertflow.model.quantized_experts import QuantizedStack
 from expertflow.quant.formats import (
     IntWeight,
     kernel_group,

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from expertflow.bench.report import BenchResult
-from expertflow.pipeline.traces import RoutingTrace, compare_policies, load
+from expertflow.lab.replay import compare_policies
+from expertflow.lab.report import BenchResult
+from expertflow.pipeline.traces import RoutingTrace, load
 
 POLICIES = ("lru", "lfu", "static", "predictive_demand", "predictive", "belady")
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import zmq
 
-from expertflow.bench.tiers import Timing, _row
 from expertflow.config import StoreConfig
 from expertflow.core import BLOCK, ExpertKey, round_up
+from expertflow.lab.tiers import Timing, _row
 from expertflow.services.process import DaemonProcess
 from expertflow.services.remote import RemoteTier
 from expertflow.tiers.host import HostPool
@@ -60,7 +60,7 @@ def raw_push_pull(bind: str, frame_sizes: Sequence[int], count: int) -> Timing:
         sock.bind(bind)
         address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         code = (
-            "from expertflow.bench.remote import _push_main; "
+            "from expertflow.lab.remote import _push_main; "
             f"_push_main({address!r}, {list(frame_sizes)!r}, {count})"
         )
         child = subprocess.Popen([sys.executable, "-c", code])

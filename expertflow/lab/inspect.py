@@ -12,9 +12,9 @@ from typing import Any
 
 from expertflow.config import format_size
 from expertflow.core import routed_top_k
+from expertflow.pipeline.planner import budget_sizes
 from expertflow.quant.scheme import QuantScheme
 from expertflow.tiers.layout import ExpertLayout, TensorKind
-from expertflow.tiers.nvme import read_slot_nbytes
 
 _LAYER_NAMES = ("num_hidden_layers", "n_layer", "num_layers")
 
@@ -50,9 +50,9 @@ def describe(layout: ExpertLayout) -> dict[str, Any]:
 
     first = layout.spec(layout.keys()[0]) if layout.experts else None
     signatures = {tuple((t.role, t.dtype, t.shape) for t in s.tensors) for s in layout.experts.values()}
-    slot_mmap = read_slot_nbytes(layout, "mmap") if layout.experts else 0
-    slot_direct = read_slot_nbytes(layout, "direct") if layout.experts else 0
-    widest_layer = max(experts_per_layer.values(), default=0)
+    empty: dict[str, int | None] = {"slot": 0, "all_experts": 0, "per_layer": 0, "minimum": None}
+    mmap = budget_sizes(layout, "mmap") if layout.experts else empty
+    direct = budget_sizes(layout, "direct") if layout.experts else empty
 
     by_kind = {kind.value: 0 for kind in TensorKind}
     count_by_kind = {kind.value: 0 for kind in TensorKind}
@@ -96,13 +96,10 @@ def describe(layout: ExpertLayout) -> dict[str, Any]:
         "files": files,
         "file_bytes": sum(f["bytes"] for f in files if f["bytes"] >= 0),
         "budget": {
-            "host_buffer_bytes": {"mmap": slot_mmap, "direct": slot_direct},
-            "host_all_experts_bytes": {
-                "mmap": slot_mmap * len(layout.experts),
-                "direct": slot_direct * len(layout.experts),
-            },
-            "host_per_layer_bytes": slot_mmap * widest_layer,
-            "host_minimum_bytes": slot_mmap * top_k if top_k else None,
+            "host_buffer_bytes": {"mmap": mmap["slot"], "direct": direct["slot"]},
+            "host_all_experts_bytes": {"mmap": mmap["all_experts"], "direct": direct["all_experts"]},
+            "host_per_layer_bytes": mmap["per_layer"],
+            "host_minimum_bytes": mmap["minimum"],
             "resident_non_expert_bytes": layout.non_expert_bytes,
         },
     }
@@ -278,8 +275,9 @@ def format_table(desc: Mapping[str, Any]) -> str:
     default = budget.get("default")
     if default:
         lines.append(
-            f"  default host budget on this machine: {format_size(default['host_bytes'])} "
-            f"({default['experts']} experts): {default['reason']}"
+            f"  default host budget on this machine (what `generate` opens): {format_size(default['host_bytes'])} "
+            f"({default['slots']} of {default['experts']} experts in {format_size(default['slot_bytes'])} slots, "
+            f"{default['reads_in_flight']} reads in flight): {default['reason']}"
         )
     return "\n".join(lines)
 

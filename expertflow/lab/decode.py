@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import resource
@@ -26,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from expertflow.bench.report import BenchResult
 from expertflow.errors import ConfigError
+from expertflow.lab.report import BenchResult
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 
@@ -105,11 +106,13 @@ def quantized_pack(
     model_dir: str | Path, quantize: str, workdir: str | Path, log: Callable[[str], None] = print
 ) -> Path:
     """Build (once) the ``quantize`` pack of ``model_dir`` under ``workdir``; its path."""
-    from expertflow.model.quantize import pack_quantized
+    from expertflow.model.quantize_pack import pack_quantized
     from expertflow.quant.scheme import QuantScheme
 
     scheme = QuantScheme(*QUANTIZED_PACKS[quantize])
-    root = Path(workdir) / f"{Path(model_dir).name}-{scheme.name}"
+    # Keyed by what it is built from, not by the folder's name: two checkpoints both named "vlm", or one
+    # rebuilt in place, never share a pack.
+    root = Path(workdir) / f"{Path(model_dir).name}-{scheme.name}-{source_digest(model_dir, scheme.name)}"
     if not (root / "expertflow-manifest.json").is_file():
         log(f"quantizing {model_dir} to {root} ({scheme.name}, once)")
         pack_quantized(model_dir, root, scheme, progress=False)
@@ -286,6 +289,23 @@ def build_preset(name: str, workdir: str | Path, log: Callable[[str], None] = pr
     return _save_checkpoint(model, root)
 
 
+def source_digest(model_dir: str | Path, settings: str) -> str:
+    """12 hex digits naming a build from ``model_dir`` with ``settings``: the checkpoint's config.json, and each
+    weight file's name, size, modification time and first and last 4 KiB. A different checkpoint, or the same
+    folder rewritten, gives another digest."""
+    root = Path(model_dir)
+    h = hashlib.sha256(settings.encode())
+    h.update((root / "config.json").read_bytes())
+    for file in sorted(root.glob("*.safetensors")):
+        st = file.stat()
+        h.update(f"{file.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        with open(file, "rb") as f:
+            h.update(f.read(4096))
+            f.seek(max(0, st.st_size - 4096))
+            h.update(f.read(4096))
+    return h.hexdigest()[:12]
+
+
 def _built(root: Path) -> bool:
     """Whether a bench checkpoint was already built at ``root`` (it is moved there only once complete)."""
     return (root / "config.json").is_file() and any(root.glob("*.safetensors"))
@@ -367,7 +387,7 @@ def build_learned_preset(
 ) -> Path:
     """Build (once) preset ``name`` of :data:`LEARNED_PRESETS` from the trained Mixtral at ``source``."""
     params = LEARNED_PRESETS[name]
-    root = Path(workdir) / f"mixtral-{name}"
+    root = Path(workdir) / f"mixtral-{name}-{source_digest(source, json.dumps(params, sort_keys=True))}"
     if _built(root):
         return root
     log(f"building the {name} checkpoint in {root} from {source} (once)")
@@ -418,7 +438,7 @@ def run_contender(spec: WorkerSpec, *, limit_bytes: int | None, timeout: float) 
                 (group / "cgroup.procs").write_text(str(os.getpid()))
 
         proc = subprocess.run(
-            [sys.executable, "-m", "expertflow.bench.decode", "--worker", json.dumps(asdict(spec))],
+            [sys.executable, "-m", "expertflow.lab.decode", "--worker", json.dumps(asdict(spec))],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -486,16 +506,14 @@ def bench_decode(
             "over LRU's at the same budget, round by round"
         )
     # A budget is a share of what holding every expert takes (one slot each), so 100% means "all fit".
-    from expertflow.tiers.nvme import read_slot_nbytes
+    from expertflow.pipeline.planner import all_experts_bytes
 
-    models: dict[str | None, tuple[str, int]] = {
-        None: (model_dir, read_slot_nbytes(layout, read_mode) * len(layout.experts))
-    }
+    models: dict[str | None, tuple[str, int]] = {None: (model_dir, all_experts_bytes(layout, read_mode))}
     for c in contenders:
         if c.quantize is not None and c.quantize not in models:
             pack = quantized_pack(model_dir, c.quantize, workdir, log)
             q = open_checkpoint(pack)
-            models[c.quantize] = (str(pack), read_slot_nbytes(q, read_mode) * len(q.experts))
+            models[c.quantize] = (str(pack), all_experts_bytes(q, read_mode))
             result.notes.append(
                 f"{c.quantize} pack {pack}: {q.expert_bytes / 2**20:.1f} MiB of experts "
                 f"({q.expert_bytes / layout.expert_bytes:.2f}x), built by `expertflow pack --quantize`"
@@ -585,8 +603,8 @@ def paired_ratios(contenders: Sequence[Contender], rounds: Sequence[Mapping[str,
 
 def _dd_rate(layout: Any, files: list[str]) -> Any:
     """The disk's best rate with large direct reads: one stream and as many as the store keeps in flight."""
-    from expertflow.bench.tiers import dd_direct
     from expertflow.config import StoreConfig
+    from expertflow.lab.tiers import dd_direct
 
     block = max(4 << 20, layout.max_expert_nbytes)
     streams = StoreConfig().max_concurrent_reads
@@ -597,8 +615,8 @@ def _device_rate(layout: Any, files: list[str], before: Any, result: BenchResult
     """The fastest read rate the device showed in this run (bytes/s), recorded in the notes."""
     import random
 
-    from expertflow.bench.tiers import read_experts
     from expertflow.config import StoreConfig
+    from expertflow.lab.tiers import read_experts
     from expertflow.tiers.nvme import NvmeTier
 
     # Disk speed varies between runs here (0.55-2 GB/s): measure again and keep the best rate, so the

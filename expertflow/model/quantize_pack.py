@@ -21,7 +21,7 @@ from expertflow.core import ExpertKey
 from expertflow.errors import CheckpointError, ConfigError
 from expertflow.model.loader import load_model, open_model_checkpoint
 from expertflow.model.moe_block import OffloadedExperts
-from expertflow.model.quantized import WEIGHT_PARAMS, scheme_of, weight_shape
+from expertflow.model.quantized_experts import WEIGHT_PARAMS, scheme_of, weight_shape
 from expertflow.quant.scheme import QuantScheme, dequantize, quantize
 from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.nvme import read_tensor
