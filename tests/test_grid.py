@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from expertflow.bench.grid import parse_grid, read_tasks, score
 from expertflow.cli import main
 from expertflow.errors import ConfigError
+from expertflow.lab.grid import Task, parse_grid, read_tasks, rescore, score, yes_no
 from tests.checkpoints import save_checkpoint
 
 TASKS = [
@@ -101,10 +101,49 @@ def test_a_bad_task_line_is_named_before_any_work(
 
 
 def test_yes_no_scoring_is_pope_style() -> None:
-    from expertflow.bench.grid import Task
-
     tasks = [Task(str(i), "yesno", (1,), a, 3) for i, a in enumerate(["yes", "yes", "no", "no"])]
     texts = {"0": "Yes, it is", "1": "no", "2": "yes", "3": " no."}
     got = score(tasks, texts, None)
     assert got["yesno_accuracy"] == 0.5 and got["yes_ratio"] == 0.5
     assert got["yesno_precision"] == 0.5 and got["yesno_recall"] == 0.5 and got["yesno_f1"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("text", "read"),
+    [
+        ("yes", "yes"),
+        ("Yes.", "yes"),
+        ("Sure, yes", "yes"),
+        ("no", "no"),
+        ("No, there is none", "no"),
+        ("yesterday", None),
+        ("nope", None),
+        ("par", None),
+        ("", None),
+        ("yes and no", None),
+    ],
+)
+def test_yes_and_no_are_read_as_words_not_prefixes(text: str, read: str | None) -> None:
+    assert yes_no(text) == read
+
+
+def test_answers_that_are_neither_yes_nor_no_are_counted_and_never_scored_as_no() -> None:
+    tasks = [
+        Task("a", "yesno", (1,), "no", 3),
+        Task("b", "yesno", (1,), "no", 3),
+        Task("c", "yesno", (1,), "yes", 3),
+        Task("d", "yesno", (1,), "yes", 3),
+    ]
+    got = score(tasks, {"a": "par", "b": "no", "c": "yesterday", "d": "Sure, yes"}, None)
+    assert got["yesno_accuracy"] == 0.5  # b and d; "par" is not a right "no"
+    assert got["yesno_other"] == 2 and got["yesno_other_rate"] == 0.5
+    assert got["yes_ratio"] == 0.25
+    assert got["yesno_precision"] == 1.0 and got["yesno_recall"] == 0.5
+
+
+def test_a_resumed_grid_is_scored_again_from_its_stored_answers(tmp_path: Path) -> None:
+    tasks = [Task("a", "yesno", (1,), "no", 3), Task("b", "exact", (1,), "x = 1", 6)]
+    stale = {"config": "c", "answers": {"a": "par", "b": "x = 1\n"}, "yesno_accuracy": 1.0, "perplexity": 2.0}
+    row = rescore(stale, tasks)
+    assert row["yesno_accuracy"] == 0.0 and row["yesno_other"] == 1 and row["exact_match"] == 1.0
+    assert row["perplexity"] == pytest.approx(2.0)
