@@ -2,10 +2,10 @@
 load-time family check on its tiny fixture, compared with the record of the pinned version.
 
     python -m tests.sweep            # print the sweep and what changed against docs/families.json
-    python -m tests.sweep --write    # regenerate docs/families.json, docs/families.md and the README's list
+    python -m tests.sweep --write    # regenerate docs/families.json, docs/families.md and docs/formats.md's list
 
 ``make test-latest`` runs it with the newest releases; the pinned record is what ``tests/test_families.py``
-holds the README and the sweep to.
+holds docs/formats.md and the sweep to.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "docs" / "families.json"
 TABLE = ROOT / "docs" / "families.md"
-README = ROOT / "README.md"
+FAMILIES_DOC = ROOT / "docs" / "formats.md"  # holds the generated families paragraph
 CONSTRAINTS = ROOT / "constraints.txt"
 BEGIN = "<!-- families:begin -->"
 END = "<!-- families:end -->"
@@ -49,8 +49,8 @@ def load_record() -> dict[str, Any]:
     return json.loads(RECORD.read_text())
 
 
-def readme_block(record: dict[str, Any]) -> str:
-    """The README's generated paragraph on families, from a sweep record."""
+def families_block(record: dict[str, Any]) -> str:
+    """The generated paragraph on families in docs/formats.md, from a sweep record."""
     families = record["families"]
     verified = sorted(f for f, r in families.items() if r["status"] == "verified")
     refused = sorted(f for f, r in families.items() if r["status"] != "verified")
@@ -61,7 +61,7 @@ def readme_block(record: dict[str, Any]) -> str:
         f"families use the experts seam; {len(verified)} are verified lossless by the family check and load "
         f"with logits equal to transformers' with experts evicted and read again, and each of the {len(verified)} "
         f"also runs from an int4 pack. Refused: {', '.join(refused) or 'none'}. Per family: "
-        "[docs/families.md](docs/families.md).",
+        "[families.md](families.md).",
         "",
         f"Verified families: {', '.join(verified)}.",
         END,
@@ -150,17 +150,19 @@ def write(record: dict[str, Any]) -> None:
     for f, r in sorted(record["families"].items()):
         rows.append(f"| {f} | {r['status']} | {r.get('seconds', 0):.2f} | {r.get('reason', '')} |")
     TABLE.write_text("\n".join(rows) + "\n")
-    text = README.read_text()
+    text = FAMILIES_DOC.read_text()
     start, end = text.find(BEGIN), text.find(END)
     if start < 0 or end < 0:
-        raise SystemExit(f"README.md has no generated families block ({BEGIN} ... {END})")
-    README.write_text(text[:start] + readme_block(stable) + text[end + len(END) :])
+        raise SystemExit(f"{FAMILIES_DOC} has no generated families block ({BEGIN} ... {END})")
+    FAMILIES_DOC.write_text(text[:start] + families_block(stable) + text[end + len(END) :])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--write", action="store_true", help="regenerate the record, docs/families.md and README"
+        "--write",
+        action="store_true",
+        help="regenerate the record, docs/families.md and docs/formats.md's list",
     )
     args = parser.parse_args(argv)
     record = run_sweep()
@@ -177,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {line}")
     if args.write:
         write(record)
-        print(f"written: {RECORD.relative_to(ROOT)}, {TABLE.relative_to(ROOT)}, README.md")
+        print(
+            f"written: {RECORD.relative_to(ROOT)}, {TABLE.relative_to(ROOT)}, {FAMILIES_DOC.relative_to(ROOT)}"
+        )
     return 0
 
 

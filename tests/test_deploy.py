@@ -512,8 +512,42 @@ def test_deploy_readme_names_files_that_exist() -> None:
         assert (REPO / name.rstrip(".")).exists(), f"deploy/README.md names {name}, which does not exist"
 
 
-def test_every_command_in_the_main_readme_parses() -> None:
-    commands = readme_commands((REPO / "README.md").read_text())
-    assert len(commands) >= 10
-    seen = {_parse(argv, "README.md").command for argv in commands}
-    assert {"serve", "stat", "ping", "generate", "bench", "pack", "inspect"} <= seen
+USER_DOCS = (
+    "README.md",
+    *(f"docs/{p.name}" for p in sorted((REPO / "docs").glob("*.md"))),
+    "benchmarks/README.md",
+)
+
+
+@pytest.mark.parametrize("doc", USER_DOCS)
+def test_every_command_in_the_readme_and_the_docs_parses(doc: str) -> None:
+    for argv in readme_commands((REPO / doc).read_text()):
+        _parse(argv, doc)
+
+
+def test_the_readme_and_the_docs_show_every_command() -> None:
+    seen = {
+        _parse(argv, doc).command for doc in USER_DOCS for argv in readme_commands((REPO / doc).read_text())
+    }
+    assert {
+        "serve",
+        "stat",
+        "ping",
+        "generate",
+        "bench",
+        "pack",
+        "inspect",
+        "eval",
+        "checksums",
+        "trace",
+    } <= seen
+
+
+def test_the_readme_is_a_guide_and_its_links_resolve() -> None:
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 300
+    for doc in USER_DOCS:
+        base = (REPO / doc).parent
+        for target in re.findall(r"\]\(([^)#\s]+)\)", (REPO / doc).read_text()):
+            if not target.startswith(("http://", "https://")):
+                assert (base / target).resolve().exists(), f"{doc} links to {target}, which does not exist"
