@@ -16,7 +16,7 @@ from expertflow.config import StoreConfig
 from expertflow.errors import CheckpointError, ConfigError
 from expertflow.model.loader import load_model
 from expertflow.model.quantize_pack import dequantized_state_dict, pack_quantized
-from expertflow.quant.kernels import qlinear
+from expertflow.quant.kernels import qlinear, qlinear_dequantized
 from expertflow.quant.scheme import QuantScheme, dequantize, pack_int4, quantize, unpack_int4
 from expertflow.tiers.safetensors_index import PACK_MANIFEST_NAME, open_checkpoint
 from tests.checkpoints import save_checkpoint
@@ -57,6 +57,36 @@ def test_the_kernel_computes_with_exactly_the_dequantized_weight(
     # And the weight error is what the bits allow: int8 ~1/254 of the row range, int4 ~1/30 of a group's.
     bound = 0.01 if scheme.bits == 8 else 0.2
     assert (deq - w).pow(2).mean().sqrt() < bound
+
+
+@pytest.mark.parametrize("scheme", [INT4, QuantScheme(4, 32, act_order=True), INT8], ids=str)
+def test_the_device_path_dequantizes_where_the_slot_is_and_matches_the_cpu_kernel(scheme: QuantScheme) -> None:
+    """The GPU path (dequantize on the device, dense product) is device-agnostic: on CPU it runs the same code
+    and gives the CPU kernel's output, act-order permutation included."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 72, generator=g)
+    parts = quantize(w, scheme, torch.float32)
+    if scheme.act_order:
+        parts["perm"] = torch.randperm(72, generator=g).to(torch.int32)  # input channel of each stored column
+    x = torch.randn(3, 72, generator=g)
+    want = qlinear(x, parts, scheme, 40, 72)
+    got = qlinear_dequantized(x, parts, scheme, 40, 72)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scheme", [INT4, INT8], ids=str)
+def test_quantized_experts_on_a_gpu_are_computed_there(scheme: QuantScheme) -> None:  # pragma: no cover
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(96, 256, generator=g)
+    parts = quantize(w, scheme, torch.bfloat16)
+    x = torch.randn(4, 256, generator=g).to(torch.bfloat16)
+    want = qlinear(x, parts, scheme, 96, 256).float()
+    on_gpu = {k: v.cuda() for k, v in parts.items()}
+    got = qlinear(x.cuda(), on_gpu, scheme, 96, 256)
+    assert got.device.type == "cuda"
+    assert (got.float().cpu() - want).abs().max() <= 2e-2 * want.abs().max()
 
 
 def test_hqq_refinement_lowers_the_weight_error_of_round_to_nearest() -> None:

@@ -2,6 +2,11 @@
 
 CPU: ``_weight_int4pack_mm_for_cpu`` (group-wise int4, the layout of :mod:`expertflow.quant.scheme`) and
 ``_weight_int8pack_mm`` (per-channel int8). Both take activations in the dtype of the scales.
+
+CUDA: the slot holds the same bytes (packs and daemons carry one layout), already on the device; the expert is
+dequantized there into a scratch matrix and multiplied densely (:func:`qlinear_dequantized`). Device memory
+bandwidth makes that cheap next to the host-to-device copy the quantized bytes saved, and nothing goes back
+to the host.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ def qlinear(
     """``x [..., in] @ W.T -> [..., out]`` in the dtype of the scales (which the pack wrote in the compute dtype)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
-    if x2.device.type == "cuda":  # pragma: no cover - no GPU on the machines this runs on
-        y = _qlinear_cuda(x2, parts, scheme, out_features, in_features)
+    if x2.device.type != "cpu":
+        y = qlinear_dequantized(x2, parts, scheme, out_features, in_features)
     else:
         out_p, in_p = scheme.padded(out_features, in_features)
         if scheme.act_order:  # inputs in the stored (group) order of the weight's columns
@@ -45,19 +50,15 @@ def qlinear(
     return y.reshape(*lead, out_features)
 
 
-# --- CUDA (not exercised here: no GPU) -------------------------------------------------------------
-
-
-def _qlinear_cuda(
+def qlinear_dequantized(
     x: torch.Tensor,
     parts: Mapping[str, torch.Tensor],
     scheme: QuantScheme,
     out_features: int,
     in_features: int,
-) -> torch.Tensor:  # pragma: no cover
-    # The slots hold the CPU layout; the GPU path dequantizes the expert into a scratch matrix and runs a dense
-    # GEMM. Device bandwidth makes that cheap next to the host-to-device copy the quantized bytes saved.
+) -> torch.Tensor:
+    """``x [tokens, in] @ W.T`` with ``W`` dequantized where the parts are (the GPU path; device-agnostic, so the
+    CPU tests run the same code). Returns the dtype of the scales, like the CPU kernels."""
     dtype = parts["qparams" if scheme.bits == 4 else "scales"].dtype
-    cpu = {k: v.cpu() for k, v in parts.items()}
-    weight = dequantize(cpu, scheme, out_features, in_features).to(device=x.device, dtype=dtype)
+    weight = dequantize(parts, scheme, out_features, in_features).to(dtype)
     return F.linear(x.to(dtype), weight)

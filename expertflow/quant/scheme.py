@@ -153,9 +153,10 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """The codes (int32 ``[out, in]``) of a CPU int4 tensor; the inverse of :func:`pack_int4`."""
+    """The codes (int32 ``[out, in]``) of a CPU int4 tensor; the inverse of :func:`pack_int4`. Runs on the device
+    ``packed`` is on (a slot on a GPU is unpacked there)."""
     flat = packed.reshape(-1).to(torch.int32)
-    codes = torch.empty(out_features, in_features, dtype=torch.int32)
+    codes = torch.empty(out_features, in_features, dtype=torch.int32, device=packed.device)
     full = out_features // _BLOCK_N * _BLOCK_N
     half = _BLOCK_N // 2
     if full:
@@ -239,7 +240,7 @@ def _group_error(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) 
 def dequantize(
     parts: Mapping[str, torch.Tensor], scheme: QuantScheme, out_features: int, in_features: int
 ) -> torch.Tensor:
-    """The float32 ``[out, in]`` weight the kernel computes with."""
+    """The float32 ``[out, in]`` weight the kernel computes with, on the device the parts are on."""
     if scheme.bits == 8:
         deq = parts["qweight"].to(torch.float32) * parts["scales"].to(torch.float32)[:, None]
         return deq[:out_features, :in_features]
