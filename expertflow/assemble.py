@@ -13,11 +13,11 @@ from pathlib import Path
 from expertflow.config import StoreConfig
 from expertflow.pipeline.store import AsyncExpertStore
 from expertflow.pipeline.sync import ExpertStore
-from expertflow.services.remote import RemoteTier
 from expertflow.tiers.base import ExpertSource
 from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.local_checksums import LocalChecksums
 from expertflow.tiers.nvme import NvmeTier
+from expertflow.tiers.remote import RemoteTier
 
 
 async def build_sources(layout: ExpertLayout, config: StoreConfig) -> Sequence[ExpertSource]:

@@ -664,7 +664,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _query(args: argparse.Namespace, what: str) -> object:
     import asyncio
 
-    from expertflow.services.client import ExpertClient
+    from expertflow.wire.client import ExpertClient
 
     async def ask() -> object:
         async with ExpertClient(
@@ -702,7 +702,7 @@ def _cmd_ping(args: argparse.Namespace) -> int:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from expertflow.services.keys import keygen
+    from expertflow.wire.keys import keygen
 
     public, secret = keygen(args.dir, args.name)
     print(f"public key {public} (give to the other side)\nsecret key {secret} (keep private)")

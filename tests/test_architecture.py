@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "expertflow"
-SUBPACKAGES = ("quant", "tiers", "pipeline", "model", "services", "lab")
+SUBPACKAGES = ("quant", "wire", "tiers", "pipeline", "model", "services", "lab")
 
 
 def _imports(path: Path) -> set[str]:
@@ -81,12 +81,16 @@ def test_dependencies_point_the_documented_way() -> None:
         "_version",
     }  # the shared vocabulary, importing nothing above it
     assert graph["quant"] <= base, "quantization schemes and kernels are the bottom level"
-    assert graph["tiers"] <= {"quant", *base}, (
-        "storage tiers know nothing of the pipeline, models or the network"
-    )
+    assert graph["wire"] <= base, "the protocol and the client: what both ends of a connection share"
+    assert graph["tiers"] <= {"quant", "wire", *base}, "storage tiers know nothing of the pipeline or models"
     assert graph["pipeline"] <= {"quant", "tiers", *base}
-    assert graph["services"] <= {"pipeline", "tiers", "quant", *base}
+    assert graph["services"] <= {"pipeline", "tiers", "quant", "wire", *base}
     assert graph["model"] <= {"pipeline", "tiers", "quant", "assemble", *base}
+
+
+def test_among_the_tiers_only_the_remote_one_knows_the_network() -> None:
+    talks = sorted(p.name for p in (PACKAGE / "tiers").glob("*.py") if any(".wire" in m for m in _imports(p)))
+    assert talks == ["remote.py"]
 
 
 def test_the_runtime_never_imports_the_lab() -> None:

@@ -14,7 +14,7 @@ import pytest
 from expertflow.cli import main as cli_main
 from expertflow.core import ExpertKey
 from expertflow.errors import RemoteError
-from expertflow.services.client import ExpertClient
+from expertflow.wire.client import ExpertClient
 from tests.server_helpers import daemon
 from tests.store_helpers import write_moe_checkpoint
 
@@ -85,8 +85,8 @@ def test_a_daemon_whose_checkpoint_changed_serves_only_what_it_announced(tmp_pat
 
 async def test_a_store_stops_using_a_daemon_whose_checkpoint_changed(tmp_path: Path) -> None:
     from expertflow import StoreConfig, open_async_store
-    from expertflow.services.remote import RemoteTier
     from expertflow.tiers.nvme import NvmeTier
+    from expertflow.tiers.remote import RemoteTier
 
     served = write_moe_checkpoint(tmp_path / "served")  # the daemon's copy
     local = write_moe_checkpoint(tmp_path / "local")  # the GPU node's own copy: the same weights

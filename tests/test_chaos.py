@@ -21,10 +21,10 @@ from expertflow.config import StoreConfig
 from expertflow.core import round_up
 from expertflow.model.generate import generate
 from expertflow.model.loader import load_model
-from expertflow.services.client import ExpertClient
 from expertflow.services.process import DaemonProcess
-from expertflow.services.remote import RemoteTier
+from expertflow.tiers.remote import RemoteTier
 from expertflow.tiers.safetensors_index import open_checkpoint
+from expertflow.wire.client import ExpertClient
 from tests.checkpoints import build_model
 from tests.server_helpers import daemon
 

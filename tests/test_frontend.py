@@ -12,9 +12,9 @@ import msgpack
 import pytest
 
 from expertflow.core import ExpertKey
-from expertflow.services import protocol as P
-from expertflow.services.client import ExpertClient
 from expertflow.services.server import ExpertServer, ServerConfig
+from expertflow.wire import protocol as P
+from expertflow.wire.client import ExpertClient
 from tests.server_helpers import daemon
 
 pytestmark = pytest.mark.timeout(120)
@@ -278,7 +278,7 @@ class _RawCurvePeer:
 
 @pytest.fixture
 def curve_keys(tmp_path: Path) -> dict[str, Path]:
-    from expertflow.services.keys import keygen
+    from expertflow.wire.keys import keygen
 
     keygen(tmp_path / "server", "server")
     keygen(tmp_path / "allowed", "alice")

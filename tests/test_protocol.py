@@ -13,8 +13,8 @@ import zmq
 
 from expertflow.core import ExpertKey, expert_checksum
 from expertflow.errors import ChecksumError, ConfigError, ProtocolError, RemoteError
-from expertflow.services import protocol as p
-from expertflow.services.protocol import ErrorCode, Limits, MessageError, Op
+from expertflow.wire import protocol as p
+from expertflow.wire.protocol import ErrorCode, Limits, MessageError, Op
 
 SEED = 20240611
 

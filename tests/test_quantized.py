@@ -60,7 +60,9 @@ def test_the_kernel_computes_with_exactly_the_dequantized_weight(
 
 
 @pytest.mark.parametrize("scheme", [INT4, QuantScheme(4, 32, act_order=True), INT8], ids=str)
-def test_the_device_path_dequantizes_where_the_slot_is_and_matches_the_cpu_kernel(scheme: QuantScheme) -> None:
+def test_the_device_path_dequantizes_where_the_slot_is_and_matches_the_cpu_kernel(
+    scheme: QuantScheme,
+) -> None:
     """The GPU path (dequantize on the device, dense product) is device-agnostic: on CPU it runs the same code
     and gives the CPU kernel's output, act-order permutation included."""
     g = torch.Generator().manual_seed(1)

@@ -19,12 +19,12 @@ from expertflow.core import ExpertKey
 from expertflow.errors import FingerprintMismatchError
 from expertflow.model.generate import generate
 from expertflow.model.loader import load_model
-from expertflow.services import protocol as P
-from expertflow.services.remote import RemoteTier, rendezvous_order
 from expertflow.services.server import ExpertServer, ServerConfig
 from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.nvme import NvmeTier
+from expertflow.tiers.remote import RemoteTier, rendezvous_order
 from expertflow.tiers.safetensors_index import open_checkpoint
+from expertflow.wire import protocol as P
 from tests.checkpoints import save_checkpoint
 from tests.server_helpers import CorruptingProxy, daemon
 
@@ -293,8 +293,8 @@ def test_generate_cli_takes_experts_from_a_daemon(mixtral_dir, mixtral_layout, e
 
 
 async def test_a_packed_checkpoint_is_served_with_its_manifest_checksums(mixtral_dir, tmp_path) -> None:
-    from expertflow.services.client import ExpertClient
     from expertflow.tiers.pack import pack_checkpoint
+    from expertflow.wire.client import ExpertClient
 
     packed = open_checkpoint(pack_checkpoint(mixtral_dir, tmp_path / "packed", progress=False))
     server = await ExpertServer.start(packed, ServerConfig(binds=("tcp://127.0.0.1:*",), preload=True))

@@ -19,15 +19,15 @@ import zmq.asyncio
 
 from expertflow.core import ExpertKey
 from expertflow.errors import ConfigError, RemoteError
-from expertflow.services import protocol as P
-from expertflow.services.client import ExpertClient
-from expertflow.services.keys import keygen
 from expertflow.services.monitoring import prometheus_text
 from expertflow.services.server import ExpertServer, ServerConfig
 from expertflow.tiers.fingerprint import content_fingerprint
 from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.nvme import NvmeTier
 from expertflow.tiers.safetensors_index import open_checkpoint
+from expertflow.wire import protocol as P
+from expertflow.wire.client import ExpertClient
+from expertflow.wire.keys import keygen
 from tests.checkpoints import save_checkpoint
 from tests.server_helpers import daemon
 from tests.store_helpers import GatedSource
@@ -504,8 +504,8 @@ _ROGUE_CLIENT = """
 import asyncio, dataclasses, json, resource, sys
 from expertflow.core import ExpertKey
 from expertflow.errors import RemoteError
-from expertflow.services import protocol as P
-from expertflow.services.client import ExpertClient
+from expertflow.wire import protocol as P
+from expertflow.wire.client import ExpertClient
 
 async def main():
     limits = dataclasses.replace(P.DEFAULT_LIMITS, max_frame_bytes=1 << 20)

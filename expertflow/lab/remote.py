@@ -3,7 +3,7 @@
 For each transport (``tcp://127.0.0.1`` and ``ipc://``) the same run measures
 
 * the remote tier: an ``expertflow-store serve`` child process holding the experts in its RAM cache (filled
-  before timing), read through :class:`~expertflow.services.remote.RemoteTier` into host buffers with N reads in
+  before timing), read through :class:`~expertflow.tiers.remote.RemoteTier` into host buffers with N reads in
   flight (checksum verified and copied to canonical offsets, as the store does);
 * the limit: a child process pushing messages of the expert's size (one frame per tensor, as a reply has)
   over a PUSH socket to a PULL socket here, zero-copy on both sides, with nothing done to the bytes.
@@ -27,10 +27,10 @@ from expertflow.config import StoreConfig
 from expertflow.core import BLOCK, ExpertKey, round_up
 from expertflow.lab.tiers import Timing, _row
 from expertflow.services.process import DaemonProcess
-from expertflow.services.remote import RemoteTier
 from expertflow.tiers.host import HostPool
 from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.local_checksums import fill
+from expertflow.tiers.remote import RemoteTier
 
 START_TIMEOUT = 120.0
 

@@ -22,7 +22,7 @@ from nacl._sodium import ffi, lib  # PyNaCl's libsodium binding: replies are sea
 from zmq.utils import z85
 
 from expertflow.errors import ConfigError
-from expertflow.services.keys import load_secret_key
+from expertflow.wire.keys import load_secret_key
 
 MORE, COMMAND = 0x01, 0x02
 _MAC = 16

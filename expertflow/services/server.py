@@ -7,7 +7,7 @@ same budgets, policies and NVMe reads as a local store. A ``get`` is served by i
 experts as they become resident and sends each one as soon as it is ready, straight out of the cache
 buffer (``copy=False``); the pin is dropped only when libzmq has let go of the buffer (a finalizer).
 
-Every request is decoded by :mod:`expertflow.services.protocol`; anything malformed gets an error reply (or
+Every request is decoded by :mod:`expertflow.wire.protocol`; anything malformed gets an error reply (or
 closes its connection in the listener when over the size limit), never an exception out of the receive loop.
 """
 
@@ -34,7 +34,6 @@ from expertflow.config import StoreConfig
 from expertflow.core import ExpertKey
 from expertflow.errors import CheckpointChangedError, ConfigError, ExpertFlowError
 from expertflow.pipeline.store import AsyncExpertStore, ExpertHandle
-from expertflow.services import protocol as P
 from expertflow.services.curve import CurveKeys
 from expertflow.services.frontend import FrontendLimits, ZmtpFrontend
 from expertflow.tiers.base import ExpertSource
@@ -42,6 +41,7 @@ from expertflow.tiers.checksum import spec_checksum
 from expertflow.tiers.fingerprint import content_fingerprint
 from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.safetensors_index import open_checkpoint
+from expertflow.wire import protocol as P
 
 log = logging.getLogger("expertflow.server")
 

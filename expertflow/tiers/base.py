@@ -11,7 +11,7 @@ from expertflow.core import ExpertKey
 class ExpertSource(Protocol):
     """Something that can fill a host buffer with one expert in canonical layout (``ExpertSpec.offsets``).
 
-    Implementations: :class:`~expertflow.tiers.nvme.NvmeTier`, :class:`~expertflow.services.remote.RemoteTier`.
+    Implementations: :class:`~expertflow.tiers.nvme.NvmeTier`, :class:`~expertflow.tiers.remote.RemoteTier`.
     ``read`` must not touch ``buf`` after it returns or raises (also when cancelled). Buffers are 4 KiB
     aligned (``core.BLOCK``) and at least ``buffer_nbytes(key)`` long.
     """

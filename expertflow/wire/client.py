@@ -21,8 +21,8 @@ from zmq.utils.monitor import parse_monitor_message
 
 from expertflow.core import ExpertKey
 from expertflow.errors import ProtocolError, RemoteError
-from expertflow.services import protocol as P
-from expertflow.services.keys import client_curve_options
+from expertflow.wire import protocol as P
+from expertflow.wire.keys import client_curve_options
 
 log = logging.getLogger(__name__)
 

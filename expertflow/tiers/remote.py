@@ -26,11 +26,11 @@ import xxhash
 from expertflow.config import StoreConfig
 from expertflow.core import ExpertKey
 from expertflow.errors import ChecksumError, FingerprintMismatchError, RemoteError, UnverifiableExpertError
-from expertflow.services import protocol as P
-from expertflow.services.client import ExpertClient
 from expertflow.tiers.fingerprint import content_fingerprint
 from expertflow.tiers.layout import ExpertLayout, ExpertSpec
 from expertflow.tiers.local_checksums import LocalChecksums
+from expertflow.wire import protocol as P
+from expertflow.wire.client import ExpertClient
 
 log = logging.getLogger(__name__)
 
