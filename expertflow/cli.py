@@ -10,7 +10,6 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from expertflow.config import POLICIES, PREDICTORS, READ_MODES, StoreConfig, parse_size
@@ -20,33 +19,15 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _open_layout(path: str) -> Any:
-    """The checkpoint's experts as ``load_model`` finds them (from the model's own modules), or, for a
-    checkpoint transformers cannot build a model for, by the model-free naming."""
-    from expertflow.errors import UnsupportedModelError
-    from expertflow.model.loader import open_model_checkpoint
-    from expertflow.model.support import check_supported
-    from expertflow.tiers.safetensors_index import open_checkpoint
+    from expertflow.model.loader import open_layout
 
-    try:
-        return open_model_checkpoint(path)
-    except UnsupportedModelError:
-        layout = open_checkpoint(path)
-        check_supported(layout.model_type, file=str(path))  # a known limitation is said as it is
-        return layout
+    return open_layout(path)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from expertflow.lab.inspect import describe, format_table
-    from expertflow.model.loader import check_family, family_status, plan_model
+    from expertflow.lab.inspect import describe_checkpoint, format_table
 
-    layout = _open_layout(args.path)
-    desc = describe(layout)
-    if layout.experts:
-        # The plan generate would open its store with here, by default (the same planner, the same reserve).
-        desc["budget"]["default"] = plan_model(args.path, StoreConfig(read_mode=args.read_mode)).as_dict()
-        if args.check_family:
-            check_family(args.path, refresh=True)
-        desc["family_check"] = family_status(args.path)
+    desc = describe_checkpoint(args.path, read_mode=args.read_mode, check_family=args.check_family)
     print(json.dumps(desc, indent=2) if args.json else format_table(desc))
     return 0
 
@@ -282,32 +263,17 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
     _require_bench_extra("matplotlib", *(["accelerate"] if "accelerate" in args.contenders else []))
     from expertflow.lab.decode import (
         COLUMNS,
-        LEARNED_PRESETS,
         bench_decode,
-        build_learned_preset,
-        build_preset,
         default_contenders,
         parse_budgets,
         plot_decode,
+        resolve_model,
     )
     from expertflow.lab.report import markdown_table
 
     budgets = parse_budgets(args.budgets)
     contenders = default_contenders(budgets, [c.strip() for c in args.contenders.split(",")])
-    if args.learned_from and (args.model or args.preset not in LEARNED_PRESETS):
-        raise ConfigError(
-            f"--learned-from applies to --preset {', '.join(LEARNED_PRESETS)} (without --model)"
-        )
-    if args.model:
-        model = args.model
-    elif args.preset in LEARNED_PRESETS:
-        if not args.learned_from:
-            raise ConfigError(
-                f"--preset {args.preset} widens a trained Mixtral: give it with --learned-from DIR"
-            )
-        model = str(build_learned_preset(args.preset, args.learned_from, args.workdir))
-    else:
-        model = str(build_preset(args.preset, args.workdir))
+    model = resolve_model(args.model, args.preset, args.learned_from, args.workdir)
     prompt = tuple(args.prompt.encode("utf-8")) if args.prompt else tuple(range(1, 17))
     result = bench_decode(
         model,
@@ -342,70 +308,25 @@ def _cmd_bench_policies(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_texts(paths: Sequence[str]) -> str:
-    """The evaluation text: files as given, directories as their ``.py`` / ``.txt`` / ``.md`` files in sorted
-    order."""
-    parts: list[str] = []
-    for name in paths:
-        path = Path(name)
-        files = (
-            sorted(f for f in path.rglob("*") if f.suffix in (".py", ".txt", ".md") and f.is_file())
-            if path.is_dir()
-            else [path]
-        )
-        for f in files:
-            try:
-                parts.append(f.read_text(encoding="utf-8", errors="replace"))
-            except OSError as exc:
-                raise ConfigError(f"cannot read {f}: {exc.strerror}") from exc
-    if not parts:
-        raise ConfigError(f"no text found in {', '.join(paths)}")
-    return "\n".join(parts)
-
-
 def _cmd_eval_ppl(args: argparse.Namespace) -> int:
-    from expertflow.lab.accuracy import evaluate, format_results, load_for_eval, load_reference, token_ids
+    from expertflow.lab.accuracy import evaluate_models, format_results, write_results
 
-    text = _read_texts(args.text)
-    ids = token_ids(args.models[0], text)
-    reference = load_reference(args.reference) if args.reference else None
-    results = []
-    try:
-        for path in args.models:
-            head = token_ids(path, text[:4096])
-            if head != ids[: len(head)]:
-                raise ConfigError(f"{path} tokenizes the text differently from {args.models[0]}")
-            model = load_for_eval(path, _budget(args.host_mem), args.routing_margin)
-            try:
-                results.append(
-                    evaluate(
-                        model,
-                        ids,
-                        name=path,
-                        reference=reference,
-                        reference_name=args.reference,
-                        window=args.window,
-                        max_tokens=args.max_tokens,
-                        incremental=args.incremental,
-                    )
-                )
-            finally:
-                model.close()
-    finally:
-        close = getattr(reference, "close", None)
-        if callable(close):
-            close()
-    table = format_results(results)
+    results = evaluate_models(
+        args.models,
+        args.text,
+        reference=args.reference,
+        host_bytes=_budget(args.host_mem),
+        routing_margin=args.routing_margin,
+        window=args.window,
+        max_tokens=args.max_tokens,
+        incremental=args.incremental,
+    )
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         command = (
             "expertflow " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "expertflow eval ppl"
         )
-        payload = {"command": command, "text": list(args.text), "results": [r.as_dict() for r in results]}
-        (out / "accuracy.json").write_text(json.dumps(payload, indent=1))
-        (out / "accuracy.md").write_text(f"# accuracy\n\n{table}\n\nCommand: `{command}`\n")
-    print(json.dumps([r.as_dict() for r in results], indent=2) if args.json else table)
+        write_results(args.out, command, args.text, results)
+    print(json.dumps([r.as_dict() for r in results], indent=2) if args.json else format_results(results))
     return 0
 
 

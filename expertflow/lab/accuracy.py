@@ -8,6 +8,7 @@ same token first. Token ids come from the checkpoint's tokenizer, or are the tex
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -183,3 +184,78 @@ def format_results(results: Sequence[EvalResult]) -> str:
             f"| {r.model} | {r.tokens} | {r.perplexity:.3f} | {r.nll:.4f} | {kl} | {agree} | {hit} | {rerouted} |"
         )
     return "\n".join(rows)
+
+
+def read_texts(paths: Sequence[str | Path]) -> str:
+    """The evaluation text: files as given, directories as their ``.py`` / ``.txt`` / ``.md`` files in sorted
+    order."""
+    parts: list[str] = []
+    for name in paths:
+        path = Path(name)
+        files = (
+            sorted(f for f in path.rglob("*") if f.suffix in (".py", ".txt", ".md") and f.is_file())
+            if path.is_dir()
+            else [path]
+        )
+        for f in files:
+            try:
+                parts.append(f.read_text(encoding="utf-8", errors="replace"))
+            except OSError as exc:
+                raise ConfigError(f"cannot read {f}: {exc.strerror}") from exc
+    if not parts:
+        raise ConfigError(f"no text found in {', '.join(map(str, paths))}")
+    return "\n".join(parts)
+
+
+def evaluate_models(
+    models: Sequence[str],
+    texts: Sequence[str],
+    *,
+    reference: str | None = None,
+    host_bytes: int | None = None,
+    routing_margin: float | None = None,
+    window: int = 256,
+    max_tokens: int | None = None,
+    incremental: bool = False,
+) -> list[EvalResult]:
+    """``eval ppl``: each model's perplexity on the text of ``texts`` (tokenized once, by the first model; every
+    other model must tokenize it alike), and its KL / top-1 agreement against ``reference`` when given."""
+    text = read_texts(texts)
+    ids = token_ids(models[0], text)
+    ref = load_reference(reference) if reference else None
+    results = []
+    try:
+        for path in models:
+            head = token_ids(path, text[:4096])
+            if head != ids[: len(head)]:
+                raise ConfigError(f"{path} tokenizes the text differently from {models[0]}")
+            model = load_for_eval(path, host_bytes, routing_margin)
+            try:
+                results.append(
+                    evaluate(
+                        model,
+                        ids,
+                        name=path,
+                        reference=ref,
+                        reference_name=reference,
+                        window=window,
+                        max_tokens=max_tokens,
+                        incremental=incremental,
+                    )
+                )
+            finally:
+                model.close()
+    finally:
+        close = getattr(ref, "close", None)
+        if callable(close):
+            close()
+    return results
+
+
+def write_results(out: str | Path, command: str, texts: Sequence[str], results: Sequence[EvalResult]) -> None:
+    """``accuracy.json`` and ``accuracy.md`` under ``out``, with the command that made them."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"command": command, "text": list(texts), "results": [r.as_dict() for r in results]}
+    (folder / "accuracy.json").write_text(json.dumps(payload, indent=1))
+    (folder / "accuracy.md").write_text(f"# accuracy\n\n{format_results(results)}\n\nCommand: `{command}`\n")

@@ -382,6 +382,22 @@ def widen_experts(
     return _save_checkpoint(wide, Path(dest))
 
 
+def resolve_model(model: str | None, preset: str, learned_from: str | None, workdir: str | Path) -> str:
+    """The checkpoint a decode bench runs: ``model`` as given, else the preset, built once under ``workdir``
+    (a learned preset widens the trained Mixtral at ``learned_from``)."""
+    if learned_from and (model or preset not in LEARNED_PRESETS):
+        raise ConfigError(
+            f"--learned-from applies to --preset {', '.join(LEARNED_PRESETS)} (without --model)"
+        )
+    if model:
+        return model
+    if preset in LEARNED_PRESETS:
+        if not learned_from:
+            raise ConfigError(f"--preset {preset} widens a trained Mixtral: give it with --learned-from DIR")
+        return str(build_learned_preset(preset, learned_from, workdir))
+    return str(build_preset(preset, workdir))
+
+
 def build_learned_preset(
     name: str, source: str | Path, workdir: str | Path, log: Callable[[str], None] = print
 ) -> Path:

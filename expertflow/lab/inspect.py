@@ -114,6 +114,24 @@ def describe(layout: ExpertLayout) -> dict[str, Any]:
     return desc
 
 
+def describe_checkpoint(path: str, *, read_mode: str = "mmap", check_family: bool = False) -> dict[str, Any]:
+    """``inspect``: :func:`describe` of the checkpoint's experts as ``load_model`` finds them, with the store plan
+    ``generate`` would open here by default (the same planner and reserve as ``load_model``) and what is known
+    of the family check (``check_family``: run it now)."""
+    from expertflow.config import StoreConfig
+    from expertflow.model.loader import check_family as run_family_check
+    from expertflow.model.loader import family_status, open_layout, plan_model
+
+    layout = open_layout(path)
+    desc = describe(layout)
+    if layout.experts:
+        desc["budget"]["default"] = plan_model(path, StoreConfig(read_mode=read_mode)).as_dict()
+        if check_family:
+            run_family_check(path, refresh=True)
+        desc["family_check"] = family_status(path)
+    return desc
+
+
 _LINEAR_SUFFIXES = ("qweight", "weight_packed")
 
 

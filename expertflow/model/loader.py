@@ -357,6 +357,18 @@ def open_model_checkpoint(path: str | os.PathLike[str]) -> ExpertLayout:
     return layout
 
 
+def open_layout(path: str | os.PathLike[str]) -> ExpertLayout:
+    """The checkpoint's experts as :func:`load_model` finds them (from the model's own modules), or, for a
+    checkpoint transformers cannot build a model for, by the model-free naming (``inspect``, ``pack``, the
+    daemon)."""
+    try:
+        return open_model_checkpoint(path)
+    except UnsupportedModelError:
+        layout = open_checkpoint(path)
+        check_supported(layout.model_type, file=str(path))  # a known limitation is said as it is
+        return layout
+
+
 def _scan(root: Path) -> ExpertLayout | list[TensorInfo]:
     """A pack's layout (its manifest lists its experts), else every tensor of the checkpoint, checked."""
     if (root / PACK_MANIFEST_NAME).is_file():
