@@ -13,6 +13,7 @@ import zmq
 
 from expertflow.core import ExpertKey, expert_checksum
 from expertflow.errors import ChecksumError, ConfigError, ProtocolError, RemoteError
+from expertflow.wire import payload as pl
 from expertflow.wire import protocol as p
 from expertflow.wire.protocol import ErrorCode, Limits, MessageError, Op
 
@@ -38,8 +39,8 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def expert_frames(tensors: dict[str, torch.Tensor], id: int = 9, key: tuple[int, int] = (3, 5)) -> list[Any]:
-    entries = [p.tensor_entry(name, t) for name, t in tensors.items()]
-    return p.encode_expert_reply(id, key, entries, p.checksum(key, (e[3] for e in entries)))
+    entries = [pl.tensor_entry(name, t) for name, t in tensors.items()]
+    return p.encode_expert_reply(id, key, entries, pl.checksum(key, (e[3] for e in entries)))
 
 
 def mixtral_expert(gen: torch.Generator, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
@@ -96,8 +97,8 @@ def test_expert_reply_round_trips_every_dtype_and_shape_without_copies(
     assert reply.key == ExpertKey(3, 5) and reply.id == 9
     assert [t.name for t in reply.tensors] == ["a", "b"]
     assert reply.tensors[0].shape == shape
-    p.verify(reply)
-    out = p.tensors_to_torch(reply)
+    pl.verify(reply)
+    out = pl.tensors_to_torch(reply)
     assert list(out) == ["a", "b"]
     for name, t in src.items():
         assert same_bits(out[name], t)
@@ -111,7 +112,7 @@ def test_scalar_shape_travels_as_an_empty_list_and_comes_back_zero_dimensional()
     frames = expert_frames(src)
     assert header(frames)["tensors"][0]["shape"] == []
     assert header(frames)["tensors"][0]["nbytes"] == 2
-    out = p.tensors_to_torch(p.decode_reply([bytes(f) for f in frames]))
+    out = pl.tensors_to_torch(p.decode_reply([bytes(f) for f in frames]))
     assert out["scale"].dim() == 0 and out["scale"].item() == 2.5
 
 
@@ -124,8 +125,8 @@ def test_multi_tensor_expert_has_one_frame_per_tensor_in_order() -> None:
     assert [bytes(f) for f in frames[1:]] == [t.view(torch.uint8).numpy().tobytes() for t in src.values()]
     reply = p.decode_reply([bytes(f) for f in frames])  # as if received: fresh buffers
     assert isinstance(reply, p.ExpertReply)
-    p.verify(reply)
-    out = p.tensors_to_torch(reply)
+    pl.verify(reply)
+    out = pl.tensors_to_torch(reply)
     assert all(same_bits(out[n], t) for n, t in src.items())
 
 
@@ -133,9 +134,9 @@ def test_non_contiguous_tensor_is_refused_until_the_caller_makes_it_contiguous()
     gen = torch.Generator().manual_seed(SEED)
     base = make_tensor(torch.bfloat16, (6, 8), gen)
     transposed = base.t()
-    expect_code(ErrorCode.BAD_MESSAGE, p.tensor_entry, "w", transposed)
+    expect_code(ErrorCode.BAD_MESSAGE, pl.tensor_entry, "w", transposed)
     frames = expert_frames({"w": transposed.contiguous()})
-    out = p.tensors_to_torch(p.decode_reply([bytes(f) for f in frames]))
+    out = pl.tensors_to_torch(p.decode_reply([bytes(f) for f in frames]))
     assert out["w"].shape == (8, 6)
     assert torch.equal(out["w"], transposed)
 
@@ -149,12 +150,12 @@ def test_non_contiguous_raw_buffer_is_refused_by_the_encoder() -> None:
 
 def test_payload_frames_are_the_callers_buffers() -> None:
     buf = bytearray(range(12))
-    frames = p.encode_expert_reply(1, (0, 1), [("w", "U8", (3, 4), buf)], p.checksum((0, 1), [buf]))
+    frames = p.encode_expert_reply(1, (0, 1), [("w", "U8", (3, 4), buf)], pl.checksum((0, 1), [buf]))
     buf[0] = 200  # a copy would not see this
     assert bytes(frames[1])[0] == 200
     reply = p.decode_reply(frames)
     assert isinstance(reply, p.ExpertReply)
-    assert p.tensors_to_torch(reply)["w"][0, 0].item() == 200
+    assert pl.tensors_to_torch(reply)["w"][0, 0].item() == 200
 
 
 def test_unaligned_frames_still_give_correct_tensors() -> None:
@@ -162,10 +163,10 @@ def test_unaligned_frames_still_give_correct_tensors() -> None:
     raw = bytearray(1) + bytearray(values.numpy().tobytes())
     view = memoryview(raw)[1:]  # starts at an odd address
     frames = [
-        p.encode_expert_reply(2, (1, 1), [("w", "F32", (2, 3), view)], p.checksum((1, 1), [view]))[0],
+        p.encode_expert_reply(2, (1, 1), [("w", "F32", (2, 3), view)], pl.checksum((1, 1), [view]))[0],
         view,
     ]
-    out = p.tensors_to_torch(p.decode_reply(frames))
+    out = pl.tensors_to_torch(p.decode_reply(frames))
     assert torch.equal(out["w"], values.reshape(2, 3))
 
 
@@ -175,7 +176,7 @@ def test_float8_tensors_round_trip() -> None:
         "e4m3": make_tensor(torch.float8_e4m3fn, (4, 4), gen),
         "e5m2": make_tensor(torch.float8_e5m2, (3,), gen),
     }
-    out = p.tensors_to_torch(p.decode_reply([bytes(f) for f in expert_frames(src)]))
+    out = pl.tensors_to_torch(p.decode_reply([bytes(f) for f in expert_frames(src)]))
     assert all(same_bits(out[n], t) for n, t in src.items())
 
 
@@ -231,8 +232,8 @@ def test_long_error_messages_are_cut_not_refused() -> None:
 def test_checksum_equals_the_pack_formats_expert_checksum() -> None:
     parts = [b"gate", b"", bytearray(b"up" * 100), memoryview(b"down")]
     key = ExpertKey(3, 5)
-    assert p.checksum((3, 5), parts) == expert_checksum(key, parts)
-    assert p.checksum(key, parts) == expert_checksum(key, b"gate" + b"up" * 100 + b"down")
+    assert pl.checksum((3, 5), parts) == expert_checksum(key, parts)
+    assert pl.checksum(key, parts) == expert_checksum(key, b"gate" + b"up" * 100 + b"down")
 
 
 def test_a_checksum_is_bound_to_its_expert() -> None:
@@ -249,7 +250,7 @@ def test_a_reply_relabelled_to_another_key_fails_verification() -> None:
     head = msgpack.unpackb(bytes(frames[0]))
     head["key"] = [3, 6]
     with pytest.raises(ChecksumError):
-        p.verify(p.decode_reply([msgpack.packb(head), *frames[1:]]))
+        pl.verify(p.decode_reply([msgpack.packb(head), *frames[1:]]))
 
 
 @pytest.mark.parametrize("tensor_index", [0, 1, 2])
@@ -263,7 +264,7 @@ def test_one_corrupted_payload_byte_is_detected_by_verify(tensor_index: int) -> 
     reply = p.decode_reply(received)  # structurally fine: only the checksum can tell
     assert isinstance(reply, p.ExpertReply)
     with pytest.raises(ChecksumError, match=r"L3\.E5"):
-        p.verify(reply)
+        pl.verify(reply)
 
 
 def test_swapped_tensor_frames_of_equal_size_are_detected_by_verify() -> None:
@@ -273,7 +274,7 @@ def test_swapped_tensor_frames_of_equal_size_are_detected_by_verify() -> None:
     reply = p.decode_reply(swapped)
     assert isinstance(reply, p.ExpertReply)
     with pytest.raises(ChecksumError):
-        p.verify(reply)
+        pl.verify(reply)
 
 
 # --- malformed messages -------------------------------------------------------------------------------
@@ -526,7 +527,7 @@ def test_the_valid_base_messages_of_the_malformed_tables_decode() -> None:
     # Guards the tables above: each case fails for its own mutation, not because its base was broken.
     assert p.decode_request(packed(GET)).keys == (ExpertKey(0, 1), ExpertKey(2, 3))
     assert p.decode_request(packed(PING)).op is Op.PING
-    p.verify(p.decode_reply(packed(EXPERT_HEAD, W1, B)))  # type: ignore[arg-type]
+    pl.verify(p.decode_reply(packed(EXPERT_HEAD, W1, B)))  # type: ignore[arg-type]
     assert isinstance(p.decode_reply(packed(HELLO_REPLY)), p.HelloReply)
 
 
@@ -550,7 +551,7 @@ def test_custom_limits_bound_frames_keys_and_header_size() -> None:
     expect_code(ErrorCode.TOO_MANY_KEYS, p.decode_request, p.encode_get(1, [(0, i) for i in range(5)]), small)
     assert len(p.decode_request(p.encode_get(1, [(0, i) for i in range(4)]), small).keys) == 4
     big = bytes(20)
-    frames = p.encode_expert_reply(1, (0, 0), [("w", "U8", (20,), big)], p.checksum((0, 0), [big]))
+    frames = p.encode_expert_reply(1, (0, 0), [("w", "U8", (20,), big)], pl.checksum((0, 0), [big]))
     expect_code(ErrorCode.TOO_LARGE, p.decode_reply, frames, small)
     three = p.encode_expert_reply(1, (0, 0), [(f"t{i}", "U8", (1,), b"x") for i in range(3)], 0)
     expect_code(ErrorCode.TOO_LARGE, p.decode_reply, three, small)
@@ -696,10 +697,10 @@ def test_fuzzed_messages_raise_only_protocol_errors() -> None:
             outcomes["accepted"] = outcomes.get("accepted", 0) + 1
             if isinstance(msg, p.ExpertReply):
                 # Whatever the decoder accepts is safe to use: tensors build, checksums compare.
-                tensors = p.tensors_to_torch(msg)
+                tensors = pl.tensors_to_torch(msg)
                 assert all(t.nbytes == w.nbytes for t, w in zip(tensors.values(), msg.tensors))
                 try:
-                    p.verify(msg)
+                    pl.verify(msg)
                 except ChecksumError:
                     outcomes["checksum"] = outcomes.get("checksum", 0) + 1
     # The fuzzer reached both sides of the decoders and several distinct rejections.
@@ -773,8 +774,8 @@ def test_get_over_real_zmq_sockets_delivers_intact_tensors(router_dealer: Any) -
                 [ident, *p.encode_error(request.id, ErrorCode.UNKNOWN_EXPERT, "no such", key)]
             )
             continue
-        entries = [p.tensor_entry(n, t) for n, t in served[key].items()]
-        out = p.encode_expert_reply(request.id, key, entries, p.checksum(key, (e[3] for e in entries)))
+        entries = [pl.tensor_entry(n, t) for n, t in served[key].items()]
+        out = p.encode_expert_reply(request.id, key, entries, pl.checksum(key, (e[3] for e in entries)))
         assert len(out) == 1 + len(entries)
         router.send_multipart([ident, *out], copy=False)
     router.send_multipart([ident, *p.encode_done(request.id)], copy=False)
@@ -791,8 +792,8 @@ def test_get_over_real_zmq_sockets_delivers_intact_tensors(router_dealer: Any) -
             continue
         assert isinstance(reply, p.ExpertReply)
         assert all(isinstance(t.data.obj, zmq.Frame) for t in reply.tensors)  # views over received frames
-        p.verify(reply)
-        received[reply.key] = p.tensors_to_torch(reply)
+        pl.verify(reply)
+        received[reply.key] = pl.tensors_to_torch(reply)
     assert [(e.code, e.key) for e in errors] == [(ErrorCode.UNKNOWN_EXPERT, ExpertKey(9, 9))]
     assert set(received) == set(served)
     for key, tensors in served.items():

@@ -25,6 +25,7 @@ from expertflow.tiers.fingerprint import content_fingerprint
 from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.nvme import NvmeTier
 from expertflow.tiers.safetensors_index import open_checkpoint
+from expertflow.wire import payload as pl
 from expertflow.wire import protocol as P
 from expertflow.wire.client import ExpertClient
 from expertflow.wire.keys import keygen
@@ -52,7 +53,7 @@ def _slot(layout: ExpertLayout) -> int:
 
 def _check(reply: P.Reply, reference: dict[ExpertKey, list[bytes]]) -> ExpertKey:
     assert isinstance(reply, P.ExpertReply), reply
-    P.verify(reply)
+    pl.verify(reply)
     assert [bytes(t.data) for t in reply.tensors] == reference[reply.key]
     return reply.key
 

@@ -30,7 +30,7 @@ import zmq
 import zmq.asyncio
 
 from expertflow.aio import cancel_and_wait
-from expertflow.config import StoreConfig
+from expertflow.config import PolicyName, ReadMode, StoreConfig
 from expertflow.core import ExpertKey
 from expertflow.errors import CheckpointChangedError, ConfigError, ExpertFlowError
 from expertflow.pipeline.store import AsyncExpertStore, ExpertHandle
@@ -60,8 +60,8 @@ class ServerConfig:
 
     binds: tuple[str, ...] = ("tcp://127.0.0.1:5555",)
     mem_bytes: int | None = None  # RAM cache budget (None: sized from the memory available, like the store)
-    policy: str = "lru"
-    read_mode: str = "mmap"
+    policy: PolicyName = "lru"
+    read_mode: ReadMode = "mmap"
     preload: bool = False
     curve_secret: str | None = None  # secret certificate file of the server
     allow_keys: str | None = None  # directory of allowed client public certificates
@@ -237,8 +237,8 @@ class ExpertServer:
         store_config = StoreConfig(
             device="cpu",
             host_bytes=config.mem_bytes,
-            policy=config.policy,  # type: ignore[arg-type]
-            read_mode=config.read_mode,  # type: ignore[arg-type]
+            policy=config.policy,
+            read_mode=config.read_mode,
             fetch_timeout=config.fetch_timeout,
             prefetch_depth=0,
         )

@@ -21,6 +21,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from expertflow.core import ExpertKey
 from expertflow.errors import ProtocolError, RemoteError
+from expertflow.wire import payload as pl
 from expertflow.wire import protocol as P
 from expertflow.wire.keys import client_curve_options
 
@@ -123,7 +124,7 @@ class ExpertClient:
         """Each requested expert (or its per-key error) as it arrives, until the server's ``done``.
 
         An expert reply's tensors alias the received frames; checksums are not verified here
-        (:func:`protocol.verify`). A request-level error reply is raised as ``RemoteError``.
+        (:func:`payload.verify`). A request-level error reply is raised as ``RemoteError``.
         """
         rid, queue = await self._send(lambda i: P.encode_get(i, list(keys), self.limits))
         try:
@@ -152,7 +153,7 @@ class ExpertClient:
                 expert = reply
         if expert is None:
             raise self._bad_reply(f"the server finished without sending {key}")
-        P.verify(expert)
+        pl.verify(expert)
         return expert
 
     # --- plumbing -------------------------------------------------------------------------------------
