@@ -299,7 +299,7 @@ def _cmd_bench_policies(args: argparse.Namespace) -> int:
     from expertflow.lab.report import markdown_table
 
     result = bench_policies(
-        args.trace, capacities=[int(c) for c in args.capacities.split(",")], partitioned=not args.shared_cache
+        args.trace, capacities=[int(c) for c in args.capacities.split(",")], partitioned=args.per_layer_cache
     )
     result.write(args.out)
     plot_policies(result, f"{args.out}/policies.png")
@@ -544,7 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", action="append", required=True, help="trace file (.npz; repeatable)")
     p.add_argument("--capacities", default="2,3,4,6", help="experts cached per layer")
     p.add_argument(
-        "--shared-cache", action="store_true", help="one cache for all layers instead of one per layer"
+        "--per-layer-cache",
+        action="store_true",
+        help="one cache per layer instead of the runtime's one cache for all layers (prefetching then has no slot"
+        " it may take once a layer's cache is full)",
     )
     p.add_argument("--out", default="benchmarks")
     p.set_defaults(func=_cmd_bench_policies)

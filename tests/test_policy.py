@@ -70,7 +70,11 @@ def test_real_mixtral_traces_load_and_no_demand_only_policy_beats_belady():
             assert f"{p}_prefetch_precision" not in row  # demand-only: loads are the misses
         assert row["belady"] > 0
         assert 0 < row["predictive_prefetch_precision"] <= 1
-        assert row["predictive_loads_per_token"] > row["predictive_demand_loads_per_token"] > 0
+        assert row["predictive_loads_per_token"] > 0 and row["predictive_demand_loads_per_token"] > 0
+        assert (
+            row["belady_lookahead"] == 1.0
+            and row["belady_lookahead_loads_per_token"] == row["belady_loads_per_token"]
+        )
 
 
 def test_policies_only_pick_victims_among_candidates():

@@ -10,13 +10,14 @@ from expertflow.lab.report import BenchResult
 from expertflow.pipeline.traces import RoutingTrace, load
 
 POLICIES = ("lru", "lfu", "static", "predictive_demand", "predictive", "belady")
+BOUNDS = ("belady_lookahead",)
 
 
 def bench_policies(
     trace_files: Sequence[str | Path],
     *,
     capacities: Sequence[int] = (2, 3, 4, 6),
-    partitioned: bool = True,
+    partitioned: bool = False,
     log: Callable[[str], None] = print,
 ) -> BenchResult:
     traces: dict[str, RoutingTrace] = {}
@@ -35,12 +36,13 @@ def bench_policies(
         "static keeps the most frequent experts of the *other* traces (no profiling on the test trace)"
     )
     result.notes.append(
-        "predictive knows only what a decoding runtime knows: the routing of past tokens and, for the token"
-        " being computed, of the layers already computed (no gate look-ahead: traces have no hidden states)."
-        " An online model learns from past tokens only: per-layer expert frequency, layer-to-layer"
-        " transitions (experts of layers l-1..l-4 of a token -> expert at layer l) and token-to-token reuse"
-        " at a layer, combined naive-Bayes style into the probability that an expert is routed at its"
-        " layer's next visit. Eviction drops the least probable expert."
+        "predictive is what generate runs, through the same classes: the runtime Predictor observes each"
+        " layer's routing when its router has run and predicts the next layer (statistics mode: traces have no"
+        " hidden states for the gate look-ahead), the runtime PredictivePolicy evicts by its chances, and each"
+        " prediction is prefetched likeliest first through the cache level's admission rule (admits_prefetch,"
+        " at no read load): only over a less likely expert, never one of the layer being computed or the"
+        " next, never an unused prefetch. A prefetched expert that is then demanded counts as a hit."
+        " predictive_demand is the same without prefetching."
     )
     result.notes.append(
         "No policy evicts an expert the layer being computed uses (a runtime pins a layer's experts before"
@@ -48,18 +50,11 @@ def bench_policies(
         " policy, Belady included, has the same hit rate."
     )
     result.notes.append(
-        "predictive PREFETCHES: after each layer of a token it makes the top-k (k = experts per token)"
-        " most probable experts of the next layer (the next token's first layer after the last) resident,"
-        " loading those that are not, each under admission control: it may only evict an expert with a"
-        " strictly lower probability, never one the token has demanded at the current or next layer. A"
-        " prefetched expert that is then demanded counts as a hit (issued a full layer ahead)."
-        " predictive_demand is the same model and eviction without prefetching."
-    )
-    result.notes.append(
-        "belady is the demand-only offline optimum (evict the furthest next use, load only on a miss); a"
-        " prefetching policy can exceed its hit rate in principle, at the cost of extra loads: compare"
-        " *_loads_per_token (misses + prefetch loads per decoded token; all experts have the same size)."
-        " predictive_prefetch_precision = prefetch loads later demanded / prefetch loads."
+        "Compare like with like: belady is the demand-only offline optimum (load only on a miss), the bound"
+        " of the demand-only policies' hit rates; belady_lookahead is the bound of prefetching ones: with"
+        " the future known every load can be a hit (hit rate 1) and none can need fewer loads than Belady"
+        " (its loads per token). *_loads_per_token = misses + prefetch loads per decoded token (experts all"
+        " have the same size: bytes); predictive_prefetch_precision = prefetches later demanded / prefetches."
     )
     result.summary = {f"predictive/belady @{r['capacity']}": round(r["predictive/belady"], 3) for r in rows}
     return result
@@ -73,8 +68,10 @@ def plot_policies(result: BenchResult, path: str | Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     caps = [r["capacity"] for r in result.rows]
-    for p in POLICIES:
-        style = {"linestyle": "--", "color": "black"} if p == "belady" else {"marker": "o"}
+    for p in (*POLICIES, *BOUNDS):
+        style = {"linestyle": "--", "color": "black"} if p.startswith("belady") else {"marker": "o"}
+        if p == "belady_lookahead":
+            style = {"linestyle": ":", "color": "gray"}
         ax.plot(caps, [r[p] for r in result.rows], label=p, **style)
     ax.set_xlabel("experts cached per layer")
     ax.set_ylabel("hit rate")

@@ -10,10 +10,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import numpy as np
+import torch
 
 from expertflow.core import ExpertKey
 from expertflow.errors import ConfigError
+from expertflow.pipeline.cache import admits_prefetch
 from expertflow.pipeline.policy import (
     EvictionPolicy,
     LFUPolicy,
@@ -21,6 +22,7 @@ from expertflow.pipeline.policy import (
     PredictivePolicy,
     StaticPolicy,
 )
+from expertflow.pipeline.predictor import Predictor
 from expertflow.pipeline.traces import RoutingTrace
 
 
@@ -107,108 +109,25 @@ class ReplayResult:
         return self.prefetch_used / self.prefetch_loads if self.prefetch_loads else 0.0
 
 
-class OnlineRoutingModel:
-    """How likely each expert is to be routed at a layer's next visit, from the routing seen so far only.
+class RuntimePrediction:
+    """The runtime's :class:`~expertflow.pipeline.predictor.Predictor` driven by a routing trace the way
+    ``generate`` drives it: when a layer's router has run, its routing is observed and the experts of the
+    next layers are predicted. A trace holds no hidden states, so the gate look-ahead has nothing to look at:
+    the predictor runs on routing statistics (``stats`` mode), at a fixed depth (the adaptive one follows
+    stalls, which a replay has none of)."""
 
-    It knows what a decoding runtime knows: the routing of every finished token (learned with
-    :meth:`end_token`) and, for the token being computed, the routing of the layers already computed
-    (:meth:`observe_layer`). Per layer it keeps counts, learned online, of: expert use; layer-to-layer
-    transitions (expert a at layer l-1-j of a token -> expert b at layer l of the same token, j < depth);
-    and token-to-token reuse (expert a at layer l of the previous token -> expert b at layer l). They are
-    combined naive-Bayes style: log prior + weighted log likelihood ratios, with Dirichlet smoothing
-    (``prior`` per expert for the frequencies; conditionals shrunk towards the layer's frequencies).
+    def __init__(self, trace: RoutingTrace, depth: int = 1) -> None:
+        self.predictor = Predictor(trace.layer_ids, trace.num_experts, trace.top_k, mode="stats", depth=depth)
+        self._state = torch.zeros(1, 1)  # one token; stats mode reads nothing else of it
 
-    For a layer not yet computed for the current token the context is that token's earlier layers and the
-    previous token's routing at the layer; for a layer already computed, the next visit is the next token,
-    whose only known context is the current token's routing at that layer.
-    """
+    def route(self, layer: int, experts: Sequence[int]) -> list[tuple[ExpertKey, float]]:
+        """Layer ``layer`` of the current token chose ``experts``: the predictions (key, priority) made now."""
+        self.predictor.observe(layer, torch.tensor([list(experts)]))
+        return self.predictor.predict(layer, self._state)
 
-    def __init__(
-        self,
-        layer_ids: Sequence[int],
-        num_experts: int,
-        top_k: int = 2,
-        *,
-        layer_weights: Sequence[float] = (0.5, 0.4, 0.3, 0.2),
-        reuse_weight: float = 0.5,
-        prior: float = 0.5,
-        decay: float = 1.0,
-    ) -> None:
-        self.layer_ids = tuple(layer_ids)
-        self._pos = {lid: i for i, lid in enumerate(self.layer_ids)}
-        n, e = len(self.layer_ids), num_experts
-        self.num_experts, self.top_k = num_experts, top_k
-        self.layer_weights = tuple(layer_weights)
-        self.reuse_weight = reuse_weight
-        if prior <= 0 or not 0 < decay <= 1:
-            raise ConfigError("the routing model needs prior > 0 and decay in (0, 1]")
-        self.prior, self.decay = prior, decay
-        # counts of what was seen (decayed per token when decay < 1); the prior is added when predicting
-        self.use = np.zeros((n, e))
-        self.transition = np.zeros((len(self.layer_weights), n, e, e))
-        self.reuse = np.zeros((n, e, e))
-        self.current: dict[int, tuple[int, ...]] = {}
-        self.previous: dict[int, tuple[int, ...]] = {}
-        self.tokens_seen = 0
-        self._memo: dict[int, np.ndarray] = {}
-
-    def observe_layer(self, layer: int, experts: Iterable[int]) -> None:
-        """The current token has been routed at ``layer`` (a model layer id)."""
-        self.current[self._pos[layer]] = tuple(int(x) for x in experts)
-        self._memo.clear()
-
-    def end_token(self) -> None:
-        """The current token is finished: learn from it, then it becomes the previous token."""
-        cur, prev = self.current, self.previous
-        if self.decay < 1:
-            for counts in (self.use, self.transition, self.reuse):
-                counts *= self.decay
-        for li, experts in cur.items():
-            for b in experts:
-                self.use[li, b] += 1.0
-                for j in range(len(self.layer_weights)):
-                    for a in cur.get(li - 1 - j, ()):
-                        self.transition[j, li, a, b] += 1.0
-                for a in prev.get(li, ()):
-                    self.reuse[li, a, b] += 1.0
-        self.previous, self.current = cur, {}
-        self.tokens_seen += 1
-        self._memo.clear()
-
-    def probabilities(self, layer: int) -> np.ndarray:
-        """Estimated probability, per expert, of being routed at the next visit of ``layer`` (a model layer id)."""
-        li = self._pos[layer]
-        if li in self._memo:
-            return self._memo[li]
-        use = self.use[li] + self.prior
-        marginal = use / use.sum()
-        log_prior = np.log(marginal)
-        s = log_prior.copy()
-        strength = self.prior * self.num_experts
-
-        def add(rows: np.ndarray, weight: float) -> None:
-            # a conditional row is smoothed towards the layer's marginal: an unseen context says nothing
-            nonlocal s
-            rows = rows + strength * marginal
-            s = s + weight * (np.log(rows / rows.sum(axis=-1, keepdims=True)) - log_prior).sum(axis=0)
-
-        if li in self.current:  # next visit = next token: only this token's routing at the layer is known
-            reuse_from: tuple[int, ...] = self.current[li]
-        else:
-            reuse_from = self.previous.get(li, ())
-            for j, w in enumerate(self.layer_weights):
-                before = self.current.get(li - 1 - j)
-                if before and w:
-                    add(self.transition[j, li, list(before)], w)
-        if reuse_from and self.reuse_weight:
-            add(self.reuse[li, list(reuse_from)], self.reuse_weight)
-        p = np.exp(s - s.max())
-        p = np.minimum(1.0, p * (self.top_k / p.sum()))
-        self._memo[li] = p
-        return p
-
-    def score(self, key: ExpertKey) -> float:
-        return float(self.probabilities(key.layer)[key.expert])
+    def scores(self, key: ExpertKey) -> float:
+        """The chance the runtime gives ``key`` of being used at its layer's next visit."""
+        return self.predictor.scores(key)
 
 
 class ReplayEvent(NamedTuple):
@@ -240,22 +159,19 @@ def replay(
     partitioned: bool = False,
     static_profile: Mapping[ExpertKey, float] | None = None,
     prefetch: bool = True,
-    prefetch_width: int | None = None,
-    prefetch_min_probability: float = 0.0,
-    model: OnlineRoutingModel | None = None,
+    prediction: RuntimePrediction | None = None,
     on_event: Callable[[ReplayEvent], None] | None = None,
 ) -> ReplayResult:
     """Simulate a cache of ``capacity_per_layer * layers`` experts (or one of that size per layer).
 
-    Accesses come token by token, layer by layer (:func:`access_sequence`). ``predictive`` evicts by the
-    :class:`OnlineRoutingModel`'s probabilities (``model``: a fresh one by default, which learns from the
-    replayed tokens as they finish) and, if ``prefetch``, after each layer of a token makes resident the
-    ``prefetch_width`` (default: the router's top-k) experts it finds most likely at the next layer (the
-    next token's first layer after the last), skipping those below ``prefetch_min_probability``. Each
-    prefetch passes admission control (:meth:`PredictivePolicy.admit`): it may only evict a less likely
-    expert, never one the token demanded at the current or the next layer. ``predictive_demand`` is the
-    same policy without prefetching. Belady is the demand-only offline optimum. ``on_event`` sees every
-    :class:`ReplayEvent`.
+    Accesses come token by token, layer by layer (:func:`access_sequence`). ``predictive`` is what
+    ``generate`` runs: the runtime predictor (:class:`RuntimePrediction`; a fresh one by default) observes
+    each layer's routing when it is known and predicts the next layers; the runtime's predictive policy evicts
+    by its chances; and, if ``prefetch``, each prediction is loaded likeliest first through the cache level's
+    admission rule (:func:`~expertflow.pipeline.cache.admits_prefetch`, at no read load): only over a less
+    likely expert, never one of the layer being computed or the next, never an unused prefetch.
+    ``predictive_demand`` is the same without prefetching. Belady is the demand-only offline optimum.
+    ``on_event`` sees every :class:`ReplayEvent`.
     """
     replayer = _Replayer(
         trace,
@@ -264,9 +180,7 @@ def replay(
         partitioned=partitioned,
         static_profile=static_profile,
         prefetch=prefetch,
-        prefetch_width=prefetch_width,
-        prefetch_min_probability=prefetch_min_probability,
-        model=model,
+        prediction=prediction,
         on_event=on_event,
     )
     for t, token_routing in enumerate(trace.experts.tolist()):
@@ -286,9 +200,7 @@ class _Replayer:
         partitioned: bool,
         static_profile: Mapping[ExpertKey, float] | None,
         prefetch: bool,
-        prefetch_width: int | None,
-        prefetch_min_probability: float,
-        model: OnlineRoutingModel | None,
+        prediction: RuntimePrediction | None,
         on_event: Callable[[ReplayEvent], None] | None,
     ) -> None:
         self.trace = trace
@@ -298,14 +210,12 @@ class _Replayer:
         seq = access_sequence(trace)
         self.predictive = policy in ("predictive", "predictive_demand")
         self.do_prefetch = self.predictive and prefetch and policy == "predictive"
-        if self.predictive and model is None:
-            model = OnlineRoutingModel(trace.layer_ids, trace.num_experts, trace.top_k)
-        self.model = model
+        if self.predictive and prediction is None:
+            prediction = RuntimePrediction(trace)
+        self.prediction = prediction if self.predictive else None
         self.caches = self._build_caches(seq, static_profile)
-        self.width = trace.top_k if prefetch_width is None else prefetch_width
-        self.min_probability = prefetch_min_probability
         self.on_event = on_event
-        self.hits = self.misses = self.prefetch_loads = self.prefetch_used = 0
+        self.hits = self.misses = self.prefetch_loads = self.prefetch_used = self.prefetch_refused = 0
         self.outcomes: list[bool] = []
         self.layer_hits: dict[int, list[int]] = defaultdict(lambda: [0, 0])
 
@@ -343,8 +253,8 @@ class _Replayer:
             counts = static_profile or _counts(seq)
             return StaticPolicy.from_counts(counts, cap)
         if self.predictive:
-            assert self.model is not None
-            return PredictivePolicy(self.model.score, layers=self.trace.layer_ids)
+            assert self.prediction is not None
+            return PredictivePolicy(self.prediction.scores, layers=self.trace.layer_ids)
         if self.policy == "belady":
             return BeladyPolicy(future)
         raise ConfigError(f"unknown policy {self.policy!r}")
@@ -356,24 +266,18 @@ class _Replayer:
 
     def run_token(self, t: int, routing: Sequence[Sequence[int]]) -> None:
         """Replay token ``t``, whose top-k experts per layer are ``routing``."""
-        n_layers = self.trace.num_layers
-        demanded: dict[int, set[ExpertKey]] = {}
         for li, lid in enumerate(self.trace.layer_ids):
             experts = tuple(dict.fromkeys(routing[li]))
-            if (
-                self.model is not None
-            ):  # the router of this layer has run: its choice is known before its experts
-                self.model.observe_layer(lid, experts)
-            demanded[lid] = {ExpertKey(lid, e) for e in experts}
+            # The router of this layer has run: its choice is known, and predicted from, before its experts.
+            predictions = self.prediction.route(lid, experts) if self.prediction is not None else []
+            demanded = {ExpertKey(lid, e) for e in experts}
             cache = self.caches[self._group(lid)]
             if isinstance(cache.policy, PredictivePolicy):
-                cache.policy.on_layer(lid, demanded[lid])
+                cache.policy.on_layer(lid, demanded)
             for e in experts:
-                self._access(cache, t, lid, ExpertKey(lid, e), demanded[lid])
-            if self.model is not None and li == n_layers - 1:
-                self.model.end_token()  # the token is complete: learn from it before predicting the next one
-            if self.do_prefetch:
-                self._prefetch_next(t, li, lid, demanded)
+                self._access(cache, t, lid, ExpertKey(lid, e), demanded)
+            if self.do_prefetch:  # demand reads overtake prefetches
+                self._prefetch(t, li, lid, predictions)
 
     def _access(self, cache: _Cache, t: int, lid: int, key: ExpertKey, pinned: set[ExpertKey]) -> None:
         """One demand access of ``key``; ``pinned`` are the experts the current layer is computing."""
@@ -421,15 +325,34 @@ class _Replayer:
             cache.policy.on_remove(victim)
             self._emit("evict", t, lid, key, victim)
 
-    def _prefetch_next(self, t: int, li: int, lid: int, demanded: Mapping[int, set[ExpertKey]]) -> None:
-        """After layer ``lid`` of token ``t``, prefetch for the next layer (or the next token's first)."""
-        assert self.model is not None
-        n_layers = self.trace.num_layers
-        nxt = self.trace.layer_ids[(li + 1) % n_layers]
-        protect = demanded[lid] | demanded.get(nxt, set()) if li + 1 < n_layers else demanded[lid]
-        for key, victim in _prefetch(
-            self.caches[self._group(nxt)], nxt, self.model, protect, self.width, self.min_probability
-        ):
+    def _prefetch(self, t: int, li: int, lid: int, predictions: Sequence[tuple[ExpertKey, float]]) -> None:
+        """Load the predictions of layer ``lid`` likeliest first, each through the runtime's admission rule."""
+        assert self.prediction is not None
+        ids = self.trace.layer_ids
+        protected = {lid, ids[li + 1]} if li + 1 < len(ids) else {lid}  # computing now, and next
+        for key, priority in sorted(predictions, key=lambda kp: (-kp[1], kp[0])):
+            cache = self.caches[self._group(key.layer)]
+            if key in cache.resident:
+                continue
+            victim = None
+            if len(cache.resident) >= cache.capacity:
+                want = max(priority, self.prediction.scores(key))
+                candidates = [
+                    k
+                    for k in sorted(cache.resident)
+                    if k.layer not in protected
+                    and k not in cache.unused_prefetch
+                    and admits_prefetch(want, self.prediction.scores(k), 0.0)
+                ]
+                victim = cache.policy.choose_victim(candidates)
+                if victim is None:
+                    self.prefetch_refused += 1
+                    continue
+                cache.resident.discard(victim)
+                cache.policy.on_remove(victim)
+            cache.resident.add(key)
+            cache.unused_prefetch.add(key)
+            cache.policy.on_insert(key)
             self.prefetch_loads += 1
             self._emit("prefetch", t, lid, key, victim)
 
@@ -449,43 +372,6 @@ class _Replayer:
         )
 
 
-def _prefetch(
-    cache: _Cache,
-    layer: int,
-    model: OnlineRoutingModel,
-    protect: set[ExpertKey],
-    width: int,
-    min_probability: float,
-) -> list[tuple[ExpertKey, ExpertKey | None]]:
-    """Load the most likely experts of ``layer`` not yet resident, each only past admission control.
-
-    Returns each load with the expert it evicted (None for a free slot).
-    """
-    pol = cache.policy
-    assert isinstance(pol, PredictivePolicy)
-    probs = model.probabilities(layer)
-    loads: list[tuple[ExpertKey, ExpertKey | None]] = []
-    for e in sorted(range(len(probs)), key=lambda x: (-probs[x], x))[:width]:
-        key = ExpertKey(layer, e)
-        if probs[e] < min_probability:
-            break
-        if key in cache.resident:
-            continue
-        victim = None
-        if len(cache.resident) >= cache.capacity:
-            victim = pol.admit(key, sorted(cache.resident - protect))
-            if victim is None:
-                break  # every evictable expert is at least as likely as this one (and the ones after it)
-            cache.resident.discard(victim)
-            cache.unused_prefetch.discard(victim)
-            pol.on_remove(victim)
-        cache.resident.add(key)
-        cache.unused_prefetch.add(key)
-        pol.on_insert(key)
-        loads.append((key, victim))
-    return loads
-
-
 def _counts(seq: Iterable[ExpertKey]) -> dict[ExpertKey, float]:
     counts: dict[ExpertKey, float] = defaultdict(float)
     for k in seq:
@@ -498,10 +384,12 @@ def compare_policies(
     capacities: Sequence[int] = (2, 3, 4, 6),
     policies: Sequence[str] = ("lru", "lfu", "static", "predictive", "belady"),
     *,
-    partitioned: bool = True,
+    partitioned: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Hit rate of every policy at every per-layer capacity, summed over the traces, beside Belady's.
+    """Hit rate of every policy at every per-layer capacity, summed over the traces, beside Belady's: demand-only
+    (``belady``) and the bound for prefetching policies (``belady_lookahead``: every load a hit, at Belady's
+    loads per token).
 
     Each row also has ``{policy}_loads_per_token`` (experts brought in per decoded token: misses plus
     prefetches) and, for policies that prefetch, ``{policy}_prefetch_precision`` (prefetches later used
@@ -532,5 +420,10 @@ def compare_policies(
             issued = sum(r.prefetch_loads for r in rs)
             if issued:
                 row[f"{p}_prefetch_precision"] = sum(r.prefetch_used for r in rs) / issued
+        if "belady" in rates:
+            # The bound for a prefetching policy: knowing the future, every one of Belady's loads can be
+            # issued early enough to be a hit, and no schedule needs fewer loads than Belady's.
+            row["belady_lookahead"] = 1.0
+            row["belady_lookahead_loads_per_token"] = row["belady_loads_per_token"]
         rows.append(row)
     return rows

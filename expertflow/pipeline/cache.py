@@ -112,6 +112,15 @@ Fill = Callable[[Entry, int], Awaitable[None]]
 Scorer = Callable[[ExpertKey], float]
 
 
+def admits_prefetch(want: float, victim: float, load: float) -> bool:
+    """Whether a prefetch of an expert used with chance ``want`` may evict one used with chance ``victim`` while
+    the read path is ``load`` busy (0..1). A prefetch saves waiting only out of the read path's spare time
+    (1 - load) and costs a whole read when wasted, plus the victim's re-read, which matters as much as the path
+    is loaded: worth it iff want * (1 - load) > (1 - want + victim) * load, i.e. want > load * (1 + victim);
+    never over a likelier victim. The trace replay applies the same rule (at no load)."""
+    return victim < want and want >= load * (1 + victim)
+
+
 class CacheLevel:
     """``num_slots`` slots on one level; see the module docstring for the rules."""
 
@@ -345,7 +354,7 @@ class CacheLevel:
             return self._free.pop()
         candidates = [e.key for e in self._holder.values() if self._evictable(e, demand)]
         if not demand:
-            candidates = [k for k in candidates if (q := self.score(k)) < want and want >= load * (1 + q)]
+            candidates = [k for k in candidates if admits_prefetch(want, self.score(k), load)]
             if not candidates:
                 self.stats.prefetch_refused += 1
         if not candidates:
