@@ -66,7 +66,7 @@ from expertflow.model.routing import attach as attach_routing
 from expertflow.model.support import check_supported
 from expertflow.model.verify import FamilyCheck, cached_status, verify_family
 from expertflow.pipeline.budget import ACTIVATION_RESERVE
-from expertflow.pipeline.planner import StorePlan, check_minimum, plan_store, slot_size
+from expertflow.pipeline.planner import StorePlan, budget_sizes, check_minimum, plan_store
 from expertflow.tiers.layout import ExpertLayout, TensorInfo
 from expertflow.tiers.safetensors_index import PACK_MANIFEST_NAME, open_checkpoint, scan_checkpoint
 
@@ -340,8 +340,8 @@ def _load_for_check(root: Path) -> PreTrainedModel:
     read again."""
     layout = open_model_checkpoint(root)
     top_k = _top_k(_hf_config(root), root)
-    slot = slot_size(layout, StoreConfig().read_mode)
-    config = StoreConfig(host_bytes=2 * top_k * slot, predictor="none")
+    one_token = budget_sizes(layout, StoreConfig().read_mode, top_k)["minimum"] or 0
+    config = StoreConfig(host_bytes=2 * one_token, predictor="none")
     return _load_model(root, config=config, store=None, device=None, dtype=None, layout=layout, family=_SKIP)
 
 
@@ -520,7 +520,8 @@ def _check_slots(store: SlotStore, top_k: int) -> None:
     if store.num_slots < top_k:
         raise BudgetError(
             f"the store has {store.num_slots} expert slots but one token needs its top-{top_k} experts resident "
-            f"together; give it at least {top_k} slots (host budget >= {format_size(top_k * store.slot_nbytes)}; "
+            f"together; give it at least {top_k} slots (host budget >= "
+            f"{format_size(budget_sizes(store.layout, store.config.read_mode, top_k)['minimum'] or 0)}; "
             f"the budget was {store.budget.describe()})"
         )
 

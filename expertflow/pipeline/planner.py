@@ -42,12 +42,12 @@ def all_experts_bytes(layout: ExpertLayout, read_mode: str) -> int:
     return slot_size(layout, read_mode) * len(layout.experts)
 
 
-def budget_sizes(layout: ExpertLayout, read_mode: str) -> dict[str, int | None]:
+def budget_sizes(layout: ExpertLayout, read_mode: str, top_k: int | None = None) -> dict[str, int | None]:
     """The budgets a user chooses between, in whole slots: one slot, every expert, the widest layer's experts,
-    and one token's top-k (None when the config names no top-k)."""
+    and one token's ``top_k`` (default: as config.json names it; None when it names none)."""
     slot = slot_size(layout, read_mode)
     widest = max(layout.experts_per_layer().values(), default=0)
-    top_k = routed_top_k(layout.config)
+    top_k = routed_top_k(layout.config) if top_k is None else top_k
     return {
         "slot": slot,
         "all_experts": slot * len(layout.experts),
