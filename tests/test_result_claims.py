@@ -1,0 +1,102 @@
+"""Claims about results in the README and the docs are the result files' figures: a table typed by hand that
+disagrees with the file it cites fails here (the eval grid's "says no to all six" did, about answers that
+were neither)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _table(doc: str, header_start: str) -> list[list[str]]:
+    """The body cells of the Markdown table whose header line starts with ``header_start``."""
+    lines = (REPO / doc).read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip().strip("*") for c in line.strip("|").split("|")])
+    return rows
+
+
+def _rows(path: str) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = json.loads((REPO / path).read_text())["rows"]
+    return rows
+
+
+def _shown(value: float, text: str) -> None:
+    """``text`` is ``value`` as printed: the same digits after rounding to what the text shows."""
+    number = float(re.sub(r"[^0-9.]", "", text))
+    decimals = len(text.split(".")[1].rstrip("x")) if "." in text else 0
+    assert round(value, decimals) == pytest.approx(number), (value, text)
+
+
+def test_the_readme_results_table_is_the_beyond_ram_result_file() -> None:
+    rows = {r["label"]: r for r in _rows("benchmarks/beyond-ram/decode.json")}
+    labels = {
+        "transformers, whole model in RAM (no limit)": "transformers (RAM)",
+        "accelerate disk offload": "accelerate disk offload",
+        "ExpertFlow LRU, automatic budget": "expertflow lru @auto",
+        "ExpertFlow predictive, automatic budget": "expertflow predictive @auto",
+    }
+    table = _table("README.md", "| contender | tokens/s |")
+    assert [r[0] for r in table] == list(labels)
+    accelerate = rows["accelerate disk offload"]["tokens_per_second"]
+    for name, tok_s, vs, mib in table:
+        row = rows[labels[name]]
+        _shown(row["tokens_per_second"], tok_s)
+        if vs != "—":
+            _shown(row["tokens_per_second"] / accelerate, vs)
+        if mib != "—":
+            _shown(row["MiB_read_per_token"], mib)
+
+
+def test_the_grid_table_and_claims_are_the_grid_result_file() -> None:
+    rows = _rows("benchmarks/grid/grid.json")
+    by = {(r["routing"], r["quantize"]): r for r in rows if r["budget"] == 0.25 and r["schedule"] == "fifo"}
+    names = {"exact": "exact", "cache-aware 0.1": "cache-aware:0.1"}
+    table = _table("docs/cli.md", "| routing, experts |")
+    assert len(table) == 4
+    for label, exact, ppl, tok_s, loads, mib, hit in table:
+        routing, experts = label.split(", ")
+        row = by[(names[routing], "none" if experts == "fp32" else experts)]
+        for value, text in (
+            (row["exact_match"], exact),
+            (row["perplexity"], ppl),
+            (row["tokens_per_second"], tok_s),
+            (row["expert_loads_per_token"], loads),
+            (row["MiB_read_per_token"], mib),
+            (row["hit_rate"], hit),
+        ):
+            _shown(value, text)
+    # "none of its six answers is a yes or a no ... yes/no accuracy 0 and a non-answer rate of 1"
+    text = " ".join((REPO / "docs" / "cli.md").read_text().split())
+    assert "none of its six answers is a yes or a no" in text
+    assert all(r["yesno_other"] == 6 and r["yesno_accuracy"] == 0 for r in rows)
+
+
+def test_the_policy_table_is_the_policy_result_file() -> None:
+    rows = {r["capacity"]: r for r in _rows("benchmarks/policies.json")}
+    table = _table("benchmarks/README.md", "| experts cached per layer |")
+    assert [int(r[0]) for r in table] == sorted(rows)
+    for cap, lru, lfu, static, demand, pred, belady, ratio, loads in table:
+        row = rows[int(cap)]
+        for key, text in (
+            ("lru", lru),
+            ("lfu", lfu),
+            ("static", static),
+            ("predictive_demand", demand),
+            ("predictive", pred),
+            ("belady", belady),
+            ("predictive/belady", ratio),
+        ):
+            _shown(row[key], text)
+        for key, text in zip(("lru", "predictive", "belady"), loads.split(", ")):
+            _shown(row[f"{key}_loads_per_token"], text)
