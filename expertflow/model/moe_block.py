@@ -7,8 +7,10 @@ instance of the family's experts class whose parameters are views of the store's
 math (activation, GPT-OSS's clamped SwiGLU, biases, transposed layouts) is the reference's by construction.
 
 Experts already resident are computed at once; the others are masked out of that call (slot id
-``num_slots``, weight 0, which the chosen kernel skips) and computed in a later wave when they land. The
-waves' outputs are summed: each (token, expert) pair is computed exactly once.
+``num_slots``, which the chosen kernel skips) and computed in a later wave when they land. Each route (token,
+expert) is its own row with a unit weight, computed exactly once and kept whole; the routes are weighted and
+summed at the end, as the family's forward does. So which experts arrive together, and in what order (reads
+decide that, run to run), changes no bit of the output: greedy decoding repeats, in any dtype.
 """
 
 from __future__ import annotations
@@ -90,10 +92,6 @@ def _expert_tables(
         del registry[leaf]
         found.append((owner, leaf, tensor.detach()))
     return found
-
-
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 class OffloadedExperts(nn.Module):
@@ -193,18 +191,23 @@ class OffloadedExperts(nn.Module):
             hook(self.layer, hidden_states, top_k_index, top_k_weights)
         # Most-wanted experts are requested first; the store yields the resident ones before any read.
         keys = [ExpertKey(self.layer, e) for e in plan_layer(top_k_index)]
-        out: torch.Tensor | None = None
-        pending = len(keys)
+        # Each route is its own row with a unit weight, so that a wave leaves every route's output whole (and
+        # every route outside it exactly zero): which experts arrive together, and in what order, then changes
+        # no bit. The routes are weighted and summed at the end, as the family's own forward does.
+        width = hidden_states.shape[-1]
+        top_k = top_k_index.shape[-1]
+        rows = hidden_states.reshape(-1, width).repeat_interleave(top_k, dim=0)  # [tokens * k, H]
+        route_index = top_k_index.reshape(-1, 1)  # [tokens * k, 1]
+        unit = torch.ones(route_index.shape, dtype=top_k_weights.dtype, device=top_k_weights.device)
+        routes: torch.Tensor | None = None  # [tokens * k, H]: each route's unweighted output
         self.last_stalled = False
         for wave in self.store.fetch_as_ready(keys):
             try:
                 # Did compute have to wait for some of this layer's experts? (set by the store per fetch)
                 self.last_stalled = self.store.last_fetch_waited
                 self.waves += 1
-                pending -= len(wave)
-                single = out is None and pending == 0
                 t0 = time.perf_counter()
-                part = self._kernel(hidden_states, top_k_index, top_k_weights, wave, partial=not single)
+                part = self._kernel(rows, route_index, unit, wave, partial=True)
                 self.compute_seconds += time.perf_counter() - t0
                 if part.device.type == "cuda":
                     # Kernels run asynchronously: a released slot may be refilled by the copy stream at once,
@@ -212,16 +215,14 @@ class OffloadedExperts(nn.Module):
                     torch.cuda.current_stream(part.device).synchronize()
             finally:
                 self.store.release(wave)
-            if single:
-                return part  # a single wave: the reference's own call, bit for bit
-            # The kernel sums a token's top-k contributions in fp32 and rounds once. Summing rounded wave
-            # outputs would round twice, so accumulate the waves wider and round once at the end: bitwise equal
-            # to the reference whenever a token's contributions come at most one per wave (always for top-2).
-            wide = part.to(_accumulator_dtype(part.dtype))
-            out = wide if out is None else out + wide
-        if out is None:  # no tokens routed here
+            routes = part if routes is None else routes + part  # x + 0: exact, in any order
+        if routes is None:  # no tokens routed here
             return torch.zeros_like(hidden_states)
-        return out.to(hidden_states.dtype)
+        # The family's combination: routing weights times route outputs, summed over a token's k routes in one
+        # reduction (fp32 inside for half types), rounded once.
+        weighted = routes * top_k_weights.reshape(-1, 1)
+        out = weighted.view(-1, top_k, width).sum(dim=1)
+        return out.to(hidden_states.dtype).reshape(hidden_states.shape)
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,95 @@
+"""Same input, same bits: a layer's expert outputs do not depend on which experts arrived together or in what
+order (reads decide that, run to run). Each route's output is kept whole and the routes are combined at the
+end as the family's own forward combines them, so greedy tokens repeat and logits are bitwise equal, in bf16
+and int4 alike, and equal to transformers' own model."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from expertflow.config import StoreConfig
+from expertflow.model.loader import load_model, plan_model
+from expertflow.model.quantize_pack import pack_quantized
+from expertflow.quant.scheme import QuantScheme
+from tests.checkpoints import build_model
+
+PROMPT = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7]])
+RUNS = 10
+
+
+@pytest.fixture(scope="module")
+def bf16_mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bf16") / "mixtral"
+    model = build_model("mixtral").to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def int4_mixtral(bf16_mixtral: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pack_quantized(
+        bf16_mixtral, tmp_path_factory.mktemp("int4") / "pack", QuantScheme(4, 32), progress=False
+    )
+
+
+def _arrivals(store: Any, seed: int) -> Any:
+    """``store.fetch_as_ready`` with its experts handed out in a shuffled order and split into random waves,
+    as different read timings would."""
+    real = store.fetch_as_ready
+    rng = random.Random(seed)
+
+    def fetch_as_ready(keys: Any) -> Iterator[list[Any]]:
+        handles = [h for wave in real(keys) for h in wave]
+        rng.shuffle(handles)
+        start = 0
+        while start < len(handles):
+            size = rng.randint(1, len(handles) - start)
+            yield handles[start : start + size]
+            start += size
+
+    return fetch_as_ready
+
+
+def _runs(root: Path) -> list[tuple[torch.Tensor, list[int]]]:
+    """Logits of PROMPT and 6 greedy tokens, once per arrival order; evictions between layers included."""
+    slot = plan_model(root).slot_nbytes
+    out = []
+    # Room for one layer's 8 experts at once (the shuffle holds a layer's experts together), not for both layers.
+    with load_model(root, config=StoreConfig(host_bytes=10 * slot, predictor="none")) as model:
+        for seed in range(RUNS):
+            model.expert_store.fetch_as_ready = _arrivals(model.expert_store, seed)
+            with torch.no_grad():
+                logits = model(input_ids=PROMPT).logits
+                tokens = model.generate(input_ids=PROMPT, max_new_tokens=6, do_sample=False)[
+                    0, PROMPT.shape[1] :
+                ]
+            out.append((logits, tokens.tolist()))
+        assert model.expert_stats().evictions > 0
+    return out
+
+
+@pytest.mark.parametrize("which", ["bf16", "int4"])
+def test_logits_and_greedy_tokens_repeat_bit_for_bit_whatever_order_experts_arrive_in(
+    which: str, bf16_mixtral: Path, int4_mixtral: Path
+) -> None:
+    runs = _runs(bf16_mixtral if which == "bf16" else int4_mixtral)
+    first_logits, first_tokens = runs[0]
+    for logits, tokens in runs[1:]:
+        assert torch.equal(logits, first_logits)
+        assert tokens == first_tokens
+
+
+def test_bf16_offloaded_logits_are_transformers_bit_for_bit(bf16_mixtral: Path) -> None:
+    reference = transformers.MixtralForCausalLM.from_pretrained(bf16_mixtral, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        want = reference(input_ids=PROMPT).logits
+    logits, _ = _runs(bf16_mixtral)[0]
+    assert torch.equal(logits, want)
