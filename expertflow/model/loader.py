@@ -147,6 +147,7 @@ def _load_model(
     dtype: torch.dtype | None,
     layout: ExpertLayout | None,
     family: str,
+    experts_only: bool = False,
 ) -> PreTrainedModel:
     root = Path(path)
     if store is not None and config is not None:
@@ -184,15 +185,18 @@ def _load_model(
         # Non-expert weights and transformers' initialisation first, while the family's own experts modules
         # (meta, never allocated) are in place: an _init_weights that reaches into them touches meta
         # tensors, never the offloaded module or its slots.
-        _load_non_experts(model, prep.plan, prep.mapper, torch.device(config.device), dtype)
-        if fmt is not None:
-            _load_dequantized(model, prep.dequantized, fmt, torch.device(config.device), dtype)
-        _finish(model, root, {a.module_path for a in adapters.values()})
+        if not experts_only:  # (pack --quantize reads experts only: the rest stays on the meta device)
+            _load_non_experts(model, prep.plan, prep.mapper, torch.device(config.device), dtype)
+            if fmt is not None:
+                _load_dequantized(model, prep.dequantized, fmt, torch.device(config.device), dtype)
+            _finish(model, root, {a.module_path for a in adapters.values()})
         quantized = prep.scheme is not None or fmt is not None
         expert_layers = _swap_experts(model, adapters, store, prep.hf_config, quantized=quantized)
-        if config.routing == "cache-aware":
+        if config.routing == "cache-aware" and not experts_only:
             attach_routing(model, expert_layers, config.routing_margin)
-        predictor = attach_predictor(model, expert_layers, store, config, prep.top_k)
+        predictor = (
+            None if experts_only else attach_predictor(model, expert_layers, store, config, prep.top_k)
+        )
     except BaseException:
         close_store()
         raise
@@ -296,6 +300,27 @@ def plan_model(
     """The memory plan ``load_model(path, config=config)`` would open its store with, without reading a weight
     or running the family check (``inspect`` prints it)."""
     return _prepare(Path(path), config or StoreConfig(), dtype, None, _SKIP).store_plan()
+
+
+def load_experts(path: str | os.PathLike[str], *, layout: ExpertLayout | None = None) -> PreTrainedModel:
+    """The model's offloaded experts over a store of one token's experts, and nothing else: non-expert weights
+    stay on the meta device (the model cannot run). For reading each expert once as the family holds it
+    (``pack --quantize``) with memory that does not grow with the model."""
+    root = Path(path)
+    source = layout or open_model_checkpoint(root)
+    top_k = _top_k(_hf_config(root), root)
+    one_token = budget_sizes(source, StoreConfig().read_mode, top_k)["minimum"] or 0
+    config = StoreConfig(host_bytes=one_token, predictor="none", policy="none")
+    return _load_model(
+        root,
+        config=config,
+        store=None,
+        device=None,
+        dtype=None,
+        layout=source,
+        family=_SKIP,
+        experts_only=True,
+    )
 
 
 def _check_family(hf_config: PretrainedConfig, root: Path, family: str) -> FamilyCheck | None:

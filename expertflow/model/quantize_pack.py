@@ -16,10 +16,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from expertflow.config import StoreConfig
 from expertflow.core import ExpertKey
 from expertflow.errors import CheckpointError, ConfigError
-from expertflow.model.loader import load_model, open_model_checkpoint
+from expertflow.model.loader import load_experts, open_model_checkpoint
 from expertflow.model.moe_block import OffloadedExperts
 from expertflow.model.quantized_experts import WEIGHT_PARAMS, scheme_of, weight_shape
 from expertflow.quant.scheme import QuantScheme, dequantize, quantize
@@ -51,7 +50,6 @@ def pack_quantized(
     scheme: QuantScheme,
     *,
     progress: bool = True,
-    host_bytes: int | None = None,
 ) -> Path:
     """Write a quantized pack of the checkpoint at ``src`` to ``dst``; returns its path.
 
@@ -72,8 +70,9 @@ def pack_quantized(
             "`expertflow pack` copies it without --quantize",
             file=str(src),
         )
-    config = StoreConfig(host_bytes=host_bytes, predictor="none")
-    model: Any = load_model(source, config=config, layout=layout)
+    # Each expert is read once, as the family holds it: a store of one token's experts, and no non-expert
+    # weight loaded, so memory stays the same whatever the model's size.
+    model: Any = load_experts(source, layout=layout)
     with model:
         store = model.expert_store
         layers: dict[int, OffloadedExperts] = model.expert_layers

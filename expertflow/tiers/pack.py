@@ -197,9 +197,18 @@ def _write_experts(layout: ExpertLayout, path: Path, progress: bool) -> list[dic
     return entries
 
 
+#: Written bytes flushed to disk this often: dirty pages of a pack larger than memory must not pile up (a memory
+#: cgroup charges them, and cannot reclaim them until they are written).
+SYNC_EVERY = 64 << 20
+
+
 def _write_block(out: BinaryIO, data: memoryview) -> None:
     """One expert's aligned span (tensors and zero padding) appended to ``experts.bin``."""
+    before = out.tell()
     out.write(data)
+    if before // SYNC_EVERY != out.tell() // SYNC_EVERY:
+        out.flush()
+        os.fdatasync(out.fileno())
 
 
 def _expert_entry(spec: ExpertSpec, offset: int, checksum: int) -> dict[str, Any]:
@@ -223,22 +232,47 @@ def _expert_entry(spec: ExpertSpec, offset: int, checksum: int) -> dict[str, Any
     }
 
 
-def _write_non_experts(layout: ExpertLayout, path: Path) -> None:
-    """The non-expert tensors, unchanged (names, dtypes, bytes), as one safetensors file."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+#: Bytes copied at a time: a pack is written with a fixed amount of memory, whatever the model's size.
+COPY_CHUNK = 8 << 20
 
-    by_file: dict[str, list[str]] = {}
-    for info, _kind in layout.non_expert:
-        by_file.setdefault(info.file, []).append(info.name)
-    tensors = {}
-    for file, names in by_file.items():
-        with safe_open(file, framework="pt") as handle:
-            for name in names:
-                tensors[name] = handle.get_tensor(name)
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+
+def _write_non_experts(layout: ExpertLayout, path: Path) -> None:
+    """The non-expert tensors, unchanged (names, dtypes, bytes), as one safetensors file, streamed: the header
+    first, then each tensor's bytes copied from its source file in chunks (never a whole tensor in memory)."""
+    infos = sorted((info for info, _kind in layout.non_expert), key=lambda i: i.name)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for info in infos:
+        header[info.name] = {
+            "dtype": info.dtype,
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + info.nbytes],
+        }
+        offset += info.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors keeps the data 8-byte aligned
+    with open(path, "wb") as out:
+        out.write(len(text).to_bytes(8, "little"))
+        out.write(text)
+        files: dict[str, BinaryIO] = {}
+        try:
+            for info in infos:
+                src = files.get(info.file)
+                if src is None:
+                    src = files[info.file] = open(info.file, "rb")  # noqa: SIM115 - closed below
+                src.seek(info.offset)
+                left = info.nbytes
+                while left:
+                    chunk = src.read(min(left, COPY_CHUNK))
+                    if not chunk:
+                        raise CheckpointError("file ended inside a tensor", file=info.file, tensor=info.name)
+                    _write_block(out, memoryview(chunk))
+                    left -= len(chunk)
+        finally:
+            for f in files.values():
+                f.close()
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def _copy_side_files(source: Path, dst: Path) -> None:
