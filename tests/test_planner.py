@@ -87,3 +87,42 @@ def test_reads_in_flight_are_bounded_by_bytes_and_count(tmp_path: Path, still_me
     many = plan_store(layout, StoreConfig(host_bytes=4 * slot, max_concurrent_reads=3))
     assert many.reads_in_flight == 3
     assert few.num_slots == 4 and few.host_bytes == 4 * slot
+
+
+MiB = 1 << 20
+
+
+def _reading(available: int) -> budget_module.MemoryReading:
+    return budget_module.MemoryReading(64 << 30, available, None, None, None, "MemAvailable of the machine")
+
+
+def test_a_tight_machine_gets_one_read_in_flight_and_a_thin_margin_instead_of_a_refusal(
+    tmp_path: Path,
+) -> None:
+    """The default budget does not refuse while one token's experts fit once reads in flight and the margin
+    shrink: it runs with one read at a time, and says so."""
+    layout: Any = open_checkpoint(save_checkpoint("mixtral", tmp_path / "m", shard_size=None))
+    slot = slot_size(layout, "mmap")
+    # The usual 4 reads in flight and 96 MiB margin leave room for one expert; one read and 32 MiB, for many.
+    tight = plan_store(layout, StoreConfig(), reserve=0, reading=_reading(96 * MiB + 5 * slot))
+    assert tight.num_slots >= 2 and tight.reads_in_flight == 1 and "TIGHT" in tight.budget.reason
+    roomy = plan_store(layout, StoreConfig(), reserve=0, reading=_reading(8 << 30))
+    assert roomy.reads_in_flight == 4 and "TIGHT" not in roomy.budget.reason
+    hopeless = plan_store(layout, StoreConfig(), reserve=0, reading=_reading(30 * MiB))
+    assert hopeless.num_slots < 2 and "TIGHT" not in hopeless.budget.reason  # below even the thin margin
+
+
+def test_load_model_starts_on_a_tight_machine_and_runs_with_one_read_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    root = save_checkpoint("mixtral", tmp_path / "m", shard_size=None)
+    plan = plan_model(root, StoreConfig(predictor="none"))
+    tight = _reading(plan.reserve_bytes + 96 * MiB + 5 * plan.slot_nbytes)
+    monkeypatch.setattr(budget_module, "read_memory", lambda *a, **k: tight)
+    with load_model(root, config=StoreConfig(predictor="none")) as model:
+        plan = model.expert_store.plan
+        assert plan.reads_in_flight == 1 and plan.num_slots >= 2 and "TIGHT" in plan.budget.reason
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[1, 2, 3]]))

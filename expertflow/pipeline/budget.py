@@ -147,12 +147,18 @@ class BudgetPlan:
         return f"{format_size(self.host_bytes)} ({self.reason})"
 
 
+#: The margin a tight plan keeps (see :func:`expertflow.pipeline.planner.plan_store`): past it, starting slower
+#: beats not starting.
+TIGHT_MARGIN = 32 << 20
+
+
 def plan_host_budget(
     experts_bytes: int,
     *,
     other_bytes: int = 0,
     io_bytes: int = 0,
     reading: MemoryReading | None = None,
+    min_margin: int = MIN_MARGIN,
 ) -> BudgetPlan:
     """The default host budget: what the process may still use, minus what it still needs, capped.
 
@@ -162,7 +168,7 @@ def plan_host_budget(
     """
     reading = reading or read_memory()
     available = reading.available
-    margin = max(MIN_MARGIN, int(MARGIN_FRACTION * available))
+    margin = max(min_margin, int(MARGIN_FRACTION * available)) if min_margin >= MIN_MARGIN else min_margin
     reserved = {"other": other_bytes, "io": io_bytes, "margin": margin}
     room = available - other_bytes - io_bytes - margin
     if room >= experts_bytes:

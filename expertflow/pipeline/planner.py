@@ -10,6 +10,7 @@ pool (``reserve``: non-expert weights not loaded yet, activations) and the page 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from expertflow.config import StoreConfig, format_size
 from expertflow.core import routed_top_k, slot_nbytes
 from expertflow.errors import BudgetError
 from expertflow.pipeline.budget import (
+    TIGHT_MARGIN,
     BudgetPlan,
     MemoryReading,
     explicit_budget_warning,
@@ -122,9 +124,30 @@ def plan_store(
     reserve = config.host_reserve_bytes if reserve is None else reserve
     slot = slot_size(layout, config.read_mode, source_needs)
     all_experts = slot * len(layout.experts)
-    io = reads_in_flight_bytes(config.read_mode, config.max_concurrent_reads, slot)
+    reads = max(1, min(config.max_concurrent_reads, config.max_inflight_bytes // slot))
+    io = reads_in_flight_bytes(config.read_mode, reads, slot)
+    top_k = routed_top_k(layout.config)
+    top_k = top_k if top_k is not None and top_k > 0 else None
     if config.host_bytes is None:
         budget = plan_host_budget(all_experts, other_bytes=reserve, io_bytes=io, reading=reading)
+        minimum = (top_k or 1) * slot
+        if budget.host_bytes < minimum:
+            # Too tight for one token's experts with the usual reads in flight and margin: one read at a time
+            # and a thin margin, rather than refusing to start. Slower (no read overlaps another), and said so.
+            tight = plan_host_budget(
+                all_experts,
+                other_bytes=reserve,
+                io_bytes=reads_in_flight_bytes(config.read_mode, 1, slot),
+                reading=reading,
+                min_margin=TIGHT_MARGIN,
+            )
+            if tight.host_bytes >= minimum:
+                reads, io = 1, reads_in_flight_bytes(config.read_mode, 1, slot)
+                budget = dataclasses.replace(
+                    tight,
+                    reason=f"{tight.reason}; TIGHT: one read in flight and a {format_size(TIGHT_MARGIN)} margin "
+                    "so that one token's experts fit (slower than with room to spare)",
+                )
     else:
         used = min(config.host_bytes, all_experts)
         warning = explicit_budget_warning(used, other_bytes=reserve, io_bytes=io, reading=reading)
@@ -133,13 +156,12 @@ def plan_store(
         else:
             log.warning("%s", warning)
             budget = BudgetPlan(used, f"set by the caller; {warning}", fits=False)
-    top_k = routed_top_k(layout.config)
     return StorePlan(
         slot_nbytes=slot,
         num_slots=budget.host_bytes // slot,
         num_experts=len(layout.experts),
-        top_k=top_k if top_k is not None and top_k > 0 else None,
-        reads_in_flight=max(1, min(config.max_concurrent_reads, config.max_inflight_bytes // slot)),
+        top_k=top_k,
+        reads_in_flight=reads,
         io_bytes=io,
         reserve_bytes=reserve,
         budget=budget,
