@@ -179,3 +179,21 @@ def test_inspect_of_a_directory_without_weights_is_a_clear_error(
     assert err.startswith("error:") and "no model.safetensors" in err and str(root) in err
     assert cli_main(["inspect", os.fspath(tmp_path / "missing")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_a_checkpoint_transformers_cannot_build_is_still_described_with_a_default_plan(
+    checkpoints: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its experts are found by the model-free naming; the default plan is sized from the files alone (the
+    family check cannot run on it, and says so)."""
+    root = tmp_path / "madeup"
+    root.mkdir()
+    for f in checkpoints.get("mixtral", sharded=False).iterdir():
+        (root / f.name).write_bytes(f.read_bytes())
+    config = json.loads((root / "config.json").read_text())
+    config.update(model_type="madeup_moe", architectures=["MadeUpForCausalLM"])
+    (root / "config.json").write_text(json.dumps(config))
+    assert cli_main(["inspect", str(root), "--json"]) == 0
+    desc = json.loads(capsys.readouterr().out)
+    assert desc["num_experts"] == 24 and desc["budget"]["default"]["slots"] >= 1
+    assert desc["family_check"]["status"] == "not checkable"

@@ -119,13 +119,23 @@ def describe_checkpoint(path: str, *, read_mode: str = "mmap", check_family: boo
     ``generate`` would open here by default (the same planner and reserve as ``load_model``) and what is known
     of the family check (``check_family``: run it now)."""
     from expertflow.config import StoreConfig
+    from expertflow.errors import UnsupportedModelError
     from expertflow.model.loader import check_family as run_family_check
     from expertflow.model.loader import family_status, open_layout, plan_model
+    from expertflow.pipeline.budget import ACTIVATION_RESERVE
+    from expertflow.pipeline.planner import plan_store
 
     layout = open_layout(path)
     desc = describe(layout)
     if layout.experts:
-        desc["budget"]["default"] = plan_model(path, StoreConfig(read_mode=read_mode)).as_dict()
+        config = StoreConfig(read_mode=read_mode)
+        try:
+            plan = plan_model(path, config, layout=layout)
+        except UnsupportedModelError:
+            # transformers cannot build this model (open_layout fell back to the model-free naming): the plan
+            # from the files alone, non-expert weights as stored.
+            plan = plan_store(layout, config, layout.non_expert_bytes + ACTIVATION_RESERVE)
+        desc["budget"]["default"] = plan.as_dict()
         if check_family:
             run_family_check(path, refresh=True)
         desc["family_check"] = family_status(path)

@@ -295,11 +295,15 @@ def _prepare(
 
 
 def plan_model(
-    path: str | os.PathLike[str], config: StoreConfig | None = None, *, dtype: torch.dtype | None = None
+    path: str | os.PathLike[str],
+    config: StoreConfig | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    layout: ExpertLayout | None = None,
 ) -> StorePlan:
     """The memory plan ``load_model(path, config=config)`` would open its store with, without reading a weight
-    or running the family check (``inspect`` prints it)."""
-    return _prepare(Path(path), config or StoreConfig(), dtype, None, _SKIP).store_plan()
+    or running the family check (``inspect`` prints it). ``layout``: the caller's ``open_model_checkpoint``."""
+    return _prepare(Path(path), config or StoreConfig(), dtype, layout, _SKIP).store_plan()
 
 
 def load_experts(path: str | os.PathLike[str], *, layout: ExpertLayout | None = None) -> PreTrainedModel:
