@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+import transformers
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
@@ -56,6 +57,15 @@ DEFAULT_IMPLEMENTATION = "grouped_mm"
 def choose_implementation(requested: str | None) -> str:
     """The expert kernel for offloaded experts: the model's own choice when it handles sentinels, else grouped_mm."""
     return requested if requested in SENTINEL_SAFE_IMPLEMENTATIONS else DEFAULT_IMPLEMENTATION
+
+
+def model_class(config: Any) -> type[PreTrainedModel] | None:
+    """The transformers class ``config.architectures`` names (e.g. a VLM's ForConditionalGeneration), if any."""
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+            return cls
+    return None
 
 
 def is_experts_module(module: nn.Module) -> bool:

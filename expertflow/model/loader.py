@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-import transformers
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
@@ -42,6 +41,7 @@ from expertflow.model.adapters import (
     derive_adapters,
     experts_modules,
     fill_transform,
+    model_class,
 )
 from expertflow.model.discovery import model_naming
 from expertflow.model.hf_quantized import (
@@ -209,9 +209,8 @@ def _load_model(
     extended.expert_predictor = predictor
     extended.expert_top_k = prep.top_k
     extended.expert_model_dir = Path(root)
-    extended.expert_family_check = (
-        prep.family_check
-    )  # None: not checked (trusted, or the check's own instance)
+    # None: not checked (trusted, or the family check's own tiny instance).
+    extended.expert_family_check = prep.family_check
     extended._expertflow_close = weakref.finalize(model, close_store)
     model.eval()
     return model
@@ -310,11 +309,19 @@ def load_experts(path: str | os.PathLike[str], *, layout: ExpertLayout | None = 
     """The model's offloaded experts over a store of one token's experts, and nothing else: non-expert weights
     stay on the meta device (the model cannot run). For reading each expert once as the family holds it
     (``pack --quantize``) with memory that does not grow with the model."""
-    root = Path(path)
+    return _load_small(Path(path), layout, tokens=1, experts_only=True)
+
+
+def _load_small(
+    root: Path, layout: ExpertLayout | None, *, tokens: int, experts_only: bool
+) -> PreTrainedModel:
+    """``root`` offloaded, unchecked, over a store of ``tokens`` tokens' top-k experts."""
     source = layout or open_model_checkpoint(root)
     top_k = _top_k(_hf_config(root), root)
     one_token = budget_sizes(source, StoreConfig().read_mode, top_k)["minimum"] or 0
-    config = StoreConfig(host_bytes=one_token, predictor="none", policy="none")
+    config = StoreConfig(host_bytes=tokens * one_token, predictor="none")
+    if experts_only:
+        config = config.with_(policy="none")  # each expert is read once: nothing to keep
     return _load_model(
         root,
         config=config,
@@ -323,7 +330,7 @@ def load_experts(path: str | os.PathLike[str], *, layout: ExpertLayout | None = 
         dtype=None,
         layout=source,
         family=_SKIP,
-        experts_only=True,
+        experts_only=experts_only,
     )
 
 
@@ -367,11 +374,7 @@ def family_status(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _load_for_check(root: Path) -> PreTrainedModel:
     """The family check's tiny instance, offloaded with room for two layers' experts: experts are evicted and
     read again."""
-    layout = open_model_checkpoint(root)
-    top_k = _top_k(_hf_config(root), root)
-    one_token = budget_sizes(layout, StoreConfig().read_mode, top_k)["minimum"] or 0
-    config = StoreConfig(host_bytes=2 * one_token, predictor="none")
-    return _load_model(root, config=config, store=None, device=None, dtype=None, layout=layout, family=_SKIP)
+    return _load_small(root, None, tokens=2, experts_only=False)
 
 
 def open_model_checkpoint(path: str | os.PathLike[str]) -> ExpertLayout:
@@ -488,17 +491,8 @@ def _resolve_dtype(
     return torch_dtype((scales or list(first.tensors))[0].dtype)
 
 
-def _model_class(hf_config: PretrainedConfig) -> type[PreTrainedModel] | None:
-    """The class ``config.architectures`` names (e.g. a VLM's ForConditionalGeneration), if transformers has it."""
-    for name in getattr(hf_config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
-            return cls
-    return None
-
-
 def _meta_model(hf_config: PretrainedConfig, dtype: torch.dtype, root: Path) -> PreTrainedModel:
-    cls = _model_class(hf_config)
+    cls = model_class(hf_config)
     try:
         with torch.device("meta"):
             if cls is not None:

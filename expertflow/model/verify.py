@@ -38,7 +38,7 @@ from transformers import PretrainedConfig
 
 from expertflow._version import __version__
 from expertflow.errors import ExpertFlowError, UnsupportedModelError
-from expertflow.model.adapters import experts_modules
+from expertflow.model.adapters import experts_modules, model_class
 from expertflow.model.tiny import randomise, tiny_copy
 
 log = logging.getLogger(__name__)
@@ -226,18 +226,9 @@ def _input_ids(tiny: PretrainedConfig) -> torch.Tensor:
     return torch.randint(0, min(int(vocab), 256), (1, TOKENS), generator=torch.Generator().manual_seed(SEED))
 
 
-def _model_class(config: PretrainedConfig) -> Any:
-    """The class ``load_model`` builds for ``config``: the one its ``architectures`` names, else causal LM."""
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            return cls
-    return transformers.AutoModelForCausalLM
-
-
 def _reference(tiny: PretrainedConfig, root: Path) -> nn.Module:
     """The tiny instance with seeded weights, saved to ``root`` and read back by transformers."""
-    cls = _model_class(tiny)
+    cls: Any = model_class(tiny) or transformers.AutoModelForCausalLM  # the class load_model builds
     torch.manual_seed(SEED)  # construction draws from the global generator (forked by the caller)
     model = cls.from_config(tiny) if cls is transformers.AutoModelForCausalLM else cls._from_config(tiny)
     model = model.to(torch.float32)
