@@ -19,6 +19,7 @@ from typing import Any
 from expertflow.config import StoreConfig, format_size
 from expertflow.core import routed_top_k, slot_nbytes
 from expertflow.errors import BudgetError
+from expertflow.pipeline import budget as budget_module
 from expertflow.pipeline.budget import (
     TIGHT_MARGIN,
     BudgetPlan,
@@ -129,20 +130,18 @@ def plan_store(
     top_k = routed_top_k(layout.config)
     top_k = top_k if top_k is not None and top_k > 0 else None
     if config.host_bytes is None:
+        reading = reading or budget_module.read_memory()  # one reading for both plans below
         budget = plan_host_budget(all_experts, other_bytes=reserve, io_bytes=io, reading=reading)
         minimum = (top_k or 1) * slot
         if budget.host_bytes < minimum:
             # Too tight for one token's experts with the usual reads in flight and margin: one read at a time
             # and a thin margin, rather than refusing to start. Slower (no read overlaps another), and said so.
+            one_read = reads_in_flight_bytes(config.read_mode, 1, slot)
             tight = plan_host_budget(
-                all_experts,
-                other_bytes=reserve,
-                io_bytes=reads_in_flight_bytes(config.read_mode, 1, slot),
-                reading=reading,
-                min_margin=TIGHT_MARGIN,
+                all_experts, other_bytes=reserve, io_bytes=one_read, reading=reading, min_margin=TIGHT_MARGIN
             )
             if tight.host_bytes >= minimum:
-                reads, io = 1, reads_in_flight_bytes(config.read_mode, 1, slot)
+                reads, io = 1, one_read
                 budget = dataclasses.replace(
                     tight,
                     reason=f"{tight.reason}; TIGHT: one read in flight and a {format_size(TIGHT_MARGIN)} margin "
