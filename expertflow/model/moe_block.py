@@ -207,7 +207,8 @@ class OffloadedExperts(nn.Module):
                 self.last_stalled = self.store.last_fetch_waited
                 self.waves += 1
                 t0 = time.perf_counter()
-                part = self._kernel(rows, route_index, unit, wave, partial=True)
+                # A wave that holds every expert of the call skips nothing (the usual case when all are resident).
+                part = self._kernel(rows, route_index, unit, wave, partial=len(wave) < len(keys))
                 self.compute_seconds += time.perf_counter() - t0
                 if part.device.type == "cuda":
                     # Kernels run asynchronously: a released slot may be refilled by the copy stream at once,
