@@ -215,7 +215,7 @@ class _Replayer:
         self.prediction = prediction if self.predictive else None
         self.caches = self._build_caches(seq, static_profile)
         self.on_event = on_event
-        self.hits = self.misses = self.prefetch_loads = self.prefetch_used = self.prefetch_refused = 0
+        self.hits = self.misses = self.prefetch_loads = self.prefetch_used = 0
         self.outcomes: list[bool] = []
         self.layer_hits: dict[int, list[int]] = defaultdict(lambda: [0, 0])
 
@@ -345,8 +345,7 @@ class _Replayer:
                     and admits_prefetch(want, self.prediction.scores(k), 0.0)
                 ]
                 victim = cache.policy.choose_victim(candidates)
-                if victim is None:
-                    self.prefetch_refused += 1
+                if victim is None:  # refused by admission, as the runtime refuses it
                     continue
                 cache.resident.discard(victim)
                 cache.policy.on_remove(victim)
