@@ -123,7 +123,11 @@ def check_key(hf_config: PretrainedConfig) -> str:
 
 def cached_check(hf_config: PretrainedConfig) -> FamilyCheck | None:
     """The cached outcome of ``hf_config``'s family check, or None when it has not run with these versions."""
-    found = _read_cache().get(check_key(hf_config))
+    return _lookup(check_key(hf_config))
+
+
+def _lookup(key: str) -> FamilyCheck | None:
+    found = _read_cache().get(key)
     return _from_json(found) if found is not None else None
 
 
@@ -134,10 +138,9 @@ def verify_family(hf_config: PretrainedConfig, load: Loader, *, refresh: bool = 
     transformers itself (then nothing is proved either way, and nothing is cached).
     """
     key = check_key(hf_config)
-    if not refresh:
-        found = _read_cache().get(key)
-        if found is not None:
-            return _from_json(found)
+    found = None if refresh else _lookup(key)
+    if found is not None:
+        return found
     result = run_check(hf_config, load)
     _write_cache(key, result)
     log.info("family check of %s: %s (%.1f s)", hf_config.model_type, result.status, result.seconds)
