@@ -153,15 +153,13 @@ class OffloadedExperts(nn.Module):
         top_k_index: torch.Tensor,
         top_k_weights: torch.Tensor,
         wave: Sequence[ExpertHandle],
-        partial: bool,
     ) -> torch.Tensor:
-        """The family's own experts forward over the slots of ``wave``; experts outside it contribute nothing."""
+        """The family's own experts forward over the slots of ``wave``, every route of ``top_k_index`` being to
+        one of its experts."""
         experts: nn.Module = self.__dict__["_experts"]
         lo = min(h.slot for h in wave)
         span = max(h.slot for h in wave) + 1 - lo
-        # Expert id -> position in the span; ``span`` (past the end) means "not in this wave", which the kernel's
-        # expert-parallel mode skips. With every routed expert in the wave there is nothing to skip.
-        table = [span] * self.num_experts
+        table = [span] * self.num_experts  # expert id -> position in the span
         for h in wave:
             table[h.key.expert] = h.slot - lo
         slot_index = torch.tensor(table, device=top_k_index.device)[top_k_index]  # [tokens, top_k]
@@ -176,9 +174,8 @@ class OffloadedExperts(nn.Module):
             held_t = torch.tensor(held)
             for owner, name, per_expert in self._tables:
                 owner.__dict__[name] = per_expert[held_t.to(per_expert.device)]
-        experts.__dict__.update(num_experts=span, _is_expert_parallel=partial)
-        weights = top_k_weights.masked_fill(slot_index == span, 0) if partial else top_k_weights
-        return experts(hidden_states, slot_index, weights)
+        experts.__dict__.update(num_experts=span, _is_expert_parallel=False)
+        return experts(hidden_states, slot_index, top_k_weights)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -191,14 +188,15 @@ class OffloadedExperts(nn.Module):
             hook(self.layer, hidden_states, top_k_index, top_k_weights)
         # Most-wanted experts are requested first; the store yields the resident ones before any read.
         keys = [ExpertKey(self.layer, e) for e in plan_layer(top_k_index)]
-        # Each route is its own row with a unit weight, so that a wave leaves every route's output whole (and
-        # every route outside it exactly zero): which experts arrive together, and in what order, then changes
-        # no bit. The routes are weighted and summed at the end, as the family's own forward does.
+        # Each route is its own row with a unit weight, and each expert's routes are computed by a call of the
+        # family's kernel that holds only them, in a fresh tensor: its output then depends on its own rows alone.
+        # (A grouped GEMM's rounding depends on where a group's rows sit, so computing an expert beside others
+        # gives other bits than computing it alone.) Which experts arrive together, and in what order, then
+        # changes no bit. The routes are weighted and summed at the end, as the family's own forward does.
         width = hidden_states.shape[-1]
         top_k = top_k_index.shape[-1]
         rows = hidden_states.reshape(-1, width).repeat_interleave(top_k, dim=0)  # [tokens * k, H]
-        route_index = top_k_index.reshape(-1, 1)  # [tokens * k, 1]
-        unit = torch.ones(route_index.shape, dtype=top_k_weights.dtype, device=top_k_weights.device)
+        route_index = top_k_index.reshape(-1)  # [tokens * k]
         routes: torch.Tensor | None = None  # [tokens * k, H]: each route's unweighted output
         self.last_stalled = False
         for wave in self.store.fetch_as_ready(keys):
@@ -207,16 +205,22 @@ class OffloadedExperts(nn.Module):
                 self.last_stalled = self.store.last_fetch_waited
                 self.waves += 1
                 t0 = time.perf_counter()
-                # A wave that holds every expert of the call skips nothing (the usual case when all are resident).
-                part = self._kernel(rows, route_index, unit, wave, partial=len(wave) < len(keys))
+                for handle in wave:
+                    mine = (route_index == handle.key.expert).nonzero().squeeze(1)
+                    sub = rows.index_select(0, mine)
+                    index = route_index.index_select(0, mine).unsqueeze(1)
+                    unit = torch.ones(index.shape, dtype=top_k_weights.dtype, device=top_k_weights.device)
+                    part = self._kernel(sub, index, unit, [handle])
+                    if routes is None:
+                        routes = torch.zeros(rows.shape, dtype=part.dtype, device=part.device)
+                    routes.index_copy_(0, mine, part)  # routes of distinct experts never overlap: exact
                 self.compute_seconds += time.perf_counter() - t0
-                if part.device.type == "cuda":
+                if routes is not None and routes.device.type == "cuda":
                     # Kernels run asynchronously: a released slot may be refilled by the copy stream at once,
                     # so the kernels reading this wave's slots must be done first.
-                    torch.cuda.current_stream(part.device).synchronize()
+                    torch.cuda.current_stream(routes.device).synchronize()
             finally:
                 self.store.release(wave)
-            routes = part if routes is None else routes + part  # x + 0: exact, in any order
         if routes is None:  # no tokens routed here
             return torch.zeros_like(hidden_states)
         # The family's combination: routing weights times route outputs, summed over a token's k routes in one
