@@ -40,11 +40,16 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         bits = 4 if args.quantize == "int4" else 8
         group = args.group_size if args.group_size is not None else (128 if bits == 4 else 0)
         scheme = QuantScheme(bits, group, args.method)
-        out = pack_quantized(args.src, args.dst, scheme, progress=not args.no_progress)
-        print(f"packed {args.src} -> {out} ({scheme.name} experts)")
+        others = None
+        if args.non_experts != "keep":
+            # int8 per channel; int4 in groups of 128 (the output head and attention are wide enough).
+            others = QuantScheme(8, 0) if args.non_experts == "int8" else QuantScheme(4, 128)
+        out = pack_quantized(args.src, args.dst, scheme, progress=not args.no_progress, non_experts=others)
+        also = f", {others.name} attention and output head" if others else ""
+        print(f"packed {args.src} -> {out} ({scheme.name} experts{also})")
         return 0
-    if args.group_size is not None or args.method != "rtn":
-        raise ConfigError("--group-size and --method apply to --quantize")
+    if args.group_size is not None or args.method != "rtn" or args.non_experts != "keep":
+        raise ConfigError("--group-size, --method and --non-experts apply to --quantize")
     from expertflow.tiers.pack import pack_checkpoint
 
     out = pack_checkpoint(args.src, args.dst, progress=not args.no_progress, layout=_open_layout(args.src))
@@ -285,6 +290,8 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
         memory_limit=parse_size(args.memory_limit) if args.memory_limit else None,
         repeats=args.repeats,
         workdir=args.workdir,
+        llama_cpp=args.llama_cpp,
+        command="expertflow " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None,
     )
     result.write(args.out, COLUMNS)
     plot_decode(result, f"{args.out}/decode.png")
@@ -384,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quantize",
         choices=("int4", "int8"),
-        help="store the experts quantized (weight-only; non-expert weights unchanged): lossy, opt-in",
+        help="store the experts quantized (weight-only; non-expert weights unchanged unless --non-experts): "
+        "lossy, opt-in",
     )
     p.add_argument(
         "--group-size", type=int, help="int4 group size: 32, 64, 128 (default) or 256; int8 is per channel"
@@ -394,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("rtn", "hqq"),
         default="rtn",
         help="rtn: round to nearest; hqq: int4 zero points refined to minimise the weight error",
+    )
+    p.add_argument(
+        "--non-experts",
+        choices=("keep", "int8", "int4"),
+        default="keep",
+        help="with --quantize: also quantize the non-expert linears (attention, output head; never routers or "
+        "embeddings) to leave more memory for experts: lossy, measure it with `eval ppl` (default: keep)",
     )
     p.set_defaults(func=_cmd_pack)
 
@@ -508,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset",
         default="small",
-        choices=["tiny", "small", "beyond-ram", "beyond-ram-learned"],
+        choices=["tiny", "small", "beyond-ram", "scale", "beyond-ram-learned"],
         help="random-weight Mixtrals, or beyond-ram-learned: the trained Mixtral of --learned-from with each "
         "expert widened to 42 MiB by units that add zeros (same outputs, learned routing)",
     )
@@ -524,7 +539,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--contenders",
         default="transformers,accelerate,no-cache,lru,predictive",
-        help="which to run, comma-separated: transformers, accelerate, no-cache, lru, predictive",
+        help="which to run, comma-separated: transformers, accelerate, llama.cpp-bf16, llama.cpp-q4_0 (with "
+        "--llama-cpp), no-cache, lru, predictive; an ExpertFlow setting with -int4 / -int8 runs on a quantized pack",
+    )
+    p.add_argument(
+        "--llama-cpp",
+        metavar="DIR",
+        help="a llama.cpp build (build/bin/llama-bench, llama-quantize, llama.cpp/convert_hf_to_gguf.py) for the "
+        "llama.cpp contenders; see benchmarks/README.md",
     )
     p.add_argument(
         "--repeats",

@@ -83,6 +83,8 @@ class StoreConfig:
     ``predictor``: which experts to prefetch; ``prefetch_depth`` layers ahead (0 = adaptive).
     ``remote``: addresses of ``expertflow-store serve`` daemons, tried before NVMe.
     ``routing``: ``exact`` (the model's own routing) or ``cache-aware`` (lossy: see ``routing_margin``).
+    ``embedding_from_file``: read the input embedding's rows from the checkpoint file as tokens need them
+    instead of holding the table (exact; where the family's embedding is a plain, untied ``nn.Embedding``).
     """
 
     device: str = "cpu"
@@ -109,6 +111,7 @@ class StoreConfig:
     # is within ``routing_margin`` of it (Mixture of Cache-Conditional Experts). "exact" changes nothing.
     routing: RoutingName = "exact"
     routing_margin: float = 0.0
+    embedding_from_file: bool = True
 
     def __post_init__(self) -> None:
         if self.read_mode not in READ_MODES:

@@ -222,7 +222,7 @@ def expert_profiles(model: Any, requests: Sequence[Request]) -> list[dict[int, d
     layers = getattr(model, "expert_layers", {})
     gates, _ = find_gates(model, layers)
     embed = model.get_input_embeddings()
-    device = next(p.device for p in embed.parameters())
+    device = model.device  # the embedding may be read from its file (no parameters); its rows land here
     top_k = model.expert_top_k  # validated by load_model
     profiles: list[dict[int, dict[int, float]]] = []
     with torch.no_grad():

@@ -14,7 +14,7 @@ import logging
 import os
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, cast
@@ -44,6 +44,7 @@ from expertflow.model.adapters import (
     model_class,
 )
 from expertflow.model.discovery import model_naming
+from expertflow.model.file_embedding import FileEmbedding
 from expertflow.model.hf_quantized import (
     PreQuantized,
     check_experts,
@@ -62,11 +63,13 @@ from expertflow.model.quantized_experts import (
     derive_quantized_adapters,
     scheme_of,
 )
+from expertflow.model.quantized_linear import QuantizedLinear
 from expertflow.model.routing import attach as attach_routing
 from expertflow.model.support import check_supported
 from expertflow.model.verify import FamilyCheck, cached_status, verify_family
 from expertflow.pipeline.budget import ACTIVATION_RESERVE
 from expertflow.pipeline.planner import StorePlan, budget_sizes, check_minimum, plan_store
+from expertflow.quant.scheme import QuantScheme
 from expertflow.tiers.layout import ExpertLayout, TensorInfo
 from expertflow.tiers.safetensors_index import PACK_MANIFEST_NAME, open_checkpoint, scan_checkpoint
 
@@ -189,6 +192,10 @@ def _load_model(
             _load_non_experts(model, prep.plan, prep.mapper, torch.device(config.device), dtype)
             if fmt is not None:
                 _load_dequantized(model, prep.dequantized, fmt, torch.device(config.device), dtype)
+            _load_quantized_linears(model, prep.quantized_linears, torch.device(config.device))
+            if prep.file_embedding is not None:
+                embedding = _load_file_embedding(model, *prep.file_embedding)
+                close_store = _closing(embedding.close, close_store)
             _finish(model, root, {a.module_path for a in adapters.values()})
         quantized = prep.scheme is not None or fmt is not None
         expert_layers = _swap_experts(model, adapters, store, prep.hf_config, quantized=quantized)
@@ -209,6 +216,7 @@ def _load_model(
     extended.expert_predictor = predictor
     extended.expert_top_k = prep.top_k
     extended.expert_model_dir = Path(root)
+    extended.expert_key_mapper = prep.mapper  # checkpoint tensor names -> state-dict keys (pack --quantize)
     # None: not checked (trusted, or the family check's own tiny instance).
     extended.expert_family_check = prep.family_check
     extended._expertflow_close = weakref.finalize(model, close_store)
@@ -233,6 +241,8 @@ class _Prepared:
     adapters: dict[int, ExpertsAdapter]
     plan: LoadPlan  # non-expert tensors
     dequantized: dict[str, tuple[str, dict[str, TensorInfo]]]  # state key -> (linear, its tensors)
+    quantized_linears: dict[str, QuantizedWeight]  # state key of a linear's weight -> its quantized tensors
+    file_embedding: tuple[str, TensorInfo] | None  # the input embedding read by row: (state key, its tensor)
     config: StoreConfig  # with the reserve for what the process allocates besides the pool
 
     def store_plan(self) -> StorePlan:
@@ -268,13 +278,28 @@ def _prepare(
     else:
         adapters = derive_quantized_adapters(model, layout, scheme, dtype)
         check_scales(layout)
+    quantized_linears = _plan_quantized_linears(model, plan_layout, mapper)
+    if quantized_linears:
+        held = {t.name for q in quantized_linears.values() for t in q.tensors.values()}
+        plan_layout = dataclasses.replace(
+            plan_layout, non_expert=tuple((t, k) for t, k in plan_layout.non_expert if t.name not in held)
+        )
     plan = _plan_non_experts(
-        model, plan_layout, mapper, {a.module_path for a in adapters.values()}, provided=set(dequantized)
+        model,
+        plan_layout,
+        mapper,
+        {a.module_path for a in adapters.values()},
+        provided=set(dequantized) | set(quantized_linears),
     )
     check_minimum(layout, config, top_k)
+    file_embedding = _plan_file_embedding(model, plan, dtype) if config.embedding_from_file else None
     # What the process still allocates besides the pool: the auto budget leaves room for it, and an explicit
     # budget that leaves none is warned about by the store.
-    other = _non_expert_bytes(plan, dtype) + ACTIVATION_RESERVE
+    other = (
+        _non_expert_bytes(plan, dtype)
+        + sum(t.nbytes for q in quantized_linears.values() for t in q.tensors.values())
+        + ACTIVATION_RESERVE
+    )
     config = config.with_(host_reserve_bytes=max(config.host_reserve_bytes, other))
     return _Prepared(
         hf_config,
@@ -289,6 +314,8 @@ def _prepare(
         adapters,
         plan,
         dequantized,
+        quantized_linears,
+        file_embedding,
         config,
     )
 
@@ -741,6 +768,111 @@ def _load_dequantized(
                     tensor=base,
                 )
             _set_tensor(model, key, weight.to(device), current)
+
+
+def _plan_file_embedding(
+    model: PreTrainedModel, plan: LoadPlan, dtype: torch.dtype
+) -> tuple[str, TensorInfo] | None:
+    """Take the input embedding out of ``plan`` when its rows can be read from the file as they are needed: a
+    plain ``nn.Embedding``, not tied to another weight, stored in the dtype it computes in. Its (key, tensor)."""
+    embedding = model.get_input_embeddings()
+    if type(embedding) is not nn.Embedding or embedding.max_norm is not None:
+        return None
+    path = next((n for n, m in model.named_modules() if m is embedding), None)
+    if not path:
+        return None
+    key = f"{path}.weight"
+    tied = {k for pair in model.all_tied_weights_keys.items() for k in pair}
+    if key in tied or any(p in key for p in model._get_dtype_plan(dtype)):
+        return None
+    for entries in plan.values():
+        for i, (info, planned) in enumerate(entries):
+            if planned == key:
+                if torch_dtype(info.dtype) != dtype or tuple(info.shape) != tuple(embedding.weight.shape):
+                    return None
+                del entries[i]
+                return key, info
+    return None
+
+
+def _load_file_embedding(model: PreTrainedModel, key: str, info: TensorInfo) -> FileEmbedding:
+    path = key.rpartition(".")[0]
+    parent_path, _, attr = path.rpartition(".")
+    module = FileEmbedding(info, cast(nn.Embedding, model.get_submodule(path)).padding_idx)
+    setattr(model.get_submodule(parent_path) if parent_path else model, attr, module)
+    return module
+
+
+def _closing(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], None]:
+    def close() -> None:
+        try:
+            first()
+        finally:
+            then()
+
+    return close
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """A pack's quantized non-expert linear weight: its scheme, ``(out, in)`` and tensors by suffix."""
+
+    scheme: QuantScheme
+    shape: tuple[int, int]
+    tensors: dict[str, TensorInfo]
+
+
+def _plan_quantized_linears(
+    model: PreTrainedModel, layout: ExpertLayout, mapper: KeyMapper
+) -> dict[str, QuantizedWeight]:
+    """The quantized non-expert linears of a pack, by the state key of the weight they replace, each checked to
+    be a plain linear of the model of the stored shape."""
+    described = layout.non_expert_quantization
+    if not described:
+        return {}
+    scheme = QuantScheme.from_json(described, layout.root)
+    by_name = {t.name: t for t, _ in layout.non_expert}
+    weights = cast(dict[str, list[int]], described["weights"])
+    out: dict[str, QuantizedWeight] = {}
+    for name, (rows, cols) in weights.items():
+        key = mapper.map(name)[0]
+        path = key.rpartition(".")[0]
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            module = None
+        if not isinstance(module, nn.Linear) or (module.out_features, module.in_features) != (rows, cols):
+            raise CheckpointError(
+                f"{name} is stored quantized as a {rows}x{cols} linear, but the model's {path} is "
+                f"{type(module).__name__ if module is not None else 'missing'}",
+                file=layout.root,
+                tensor=name,
+            )
+        tensors = {s: by_name[f"{name}.{s}"] for s in scheme.suffixes()}
+        out[key] = QuantizedWeight(scheme, (rows, cols), tensors)
+    return out
+
+
+def _load_quantized_linears(
+    model: PreTrainedModel, linears: Mapping[str, QuantizedWeight], device: torch.device
+) -> None:
+    """Put each quantized linear in place of the ``nn.Linear`` it was written from, its bias kept."""
+    with ExitStack() as files:
+        handles: dict[str, Any] = {}
+        for key, q in linears.items():
+            parts = {}
+            for suffix, info in q.tensors.items():
+                if info.file not in handles:
+                    handles[info.file] = files.enter_context(
+                        safe_open(info.file, framework="pt", device=str(device))
+                    )
+                parts[suffix] = handles[info.file].get_tensor(info.name)
+            path = key.rpartition(".")[0]
+            parent_path, _, attr = path.rpartition(".")
+            linear = cast(nn.Linear, model.get_submodule(path))
+            bias = None if linear.bias is None else linear.bias.detach()
+            replacement = QuantizedLinear(parts, q.scheme, q.shape[0], q.shape[1], bias)
+            setattr(model.get_submodule(parent_path) if parent_path else model, attr, replacement)
 
 
 def _set_tensor(

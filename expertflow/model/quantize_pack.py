@@ -2,7 +2,8 @@
 
 The experts are taken as the model holds them (after every conversion the loader does at fill), one at a
 time through an ExpertStore, so any family ``load_model`` runs can be quantized, and its non-expert weights
-are copied unchanged. Each weight matrix of an experts module becomes the scheme's tensors
+are copied unchanged, or, with a non-expert scheme, its plain linears outside the experts (attention, output
+head; never routers) are quantized too (:mod:`expertflow.model.quantized_linear`). Each weight matrix of an experts module becomes the scheme's tensors
 (:mod:`expertflow.quant.scheme`); biases and other parameters are stored as they are.
 """
 
@@ -21,10 +22,11 @@ from expertflow.errors import CheckpointError, ConfigError
 from expertflow.model.loader import load_experts, open_model_checkpoint
 from expertflow.model.moe_block import OffloadedExperts
 from expertflow.model.quantized_experts import WEIGHT_PARAMS, scheme_of, weight_shape
+from expertflow.model.quantized_linear import quantizable_linears
 from expertflow.quant.scheme import QuantScheme, dequantize, quantize
 from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.nvme import read_tensor
-from expertflow.tiers.pack import ExpertBlockWriter, write_pack
+from expertflow.tiers.pack import ExpertBlockWriter, NonExpertScheme, write_pack
 
 Tensors = list[tuple[str, str, torch.Tensor]]
 
@@ -50,8 +52,10 @@ def pack_quantized(
     scheme: QuantScheme,
     *,
     progress: bool = True,
+    non_experts: QuantScheme | None = None,
 ) -> Path:
-    """Write a quantized pack of the checkpoint at ``src`` to ``dst``; returns its path.
+    """Write a quantized pack of the checkpoint at ``src`` to ``dst``; returns its path. ``non_experts``: a scheme
+    for the non-expert linears too (:func:`non_expert_weights` says which).
 
     Raises :class:`ConfigError` for a weight the scheme cannot hold (naming it) and :class:`CheckpointError`
     for a source that is already quantized or bad.
@@ -100,7 +104,41 @@ def pack_quantized(
 
         dtype = next(t.dtype for t in layout.spec(min(layout.experts)).tensors)
         described = {**scheme.to_json(), **scheme.layout_json(dtype)}
-        return write_pack(layout, source, dst, write, quantization=described)
+        extra = None
+        if non_experts is not None:
+            extra = NonExpertScheme(non_experts, non_expert_weights(model, layout))
+            if not extra.weights:
+                raise ConfigError("the model has no non-expert linear weights to quantize")
+        return write_pack(layout, source, dst, write, quantization=described, non_experts=extra)
+
+
+def non_expert_weights(model: Any, layout: ExpertLayout) -> dict[str, tuple[int, int]]:
+    """``{checkpoint tensor: (out, in)}`` of the non-expert weights a non-expert scheme quantizes: each plain
+    ``nn.Linear`` weight outside the experts modules stored under its own name (not merged or split on load, not
+    tied to another weight), routers excepted."""
+    from expertflow.model.loader import _num_experts
+
+    paths = {layer.module_path for layer in model.expert_layers.values()}
+    linears = quantizable_linears(model, paths, _num_experts(model.config))
+    tied = {k for pair in model.all_tied_weights_keys.items() for k in pair}
+    out: dict[str, tuple[int, int]] = {}
+    for info, _kind in layout.non_expert:
+        if (
+            len(info.shape) != 2
+            or not info.name.endswith(".weight")
+            or info.dtype not in ("BF16", "F16", "F32")
+        ):
+            continue
+        key, converter, _ = model.expert_key_mapper.map(info.name)
+        module = key.rpartition(".")[0]
+        if (
+            converter is None
+            and key.endswith(".weight")
+            and key not in tied
+            and linears.get(module) == tuple(info.shape)
+        ):
+            out[info.name] = linears[module]
+    return out
 
 
 def read_expert(layout: ExpertLayout, key: ExpertKey) -> dict[str, torch.Tensor]:

@@ -149,6 +149,10 @@ class ExpertLayout:
     config: Mapping[str, object] = field(default_factory=dict, compare=False)
     #: A quantized pack's scheme (``QuantScheme.to_json``); None when experts are stored as the model holds them.
     quantization: Mapping[str, object] | None = None
+    #: A pack's quantized non-expert linears: the scheme (``QuantScheme.to_json``) and ``weights``, ``{tensor name:
+    #: [out, in]}`` (each stored as ``<name>.<suffix>`` tensors). None when every non-expert weight is as the model
+    #: holds it.
+    non_expert_quantization: Mapping[str, object] | None = field(default=None, compare=False)
     #: Bytes a slot must hold at least, beyond the largest stored expert: a conversion at fill (pre-quantized
     #: experts into a kernel's layout) may write a larger form than the stored one. Not part of the structure.
     slot_floor: int = field(default=0, compare=False)

@@ -5,7 +5,9 @@ A pack directory holds:
 * ``experts.bin``: every expert's tensors back to back in canonical order, at exactly the offsets of
   :class:`~expertflow.tiers.layout.ExpertSpec` relative to the expert's first byte, each expert starting on a
   4 KiB boundary. A direct (``O_DIRECT``) read of an expert is then one aligned read with nothing to move.
-* ``model.safetensors``: the non-expert weights (embeddings, attention, routers, shared experts...).
+* ``model.safetensors``: the non-expert weights (embeddings, attention, routers, shared experts...). A pack
+  written with a non-expert scheme holds some linears' weights as that scheme's tensors instead
+  (``<name>.weight.qweight`` ...; the manifest's ``non_expert_quantization`` lists them with their shapes).
 * ``config.json`` and the tokenizer / generation files of the source, copied.
 * ``expertflow-manifest.json``: where each expert is, its tensors, and an xxh3-64 checksum of its bytes.
 
@@ -31,9 +33,9 @@ from typing import Any, BinaryIO
 import torch
 from tqdm import tqdm
 
-from expertflow.core import BLOCK, DTYPE_SIZES, SAFETENSORS_CODES, ExpertKey, round_up
+from expertflow.core import BLOCK, DTYPE_SIZES, SAFETENSORS_CODES, ExpertKey, round_up, torch_dtype
 from expertflow.errors import CheckpointError, UnsupportedModelError
-from expertflow.quant.scheme import QuantScheme, check_tensors
+from expertflow.quant.scheme import QuantScheme, check_tensors, quantize
 from expertflow.tiers.checksum import spec_checksum
 from expertflow.tiers.layout import (
     ExpertLayout,
@@ -103,9 +105,11 @@ def write_pack(
     write_experts: Callable[[Path], list[dict[str, Any]]],
     *,
     quantization: Mapping[str, Any] | None = None,
+    non_experts: NonExpertScheme | None = None,
 ) -> Path:
     """Build a pack at ``dst`` from ``source``: ``write_experts(path)`` writes ``experts.bin`` and returns its
-    manifest entries; the non-expert tensors of ``layout`` and the side files are copied. Atomic (see above)."""
+    manifest entries; the non-expert tensors of ``layout`` and the side files are copied (the weights
+    ``non_experts`` names quantized to its scheme). Atomic (see above)."""
     target = Path(dst)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise CheckpointError("pack destination exists and is not an empty directory", file=str(target))
@@ -116,9 +120,11 @@ def write_pack(
     tmp.mkdir()
     try:
         entries = write_experts(tmp / DATA_NAME)
-        _write_non_experts(layout, tmp / NON_EXPERT_NAME)
+        _write_non_experts(layout, tmp / NON_EXPERT_NAME, non_experts)
         _copy_side_files(source, tmp)
         manifest = _manifest(layout, entries, (tmp / DATA_NAME).stat().st_size, quantization)
+        if non_experts is not None:
+            manifest["non_expert_quantization"] = non_experts.to_json()
         _write_durably(tmp / PACK_MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
         _fsync_dir(tmp)
         if target.exists():
@@ -236,13 +242,40 @@ def _expert_entry(spec: ExpertSpec, offset: int, checksum: int) -> dict[str, Any
 COPY_CHUNK = 8 << 20
 
 
-def _write_non_experts(layout: ExpertLayout, path: Path) -> None:
-    """The non-expert tensors, unchanged (names, dtypes, bytes), as one safetensors file, streamed: the header
-    first, then each tensor's bytes copied from its source file in chunks (never a whole tensor in memory)."""
+@dataclasses.dataclass(frozen=True)
+class NonExpertScheme:
+    """Which non-expert weights a pack stores quantized: ``{tensor name: (out, in)}``, all with ``scheme``."""
+
+    scheme: QuantScheme
+    weights: Mapping[str, tuple[int, int]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.scheme.to_json(), "weights": {k: list(v) for k, v in sorted(self.weights.items())}}
+
+
+def _write_non_experts(layout: ExpertLayout, path: Path, non_experts: NonExpertScheme | None = None) -> None:
+    """The non-expert tensors as one safetensors file, streamed: the header first, then each tensor's bytes
+    copied from its source file in chunks (never a whole tensor in memory), except the weights ``non_experts``
+    quantizes, which are read one at a time, quantized, and written as the scheme's tensors."""
     infos = sorted((info for info, _kind in layout.non_expert), key=lambda i: i.name)
+    quantized = dict(non_experts.weights) if non_experts is not None else {}
+    missing = sorted(set(quantized) - {i.name for i in infos})
+    if missing:
+        raise CheckpointError(f"no non-expert tensor {missing[0]} to quantize", file=layout.root)
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for info in infos:
+        if info.name in quantized:
+            assert non_experts is not None
+            for suffix, dtype, shape in non_experts.scheme.parts(*quantized[info.name], info.dtype):
+                nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+                header[f"{info.name}.{suffix}"] = {
+                    "dtype": dtype,
+                    "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes],
+                }
+                offset += nbytes
+            continue
         header[info.name] = {
             "dtype": info.dtype,
             "shape": list(info.shape),
@@ -260,6 +293,10 @@ def _write_non_experts(layout: ExpertLayout, path: Path) -> None:
                 src = files.get(info.file)
                 if src is None:
                     src = files[info.file] = open(info.file, "rb")  # noqa: SIM115 - closed below
+                if info.name in quantized:
+                    assert non_experts is not None
+                    _write_quantized(out, src, info, non_experts.scheme, header)
+                    continue
                 src.seek(info.offset)
                 left = info.nbytes
                 while left:
@@ -273,6 +310,28 @@ def _write_non_experts(layout: ExpertLayout, path: Path) -> None:
                 f.close()
         out.flush()
         os.fsync(out.fileno())
+
+
+def _write_quantized(
+    out: BinaryIO, src: BinaryIO, info: TensorInfo, scheme: QuantScheme, header: Mapping[str, Any]
+) -> None:
+    """One weight read whole, quantized, and written as the tensors the header announced for it."""
+    src.seek(info.offset)
+    raw = bytearray(src.read(info.nbytes))
+    if len(raw) != info.nbytes:
+        raise CheckpointError("file ended inside a tensor", file=info.file, tensor=info.name)
+    dtype = torch_dtype(info.dtype)
+    weight = torch.frombuffer(raw, dtype=dtype).view(*info.shape)
+    for suffix, tensor in quantize(weight, scheme, dtype).items():
+        entry = header[f"{info.name}.{suffix}"]
+        data = tensor.contiguous().view(torch.uint8).reshape(-1).numpy()
+        # The header was written from the scheme's declared shapes; a disagreement would corrupt the file.
+        if list(tensor.shape) != entry["shape"] or SAFETENSORS_CODES[tensor.dtype] != entry["dtype"]:
+            raise AssertionError(
+                f"{info.name}.{suffix}: quantized to {tensor.dtype} {list(tensor.shape)}, "
+                f"declared {entry['dtype']} {entry['shape']}"
+            )
+        _write_block(out, memoryview(data.tobytes()))
 
 
 def _copy_side_files(source: Path, dst: Path) -> None:
@@ -361,16 +420,18 @@ def load_packed_layout(root: str | os.PathLike[str]) -> ExpertLayout:
     specs = _parse_experts(manifest, str(data_file), size, where)
     config = read_config(root_path)
     quantization = _parse_quantization(manifest, specs, where)
+    non_expert = _non_expert_tensors(non_expert_file)
     layout = ExpertLayout(
         root=str(root_path),
         architecture=architecture,
         model_type=model_type,
         experts=dict(sorted(specs.items())),
-        non_expert=_non_expert_tensors(non_expert_file),
+        non_expert=non_expert,
         files=(str(data_file), str(non_expert_file)),
         packed=True,
         config=config,
         quantization=quantization,
+        non_expert_quantization=_parse_non_expert_quantization(manifest, non_expert, where),
     )
     if layout.fingerprint() != fingerprint:
         raise CheckpointError(
@@ -396,6 +457,47 @@ def _parse_quantization(
         seen.add(key.layer)
         check_tensors(scheme, {t.role: (t.dtype, t.shape, t.source) for t in spec.tensors}, file=where)
     return scheme.to_json()
+
+
+def _parse_non_expert_quantization(
+    manifest: Mapping[str, Any], tensors: tuple[tuple[TensorInfo, TensorKind], ...], where: str
+) -> dict[str, Any] | None:
+    """The quantized non-expert linears of a pack, each checked against the tensors its scheme makes."""
+    raw = manifest.get("non_expert_quantization")
+    if raw is None:
+        return None
+    scheme = QuantScheme.from_json(raw, where)
+    weights = raw.get("weights") if isinstance(raw, Mapping) else None
+    if not isinstance(weights, Mapping) or not weights:
+        raise CheckpointError("manifest 'non_expert_quantization' lists no weights", file=where)
+    by_name = {t.name: t for t, _ in tensors}
+    checked: dict[str, list[int]] = {}
+    for name, shape in weights.items():
+        if not (
+            isinstance(name, str)
+            and isinstance(shape, list)
+            and len(shape) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+        ):
+            raise CheckpointError(
+                f"manifest 'non_expert_quantization': bad entry {name!r}: {shape!r}", file=where
+            )
+        scale_part = "qparams" if scheme.bits == 4 else "scales"
+        scale = by_name.get(f"{name}.{scale_part}")
+        if scale is None:
+            raise CheckpointError(f"the non-expert file has no {name}.{scale_part}", file=where, tensor=name)
+        for suffix, dtype, expected in scheme.parts(shape[0], shape[1], scale.dtype):
+            info = by_name.get(f"{name}.{suffix}")
+            if info is None or info.dtype != dtype or tuple(info.shape) != tuple(expected):
+                found = "missing" if info is None else f"{info.dtype} {list(info.shape)}"
+                raise CheckpointError(
+                    f"quantized {name}.{suffix} is {found}, but {scheme.name} of a {shape} weight makes it "
+                    f"{dtype} {list(expected)}",
+                    file=where,
+                    tensor=f"{name}.{suffix}",
+                )
+        checked[name] = list(shape)
+    return {**scheme.to_json(), "weights": checked}
 
 
 def _read_manifest(manifest_path: Path, where: str) -> dict[str, Any]:
