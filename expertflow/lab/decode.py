@@ -38,11 +38,11 @@ class Contender:
     """One configuration to run: a peer or an ExpertFlow setting at a host budget (fraction of expert bytes)."""
 
     name: str
-    kind: str  # transformers | accelerate | expertflow
+    kind: str  # transformers | accelerate | expertflow | llama.cpp
     budget: float | str | None = None  # a share of all experts' slots, or "auto" (the default host budget)
     policy: str = "lru"
     predictor: str = "none"
-    quantize: str | None = None  # "int4" / "int8": runs on a quantized pack of the checkpoint
+    quantize: str | None = None  # "int4" / "int8": runs on a quantized pack; llama.cpp: "bf16" / "q4_0"
 
     @property
     def label(self) -> str:
@@ -64,6 +64,9 @@ EXPERTFLOW_SETTINGS = {
 PEERS = {
     "transformers": Contender("transformers (RAM)", "transformers"),
     "accelerate": Contender("accelerate disk offload", "accelerate"),
+    # With --llama-cpp: its own GGUF conversions, memory-mapped (llama-bench).
+    "llama.cpp-bf16": Contender("llama.cpp bf16", "llama.cpp", quantize="bf16"),
+    "llama.cpp-q4_0": Contender("llama.cpp Q4_0", "llama.cpp", quantize="q4_0"),
 }
 
 
@@ -257,6 +260,18 @@ DECODE_PRESETS: dict[str, dict[str, Any]] = {
     "beyond-ram": dict(
         hidden_size=1024, intermediate_size=3584, num_hidden_layers=8, num_local_experts=8, dtype="bfloat16"
     ),
+    # A model nine times a 1 GiB machine: 9.3 GB of bf16, 256 experts of 33 MiB, a 32k vocabulary (a real
+    # model's embedding and output head, 131 MB each).
+    "scale": dict(
+        hidden_size=2048,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_local_experts=32,
+        vocab_size=32000,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        dtype="bfloat16",
+    ),
 }
 
 
@@ -271,17 +286,20 @@ def build_preset(name: str, workdir: str | Path, log: Callable[[str], None] = pr
     if _built(root):
         return root
     log(f"building the {name} checkpoint in {root} (once)")
-    config = MixtralConfig(
-        vocab_size=256,
-        num_attention_heads=8 if params["hidden_size"] >= 256 else 4,
-        num_key_value_heads=2,
-        num_experts_per_tok=2,
-        max_position_embeddings=1024,
-        **params,
-    )
+    params.setdefault("vocab_size", 256)
+    params.setdefault("num_attention_heads", 8 if params["hidden_size"] >= 256 else 4)
+    params.setdefault("num_key_value_heads", 2)
+    config = MixtralConfig(num_experts_per_tok=2, max_position_embeddings=1024, **params)
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = MixtralForCausalLM(config).to(dtype).eval()
+    # Built in its own dtype: a float32 copy of the scale preset would need 19 GB.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("cpu"):
+            model = MixtralForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.config.dtype = dtype
     with torch.no_grad():
         for p in model.parameters():  # random, non-degenerate routing and experts
             if p.ndim >= 2:
@@ -445,7 +463,23 @@ def drop_caches() -> bool:
 
 
 def run_contender(spec: WorkerSpec, *, limit_bytes: int | None, timeout: float) -> dict[str, Any]:
-    """Run one contender in a subprocess (inside the memory cgroup when limited); returns its JSON."""
+    """Run one ExpertFlow or transformers/accelerate contender in a subprocess (inside the memory cgroup when
+    limited); returns its JSON."""
+    cmd = [sys.executable, "-m", "expertflow.lab.decode", "--worker", json.dumps(asdict(spec))]
+    proc, peak_group = run_limited(cmd, limit_bytes=limit_bytes, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"label": Contender(**spec.contender).label, "error": _failure(proc)}
+    out = json.loads(lines[-1])
+    out["peak_cgroup_bytes"] = peak_group
+    return out
+
+
+def run_limited(
+    cmd: Sequence[str], *, limit_bytes: int | None, timeout: float
+) -> tuple[subprocess.CompletedProcess[str], int | None]:
+    """Run ``cmd`` after dropping the page cache, inside a fresh memory cgroup of ``limit_bytes`` (page cache
+    charged) when given; the finished process and the group's peak usage."""
     drop_caches()
     with memory_cgroup(limit_bytes) as group:
 
@@ -454,7 +488,7 @@ def run_contender(spec: WorkerSpec, *, limit_bytes: int | None, timeout: float) 
                 (group / "cgroup.procs").write_text(str(os.getpid()))
 
         proc = subprocess.run(
-            [sys.executable, "-m", "expertflow.lab.decode", "--worker", json.dumps(asdict(spec))],
+            list(cmd),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -465,16 +499,47 @@ def run_contender(spec: WorkerSpec, *, limit_bytes: int | None, timeout: float) 
         if group is not None:
             with contextlib.suppress(OSError):
                 peak_group = int((group / "memory.max_usage_in_bytes").read_text())
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or "").strip().splitlines()[-3:]
-        return {
-            "label": Contender(**spec.contender).label,
-            "error": f"exit {proc.returncode}: {' | '.join(tail)}",
-        }
-    out = json.loads(lines[-1])
-    out["peak_cgroup_bytes"] = peak_group
-    return out
+    return proc, peak_group
+
+
+def _failure(proc: subprocess.CompletedProcess[str]) -> str:
+    tail = (proc.stderr or "").strip().splitlines()[-3:]
+    killed = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
+    return f"exit {proc.returncode}{killed}: {' | '.join(tail)}"
+
+
+def run_llama_cpp(
+    cpp: Any,
+    gguf: Path,
+    c: Contender,
+    *,
+    prompt_tokens: int,
+    new_tokens: int,
+    limit_bytes: int | None,
+    timeout: float,
+) -> dict[str, Any]:
+    """One llama.cpp row: ``llama-bench`` on ``gguf`` inside the same memory limit as the other contenders.
+
+    Q4_0 is repacked into anonymous memory at load unless told not to; under a limit that cannot hold that copy
+    beside the file's pages it would be killed, so there it runs file-backed (``--repack 0``) and the row says so.
+    """
+    from expertflow.lab.llamacpp import parse_bench
+
+    repack = c.quantize != "bf16" and (limit_bytes is None or 2 * gguf.stat().st_size < limit_bytes)
+    cmd = cpp.bench_command(gguf, prompt_tokens, new_tokens, repack=repack)
+    proc, peak_group = run_limited(cmd, limit_bytes=limit_bytes, timeout=timeout)
+    row: dict[str, Any] = {"label": c.label, "contender": asdict(c), "command": " ".join(cmd)}
+    if proc.returncode != 0:
+        return {**row, "error": _failure(proc)}
+    try:
+        row.update(parse_bench(proc.stdout))
+    except ValueError as exc:
+        return {**row, "error": str(exc)}
+    row["ms_per_token"] = 1e3 / row["tokens_per_second"]
+    row["repack"] = repack
+    row["gguf_bytes"] = gguf.stat().st_size
+    row["peak_cgroup_bytes"] = peak_group
+    return row
 
 
 def bench_decode(
@@ -489,6 +554,8 @@ def bench_decode(
     repeats: int = 1,
     workdir: str | Path = ".bench",
     timeout: float = 1800.0,
+    llama_cpp: str | Path | None = None,
+    command: str | None = None,
     log: Callable[[str], None] = print,
 ) -> BenchResult:
     """Every contender on the same checkpoint and prompt; rows with tokens/s, stall, bytes, bound, efficiency.
@@ -507,6 +574,8 @@ def bench_decode(
     drop_caches()
     rate_before = _dd_rate(layout, files)
     result = BenchResult("decode", [])
+    if command:
+        result.notes.append(f"command: `{command}`")
     result.notes.append(
         f"checkpoint {model_dir}: {layout.model_type}, {len(layout.experts)} experts, "
         f"{layout.expert_bytes / 2**20:.1f} MiB of experts, {layout.non_expert_bytes / 2**20:.1f} MiB non-expert"
@@ -525,8 +594,24 @@ def bench_decode(
     from expertflow.pipeline.planner import all_experts_bytes
 
     models: dict[str | None, tuple[str, int]] = {None: (model_dir, all_experts_bytes(layout, read_mode))}
+    ggufs: dict[str, Path] = {}
+    cpp = None
+    if any(c.kind == "llama.cpp" for c in contenders):
+        from expertflow.lab.llamacpp import LlamaCpp
+
+        if llama_cpp is None:
+            raise ConfigError("llama.cpp contenders need a llama.cpp build: give it with --llama-cpp DIR")
+        cpp = LlamaCpp.at(llama_cpp)
+        for c in contenders:
+            if c.kind == "llama.cpp" and c.quantize not in ggufs:
+                ggufs[str(c.quantize)] = cpp.gguf(model_dir, str(c.quantize), workdir, log)
+                result.notes.append(
+                    f"llama.cpp {c.quantize} GGUF {ggufs[str(c.quantize)]}: "
+                    f"{ggufs[str(c.quantize)].stat().st_size / 2**20:.1f} MiB, converted with "
+                    f"{cpp.convert.name}{'' if c.quantize == 'bf16' else ' and ' + cpp.quantize.name}"
+                )
     for c in contenders:
-        if c.quantize is not None and c.quantize not in models:
+        if c.kind == "expertflow" and c.quantize is not None and c.quantize not in models:
             pack = quantized_pack(model_dir, c.quantize, workdir, log)
             q = open_checkpoint(pack)
             models[c.quantize] = (str(pack), all_experts_bytes(q, read_mode))
@@ -539,6 +624,20 @@ def bench_decode(
     for i in range(max(1, repeats)):
         rounds.append({})
         for c in round_order(contenders, i):
+            if c.kind == "llama.cpp":
+                log(f"running {c.label} ...")
+                row = run_llama_cpp(
+                    cpp,
+                    ggufs[str(c.quantize)],
+                    c,
+                    prompt_tokens=len(prompt),
+                    new_tokens=new_tokens,
+                    limit_bytes=memory_limit,
+                    timeout=timeout,
+                )
+                log(f"  {row['tokens_per_second']:.2f} tok/s" if "error" not in row else f"  {row['error']}")
+                _keep(best, rounds[-1], row)
+                continue
             path, all_slots = models[c.quantize]
             host = None if not isinstance(c.budget, float) else int(all_slots * c.budget)
             spec = WorkerSpec(path, asdict(c), list(prompt), new_tokens, read_mode, str(offload), host)
@@ -548,15 +647,7 @@ def bench_decode(
                 spec, limit_bytes=None if c.kind == "transformers" else memory_limit, timeout=timeout
             )
             log(f"  {row['tokens_per_second']:.2f} tok/s" if "error" not in row else f"  {row['error']}")
-            if "error" not in row:
-                rounds[-1][c.label] = row["tokens_per_second"]
-            kept = best.get(c.label)
-            if (
-                kept is None
-                or "error" in kept
-                or row.get("tokens_per_second", 0) > kept.get("tokens_per_second", 0)
-            ):
-                best[c.label] = row
+            _keep(best, rounds[-1], row)
     result.rows = [best[c.label] for c in contenders]
     for row in result.rows:
         runs = [r[row["label"]] for r in rounds if row["label"] in r]
@@ -576,6 +667,16 @@ def bench_decode(
     result.summary = _summary(result.rows)
     result.summary.update(paired_ratios(contenders, rounds))
     return result
+
+
+def _keep(best: dict[str, dict[str, Any]], this_round: dict[str, float], row: dict[str, Any]) -> None:
+    """Record a run: its tok/s in this round, and the row if it is the contender's fastest so far."""
+    label = row["label"]
+    if "error" not in row:
+        this_round[label] = row["tokens_per_second"]
+    kept = best.get(label)
+    if kept is None or "error" in kept or row.get("tokens_per_second", 0) > kept.get("tokens_per_second", 0):
+        best[label] = row
 
 
 def round_order(contenders: Sequence[Contender], i: int) -> list[Contender]:
@@ -686,13 +787,24 @@ def _add_bound(row: dict[str, Any], compute_s: float | None, bandwidth: float | 
     row["overlap_efficiency"] = bound * row["tokens_per_second"]
 
 
+#: Which llama.cpp format an ExpertFlow contender is compared with: equal bits per weight, near enough.
+_EQUAL_BITS = {None: "bf16", "int4": "q4_0", "int8": None}
+
+
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each ExpertFlow row over accelerate, and over llama.cpp at equal bits (bf16 with bf16, int4 with Q4_0)."""
     by = {r["label"]: r for r in rows if "error" not in r}
     acc = next((r for r in by.values() if r["contender"]["kind"] == "accelerate"), None)
+    cpp = {r["contender"]["quantize"]: r for r in by.values() if r["contender"]["kind"] == "llama.cpp"}
     out: dict[str, Any] = {}
     for label, r in by.items():
-        if acc and r["contender"]["kind"] == "expertflow" and acc["tokens_per_second"]:
+        if r["contender"]["kind"] != "expertflow":
+            continue
+        if acc and acc["tokens_per_second"]:
             out[f"{label} / accelerate"] = round(r["tokens_per_second"] / acc["tokens_per_second"], 2)
+        peer = cpp.get(_EQUAL_BITS.get(r["contender"].get("quantize")))
+        if peer and peer["tokens_per_second"]:
+            out[f"{label} / {peer['label']}"] = round(r["tokens_per_second"] / peer["tokens_per_second"], 2)
     return out
 
 
