@@ -133,3 +133,28 @@ def test_the_cli_quantizes_non_experts_only_with_quantize(mixtral_packs, tmp_pat
     assert "int8 attention and output head" in capsys.readouterr().out
     assert open_checkpoint(tmp_path / "p").non_expert_quantization is not None
     assert main(["pack", "--no-progress", "--non-experts", "int8", str(src), str(tmp_path / "q")]) != 0
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(8, 0), QuantScheme(4, 32)], ids=lambda s: s.name)
+def test_a_weight_quantized_a_block_of_rows_at_a_time_has_the_bytes_of_one_quantized_whole(
+    tmp_path: Path, scheme: QuantScheme, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The packer never holds a whole non-expert weight (an output head can be a GB): blocks of 64 rows here."""
+    import expertflow.tiers.pack as pack_module
+    from safetensors import safe_open
+
+    from expertflow.quant.scheme import quantize
+
+    src = save_checkpoint("mixtral", tmp_path / "src", shard_size=None)
+    monkeypatch.setattr(pack_module, "COPY_CHUNK", 1)  # the smallest block: 64 rows
+    pack = pack_quantized(src, tmp_path / "q", EXPERTS, progress=False, non_experts=scheme)
+    weights = open_checkpoint(pack).non_expert_quantization["weights"]
+    assert any(rows > 64 for rows, _ in weights.values())
+    with (
+        safe_open(src / "model.safetensors", framework="pt") as s,
+        safe_open(pack / "model.safetensors", framework="pt") as p,
+    ):
+        for name in weights:
+            whole = quantize(s.get_tensor(name), scheme, s.get_tensor(name).dtype)
+            for suffix, tensor in whole.items():
+                assert torch.equal(p.get_tensor(f"{name}.{suffix}"), tensor), f"{name}.{suffix}"

@@ -315,23 +315,36 @@ def _write_non_experts(layout: ExpertLayout, path: Path, non_experts: NonExpertS
 def _write_quantized(
     out: BinaryIO, src: BinaryIO, info: TensorInfo, scheme: QuantScheme, header: Mapping[str, Any]
 ) -> None:
-    """One weight read whole, quantized, and written as the tensors the header announced for it."""
-    src.seek(info.offset)
-    raw = bytearray(src.read(info.nbytes))
-    if len(raw) != info.nbytes:
-        raise CheckpointError("file ended inside a tensor", file=info.file, tensor=info.name)
+    """One weight quantized and written as the tensors the header announced for it, a block of rows at a time:
+    both schemes quantize rows independently (int4's layout in blocks of 64 rows), so memory stays bounded by
+    the block, not by the weight (an output head can be a GB). ``qweight`` streams out; the small scale tensors
+    are gathered and written after it, in the header's order."""
+    rows, cols = (int(n) for n in info.shape)
     dtype = torch_dtype(info.dtype)
-    weight = torch.frombuffer(raw, dtype=dtype).view(*info.shape)
-    for suffix, tensor in quantize(weight, scheme, dtype).items():
+    row_bytes = cols * dtype.itemsize
+    block = max(64, COPY_CHUNK // row_bytes // 64 * 64)
+    gathered: dict[str, list[torch.Tensor]] = {}
+    for r0 in range(0, rows, block):
+        n = min(block, rows - r0)
+        src.seek(info.offset + r0 * row_bytes)
+        raw = bytearray(src.read(n * row_bytes))
+        if len(raw) != n * row_bytes:
+            raise CheckpointError("file ended inside a tensor", file=info.file, tensor=info.name)
+        parts = quantize(torch.frombuffer(raw, dtype=dtype).view(n, cols), scheme, dtype)
+        _write_block(out, memoryview(parts.pop("qweight").contiguous().view(torch.uint8).numpy().tobytes()))
+        for suffix, tensor in parts.items():
+            gathered.setdefault(suffix, []).append(tensor)
+    for suffix, pieces in gathered.items():
+        # int4 (scale, zero) are [in / group, out, 2]: blocks of rows join along the output dimension.
+        tensor = torch.cat(pieces, dim=1 if suffix == "qparams" else 0).contiguous()
         entry = header[f"{info.name}.{suffix}"]
-        data = tensor.contiguous().view(torch.uint8).reshape(-1).numpy()
         # The header was written from the scheme's declared shapes; a disagreement would corrupt the file.
         if list(tensor.shape) != entry["shape"] or SAFETENSORS_CODES[tensor.dtype] != entry["dtype"]:
             raise AssertionError(
                 f"{info.name}.{suffix}: quantized to {tensor.dtype} {list(tensor.shape)}, "
                 f"declared {entry['dtype']} {entry['shape']}"
             )
-        _write_block(out, memoryview(data.tobytes()))
+        _write_block(out, memoryview(tensor.view(torch.uint8).reshape(-1).numpy().tobytes()))
 
 
 def _copy_side_files(source: Path, dst: Path) -> None:
