@@ -87,13 +87,19 @@ def default_contenders(
             setting = _setting(n)
             if setting is not None:
                 (policy, predictor), quantize = setting
-                label = f"expertflow {n.replace('-int', ' int')}"
+                label = f"expertflow {n.replace('-int', ' int', 1).replace('-int', ' non-experts int')}"
                 out.append(Contender(label, "expertflow", b, policy, predictor, quantize))
     return out
 
 
-#: Quantized packs the decode bench builds for ``<setting>-int4`` / ``-int8`` contenders (pack --quantize).
-QUANTIZED_PACKS = {"int4": (4, 128), "int8": (8, 0)}
+#: Quantized packs the decode bench builds for ``<setting>-int4`` / ``-int8`` / ``-int4-int8`` contenders (pack
+#: --quantize): (bits, group size) of the experts, and of the non-expert linears (``--non-experts``) or None.
+QUANTIZED_PACKS: dict[str, tuple[int, int, tuple[int, int] | None]] = {
+    "int4": (4, 128, None),
+    "int8": (8, 0, None),
+    # Like a llama.cpp Q4_0 file, everything quantized: int4 experts, int8 attention and output head.
+    "int4-int8": (4, 128, (8, 0)),
+}
 
 
 def _setting(name: str) -> tuple[tuple[str, str], str | None] | None:
@@ -112,13 +118,16 @@ def quantized_pack(
     from expertflow.model.quantize_pack import pack_quantized
     from expertflow.quant.scheme import QuantScheme
 
-    scheme = QuantScheme(*QUANTIZED_PACKS[quantize])
+    bits, group, others = QUANTIZED_PACKS[quantize]
+    scheme = QuantScheme(bits, group)
+    non_experts = QuantScheme(*others) if others else None
+    name = scheme.name + (f"-non-experts-{non_experts.name}" if non_experts else "")
     # Keyed by what it is built from, not by the folder's name: two checkpoints both named "vlm", or one
     # rebuilt in place, never share a pack.
-    root = Path(workdir) / f"{Path(model_dir).name}-{scheme.name}-{source_digest(model_dir, scheme.name)}"
+    root = Path(workdir) / f"{Path(model_dir).name}-{name}-{source_digest(model_dir, name)}"
     if not (root / "expertflow-manifest.json").is_file():
-        log(f"quantizing {model_dir} to {root} ({scheme.name}, once)")
-        pack_quantized(model_dir, root, scheme, progress=False)
+        log(f"quantizing {model_dir} to {root} ({name}, once)")
+        pack_quantized(model_dir, root, scheme, progress=False, non_experts=non_experts)
     return root
 
 
@@ -469,7 +478,11 @@ def run_contender(spec: WorkerSpec, *, limit_bytes: int | None, timeout: float) 
     proc, peak_group = run_limited(cmd, limit_bytes=limit_bytes, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        return {"label": Contender(**spec.contender).label, "error": _failure(proc)}
+        return {
+            "label": Contender(**spec.contender).label,
+            "contender": spec.contender,
+            "error": _failure(proc),
+        }
     out = json.loads(lines[-1])
     out["peak_cgroup_bytes"] = peak_group
     return out
@@ -788,7 +801,7 @@ def _add_bound(row: dict[str, Any], compute_s: float | None, bandwidth: float | 
 
 
 #: Which llama.cpp format an ExpertFlow contender is compared with: equal bits per weight, near enough.
-_EQUAL_BITS = {None: "bf16", "int4": "q4_0", "int8": None}
+_EQUAL_BITS = {None: "bf16", "int4": "q4_0", "int4-int8": "q4_0", "int8": None}
 
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:

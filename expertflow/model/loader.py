@@ -695,9 +695,14 @@ def _load_non_experts(
                     continue
                 tensor = handle.get_tensor(info.name)
                 current = state[key]
+                target = tensor.dtype
                 if tensor.is_floating_point():
                     keep_fp32 = any(p in key for p in fp32_patterns)
-                    tensor = tensor.to(torch.float32 if keep_fp32 else current.dtype)
+                    target = torch.float32 if keep_fp32 else current.dtype
+                # safetensors hands out views of its file mapping: page cache, which a memory limit reclaims
+                # and every token faults back in from disk, at whatever alignment the file has. A copy is
+                # memory the budget planned for (anonymous), aligned for the kernels.
+                tensor = tensor.to(target, copy=True)
                 _set_tensor(model, key, tensor, current)
                 loaded.add(key)
     if converted:
@@ -866,7 +871,9 @@ def _load_quantized_linears(
                     handles[info.file] = files.enter_context(
                         safe_open(info.file, framework="pt", device=str(device))
                     )
-                parts[suffix] = handles[info.file].get_tensor(info.name)
+                # A copy: aligned for torch's int8/int4 kernels (a view of the file mapping is only 8-byte
+                # aligned, and the int8 kernel crashes on it) and held in memory the budget planned for.
+                parts[suffix] = handles[info.file].get_tensor(info.name).clone()
             path = key.rpartition(".")[0]
             parent_path, _, attr = path.rpartition(".")
             linear = cast(nn.Linear, model.get_submodule(path))
