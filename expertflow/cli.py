@@ -180,7 +180,10 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
         help="host buffer budget, e.g. 512MiB, or auto (default: what the memory available allows)",
     )
     p.add_argument(
-        "--read-mode", choices=READ_MODES, default="mmap", help="NVMe reads: mmap or direct (O_DIRECT)"
+        "--read-mode",
+        choices=READ_MODES,
+        default="auto",
+        help="NVMe reads: mmap, direct (O_DIRECT), or auto: direct when not every expert fits (default)",
     )
     p.add_argument("--policy", choices=POLICIES, default="lru", help="eviction policy")
     p.add_argument(
@@ -375,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="Hugging Face model directory (or an ExpertFlow pack)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
-        "--read-mode", choices=READ_MODES, default="mmap", help="read mode the default budget is sized for"
+        "--read-mode", choices=READ_MODES, default="auto", help="read mode the default budget is sized for"
     )
     p.add_argument(
         "--check-family",
@@ -556,7 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the summary each policy over LRU at its budget, round by round",
     )
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--read-mode", choices=READ_MODES, default="direct")
+    p.add_argument(
+        "--read-mode", choices=READ_MODES, default="auto", help="NVMe reads (default: as load_model)"
+    )
     p.add_argument("--memory-limit", default=None, help="cgroup memory limit for every contender, e.g. 1GiB")
     p.add_argument("--workdir", default=".bench")
     p.add_argument("--out", default="benchmarks")

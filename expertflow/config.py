@@ -8,13 +8,13 @@ from typing import Literal
 
 from expertflow.errors import ConfigError
 
-ReadMode = Literal["mmap", "direct"]
+ReadMode = Literal["auto", "mmap", "direct"]
 PolicyName = Literal["lru", "lfu", "static", "predictive", "none"]
 PredictorName = Literal["none", "lookahead", "stats", "combined"]
 
 POLICIES: tuple[str, ...] = ("lru", "lfu", "static", "predictive", "none")
 PREDICTORS: tuple[str, ...] = ("none", "lookahead", "stats", "combined")
-READ_MODES: tuple[str, ...] = ("mmap", "direct")
+READ_MODES: tuple[str, ...] = ("auto", "mmap", "direct")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -78,7 +78,9 @@ class StoreConfig:
     available to the process (cgroup limit or MemAvailable) minus ``host_reserve_bytes`` (what the process
     still needs besides the pool, e.g. non-expert weights; ``load_model`` fills it in), reads in flight and a
     margin, capped at the experts' total.
-    ``read_mode``: ``mmap`` (page cache) or ``direct`` (O_DIRECT, bypasses the page cache).
+    ``read_mode``: ``mmap`` (page cache) or ``direct`` (O_DIRECT, bypasses the page cache); ``auto`` (the
+    default) reads ``direct`` when the budget cannot hold every expert (beyond RAM, a page-cache copy of each
+    read would take memory from the pool and push out the process's own pages) and ``mmap`` when it can.
     ``policy``: eviction policy of the host and device tiers.
     ``predictor``: which experts to prefetch; ``prefetch_depth`` layers ahead (0 = adaptive).
     ``remote``: addresses of ``expertflow-store serve`` daemons, tried before NVMe.
@@ -90,7 +92,7 @@ class StoreConfig:
     device: str = "cpu"
     device_slots: int | None = None
     host_bytes: int | None = None
-    read_mode: ReadMode = "mmap"
+    read_mode: ReadMode = "auto"
     policy: PolicyName = "lru"
     predictor: PredictorName = "combined"
     prefetch_depth: int = 0

@@ -93,7 +93,7 @@ def test_host_budget_below_top_k_experts_says_the_minimum(mixtral4: Path) -> Non
     layout = open_checkpoint(mixtral4)
     one_expert = -(-layout.max_expert_nbytes // 4096) * 4096
     with pytest.raises(BudgetError, match=f"minimum of .*{2 * one_expert} bytes"):
-        load_model(mixtral4, config=StoreConfig(host_bytes=2 * one_expert - 1))
+        load_model(mixtral4, config=StoreConfig(host_bytes=2 * one_expert - 1, read_mode="mmap"))
 
 
 def test_device_slots_below_top_k_say_the_minimum(mixtral4: Path) -> None:

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from expertflow.config import StoreConfig
 from expertflow.errors import StoreClosedError
 from expertflow.model.loader import load_model
+from expertflow.pipeline.planner import slot_size
 from expertflow.pipeline.sync import ExpertStore
 from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.safetensors_index import open_checkpoint
@@ -37,7 +38,7 @@ def _top_k(root: Path) -> int:
 
 
 def _small_budget(layout: ExpertLayout, experts: int) -> StoreConfig:
-    slot = -(-layout.max_expert_nbytes // 4096) * 4096
+    slot = slot_size(layout, StoreConfig().read_mode)
     return StoreConfig(host_bytes=experts * slot, predictor="none")
 
 

@@ -82,9 +82,9 @@ def test_a_pre_quantized_slot_holds_the_kernel_layout_so_inspect_cannot_size_it_
 def test_reads_in_flight_are_bounded_by_bytes_and_count(tmp_path: Path, still_memory: None) -> None:
     layout: Any = open_checkpoint(save_checkpoint("mixtral", tmp_path / "m", shard_size=None))
     slot = slot_size(layout, "mmap")
-    few = plan_store(layout, StoreConfig(host_bytes=4 * slot, max_inflight_bytes=2 * slot))
+    few = plan_store(layout, StoreConfig(host_bytes=4 * slot, max_inflight_bytes=2 * slot, read_mode="mmap"))
     assert few.reads_in_flight == 2
-    many = plan_store(layout, StoreConfig(host_bytes=4 * slot, max_concurrent_reads=3))
+    many = plan_store(layout, StoreConfig(host_bytes=4 * slot, max_concurrent_reads=3, read_mode="mmap"))
     assert many.reads_in_flight == 3
     assert few.num_slots == 4 and few.host_bytes == 4 * slot
 
@@ -126,3 +126,21 @@ def test_load_model_starts_on_a_tight_machine_and_runs_with_one_read_in_flight(
         assert plan.reads_in_flight == 1 and plan.num_slots >= 2 and "TIGHT" in plan.budget.reason
         with torch.no_grad():
             model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def test_auto_reads_directly_only_when_the_budget_cannot_hold_every_expert(
+    tmp_path: Path, still_memory: None
+) -> None:
+    """Beyond RAM a buffered read leaves a page-cache copy of each expert beside the pool's, charged to the
+    memory limit: auto then reads with O_DIRECT (and reserves nothing for reads in flight)."""
+    from expertflow.pipeline.planner import resolve_read_mode
+
+    layout: Any = open_checkpoint(save_checkpoint("mixtral", tmp_path / "m", shard_size=None))
+    roomy = _reading(64 << 30)
+    assert resolve_read_mode(layout, StoreConfig(), reading=roomy).read_mode == "mmap"
+    tight = StoreConfig(host_bytes=4 * slot_size(layout, "auto"))
+    assert resolve_read_mode(layout, tight).read_mode == "direct"
+    plan = plan_store(layout, tight)
+    assert plan.io_bytes == 0 and plan.num_slots == 4
+    buffered = plan_store(layout, tight.with_(read_mode="mmap"))
+    assert buffered.io_bytes > 0

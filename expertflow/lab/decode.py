@@ -60,6 +60,8 @@ EXPERTFLOW_SETTINGS = {
     "no-cache": ("none", "none"),
     "lru": ("lru", "none"),
     "predictive": ("predictive", "combined"),
+    # What a user gets with no flag (StoreConfig's defaults): LRU eviction with prediction on.
+    "default": ("lru", "combined"),
 }
 PEERS = {
     "transformers": Contender("transformers (RAM)", "transformers"),

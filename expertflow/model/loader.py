@@ -68,7 +68,7 @@ from expertflow.model.routing import attach as attach_routing
 from expertflow.model.support import check_supported
 from expertflow.model.verify import FamilyCheck, cached_status, verify_family
 from expertflow.pipeline.budget import ACTIVATION_RESERVE
-from expertflow.pipeline.planner import StorePlan, budget_sizes, check_minimum, plan_store
+from expertflow.pipeline.planner import StorePlan, budget_sizes, check_minimum, plan_store, resolve_read_mode
 from expertflow.quant.scheme import QuantScheme
 from expertflow.tiers.layout import ExpertLayout, TensorInfo
 from expertflow.tiers.safetensors_index import PACK_MANIFEST_NAME, open_checkpoint, scan_checkpoint
@@ -301,6 +301,7 @@ def _prepare(
         + ACTIVATION_RESERVE
     )
     config = config.with_(host_reserve_bytes=max(config.host_reserve_bytes, other))
+    config = resolve_read_mode(layout, config)
     return _Prepared(
         hf_config,
         layout,

@@ -29,7 +29,7 @@ from expertflow.pipeline.budget import (
     reads_in_flight_bytes,
 )
 from expertflow.tiers.layout import ExpertLayout
-from expertflow.tiers.nvme import read_need
+from expertflow.tiers.nvme import direct_fits, read_need
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,9 @@ def plan_store(
     ``reserve`` is what the process still allocates besides the pool (default ``config.host_reserve_bytes``).
     An explicit budget that cannot fit beside it is kept, with a warning (``budget.fits`` False).
     """
+    if config.read_mode == "auto":
+        reading = reading or budget_module.read_memory()
+        config = resolve_read_mode(layout, config, reserve, source_needs=source_needs, reading=reading)
     reserve = config.host_reserve_bytes if reserve is None else reserve
     slot = slot_size(layout, config.read_mode, source_needs)
     all_experts = slot * len(layout.experts)
@@ -165,6 +168,28 @@ def plan_store(
         reserve_bytes=reserve,
         budget=budget,
     )
+
+
+def resolve_read_mode(
+    layout: ExpertLayout,
+    config: StoreConfig,
+    reserve: int | None = None,
+    *,
+    source_needs: Iterable[int] = (),
+    reading: MemoryReading | None = None,
+) -> StoreConfig:
+    """``config`` with an ``auto`` read mode made concrete: ``mmap`` when the plan holds every expert (the page
+    cache then only serves the first reads, and warms the next process), else ``direct``: beyond RAM a buffered
+    read leaves a page-cache copy of each expert beside the pool's, which a memory limit charges and reclaims
+    from the process's own pages."""
+    if config.read_mode != "auto":
+        return config
+    if not direct_fits(layout):
+        return config.with_(read_mode="mmap")
+    buffered = plan_store(
+        layout, config.with_(read_mode="mmap"), reserve, source_needs=source_needs, reading=reading
+    )
+    return config.with_(read_mode="mmap" if buffered.num_slots >= buffered.num_experts else "direct")
 
 
 def check_minimum(layout: ExpertLayout, config: StoreConfig, top_k: int) -> None:

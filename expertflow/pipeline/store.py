@@ -30,7 +30,7 @@ from expertflow.config import StoreConfig
 from expertflow.core import ExpertKey
 from expertflow.errors import BudgetError, ConfigError, ExpertReadError, StoreClosedError
 from expertflow.pipeline.cache import CacheLevel, Entry, Fill, Scorer
-from expertflow.pipeline.planner import plan_store
+from expertflow.pipeline.planner import plan_store, resolve_read_mode
 from expertflow.pipeline.policy import EvictionPolicy, PredictivePolicy, make_policy
 from expertflow.pipeline.sources import SourceChain
 from expertflow.pipeline.stats import StoreStats
@@ -203,6 +203,8 @@ class AsyncExpertStore:
         """
         config = config or StoreConfig()
         layout = await asyncio.to_thread(_as_layout, layout_or_path)
+        if config.read_mode == "auto":
+            config = await asyncio.to_thread(resolve_read_mode, layout, config)
         if sources is None and build_sources is not None:
             sources = await build_sources(layout, config)
         if sources is None:
