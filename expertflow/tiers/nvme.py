@@ -26,7 +26,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 import torch
@@ -156,18 +156,19 @@ class NvmeTier:
     def __init__(
         self,
         layout: ExpertLayout,
-        mode: ReadMode = "mmap",
+        mode: ReadMode | Literal["auto"] = "mmap",
         *,
         max_concurrent_reads: int = 4,
         verify_checksums: bool = True,
         checksums: LocalChecksums | None = None,
     ) -> None:
         if mode not in ("mmap", "direct"):
-            raise ConfigError(f"read mode must be 'mmap' or 'direct', got {mode!r}")
+            hint = " (an 'auto' read mode is resolved by the planner: resolve_read_mode)" if mode == "auto" else ""
+            raise ConfigError(f"read mode must be 'mmap' or 'direct', got {mode!r}{hint}")
         if max_concurrent_reads < 1:
             raise ConfigError("max_concurrent_reads must be >= 1")
         self.layout = layout
-        self.mode: ReadMode = mode
+        self.mode: ReadMode = cast(ReadMode, mode)
         self.verify_checksums = verify_checksums
         # Where the local copy's checksums of an unpacked checkpoint are recorded (for checking daemons).
         self.checksums = checksums
