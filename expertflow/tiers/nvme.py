@@ -163,7 +163,11 @@ class NvmeTier:
         checksums: LocalChecksums | None = None,
     ) -> None:
         if mode not in ("mmap", "direct"):
-            hint = " (an 'auto' read mode is resolved by the planner: resolve_read_mode)" if mode == "auto" else ""
+            hint = (
+                " (an 'auto' read mode is resolved by the planner: resolve_read_mode)"
+                if mode == "auto"
+                else ""
+            )
             raise ConfigError(f"read mode must be 'mmap' or 'direct', got {mode!r}{hint}")
         if max_concurrent_reads < 1:
             raise ConfigError("max_concurrent_reads must be >= 1")
