@@ -591,6 +591,7 @@ def bench_decode(
     result = BenchResult("decode", [])
     if command:
         result.notes.append(f"command: `{command}`")
+    load_before = os.getloadavg()
     result.notes.append(
         f"checkpoint {model_dir}: {layout.model_type}, {len(layout.experts)} experts, "
         f"{layout.expert_bytes / 2**20:.1f} MiB of experts, {layout.non_expert_bytes / 2**20:.1f} MiB non-expert"
@@ -681,6 +682,10 @@ def bench_decode(
             row["same_tokens_as_transformers"] = row["tokens"] == ceiling["tokens"]
     result.summary = _summary(result.rows)
     result.summary.update(paired_ratios(contenders, rounds))
+    result.notes.append(
+        "load average (1, 5, 15 min) before the run "
+        f"{', '.join(f'{x:.2f}' for x in load_before)}; after {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     return result
 
 
