@@ -35,13 +35,19 @@ class MemoryReading:
     cgroup_anon: int | None  # anonymous memory charged to that cgroup (not reclaimable)
     cgroup_file: int | None  # page cache charged to that cgroup (reclaimable)
     source: str  # which limit applies, for messages
+    #: File pages this process has mapped and resident (its libraries' code, Python's modules): page cache, so
+    #: reclaimable in principle, but the process's own working set; evicted, they fault back in from disk.
+    process_file: int = 0
 
     @property
     def available(self) -> int:
         """Bytes the process can still take without pushing out its own working set."""
         if self.cgroup_limit is None:
             return self.mem_available
-        in_group = self.cgroup_limit - (self.cgroup_anon or 0)
+        # Under a limit that charges the page cache, the process's own mapped files compete with the pool: leave
+        # them their room (measured, ~100 MB for torch and transformers), or the kernel evicts the code the
+        # process runs and every token faults it back in.
+        in_group = self.cgroup_limit - (self.cgroup_anon or 0) - self.process_file
         return max(0, min(in_group, self.mem_available))
 
 
@@ -85,6 +91,20 @@ def _meminfo(proc: Path) -> tuple[int, int]:
     return total, values.get("MemAvailable", total)
 
 
+def _status(path: Path) -> dict[str, int]:
+    """Sizes (bytes) of ``/proc/<pid>/status`` lines such as ``RssFile:  99280 kB``."""
+    out: dict[str, int] = {}
+    try:
+        for line in path.read_text().splitlines():
+            name, _, rest = line.partition(":")
+            parts = rest.split()
+            if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+                out[name] = int(parts[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
 def _cgroup_dirs(proc: Path, root: Path) -> list[tuple[str, Path]]:
     """(version, directory) of this process's memory cgroup, innermost first, then each ancestor."""
     try:
@@ -124,13 +144,17 @@ def read_memory(proc: str | Path = "/proc", cgroup_root: str | Path = "/sys/fs/c
     if best is None:
         return MemoryReading(total, available, None, None, None, "MemAvailable of the machine")
     limit, version, path = best
+    own = _status(proc / "self" / "status")
+    process_file = own.get("RssFile", 0) + own.get("RssShmem", 0)
     stat = _memory_stat(path / "memory.stat")
     if version == "v2":
         anon, file = stat.get("anon"), stat.get("file")
     else:
         anon = stat.get("total_rss", stat.get("rss"))
         file = stat.get("total_cache", stat.get("cache"))
-    return MemoryReading(total, available, limit, anon, file, f"memory cgroup {version} limit of {path}")
+    return MemoryReading(
+        total, available, limit, anon, file, f"memory cgroup {version} limit of {path}", process_file
+    )
 
 
 @dataclass(frozen=True)
