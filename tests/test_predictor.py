@@ -172,3 +172,32 @@ def test_no_look_ahead_runs_while_reads_are_too_busy_to_admit_any_prediction(che
     # Nothing was posted to the store after that: every prefetch it saw was a certain one or none at all.
     assert runs["saturated"][2].prefetch_issued < runs["idle"][2].prefetch_issued
     assert torch.equal(runs["idle"][0], runs["saturated"][0])
+
+
+def test_a_predictor_that_finds_nothing_worth_a_read_switches_itself_off_and_wakes_to_look_again(checkpoints):
+    """Prediction must not cost decode time when nothing it predicts can be admitted: after two whole passes of
+    skips it does no work at all (not even its bookkeeping) for DORMANT_PASSES passes, then looks again."""
+    from expertflow.model import prefetch
+
+    path = checkpoints.get("mixtral")
+    layout = open_checkpoint(path)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    config = StoreConfig(host_bytes=400 << 10, predictor="combined", prefetch_depth=1)
+    with _SaturatedStore(layout, config) as store:
+        model = load_model(path, store=store, layout=layout)
+        predictor = model.expert_predictor
+        events: list[str] = []
+        real_observe, real_doze = predictor.observe, predictor.doze
+        predictor.observe = lambda layer, ids: (events.append("observe"), real_observe(layer, ids))[1]
+        predictor.doze = lambda: (events.append("doze"), real_doze())[1]
+        passes = 80  # forward passes: the prompt's, then one per new token but the last
+        model.generate(input_ids=ids, max_new_tokens=passes, do_sample=False, min_new_tokens=passes)
+        layers = len(model.expert_layers)
+        stats = predictor.stats()
+    # Every visit is either observed or slept through, and sleeping covers most of them.
+    assert len(events) == passes * layers
+    assert stats["dormant"] == events.count("doze") >= prefetch.DORMANT_PASSES * layers
+    # Asleep only after two whole passes of skips; awake again (observing) after sleeping.
+    first_doze = events.index("doze")
+    assert first_doze >= 2 * layers
+    assert "observe" in events[first_doze + prefetch.DORMANT_PASSES * layers :]

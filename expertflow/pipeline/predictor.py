@@ -78,6 +78,7 @@ class Predictor:
         self._quiet_layers = 0
         self.predict_cache: list[tuple[ExpertKey, float]] = []  # last predictions (kept by the model side)
         self.skipped = 0  # layers after which prediction was skipped (see skip)
+        self.dormant = 0  # layer visits the predictor slept through (see doze)
 
     # --- configuration ---------------------------------------------------------------------------------
 
@@ -212,6 +213,10 @@ class Predictor:
         """The highest priority a prediction could have now: the best precision of the distances predicted."""
         return max(self.precision(d) for d in range(1, self._depth + 1))
 
+    def doze(self) -> None:
+        """Count one layer visit the predictor slept through (see ``attach_predictor``'s dormancy)."""
+        self.dormant += 1
+
     def skip(self) -> None:
         """Make no prediction this time (no prefetch could be admitted): scores fall back to usage rates."""
         self._scores = {}
@@ -248,4 +253,10 @@ class Predictor:
             }
         for d, v in by_distance.items():
             v["prefetching"] = self.worth_prefetching(d)
-        return {"mode": self.mode, "depth": self._depth, "by_distance": by_distance, "skipped": self.skipped}
+        return {
+            "mode": self.mode,
+            "depth": self._depth,
+            "by_distance": by_distance,
+            "skipped": self.skipped,
+            "dormant": self.dormant,
+        }
