@@ -38,24 +38,40 @@ def _shown(value: float, text: str) -> None:
     assert round(value, decimals) == pytest.approx(number), (value, text)
 
 
-def test_the_readme_results_table_is_the_beyond_ram_result_file() -> None:
-    rows = {r["label"]: r for r in _rows("benchmarks/beyond-ram/decode.json")}
+def test_the_readme_results_table_is_the_scale_result_files() -> None:
+    files = {"1 GiB": "benchmarks/scale-1GiB/decode.json", "2 GiB": "benchmarks/scale-2GiB/decode.json"}
     labels = {
-        "transformers, whole model in RAM (no limit)": "transformers (RAM)",
-        "accelerate disk offload": "accelerate disk offload",
-        "ExpertFlow LRU, automatic budget": "expertflow lru @auto",
-        "ExpertFlow predictive, automatic budget": "expertflow predictive @auto",
+        "llama.cpp bf16, mmap": "llama.cpp bf16",
+        "ExpertFlow bf16 (same tokens as transformers)": "expertflow default @auto",
+        "ExpertFlow bf16": "expertflow default @auto",
+        "llama.cpp Q4_0, mmap (`--repack 0`)": "llama.cpp Q4_0",
+        "ExpertFlow int4 experts, int8 non-experts": "expertflow default int4 non-experts int8 @auto",
     }
-    table = _table("README.md", "| contender | tokens/s |")
-    assert [r[0] for r in table] == list(labels)
-    accelerate = rows["accelerate disk offload"]["tokens_per_second"]
-    for name, tok_s, vs, mib in table:
+    peers = {
+        "expertflow default @auto": "llama.cpp bf16",
+        "expertflow default int4 non-experts int8 @auto": "llama.cpp Q4_0",
+    }
+    table = _table("README.md", "| cgroup | contender |")
+    assert len(table) == 8
+    for cgroup, shown, tok_s, vs in table:
+        name = shown.replace("*", "")
+        rows = {r["label"]: r for r in _rows(files[cgroup])}
         row = rows[labels[name]]
         _shown(row["tokens_per_second"], tok_s)
+        if "same tokens" in name:
+            assert row["same_tokens_as_transformers"] is True
+        if "--repack 0" in name:
+            assert row["repack"] is False and "--repack 0" in row["command"]
         if vs != "—":
-            _shown(row["tokens_per_second"] / accelerate, vs)
-        if mib != "—":
-            _shown(row["MiB_read_per_token"], mib)
+            _shown(row["tokens_per_second"] / rows[peers[row["label"]]]["tokens_per_second"], vs)
+    rows = {r["label"]: r for r in _rows("benchmarks/beyond-ram-llamacpp/decode.json")}
+    ours, cpp, acc = (
+        rows[k]["tokens_per_second"]
+        for k in ("expertflow default @auto", "llama.cpp bf16", "accelerate disk offload")
+    )
+    text = " ".join((REPO / "README.md").read_text().split())
+    claim = f"decodes {ours:.2f} tok/s, {ours / cpp:.2f}x llama.cpp's bf16 mmap ({cpp:.2f}) and {ours / acc:.1f}x accelerate ({acc:.2f})"
+    assert claim in text
 
 
 def test_the_grid_table_and_claims_are_the_grid_result_file() -> None:

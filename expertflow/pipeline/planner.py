@@ -186,10 +186,13 @@ def resolve_read_mode(
         return config
     if not direct_fits(layout):
         return config.with_(read_mode="mmap")
-    buffered = plan_store(
-        layout, config.with_(read_mode="mmap"), reserve, source_needs=source_needs, reading=reading
-    )
-    return config.with_(read_mode="mmap" if buffered.num_slots >= buffered.num_experts else "direct")
+    buffered = config.with_(read_mode="mmap")
+    if config.host_bytes is not None:  # (planning it would warn a second time about a budget that cannot fit)
+        fits = config.host_bytes >= slot_size(layout, "mmap", source_needs) * len(layout.experts)
+    else:
+        plan = plan_store(layout, buffered, reserve, source_needs=source_needs, reading=reading)
+        fits = plan.num_slots >= plan.num_experts
+    return config.with_(read_mode="mmap" if fits else "direct")
 
 
 def check_minimum(layout: ExpertLayout, config: StoreConfig, top_k: int) -> None:
