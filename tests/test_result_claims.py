@@ -116,3 +116,25 @@ def test_the_policy_table_is_the_policy_result_file() -> None:
             _shown(row[key], text)
         for key, text in zip(("lru", "predictive", "belady"), loads.split(", ")):
             _shown(row[f"{key}_loads_per_token"], text)
+
+
+def test_the_non_expert_accuracy_table_is_its_result_file() -> None:
+    results = json.loads((REPO / "benchmarks/accuracy-non-experts/accuracy.json").read_text())["results"]
+    by = {Path(r["model"]).name: r for r in results}
+    packs = {
+        "int4 g128, fp32 (as above)": "int4-g128",
+        "int4 g128, int8": "int4-g128-nonexperts-int8",
+        "int4 g128, int4 g128": "int4-g128-nonexperts-int4",
+        "int8, int8": "int8-nonexperts-int8",
+    }
+    table = _table("docs/quantization.md", "| experts, non-experts |")
+    assert [r[0] for r in table] == list(packs)
+    for name, ppl, nll, kl, top1 in table:
+        row = by[packs[name]]
+        for value, text in (
+            (row["perplexity"], ppl),
+            (row["nll"], nll),
+            (row["kl"], kl),
+            (row["top1_agreement"], top1),
+        ):
+            _shown(value, text)
