@@ -6,11 +6,12 @@ instance of the family's experts class whose parameters are views of the store's
 (``[num_slots, ...]``), translate expert ids to slot ids and call that instance's own forward, so the expert
 math (activation, GPT-OSS's clamped SwiGLU, biases, transposed layouts) is the reference's by construction.
 
-Experts already resident are computed at once; the others are masked out of that call (slot id
-``num_slots``, which the chosen kernel skips) and computed in a later wave when they land. Each route (token,
-expert) is its own row with a unit weight, computed exactly once and kept whole; the routes are weighted and
-summed at the end, as the family's forward does. So which experts arrive together, and in what order (reads
-decide that, run to run), changes no bit of the output: greedy decoding repeats, in any dtype.
+Experts already resident are computed at once; the others in a later wave, as they land. Each route (token,
+expert) is its own row with a unit weight, and each expert's rows go through a call of the family's forward
+that sees that expert alone (its slot as a one-expert module), so each route is computed exactly once, the
+same way whatever else is resident; the routes are weighted and summed at the end, as the family's forward
+does. So which experts arrive together, and in what order (reads decide that, run to run), changes no bit of
+the output: greedy decoding repeats, in any dtype.
 """
 
 from __future__ import annotations
@@ -119,8 +120,8 @@ class OffloadedExperts(nn.Module):
         # Lossy, opt-in (expertflow.model.routing): rewrites routing toward resident experts.
         self.routing: Any = None
         self.last_stalled = False
-        # [num_slots, *per_expert] views over the slot arena. Each call hands the kernel only the span of slots
-        # its wave occupies (a free slice): a grouped kernel's cost grows with the number of groups it is given.
+        # [num_slots, *per_expert] views over the slot arena. Each call hands the kernel the one slot it computes
+        # (a free slice): a grouped kernel's cost grows with the number of groups it is given.
         self._slot_views: dict[str, Any] = {}  # tensors, or QuantizedStack for quantized weights
         for fill in adapter.fills:
             del experts._parameters[fill.param]
@@ -147,35 +148,22 @@ class OffloadedExperts(nn.Module):
         slot: valid while the caller holds the expert's pin)."""
         return {name: view[slot] for name, view in self._slot_views.items() if isinstance(view, torch.Tensor)}
 
-    def _kernel(
-        self,
-        hidden_states: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-        wave: Sequence[ExpertHandle],
-    ) -> torch.Tensor:
-        """The family's own experts forward over the slots of ``wave``, every route of ``top_k_index`` being to
-        one of its experts."""
+    def _kernel(self, rows: torch.Tensor, handle: ExpertHandle, weight_dtype: torch.dtype) -> torch.Tensor:
+        """The family's own experts forward of ``rows``, every one a route to the expert of ``handle`` with a unit
+        weight: the module sees one expert, the one in the handle's slot."""
         experts: nn.Module = self.__dict__["_experts"]
-        lo = min(h.slot for h in wave)
-        span = max(h.slot for h in wave) + 1 - lo
-        table = [span] * self.num_experts  # expert id -> position in the span
-        for h in wave:
-            table[h.key.expert] = h.slot - lo
-        slot_index = torch.tensor(table, device=top_k_index.device)[top_k_index]  # [tokens, top_k]
+        slot = handle.slot
         for name, view in self._slot_views.items():
-            experts.__dict__[name] = view[lo : lo + span]
-        if self._tables:
-            # Resident per-expert tensors (Ergo's per-expert norm) are indexed by slot id too: row i of the
-            # table the module sees is the row of the expert in slot lo + i.
-            held = [0] * span
-            for h in wave:
-                held[h.slot - lo] = h.key.expert
-            held_t = torch.tensor(held)
-            for owner, name, per_expert in self._tables:
-                owner.__dict__[name] = per_expert[held_t.to(per_expert.device)]
-        experts.__dict__.update(num_experts=span, _is_expert_parallel=False)
-        return experts(hidden_states, slot_index, top_k_weights)
+            experts.__dict__[name] = view[slot : slot + 1]
+        expert = handle.key.expert
+        for owner, name, per_expert in self._tables:
+            # Resident per-expert tensors (Ergo's per-expert norm) are indexed like the slots: the module's
+            # expert 0 is this one.
+            owner.__dict__[name] = per_expert[expert : expert + 1]
+        experts.__dict__.update(num_experts=1, _is_expert_parallel=False)
+        index = torch.zeros(rows.shape[0], 1, dtype=torch.long, device=rows.device)
+        unit = torch.ones(rows.shape[0], 1, dtype=weight_dtype, device=rows.device)
+        return experts(rows, index, unit)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -207,10 +195,7 @@ class OffloadedExperts(nn.Module):
                 t0 = time.perf_counter()
                 for handle in wave:
                     mine = (route_index == handle.key.expert).nonzero().squeeze(1)
-                    sub = rows.index_select(0, mine)
-                    index = route_index.index_select(0, mine).unsqueeze(1)
-                    unit = torch.ones(index.shape, dtype=top_k_weights.dtype, device=top_k_weights.device)
-                    part = self._kernel(sub, index, unit, [handle])
+                    part = self._kernel(rows.index_select(0, mine), handle, top_k_weights.dtype)
                     if routes is None:
                         routes = torch.zeros(rows.shape, dtype=part.dtype, device=part.device)
                     routes.index_copy_(0, mine, part)  # routes of distinct experts never overlap: exact
