@@ -599,10 +599,8 @@ def _swap_experts(
         )
     swapped: dict[int, OffloadedExperts] = {}
     for layer, adapter in adapters.items():
-        parent_path, _, attr = adapter.module_path.rpartition(".")
-        parent = model.get_submodule(parent_path)
         offloaded = OffloadedExperts(modules[adapter.module_path], adapter, store, implementation)
-        setattr(parent, attr, offloaded)
+        model.set_submodule(adapter.module_path, offloaded)
         swapped[layer] = offloaded
     return swapped
 
@@ -776,6 +774,11 @@ def _load_dequantized(
             _set_tensor(model, key, weight.to(device), current)
 
 
+def tied_keys(model: PreTrainedModel) -> set[str]:
+    """State keys on either side of a tied pair (an output head sharing the embedding's weight...)."""
+    return {k for pair in model.all_tied_weights_keys.items() for k in pair}
+
+
 def _plan_file_embedding(
     model: PreTrainedModel, plan: LoadPlan, dtype: torch.dtype
 ) -> tuple[str, TensorInfo] | None:
@@ -788,8 +791,7 @@ def _plan_file_embedding(
     if not path:
         return None
     key = f"{path}.weight"
-    tied = {k for pair in model.all_tied_weights_keys.items() for k in pair}
-    if key in tied or any(p in key for p in model._get_dtype_plan(dtype)):
+    if key in tied_keys(model) or any(p in key for p in model._get_dtype_plan(dtype)):
         return None
     for entries in plan.values():
         for i, (info, planned) in enumerate(entries):
@@ -803,9 +805,8 @@ def _plan_file_embedding(
 
 def _load_file_embedding(model: PreTrainedModel, key: str, info: TensorInfo) -> FileEmbedding:
     path = key.rpartition(".")[0]
-    parent_path, _, attr = path.rpartition(".")
     module = FileEmbedding(info, cast(nn.Embedding, model.get_submodule(path)).padding_idx)
-    setattr(model.get_submodule(parent_path) if parent_path else model, attr, module)
+    model.set_submodule(path, module)
     return module
 
 
@@ -876,11 +877,9 @@ def _load_quantized_linears(
                 # aligned, and the int8 kernel crashes on it) and held in memory the budget planned for.
                 parts[suffix] = handles[info.file].get_tensor(info.name).clone()
             path = key.rpartition(".")[0]
-            parent_path, _, attr = path.rpartition(".")
             linear = cast(nn.Linear, model.get_submodule(path))
             bias = None if linear.bias is None else linear.bias.detach()
-            replacement = QuantizedLinear(parts, q.scheme, q.shape[0], q.shape[1], bias)
-            setattr(model.get_submodule(parent_path) if parent_path else model, attr, replacement)
+            model.set_submodule(path, QuantizedLinear(parts, q.scheme, q.shape[0], q.shape[1], bias))
 
 
 def _set_tensor(

@@ -116,11 +116,11 @@ def non_expert_weights(model: Any, layout: ExpertLayout) -> dict[str, tuple[int,
     """``{checkpoint tensor: (out, in)}`` of the non-expert weights a non-expert scheme quantizes: each plain
     ``nn.Linear`` weight outside the experts modules stored under its own name (not merged or split on load, not
     tied to another weight), routers excepted."""
-    from expertflow.model.loader import _num_experts
+    from expertflow.model.loader import _num_experts, tied_keys
 
     paths = {layer.module_path for layer in model.expert_layers.values()}
     linears = quantizable_linears(model, paths, _num_experts(model.config))
-    tied = {k for pair in model.all_tied_weights_keys.items() for k in pair}
+    tied = tied_keys(model)
     out: dict[str, tuple[int, int]] = {}
     for info, _kind in layout.non_expert:
         if (
