@@ -78,21 +78,14 @@ def _memory_stat(path: Path) -> dict[str, int]:
 
 
 def _meminfo(proc: Path) -> tuple[int, int]:
-    values: dict[str, int] = {}
-    try:
-        for line in (proc / "meminfo").read_text().splitlines():
-            name, _, rest = line.partition(":")
-            parts = rest.split()
-            if parts and parts[0].isdigit():
-                values[name] = int(parts[0]) * 1024
-    except OSError:
-        pass
+    values = _kib_fields(proc / "meminfo")
     total = values.get("MemTotal", 0)
     return total, values.get("MemAvailable", total)
 
 
-def _status(path: Path) -> dict[str, int]:
-    """Sizes (bytes) of ``/proc/<pid>/status`` lines such as ``RssFile:  99280 kB``."""
+def _kib_fields(path: Path) -> dict[str, int]:
+    """Sizes in bytes of a ``/proc`` file's ``Name:  N kB`` lines (``meminfo``, ``<pid>/status``); none if
+    unreadable."""
     out: dict[str, int] = {}
     try:
         for line in path.read_text().splitlines():
@@ -144,7 +137,7 @@ def read_memory(proc: str | Path = "/proc", cgroup_root: str | Path = "/sys/fs/c
     if best is None:
         return MemoryReading(total, available, None, None, None, "MemAvailable of the machine")
     limit, version, path = best
-    own = _status(proc / "self" / "status")
+    own = _kib_fields(proc / "self" / "status")
     process_file = own.get("RssFile", 0) + own.get("RssShmem", 0)
     stat = _memory_stat(path / "memory.stat")
     if version == "v2":

@@ -135,8 +135,11 @@ def read_need(layout: ExpertLayout, mode: str) -> int:
     """Bytes a buffer needs to receive any expert of ``layout`` read in ``mode``: the expert itself, or for a
     direct read the whole aligned extent it lands."""
     need = layout.max_expert_nbytes
-    if mode == "direct" or (mode == "auto" and direct_fits(layout)):  # auto may become direct: room for that
-        need = max([need, *(plan_direct(s).extent for s in layout.experts.values())])
+    if mode not in ("direct", "auto"):
+        return need
+    extent = _largest_extent(layout)
+    if mode == "direct" or _extent_fits(layout, extent):  # auto may become direct: room for that
+        need = max(need, extent)
     return need
 
 
@@ -144,8 +147,15 @@ def direct_fits(layout: ExpertLayout) -> bool:
     """Whether direct reads suit ``layout``: each expert's aligned extent is not much more than its bytes. An
     expert whose tensors lie far apart in the file (a fused tensor's slice here, the next one's there) would be
     read with everything between them."""
-    largest = max((plan_direct(s).extent for s in layout.experts.values()), default=0)
-    return largest <= 1.25 * layout.max_expert_nbytes + 2 * BLOCK
+    return _extent_fits(layout, _largest_extent(layout))
+
+
+def _largest_extent(layout: ExpertLayout) -> int:
+    return max((plan_direct(s).extent for s in layout.experts.values()), default=0)
+
+
+def _extent_fits(layout: ExpertLayout, extent: int) -> bool:
+    return extent <= 1.25 * layout.max_expert_nbytes + 2 * BLOCK
 
 
 class NvmeTier:
