@@ -620,10 +620,9 @@ def bench_decode(
         cpp = LlamaCpp.at(llama_cpp)
         for c in contenders:
             if c.kind == "llama.cpp" and c.quantize not in ggufs:
-                ggufs[str(c.quantize)] = cpp.gguf(model_dir, str(c.quantize), workdir, log)
+                gguf = ggufs[str(c.quantize)] = cpp.gguf(model_dir, str(c.quantize), workdir, log)
                 result.notes.append(
-                    f"llama.cpp {c.quantize} GGUF {ggufs[str(c.quantize)]}: "
-                    f"{ggufs[str(c.quantize)].stat().st_size / 2**20:.1f} MiB, converted with "
+                    f"llama.cpp {c.quantize} GGUF {gguf}: {gguf.stat().st_size / 2**20:.1f} MiB, converted with "
                     f"{cpp.convert.name}{'' if c.quantize == 'bf16' else ' and ' + cpp.quantize.name}"
                 )
     for c in contenders:
