@@ -106,7 +106,9 @@ def _cmd_generate_many(args: argparse.Namespace) -> int:
     requests = read_requests(
         args.prompts, args.path, max_new_tokens=args.max_new_tokens, byte_tokens=args.byte_tokens
     )
-    with _load(args) as model:
+    # The batch holds up to --max-batch requests at once: room for the longest of them together.
+    lengths = sorted((len(r.input_ids) + r.max_new_tokens for r in requests), reverse=True)
+    with _load(args, sum(lengths[: args.max_batch]) or 1) as model:
         result = generate_many(model, requests, schedule=args.schedule, max_requests=args.max_batch)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2, default=str))
@@ -138,7 +140,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         from expertflow.model.vision import ImagePrompts
 
         prompt = ImagePrompts(args.path).inputs(ids, args.image)  # checked before the model loads
-    model = _load(args)
+    prompt_tokens = len(ids) if isinstance(prompt, list) else int(prompt["input_ids"].shape[1])
+    model = _load(args, prompt_tokens + max(args.max_new_tokens, 0))
     try:
 
         def show(token: int) -> None:
@@ -162,7 +165,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     from expertflow.pipeline.traces import save
 
     ids = encode_prompt(args.path, args.prompt, args.token_ids, args.byte_tokens)
-    with _load(args) as model:
+    with _load(args, len(ids) + max(args.max_new_tokens, 0)) as model:
         recorder = RoutingRecorder(model, meta={"model": str(args.path), "prompt_tokens": len(ids)})
         generate(model, ids, args.max_new_tokens)
         trace = recorder.finish()
@@ -187,6 +190,13 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--policy", choices=POLICIES, default="lru", help="eviction policy")
     p.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="tokens (prompt + generated, all requests at once) the auto budget leaves room for: the KV cache "
+        "and the prompt's forward pass (default: what this command's requests take)",
+    )
+    p.add_argument(
         "--routing",
         choices=("exact", "cache-aware"),
         default="exact",
@@ -209,8 +219,9 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace) -> Any:
-    """``load_model`` with the command line's store options."""
+def _load(args: argparse.Namespace, context: int) -> Any:
+    """``load_model`` with the command line's store options, its auto budget leaving room for ``context`` tokens
+    (what the requests take) unless ``--context`` says otherwise."""
     from expertflow.model.loader import load_model
 
     if args.trust_family:
@@ -218,9 +229,10 @@ def _load(args: argparse.Namespace) -> Any:
             "WARNING: --trust-family: this family's offloaded experts are not proved exact; outputs may be wrong",
             file=sys.stderr,
         )
-    return load_model(
-        args.path, device=args.device, config=_store_config(args), trust_family=args.trust_family
-    )
+    if args.context is not None and args.context < 1:
+        raise ConfigError(f"--context must be >= 1, got {args.context}")
+    config = _store_config(args).with_(context_tokens=args.context or context)
+    return load_model(args.path, device=args.device, config=config, trust_family=args.trust_family)
 
 
 def _add_prompt_options(p: argparse.ArgumentParser) -> None:

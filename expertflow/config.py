@@ -87,6 +87,8 @@ class StoreConfig:
     ``routing``: ``exact`` (the model's own routing) or ``cache-aware`` (lossy: see ``routing_margin``).
     ``embedding_from_file``: read the input embedding's rows from the checkpoint file as tokens need them
     instead of holding the table (exact; where the family's embedding is a plain, untied ``nn.Embedding``).
+    ``context_tokens``: the prompt plus generated tokens the auto budget leaves room for (the KV cache and a
+    prompt's forward pass, sized from the model's shape); longer requests still run, with less headroom.
     """
 
     device: str = "cpu"
@@ -114,6 +116,7 @@ class StoreConfig:
     routing: RoutingName = "exact"
     routing_margin: float = 0.0
     embedding_from_file: bool = True
+    context_tokens: int = 2048
 
     def __post_init__(self) -> None:
         if self.read_mode not in READ_MODES:
@@ -130,6 +133,8 @@ class StoreConfig:
             raise ConfigError(f"host_reserve_bytes must be >= 0, got {self.host_reserve_bytes}")
         if self.prefetch_depth < 0 or self.max_prefetch_depth < 0:
             raise ConfigError("prefetch depths must be >= 0")
+        if self.context_tokens < 1:
+            raise ConfigError(f"context_tokens must be >= 1, got {self.context_tokens}")
         if self.max_concurrent_reads < 1:
             raise ConfigError("max_concurrent_reads must be >= 1")
         if self.max_inflight_bytes < 1:

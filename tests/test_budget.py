@@ -12,7 +12,7 @@ import pytest
 from expertflow.config import StoreConfig
 from expertflow.lab.decode import memory_cgroup
 from expertflow.pipeline.budget import (
-    MIN_MARGIN,
+    RUNTIME_SLACK,
     MemoryReading,
     explicit_budget_warning,
     plan_host_budget,
@@ -93,8 +93,7 @@ def test_cgroup_v1_limit_is_read_and_the_no_limit_value_ignored(tmp_path: Path) 
 def test_the_plan_subtracts_other_weights_reads_and_a_margin_and_caps_at_the_experts() -> None:
     reading = MemoryReading(16 * GiB, 16 * GiB, GiB, 200 * MiB, 0, "memory cgroup v1 limit of /x")
     plan = plan_host_budget(4 * GiB, other_bytes=100 * MiB, io_bytes=50 * MiB, reading=reading)
-    margin = max(MIN_MARGIN, int(0.08 * (GiB - 200 * MiB)))
-    assert plan.host_bytes == GiB - 200 * MiB - 100 * MiB - 50 * MiB - margin
+    assert plan.host_bytes == GiB - 200 * MiB - 100 * MiB - 50 * MiB - RUNTIME_SLACK
     assert "cgroup" in plan.reason and "margin" in plan.reason
     roomy = MemoryReading(64 * GiB, 60 * GiB, None, None, None, "MemAvailable of the machine")
     assert plan_host_budget(4 * GiB, reading=roomy).host_bytes == 4 * GiB

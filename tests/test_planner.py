@@ -14,7 +14,8 @@ from expertflow.cli import main as cli_main
 from expertflow.config import StoreConfig
 from expertflow.model.loader import load_model, plan_model
 from expertflow.model.quantize_pack import pack_quantized
-from expertflow.pipeline.planner import plan_store, slot_size
+from expertflow.pipeline.budget import RUNTIME_SLACK
+from expertflow.pipeline.planner import TIGHT_MARGIN, plan_store, slot_size
 from expertflow.quant.scheme import QuantScheme
 from expertflow.tiers.safetensors_index import open_checkpoint
 from tests.checkpoints import save_checkpoint
@@ -102,14 +103,30 @@ def test_a_tight_machine_gets_one_read_in_flight_and_a_thin_margin_instead_of_a_
     """The default budget does not refuse while one token's experts fit once reads in flight and the margin
     shrink: it runs with one read at a time, and says so."""
     layout: Any = open_checkpoint(save_checkpoint("mixtral", tmp_path / "m", shard_size=None))
-    slot = slot_size(layout, "mmap")
-    # The usual 4 reads in flight and 96 MiB margin leave room for one expert; one read and 32 MiB, for many.
-    tight = plan_store(layout, StoreConfig(), reserve=0, reading=_reading(96 * MiB + 5 * slot))
+    mmap = StoreConfig(read_mode="mmap")
+    # The usual margin leaves no room at all; one read in flight and half the margin, room for many experts.
+    tight = plan_store(layout, mmap, reserve=0, reading=_reading(RUNTIME_SLACK))
     assert tight.num_slots >= 2 and tight.reads_in_flight == 1 and "TIGHT" in tight.budget.reason
-    roomy = plan_store(layout, StoreConfig(), reserve=0, reading=_reading(8 << 30))
+    roomy = plan_store(layout, mmap, reserve=0, reading=_reading(8 << 30))
     assert roomy.reads_in_flight == 4 and "TIGHT" not in roomy.budget.reason
-    hopeless = plan_store(layout, StoreConfig(), reserve=0, reading=_reading(30 * MiB))
+    hopeless = plan_store(layout, mmap, reserve=0, reading=_reading(TIGHT_MARGIN))
     assert hopeless.num_slots < 2 and "TIGHT" not in hopeless.budget.reason  # below even the thin margin
+
+
+def test_buffered_reads_in_flight_take_at_most_a_quarter_of_the_room(tmp_path: Path) -> None:
+    """Reads in flight are sized from the budget: each buffered read holds a page-cache copy of an expert, so
+    a machine with room for 8 experts reads 2 at a time (and pools 6), not the configured 4."""
+    layout: Any = open_checkpoint(save_checkpoint("mixtral", tmp_path / "m", shard_size=None))
+    slot = slot_size(layout, "mmap")
+    plan = plan_store(
+        layout, StoreConfig(read_mode="mmap"), reserve=0, reading=_reading(RUNTIME_SLACK + 8 * slot)
+    )
+    assert plan.reads_in_flight == 2 and plan.io_bytes == 2 * slot and plan.num_slots == 6
+    # Direct reads land in the pool's own slots: nothing is set aside for them, the configured count runs.
+    direct = plan_store(
+        layout, StoreConfig(read_mode="direct"), reserve=0, reading=_reading(RUNTIME_SLACK + 8 * slot)
+    )
+    assert direct.reads_in_flight == 4 and direct.io_bytes == 0
 
 
 def test_load_model_starts_on_a_tight_machine_and_runs_with_one_read_in_flight(
@@ -119,7 +136,7 @@ def test_load_model_starts_on_a_tight_machine_and_runs_with_one_read_in_flight(
 
     root = save_checkpoint("mixtral", tmp_path / "m", shard_size=None)
     plan = plan_model(root, StoreConfig(predictor="none"))
-    tight = _reading(plan.reserve_bytes + 96 * MiB + 5 * plan.slot_nbytes)
+    tight = _reading(plan.reserve_bytes + RUNTIME_SLACK)
     monkeypatch.setattr(budget_module, "read_memory", lambda *a, **k: tight)
     with load_model(root, config=StoreConfig(predictor="none")) as model:
         plan = model.expert_store.plan

@@ -219,6 +219,8 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
                 policy=c.policy,  # type: ignore[arg-type]
                 predictor=c.predictor,  # type: ignore[arg-type]
                 read_mode=spec.read_mode,  # type: ignore[arg-type]
+                # The request's own context, as llama-bench sizes its KV cache for n_prompt + n_gen.
+                context_tokens=len(spec.prompt) + spec.new_tokens,
             ),
         )
     load_seconds = time.perf_counter() - t0

@@ -122,7 +122,7 @@ def describe_checkpoint(path: str, *, read_mode: str = "mmap", check_family: boo
     from expertflow.errors import UnsupportedModelError
     from expertflow.model.loader import check_family as run_family_check
     from expertflow.model.loader import family_status, open_layout, plan_model
-    from expertflow.pipeline.budget import ACTIVATION_RESERVE
+    from expertflow.model.working_set import activation_bytes, config_dtype
     from expertflow.pipeline.planner import plan_store
 
     layout = open_layout(path)
@@ -134,7 +134,8 @@ def describe_checkpoint(path: str, *, read_mode: str = "mmap", check_family: boo
         except UnsupportedModelError:
             # transformers cannot build this model (open_layout fell back to the model-free naming): the plan
             # from the files alone, non-expert weights as stored.
-            plan = plan_store(layout, config, layout.non_expert_bytes + ACTIVATION_RESERVE)
+            reserve = activation_bytes(layout.config, config_dtype(layout.config), config.context_tokens)
+            plan = plan_store(layout, config, layout.non_expert_bytes + reserve)
         desc["budget"]["default"] = plan.as_dict()
         if check_family:
             run_family_check(path, refresh=True)

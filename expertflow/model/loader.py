@@ -67,7 +67,7 @@ from expertflow.model.quantized_linear import QuantizedLinear
 from expertflow.model.routing import attach as attach_routing
 from expertflow.model.support import check_supported
 from expertflow.model.verify import FamilyCheck, cached_status, verify_family
-from expertflow.pipeline.budget import ACTIVATION_RESERVE
+from expertflow.model.working_set import activation_bytes
 from expertflow.pipeline.planner import StorePlan, budget_sizes, check_minimum, plan_store, resolve_read_mode
 from expertflow.quant.scheme import QuantScheme
 from expertflow.tiers.layout import ExpertLayout, TensorInfo
@@ -298,7 +298,7 @@ def _prepare(
     other = (
         _non_expert_bytes(plan, dtype)
         + sum(t.nbytes for q in quantized_linears.values() for t in q.tensors.values())
-        + ACTIVATION_RESERVE
+        + activation_bytes(hf_config, dtype, config.context_tokens)
     )
     config = config.with_(host_reserve_bytes=max(config.host_reserve_bytes, other))
     config = resolve_read_mode(layout, config)

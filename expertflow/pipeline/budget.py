@@ -18,11 +18,12 @@ from expertflow.config import format_size
 
 _UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a huge number; v2 writes "max"
 
-#: Never plan to use the last bit of memory: the kernel, allocator slack and short-lived tensors need it.
-MIN_MARGIN = 96 << 20
-#: Room for activations, the KV cache of a short generation and the runtime's scratch, beside the weights.
-ACTIVATION_RESERVE = 64 << 20
-MARGIN_FRACTION = 0.08
+#: What the runtime itself grows by while it generates, beside the tensors it allocates (the allocator's free
+#: lists, Python objects, torch's thread pools): measured as the growth of the resident set over a warm
+#: generation of a loaded model (``tests/test_working_set.py``; 1-7 MiB on the presets), with room to spare.
+#: The margin of every plan; what the model's forward allocates is reserved apart, from its shape
+#: (:mod:`expertflow.model.working_set`).
+RUNTIME_SLACK = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -164,28 +165,23 @@ class BudgetPlan:
         return f"{format_size(self.host_bytes)} ({self.reason})"
 
 
-#: The margin a tight plan keeps (see :func:`expertflow.pipeline.planner.plan_store`): past it, starting slower
-#: beats not starting.
-TIGHT_MARGIN = 32 << 20
-
-
 def plan_host_budget(
     experts_bytes: int,
     *,
     other_bytes: int = 0,
     io_bytes: int = 0,
     reading: MemoryReading | None = None,
-    min_margin: int = MIN_MARGIN,
+    margin: int = RUNTIME_SLACK,
 ) -> BudgetPlan:
     """The default host budget: what the process may still use, minus what it still needs, capped.
 
     ``experts_bytes``: what holding every expert would take (slots x experts). ``other_bytes``: what the process
     will allocate besides the pool (non-expert weights not loaded yet, activations). ``io_bytes``: page cache
-    the reads need in flight (memory-mapped reads land in the page cache before they are copied).
+    the reads need in flight (memory-mapped reads land in the page cache before they are copied). ``margin``:
+    what is kept unplanned for the runtime's own growth.
     """
     reading = reading or read_memory()
     available = reading.available
-    margin = max(min_margin, int(MARGIN_FRACTION * available)) if min_margin >= MIN_MARGIN else min_margin
     reserved = {"other": other_bytes, "io": io_bytes, "margin": margin}
     room = available - other_bytes - io_bytes - margin
     if room >= experts_bytes:

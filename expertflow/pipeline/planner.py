@@ -21,7 +21,7 @@ from expertflow.core import routed_top_k, slot_nbytes
 from expertflow.errors import BudgetError
 from expertflow.pipeline import budget as budget_module
 from expertflow.pipeline.budget import (
-    TIGHT_MARGIN,
+    RUNTIME_SLACK,
     BudgetPlan,
     MemoryReading,
     explicit_budget_warning,
@@ -32,6 +32,9 @@ from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.nvme import direct_fits, read_need
 
 log = logging.getLogger(__name__)
+
+#: The margin of a plan too tight for one token's experts otherwise: past it, starting slower beats not starting.
+TIGHT_MARGIN = RUNTIME_SLACK // 2
 
 
 def slot_size(layout: ExpertLayout, read_mode: str, source_needs: Iterable[int] = ()) -> int:
@@ -129,19 +132,24 @@ def plan_store(
     slot = slot_size(layout, config.read_mode, source_needs)
     all_experts = slot * len(layout.experts)
     reads = max(1, min(config.max_concurrent_reads, config.max_inflight_bytes // slot))
-    io = reads_in_flight_bytes(config.read_mode, reads, slot)
     top_k = routed_top_k(layout.config)
     top_k = top_k if top_k is not None and top_k > 0 else None
     if config.host_bytes is None:
-        reading = reading or budget_module.read_memory()  # one reading for both plans below
+        reading = reading or budget_module.read_memory()  # one reading for every plan below
+        if config.read_mode == "mmap":
+            # A buffered read holds a page-cache copy of its expert until it is copied into a slot: reads in
+            # flight take at most a quarter of what the pool could have (at least one), not a fixed count.
+            room = plan_host_budget(all_experts, other_bytes=reserve, reading=reading).host_bytes
+            reads = max(1, min(reads, room // 4 // slot))
+        io = reads_in_flight_bytes(config.read_mode, reads, slot)
         budget = plan_host_budget(all_experts, other_bytes=reserve, io_bytes=io, reading=reading)
         minimum = (top_k or 1) * slot
         if budget.host_bytes < minimum:
-            # Too tight for one token's experts with the usual reads in flight and margin: one read at a time
-            # and a thin margin, rather than refusing to start. Slower (no read overlaps another), and said so.
+            # Too tight for one token's experts: one read at a time and half the margin, rather than refusing
+            # to start. Slower (no read overlaps another), and said so.
             one_read = reads_in_flight_bytes(config.read_mode, 1, slot)
             tight = plan_host_budget(
-                all_experts, other_bytes=reserve, io_bytes=one_read, reading=reading, min_margin=TIGHT_MARGIN
+                all_experts, other_bytes=reserve, io_bytes=one_read, reading=reading, margin=TIGHT_MARGIN
             )
             if tight.host_bytes >= minimum:
                 reads, io = 1, one_read
@@ -151,6 +159,7 @@ def plan_store(
                     "so that one token's experts fit (slower than with room to spare)",
                 )
     else:
+        io = reads_in_flight_bytes(config.read_mode, reads, slot)
         used = min(config.host_bytes, all_experts)
         warning = explicit_budget_warning(used, other_bytes=reserve, io_bytes=io, reading=reading)
         if warning is None:
