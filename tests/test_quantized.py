@@ -3,6 +3,7 @@ the transformers model whose experts hold the dequantized values."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -297,3 +298,41 @@ def test_a_quantized_pack_is_not_quantized_again(mixtral_int4: tuple[Path, Path]
     _, pack = mixtral_int4
     with pytest.raises(CheckpointError, match="already a quantized pack"):
         pack_quantized(pack, tmp_path / "again", INT4, progress=False)
+
+
+SINGLE_ROUTE = [
+    ("mixtral", INT4),
+    ("mixtral", INT8),
+    ("qwen2_moe", INT4),
+    ("deepseek_v3", INT4),
+    ("qwen3_vl_moe", INT4),
+]
+
+
+@pytest.mark.parametrize(("family", "scheme"), SINGLE_ROUTE, ids=[f"{f}-{s.name}" for f, s in SINGLE_ROUTE])
+def test_a_decode_step_computes_each_expert_directly_with_the_bits_of_the_grouped_forward(
+    tmp_path: Path, family: str, scheme: QuantScheme
+) -> None:
+    """One row per expert (every decode step) skips the family's grouping; the step's logits are bitwise those
+    of the grouped forward, in the model's own dtype."""
+    src = save_checkpoint(family, tmp_path / "src")
+    pack = pack_quantized(src, tmp_path / "q", scheme, progress=False)
+    with load_model(pack, config=StoreConfig(predictor="none")) as model:
+        layers = model.expert_layers.values()
+        assert all(layer._single_route for layer in layers)
+        with torch.no_grad():
+            prefill = model(input_ids=IDS, use_cache=True)
+            step = IDS[:, -1:]
+            cache = prefill.past_key_values
+            direct = model(input_ids=step, past_key_values=copy.deepcopy(cache)).logits
+            for layer in layers:
+                layer._single_route = False
+            grouped = model(input_ids=step, past_key_values=cache).logits
+    assert torch.equal(direct, grouped)
+
+
+def test_experts_with_biases_keep_the_grouped_forward(tmp_path: Path) -> None:
+    src = save_checkpoint("gpt_oss", tmp_path / "src")
+    pack = pack_quantized(src, tmp_path / "q", INT4, progress=False)
+    with load_model(pack, config=StoreConfig(predictor="none")) as model:
+        assert not any(layer._single_route for layer in model.expert_layers.values())

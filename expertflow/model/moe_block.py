@@ -27,6 +27,11 @@ from torch import nn
 from expertflow.config import StoreConfig
 from expertflow.core import ExpertKey
 from expertflow.model.adapters import ExpertsAdapter
+from expertflow.model.quantized_experts import (
+    QUANTIZED_IMPLEMENTATION,
+    quantized_single_route,
+    single_route_supported,
+)
 from expertflow.pipeline.budget import BudgetPlan
 from expertflow.pipeline.schedule import plan_layer
 from expertflow.pipeline.stats import StoreStats
@@ -127,6 +132,12 @@ class OffloadedExperts(nn.Module):
             del experts._parameters[fill.param]
             self._slot_views[fill.param] = fill.bind(store, adapter.layer)
         self._tables = _expert_tables(experts, adapter.num_experts, set(self._slot_views))
+        # One row for one expert (every decode step) skips the family's grouping, which one row makes a no-op.
+        self._single_route = (
+            implementation == QUANTIZED_IMPLEMENTATION
+            and not self._tables
+            and single_route_supported(experts, self._slot_views)
+        )
         # A private config so that our kernel choice does not leak into the rest of the model.
         config: Any = copy.copy(experts.config)
         config._experts_implementation_internal = implementation
@@ -153,6 +164,8 @@ class OffloadedExperts(nn.Module):
         weight: the module sees one expert, the one in the handle's slot."""
         experts: nn.Module = self.__dict__["_experts"]
         slot = handle.slot
+        if self._single_route and rows.shape[0] == 1:
+            return quantized_single_route(experts, self._slot_views, rows, slot)
         for name, view in self._slot_views.items():
             experts.__dict__[name] = view[slot : slot + 1]
         expert = handle.key.expert

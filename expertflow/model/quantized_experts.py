@@ -161,6 +161,30 @@ def quantized_experts_forward(
 ALL_EXPERTS_FUNCTIONS.register(QUANTIZED_IMPLEMENTATION, quantized_experts_forward)
 
 
+def single_route_supported(module: nn.Module, stacks: Mapping[str, Any]) -> bool:
+    """Whether :func:`quantized_single_route` computes this experts module: a gated or plain MLP with no biases
+    and no post-expert norm (Mixtral, Qwen-MoE, OLMoE, DeepSeek...), its matrices held as quantized stacks."""
+    up = "gate_up_proj" if getattr(module, "has_gate", False) else "up_proj"
+    return (
+        not getattr(module, "has_bias", True)
+        and not getattr(module, "has_post_expert_norm", True)
+        and isinstance(stacks.get(up), QuantizedStack)
+        and isinstance(stacks.get("down_proj"), QuantizedStack)
+    )
+
+
+def quantized_single_route(
+    module: Any, stacks: Mapping[str, QuantizedStack], x: torch.Tensor, slot: int
+) -> torch.Tensor:
+    """What :func:`quantized_experts_forward` gives one row ``x [1, hidden]`` routed, with a unit weight, to the
+    expert in ``slot``: the same kernels on the same operands in the same order, without the grouping (sort,
+    bincount, scatter, weighting by one, a sum over one route) that a single row makes exact no-ops. A decode
+    step computes a few hundred experts a token on fine-grained models; each saves about twenty small ops."""
+    h = stacks["gate_up_proj" if module.has_gate else "up_proj"].linear(x, slot)
+    h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+    return stacks["down_proj"].linear(h, slot).to(x.dtype)
+
+
 def scheme_of(layout: ExpertLayout) -> QuantScheme | None:
     """The quantization scheme of a pack's experts, or None for experts stored as the model holds them."""
     data = layout.quantization
