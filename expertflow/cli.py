@@ -306,6 +306,7 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         workdir=args.workdir,
         llama_cpp=args.llama_cpp,
+        warmup=args.warmup,
         command="expertflow " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None,
     )
     result.write(args.out, COLUMNS)
@@ -538,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset",
         default="small",
-        choices=["tiny", "small", "beyond-ram", "scale", "beyond-ram-learned"],
+        choices=["tiny", "small", "beyond-ram", "scale", "fine-grained", "beyond-ram-learned"],
         help="random-weight Mixtrals, or beyond-ram-learned: the trained Mixtral of --learned-from with each "
         "expert widened to 42 MiB by units that add zeros (same outputs, learned routing)",
     )
@@ -571,6 +572,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the summary each policy over LRU at its budget, round by round",
     )
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        help="tokens each contender generates once before its measured run (llama-bench warms up likewise); "
+        "with a budget that holds every expert, the measured run is then all resident",
+    )
     p.add_argument(
         "--read-mode", choices=READ_MODES, default="auto", help="NVMe reads (default: as load_model)"
     )

@@ -123,6 +123,29 @@ def test_bench_decode_runs_every_contender_with_identical_tokens(tmp_path):
     assert "expertflow lru @50% / accelerate" in result.summary
 
 
+def test_a_warmed_up_contender_with_room_for_every_expert_decodes_all_resident(tmp_path):
+    """--warmup generates once before the measured run, as llama-bench does: with a budget holding every
+    expert the measured run reads nothing, and its token time is split into kernels, store and the rest."""
+    from expertflow.lab.decode import Contender, bench_decode, build_preset
+
+    root = build_preset("tiny", tmp_path / "work", log=lambda _: None)
+    result = bench_decode(
+        str(root),
+        contenders=[Contender("expertflow lru", "expertflow", 1.0, "lru", "none")],
+        new_tokens=4,
+        warmup=4,
+        workdir=tmp_path / "work",
+        log=lambda _: None,
+    )
+    (row,) = result.rows
+    assert "error" not in row, row
+    assert row["hit_rate"] == 1.0 and row["stats"]["device_misses"] == 0
+    parts = [row[k] for k in ("experts_compute_ms_per_token", "store_ms_per_token", "rest_ms_per_token")]
+    assert all(p >= 0 for p in parts) and sum(parts) <= row["ms_per_token"] * 1.01
+    assert row["prefill_tokens_per_second"] > 0
+    assert any("generated 4 tokens once before" in n for n in result.notes)
+
+
 def test_rounds_alternate_the_contenders_order():
     from expertflow.lab.decode import default_contenders, round_order
 

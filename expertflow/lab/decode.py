@@ -154,6 +154,7 @@ class WorkerSpec:
     read_mode: str = "direct"
     offload_dir: str = ""
     host_bytes: int | None = None
+    warmup: int = 0  # tokens generated once before the measured run (llama-bench warms up likewise)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -185,6 +186,17 @@ def _experts_device_map(model: Any) -> dict[str, str]:
 
     assign("", model)
     return dm
+
+
+def _split(result: Any, decode: dict[str, Any], steps: int) -> dict[str, float]:
+    total = 1e3 * result.decode_seconds / steps
+    kernels = 1e3 * decode.get("experts_compute_seconds", 0.0) / steps
+    stall = 1e3 * decode.get("stall_seconds", 0.0) / steps
+    module = 1e3 * decode.get("experts_module_seconds", 0.0) / steps
+    return {
+        "store_ms_per_token": max(0.0, module - kernels - stall),
+        "rest_ms_per_token": max(0.0, total - module),
+    }
 
 
 def run_worker(spec: WorkerSpec) -> dict[str, Any]:
@@ -224,7 +236,11 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
             ),
         )
     load_seconds = time.perf_counter() - t0
+    if spec.warmup:
+        generate(model, spec.prompt, spec.warmup)
     result = generate(model, spec.prompt, spec.new_tokens)
+    steps = max(1, result.new_tokens - 1)
+    decode = result.decode_stats or {}
     out = {
         "label": c.label,
         "contender": asdict(c),
@@ -237,11 +253,15 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "stats": result.stats,
         "decode_stats": result.decode_stats,
+        "prefill_tokens_per_second": len(spec.prompt) / result.prefill_seconds
+        if result.prefill_seconds
+        else None,
         "experts_compute_ms_per_token": (
-            1e3 * result.decode_stats.get("experts_compute_seconds", 0.0) / max(1, result.new_tokens - 1)
-            if result.decode_stats
-            else None
+            1e3 * decode.get("experts_compute_seconds", 0.0) / steps if decode else None
         ),
+        # A token's time split: experts' kernels, waiting for reads, the store's and experts module's own work
+        # (everything else in the offloaded experts modules), and the rest of the model.
+        **(_split(result, decode, steps) if decode else {}),
         "prediction": result.prediction,
         "budget_reason": result.budget,
         "host_MiB": model.expert_store.budget.host_bytes / 2**20 if hasattr(model, "expert_store") else None,
@@ -285,6 +305,19 @@ DECODE_PRESETS: dict[str, dict[str, Any]] = {
         num_key_value_heads=4,
         dtype="bfloat16",
     ),
+    # Fine-grained, as OLMoE and Qwen3-MoE are: 64 small experts a layer, 8 of them a token, over 16 layers
+    # (128 expert calls a token, where the Mixtral shapes make 16). 3.2 GB of bf16 experts; int4 fits in RAM.
+    "fine-grained": dict(
+        hidden_size=1024,
+        intermediate_size=512,
+        num_hidden_layers=16,
+        num_local_experts=64,
+        num_experts_per_tok=8,
+        vocab_size=32000,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        dtype="bfloat16",
+    ),
 }
 
 
@@ -302,7 +335,8 @@ def build_preset(name: str, workdir: str | Path, log: Callable[[str], None] = pr
     params.setdefault("vocab_size", 256)
     params.setdefault("num_attention_heads", 8 if params["hidden_size"] >= 256 else 4)
     params.setdefault("num_key_value_heads", 2)
-    config = MixtralConfig(num_experts_per_tok=2, max_position_embeddings=1024, **params)
+    params.setdefault("num_experts_per_tok", 2)
+    config = MixtralConfig(max_position_embeddings=1024, **params)
     torch.manual_seed(0)
     # Built in its own dtype: a float32 copy of the scale preset would need 19 GB.
     previous = torch.get_default_dtype()
@@ -573,6 +607,7 @@ def bench_decode(
     timeout: float = 1800.0,
     llama_cpp: str | Path | None = None,
     command: str | None = None,
+    warmup: int = 0,
     log: Callable[[str], None] = print,
 ) -> BenchResult:
     """Every contender on the same checkpoint and prompt; rows with tokens/s, stall, bytes, bound, efficiency.
@@ -601,6 +636,11 @@ def bench_decode(
     if memory_limit:
         result.notes.append(
             f"every contender but the RAM ceiling ran in a memory cgroup of {memory_limit / 2**20:.0f} MiB (page cache included)"
+        )
+    if warmup:
+        result.notes.append(
+            f"each ExpertFlow and transformers contender generated {warmup} tokens once before its measured run, "
+            "in the same process (llama-bench runs its own warmup)"
         )
     if repeats > 1:
         result.notes.append(
@@ -657,7 +697,9 @@ def bench_decode(
                 continue
             path, all_slots = models[c.quantize]
             host = None if not isinstance(c.budget, float) else int(all_slots * c.budget)
-            spec = WorkerSpec(path, asdict(c), list(prompt), new_tokens, read_mode, str(offload), host)
+            spec = WorkerSpec(
+                path, asdict(c), list(prompt), new_tokens, read_mode, str(offload), host, warmup
+            )
             log(f"running {c.label} ...")
             # The RAM ceiling is the compute time the bound uses; it is run without the memory limit.
             row = run_contender(
@@ -836,6 +878,9 @@ COLUMNS = [
     "ms_per_token",
     "stall_ms_per_token",
     "experts_compute_ms_per_token",
+    "store_ms_per_token",
+    "rest_ms_per_token",
+    "prefill_tokens_per_second",
     "MiB_read_per_token",
     "hit_rate",
     "bound_ms_per_token",

@@ -93,6 +93,8 @@ def run_counters(model: Any) -> dict[str, Any]:
     out: dict[str, Any] = store.stats().as_dict()
     # Time in the experts kernels (the rest of a token's time is attention, norms, routing and the store).
     out["experts_compute_seconds"] = sum(m.compute_seconds for m in layers.values())
+    # Time in the offloaded experts modules: the kernels, waiting for reads (stall) and the store's own work.
+    out["experts_module_seconds"] = sum(m.forward_seconds for m in layers.values())
     routings = [m.routing for m in layers.values() if m.routing is not None]
     if routings:  # cache-aware routing (lossy): how many expert choices it replaced
         out["rerouted"] = sum(r.rerouted for r in routings)

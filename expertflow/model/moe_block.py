@@ -122,6 +122,7 @@ class OffloadedExperts(nn.Module):
         self.calls = 0
         self.waves = 0
         self.compute_seconds = 0.0  # in the experts kernel (CPU: wall time; CUDA: launch time only)
+        self.forward_seconds = 0.0  # in this module's forward: the kernel, waiting for experts, and the store
         # Lossy, opt-in (expertflow.model.routing): rewrites routing toward resident experts.
         self.routing: Any = None
         self.last_stalled = False
@@ -179,6 +180,15 @@ class OffloadedExperts(nn.Module):
         return experts(rows, index, unit)
 
     def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return self._forward(hidden_states, top_k_index, top_k_weights)
+        finally:
+            self.forward_seconds += time.perf_counter() - t0
+
+    def _forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         self.calls += 1
