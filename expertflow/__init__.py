@@ -21,6 +21,7 @@ from expertflow.pipeline.budget import BudgetPlan
 from expertflow.pipeline.stats import StoreStats
 from expertflow.pipeline.store import AsyncExpertStore, ExpertHandle, PendingFetch
 from expertflow.pipeline.sync import ExpertStore
+from expertflow.threads import set_threads
 from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.safetensors_index import open_checkpoint
 
@@ -60,4 +61,5 @@ __all__ = [
     "open_async_store",
     "open_checkpoint",
     "open_store",
+    "set_threads",
 ]

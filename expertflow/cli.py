@@ -176,6 +176,12 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 def _add_store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="compute device (cpu, cuda:0)")
+    p.add_argument(
+        "--threads",
+        default="auto",
+        help="torch compute threads, or auto: the physical cores, less those other processes keep busy "
+        "(default: auto)",
+    )
     p.add_argument("--device-slots", type=int, default=None, help="expert slots on a GPU")
     p.add_argument(
         "--host-mem",
@@ -229,6 +235,9 @@ def _load(args: argparse.Namespace, context: int) -> Any:
             "WARNING: --trust-family: this family's offloaded experts are not proved exact; outputs may be wrong",
             file=sys.stderr,
         )
+    from expertflow.threads import set_threads
+
+    set_threads(args.threads)
     if args.context is not None and args.context < 1:
         raise ConfigError(f"--context must be >= 1, got {args.context}")
     config = _store_config(args).with_(context_tokens=args.context or context)

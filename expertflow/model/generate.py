@@ -221,7 +221,8 @@ def format_summary(result: GenerationResult) -> str:
     s = result.stats
     lines = [
         f"tokens: {result.prompt_tokens} prompt + {result.new_tokens} generated",
-        f"prefill {result.prefill_seconds:.3f} s, decode {result.tokens_per_second:.2f} tokens/s",
+        f"prefill {result.prefill_seconds:.3f} s, decode {result.tokens_per_second:.2f} tokens/s "
+        f"({torch.get_num_threads()} compute threads)",
     ]
     if result.budget:
         lines.append(f"host budget: {result.budget}")
