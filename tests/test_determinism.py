@@ -5,6 +5,7 @@ and int4 alike, and equal to transformers' own model."""
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,3 +120,26 @@ def test_a_layer_computed_in_waves_gives_the_bits_of_one_computed_at_once(
                     results.append(model(input_ids=PROMPT).logits)
     for logits in results[1:]:
         assert torch.equal(logits, results[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_step_places_routes_by_position_with_the_bits_of_the_route_search(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """One token's routes go to their experts by position instead of a search over the routes: the logits of
+    the step are bitwise those of the search, unquantized and int4, in float32 and bfloat16."""
+    src = tmp_path / "src"
+    model = build_model("mixtral").to(dtype)
+    model.config.dtype = dtype
+    model.save_pretrained(src)
+    for root in (src, pack_quantized(src, tmp_path / "q", QuantScheme(4, 32), progress=False)):
+        with load_model(root, config=StoreConfig(predictor="none")) as model:
+            ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+            with torch.no_grad():
+                cache = model(input_ids=ids, use_cache=True).past_key_values
+                step = ids[:, -1:]
+                direct = model(input_ids=step, past_key_values=copy.deepcopy(cache)).logits
+                for layer in model.expert_layers.values():
+                    layer.one_token_path = False
+                searched = model(input_ids=step, past_key_values=cache).logits
+        assert torch.equal(direct, searched), root

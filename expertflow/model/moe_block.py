@@ -123,6 +123,7 @@ class OffloadedExperts(nn.Module):
         self.waves = 0
         self.compute_seconds = 0.0  # in the experts kernel (CPU: wall time; CUDA: launch time only)
         self.forward_seconds = 0.0  # in this module's forward: the kernel, waiting for experts, and the store
+        self.one_token_path = True  # a decode step places each expert's route by position (see _forward)
         # Lossy, opt-in (expertflow.model.routing): rewrites routing toward resident experts.
         self.routing: Any = None
         self.last_stalled = False
@@ -209,6 +210,11 @@ class OffloadedExperts(nn.Module):
         rows = hidden_states.reshape(-1, width).repeat_interleave(top_k, dim=0)  # [tokens * k, H]
         route_index = top_k_index.reshape(-1)  # [tokens * k]
         routes: torch.Tensor | None = None  # [tokens * k, H]: each route's unweighted output
+        # One token (a decode step) routed to distinct experts: each expert has one route, found by its position
+        # instead of a search over the routes (a few small ops per expert; fine-grained models call hundreds).
+        ids = route_index.tolist() if route_index.shape[0] == top_k and self.one_token_path else None
+        if ids is not None and len(set(ids)) != len(ids):
+            ids = None
         self.last_stalled = False
         for wave in self.store.fetch_as_ready(keys):
             try:
@@ -217,6 +223,13 @@ class OffloadedExperts(nn.Module):
                 self.waves += 1
                 t0 = time.perf_counter()
                 for handle in wave:
+                    if ids is not None:
+                        i = ids.index(handle.key.expert)
+                        part = self._kernel(rows[i : i + 1], handle, top_k_weights.dtype)
+                        if routes is None:
+                            routes = torch.zeros(rows.shape, dtype=part.dtype, device=part.device)
+                        routes[i] = part[0]
+                        continue
                     mine = (route_index == handle.key.expert).nonzero().squeeze(1)
                     part = self._kernel(rows.index_select(0, mine), handle, top_k_weights.dtype)
                     if routes is None:
