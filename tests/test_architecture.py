@@ -22,7 +22,7 @@ def _imports(path: Path) -> set[str]:
 
 
 #: Top-level modules of the runtime, nodes of the graph like the sub-packages.
-TOP_LEVEL = ("_version", "errors", "config", "core", "aio", "assemble")
+TOP_LEVEL = ("_version", "errors", "config", "core", "aio", "assemble", "threads")
 #: Front ends: they parse, print and dispatch, to the runtime and to the lab alike.
 FRONT_ENDS = ("__init__", "cli", "demo", "__main__")
 NODES = (*SUBPACKAGES, *TOP_LEVEL)
