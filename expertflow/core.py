@@ -8,8 +8,10 @@ exactly once.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -155,3 +157,13 @@ def routed_top_k(config: Mapping[str, Any] | Any) -> int | None:
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
     return None
+
+
+def cache_dir() -> Path:
+    """Where ExpertFlow keeps what it can rebuild (family checks, checksums of local experts, compiled kernels):
+    ``$EXPERTFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/expertflow``, else ``~/.cache/expertflow``."""
+    explicit = os.environ.get("EXPERTFLOW_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "expertflow"

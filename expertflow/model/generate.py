@@ -13,6 +13,10 @@ import torch
 
 from expertflow.config import format_size
 from expertflow.errors import ConfigError
+from expertflow.model.quantized_experts import QUANTIZED_IMPLEMENTATION
+from expertflow.model.quantized_linear import QuantizedLinear
+from expertflow.quant import native
+from expertflow.quant.kernels import NATIVE_MIN_WEIGHTS
 
 
 @dataclass
@@ -28,6 +32,7 @@ class GenerationResult:
     decode_stats: dict[str, Any] = field(default_factory=dict)
     prediction: dict[str, Any] = field(default_factory=dict)
     budget: str = ""  # the host budget and why it is that size
+    kernels: str = ""  # which kernels ran the quantized products (quantized models only)
 
     @property
     def new_tokens(self) -> int:
@@ -80,6 +85,25 @@ class _Streamer:
 
     def end(self) -> None:
         pass
+
+
+def quantized_kernels(model: Any) -> str:
+    """Which kernels run a model's quantized products (see :mod:`expertflow.quant.native`), or "" when it has
+    none."""
+    layers = getattr(model, "expert_layers", {}).values()
+    quantized = any(m.implementation == QUANTIZED_IMPLEMENTATION for m in layers) or any(
+        isinstance(m, QuantizedLinear) for m in model.modules()
+    )
+    if not quantized:
+        return ""
+    if native.library() is None:
+        return native.status()
+    if native.forced():
+        return f"{native.status()} for every product they take"
+    return (
+        f"{native.status()} on decode steps (products of {NATIVE_MIN_WEIGHTS} weights and more), "
+        "torch's on prefill and smaller products"
+    )
 
 
 def run_counters(model: Any) -> dict[str, Any]:
@@ -179,6 +203,7 @@ def generate(
         result.stats = counters_delta(end, before)
         result.decode_stats = counters_delta(end, at_first or end)
         result.budget = store.budget.describe()
+    result.kernels = quantized_kernels(model)
     predictor = getattr(model, "expert_predictor", None)
     if predictor is not None:
         result.prediction = predictor.stats()
@@ -226,6 +251,8 @@ def format_summary(result: GenerationResult) -> str:
     ]
     if result.budget:
         lines.append(f"host budget: {result.budget}")
+    if result.kernels:
+        lines.append(f"quantized products: {result.kernels}")
     if s:
         lines.append(
             f"device tier: hit rate {s.get('hit_rate', 0.0):.1%} "

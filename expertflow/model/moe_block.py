@@ -29,6 +29,8 @@ from expertflow.core import ExpertKey
 from expertflow.model.adapters import ExpertsAdapter
 from expertflow.model.quantized_experts import (
     QUANTIZED_IMPLEMENTATION,
+    fused_ffn,
+    fused_routes,
     quantized_single_route,
     single_route_supported,
 )
@@ -140,6 +142,8 @@ class OffloadedExperts(nn.Module):
             and not self._tables
             and single_route_supported(experts, self._slot_views)
         )
+        # ...and where the native kernels take the family's experts, a wave of them is one call.
+        self._fused_ffn = fused_ffn(experts, self._slot_views) if self._single_route else None
         # A private config so that our kernel choice does not leak into the rest of the model.
         config: Any = copy.copy(experts.config)
         config._experts_implementation_internal = implementation
@@ -222,7 +226,15 @@ class OffloadedExperts(nn.Module):
                 self.last_stalled = self.store.last_fetch_waited
                 self.waves += 1
                 t0 = time.perf_counter()
-                for handle in wave:
+                one_by_one = wave
+                if ids is not None and self._fused_ffn is not None:
+                    at = [ids.index(h.key.expert) for h in wave]
+                    part = fused_routes(self._slot_views, rows[:1], [h.slot for h in wave], self._fused_ffn)
+                    if routes is None:
+                        routes = torch.zeros(rows.shape, dtype=part.dtype, device=part.device)
+                    routes[at] = part
+                    one_by_one = []
+                for handle in one_by_one:
                     if ids is not None:
                         i = ids.index(handle.key.expert)
                         part = self._kernel(rows[i : i + 1], handle, top_k_weights.dtype)

@@ -17,12 +17,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.activations import SiLUActivation
+from transformers.integrations import moe as hf_moe
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from expertflow.core import ExpertKey, torch_dtype
 from expertflow.errors import CheckpointError, ConfigError
 from expertflow.model.adapters import ExpertsAdapter, ParamFill, experts_modules
-from expertflow.quant.kernels import qlinear
+from expertflow.quant import native
+from expertflow.quant.kernels import NATIVE_MIN_WEIGHTS, qlinear
 from expertflow.quant.scheme import QuantScheme
 from expertflow.tiers.layout import ExpertLayout, TensorSlice
 from expertflow.tiers.nvme import read_tensor
@@ -183,6 +186,54 @@ def quantized_single_route(
     h = stacks["gate_up_proj" if module.has_gate else "up_proj"].linear(x, slot)
     h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
     return stacks["down_proj"].linear(h, slot).to(x.dtype)
+
+
+def fused_ffn(module: nn.Module, stacks: Mapping[str, Any]) -> int | None:
+    """The intermediate size when a decode step's experts of this module can run in one native call
+    (:func:`fused_routes`): SwiGLU experts (transformers' default gate, SiLU) with unpadded int4 weights of one
+    block each, on a machine with the native kernels, large enough for them (or forced). Else None."""
+    if not single_route_supported(module, stacks) or not getattr(module, "has_gate", False):
+        return None
+    if getattr(type(module), "_apply_gate", None) is not getattr(hf_moe, "_default_apply_gate", object()):
+        return None
+    if not isinstance(getattr(module, "act_fn", None), (nn.SiLU, SiLUActivation)):
+        return None
+    up, down = stacks["gate_up_proj"], stacks["down_proj"]
+    if len(up.blocks) != 1 or len(down.blocks) != 1:
+        return None
+    (_, _, up_out, up_in), (_, _, down_out, down_in) = up.blocks[0], down.blocks[0]
+    ffn = down_in
+    if up_out != 2 * ffn or down_out != up_in:
+        return None
+    for parts, scheme, out_f, in_f in (up.blocks[0], down.blocks[0]):
+        if scheme.bits != 4 or scheme.act_order or scheme.padded(out_f, in_f) != (out_f, in_f):
+            return None
+        if not native.supports(parts["qparams"], parts["qparams"]):  # CPU scales in fp32 or bf16
+            return None
+        if not (parts["qweight"][0].is_contiguous() and parts["qparams"][0].is_contiguous()):
+            return None  # a slot's tensor must be one run of memory; slots may sit apart
+    if not native.forced() and min(up_out * up_in, down_out * down_in) < NATIVE_MIN_WEIGHTS:
+        return None
+    return ffn if native.library() is not None else None
+
+
+def fused_routes(
+    stacks: Mapping[str, QuantizedStack], x: torch.Tensor, slots: list[int], ffn: int
+) -> torch.Tensor:
+    """The experts in ``slots`` applied to one row ``x [1, hidden]`` with unit weights, in one native call
+    (see :func:`fused_ffn`): ``[len(slots), hidden]``. Each expert's output depends on its own slot alone, so
+    which experts share a call changes no bit."""
+    (up_parts, up_s, _, _), (down_parts, down_s, _, _) = (
+        stacks["gate_up_proj"].blocks[0],
+        stacks["down_proj"].blocks[0],
+    )
+    return native.int4_swiglu(
+        x.reshape(-1),
+        slots,
+        (up_parts["qweight"], up_parts["qparams"], up_s.group_size),
+        (down_parts["qweight"], down_parts["qparams"], down_s.group_size),
+        ffn,
+    ).to(x.dtype)
 
 
 def scheme_of(layout: ExpertLayout) -> QuantScheme | None:

@@ -37,6 +37,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from expertflow._version import __version__
+from expertflow.core import cache_dir
 from expertflow.errors import ExpertFlowError, UnsupportedModelError
 from expertflow.model.adapters import experts_modules, model_class
 from expertflow.model.tiny import randomise, tiny_copy
@@ -87,16 +88,6 @@ class FamilyCheck:
         if self.verified:
             return f"{self.versions}; max logit difference {self.max_difference:.2e}, checked in {self.seconds:.1f} s"
         return self.reason
-
-
-def cache_dir() -> Path:
-    """Where family checks are cached: ``$EXPERTFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/expertflow``, else
-    ``~/.cache/expertflow``."""
-    explicit = os.environ.get("EXPERTFLOW_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "expertflow"
 
 
 @cache

@@ -1,7 +1,10 @@
-"""``x @ W.T`` for a quantized ``W``, with torch's weight-only kernels: the weight is never dequantized on CPU.
+"""``x @ W.T`` for a quantized ``W``: the weight is never dequantized on CPU.
 
-CPU: ``_weight_int4pack_mm_for_cpu`` (group-wise int4, the layout of :mod:`expertflow.quant.scheme`) and
-``_weight_int8pack_mm`` (per-channel int8). Both take activations in the dtype of the scales.
+CPU: a few rows of activations (a decode step) go to ExpertFlow's own kernels (:mod:`expertflow.quant.native`,
+activations quantized to int8, integer dot products) where the machine has them; larger batches (a prefill)
+and other machines to torch's ``_weight_int4pack_mm_for_cpu`` (group-wise int4, the layout of
+:mod:`expertflow.quant.scheme`) and ``_weight_int8pack_mm`` (per-channel int8). All take activations in the
+dtype of the scales and give the same dtype.
 
 CUDA: the slot holds the same bytes (packs and daemons carry one layout), already on the device; the expert is
 dequantized there into a scratch matrix and multiplied densely (:func:`qlinear_dequantized`). Device memory
@@ -16,7 +19,13 @@ from collections.abc import Mapping
 import torch
 from torch.nn import functional as F
 
+from expertflow.quant import native
 from expertflow.quant.scheme import QuantScheme, dequantize
+
+#: At most this many rows of activations go to the native kernels, which read the weight once per row.
+NATIVE_MAX_ROWS = 2
+#: Below this many weights a product is too small for the native kernels' fixed cost (a ctypes call, threads).
+NATIVE_MIN_WEIGHTS = 1 << 18
 
 
 def qlinear(
@@ -37,14 +46,24 @@ def qlinear(
             x2 = x2.index_select(1, parts["perm"].long())
         if in_p != in_features:  # zero columns of the stored weight meet zero inputs
             x2 = F.pad(x2, (0, in_p - in_features))
+        scales = parts["qparams" if scheme.bits == 4 else "scales"]
+        x2 = x2.to(scales.dtype)
+        native_ok = (
+            native.supports(x2, scales)
+            and native.library() is not None
+            and (native.forced() or (x2.shape[0] <= NATIVE_MAX_ROWS and out_p * in_p >= NATIVE_MIN_WEIGHTS))
+        )
         if scheme.bits == 4:
-            qp = parts["qparams"]
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.to(qp.dtype), parts["qweight"], scheme.group_size, qp
-            )
+            if native_ok:
+                y = native.int4_matmul(x2, parts["qweight"], scales, scheme.group_size, out_p)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    x2, parts["qweight"], scheme.group_size, scales
+                )
+        elif native_ok:
+            y = native.int8_matmul(x2, parts["qweight"], scales)
         else:
-            s = parts["scales"]
-            y = torch._weight_int8pack_mm(x2.to(s.dtype), parts["qweight"], s)
+            y = torch._weight_int8pack_mm(x2, parts["qweight"], scales)
         if out_p != out_features:
             y = y[:, :out_features]
     return y.reshape(*lead, out_features)

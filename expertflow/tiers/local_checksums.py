@@ -23,7 +23,7 @@ from pathlib import Path
 
 import xxhash
 
-from expertflow.core import ExpertKey, name_index
+from expertflow.core import ExpertKey, cache_dir, name_index
 from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.safetensors_index import open_regular
 
@@ -45,8 +45,7 @@ def files_identity(layout: ExpertLayout) -> str:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "expertflow" / "checksums"
+    return cache_dir() / "checksums"
 
 
 class LocalChecksums:

@@ -1,0 +1,314 @@
+/* Matrix-vector products with weight-only quantized matrices for decode on x86 CPUs with AVX-512 VNNI and VBMI.
+ *
+ * The weights stay in the layouts torch's CPU kernels read (see expertflow/quant/scheme.py): packs, slots and
+ * daemons carry one layout, and either kernel can run on it. The activations are quantized to int8 per group
+ * of the weight (int4) or per 64 columns (int8), so that the inner loop is integer dot products (vpdpbusd),
+ * 64 multiply-adds an instruction, instead of converting every weight to float.
+ *
+ * Each output row is reduced by one thread in a fixed order, so the result does not depend on the number of
+ * threads. OpenMP is the process's own (torch's libgomp is already loaded under the same soname), so these
+ * kernels share torch's thread pool rather than competing with it.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { EF_F32 = 0, EF_BF16 = 1 };
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch converts */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float load_val(const void *p, int dtype, long i) {
+    return dtype == EF_BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store_val(void *p, int dtype, long i, float v) {
+    if (dtype == EF_BF16)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+/* x[0..k) quantized symmetrically to int8 per block of `block` columns: qx, the scale of each block, the sum of
+ * the codes of each block and the exact sum of the block's values. qx is padded with zeros to `kpad`. */
+static void quantize_row(const void *x, int dtype, long k, long kpad, long block, int8_t *qx, float *scale,
+                         int32_t *qsum, float *xsum) {
+    long nb = kpad / block;
+    for (long b = 0; b < nb; b++) {
+        float amax = 0.f, sum = 0.f;
+        for (long i = b * block; i < (b + 1) * block && i < k; i++) {
+            float v = load_val(x, dtype, i);
+            sum += v;
+            amax = fmaxf(amax, fabsf(v));
+        }
+        float s = amax / 127.f;
+        float inv = s > 0.f ? 1.f / s : 0.f;
+        int32_t qs = 0;
+        for (long i = b * block; i < (b + 1) * block; i++) {
+            int32_t q = 0;
+            if (i < k) {
+                q = (int32_t)lrintf(load_val(x, dtype, i) * inv);
+                q = q > 127 ? 127 : (q < -127 ? -127 : q);
+            }
+            qx[i] = (int8_t)q;
+            qs += q;
+        }
+        scale[b] = s;
+        qsum[b] = qs;
+        xsum[b] = sum;
+    }
+}
+
+/* --- int4, group-wise, asymmetric: w = (q - 8) * scale + zero -------------------------------------------------
+ * qweight: rows in blocks of 64; inside a block, k-major, byte (k, i) holds row i in its low nibble and row i + 32
+ * in its high nibble. A tail of fewer than 64 rows holds, per k, rows 2i (low) and 2i + 1 (high).
+ * qparams: [k / group, n, 2] of (scale, zero). */
+
+static inline __m512 group_params(const void *qp, int dtype, long idx, __m512 *zero) {
+    /* 16 rows' (scale, zero) pairs starting at pair index idx. */
+    if (dtype == EF_BF16) {
+        __m512i v = _mm512_loadu_si512((const uint16_t *)qp + 2 * idx);
+        *zero = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    }
+    const float *f = (const float *)qp + 2 * idx;
+    __m512 a = _mm512_loadu_ps(f), b = _mm512_loadu_ps(f + 16);
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    *zero = _mm512_permutex2var_ps(a, odd, b);
+    return _mm512_permutex2var_ps(a, even, b);
+}
+
+static void q4_block64(const uint8_t *w, const void *qp, int qp_dtype, long n, long row0, long k, long group,
+                       const int8_t *qx, const float *xs, const int32_t *xq, const float *xsum, float *out) {
+    /* Byte j of lane-group r of a permuted vector = row r's codes at k, k+1, k+2, k+3. */
+    uint8_t lo_idx[64], hi_idx[64];
+    for (int r = 0; r < 16; r++)
+        for (int t = 0; t < 4; t++) {
+            lo_idx[4 * r + t] = (uint8_t)(r + 32 * t);
+            hi_idx[4 * r + t] = (uint8_t)(16 + r + 32 * t);
+        }
+    const __m512i ilo = _mm512_loadu_si512(lo_idx), ihi = _mm512_loadu_si512(hi_idx);
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    __m512 y[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (long g = 0; g < k / group; g++) {
+        __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                          _mm512_setzero_si512()};
+        for (long kk = g * group; kk < (g + 1) * group; kk += 4) {
+            const uint8_t *p = w + kk * 32;
+            __m512i z0 = _mm512_loadu_si512(p), z1 = _mm512_loadu_si512(p + 64);
+            __m512i l0 = _mm512_and_si512(z0, nib), l1 = _mm512_and_si512(z1, nib);
+            __m512i h0 = _mm512_and_si512(_mm512_srli_epi16(z0, 4), nib);
+            __m512i h1 = _mm512_and_si512(_mm512_srli_epi16(z1, 4), nib);
+            int32_t x4;
+            memcpy(&x4, qx + kk, 4);
+            __m512i xb = _mm512_set1_epi32(x4);
+            acc[0] = _mm512_dpbusd_epi32(acc[0], _mm512_permutex2var_epi8(l0, ilo, l1), xb);
+            acc[1] = _mm512_dpbusd_epi32(acc[1], _mm512_permutex2var_epi8(l0, ihi, l1), xb);
+            acc[2] = _mm512_dpbusd_epi32(acc[2], _mm512_permutex2var_epi8(h0, ilo, h1), xb);
+            acc[3] = _mm512_dpbusd_epi32(acc[3], _mm512_permutex2var_epi8(h0, ihi, h1), xb);
+        }
+        /* sum_k (q - 8) x ~= xs * (sum q qx - 8 sum qx); the zero point meets the exact sum of x. */
+        const __m512 sx = _mm512_set1_ps(xs[g]), sumx = _mm512_set1_ps(xsum[g]);
+        const __m512i corr = _mm512_set1_epi32(8 * xq[g]);
+        for (int r = 0; r < 4; r++) {
+            __m512 zero;
+            __m512 scale = group_params(qp, qp_dtype, g * n + row0 + 16 * r, &zero);
+            __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], corr)), sx);
+            y[r] = _mm512_fmadd_ps(scale, dot, _mm512_fmadd_ps(zero, sumx, y[r]));
+        }
+    }
+    for (int r = 0; r < 4; r++) _mm512_storeu_ps(out + 16 * r, y[r]);
+}
+
+static void q4_tail(const uint8_t *w, const void *qp, int qp_dtype, long n, long row0, long rows, long k,
+                    long group, const int8_t *qx, const float *xs, const int32_t *xq, const float *xsum,
+                    float *out) {
+    for (long r = 0; r < rows; r++) {
+        float y = 0.f;
+        for (long g = 0; g < k / group; g++) {
+            int32_t acc = 0;
+            for (long kk = g * group; kk < (g + 1) * group; kk++) {
+                uint8_t b = w[kk * (rows / 2) + r / 2];
+                int32_t q = (r & 1) ? (b >> 4) : (b & 0x0f);
+                acc += q * qx[kk];
+            }
+            float scale = load_val(qp, qp_dtype, 2 * (g * n + row0 + r));
+            float zero = load_val(qp, qp_dtype, 2 * (g * n + row0 + r) + 1);
+            float dot = (float)(acc - 8 * xq[g]) * xs[g];
+            y = scale * dot + (zero * xsum[g] + y);
+        }
+        out[r] = y;
+    }
+}
+
+/* y[m, n] = x[m, k] @ W.T for an int4 W of n x k (both padded as the layout requires). Returns 0, or -1 when
+ * out of memory. */
+int ef_q4_gemm(const void *x, int x_dtype, long m, const uint8_t *qweight, const void *qparams, int qp_dtype,
+               long n, long k, long group, void *y, int y_dtype) {
+    long ng = k / group;
+    int8_t *qx = aligned_alloc(64, (size_t)((k + 63) / 64 * 64));
+    float *xs = malloc(sizeof(float) * (size_t)ng * 2);
+    int32_t *xq = malloc(sizeof(int32_t) * (size_t)ng);
+    float *yrow = malloc(sizeof(float) * (size_t)n);
+    if (!qx || !xs || !xq || !yrow) {
+        free(qx), free(xs), free(xq), free(yrow);
+        return -1;
+    }
+    float *xsum = xs + ng;
+    long full = n / 64 * 64;
+    for (long i = 0; i < m; i++) {
+        quantize_row(x_dtype == EF_BF16 ? (const void *)((const uint16_t *)x + i * k)
+                                        : (const void *)((const float *)x + i * k),
+                     x_dtype, k, k, group, qx, xs, xq, xsum);
+#pragma omp parallel for schedule(static)
+        for (long b = 0; b < full / 64; b++)
+            q4_block64(qweight + b * 64 * (k / 2), qparams, qp_dtype, n, b * 64, k, group, qx, xs, xq, xsum,
+                       yrow + b * 64);
+        if (full < n)
+            q4_tail(qweight + full * (k / 2), qparams, qp_dtype, n, full, n - full, k, group, qx, xs, xq, xsum,
+                    yrow + full);
+        for (long j = 0; j < n; j++) store_val(y, y_dtype, i * n + j, yrow[j]);
+    }
+    free(qx), free(xs), free(xq), free(yrow);
+    return 0;
+}
+
+/* --- int8, per output channel, symmetric: w = q * scale -----------------------------------------------------
+ * qweight: [n, k] int8, k a multiple of 16; scales: [n]. Activations in blocks of 64 columns. */
+
+#define Q8_BLOCK 64
+
+static void q8_rows(const int8_t *w, const void *sc, int sc_dtype, long row0, long rows, long k, long kpad,
+                    const int8_t *qx, const float *xs, const int32_t *xq, float *out) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    long nb = kpad / Q8_BLOCK;
+    for (long r = row0; r < row0 + rows; r++) {
+        const int8_t *wr = w + r * k;
+        __m512 f = _mm512_setzero_ps();
+        for (long b = 0; b < nb; b++) {
+            long left = k - b * Q8_BLOCK;
+            __mmask64 mask = left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1);
+            /* (w + 128) as u8 against qx as s8: the +128 adds 128 * sum(qx), taken back in integers. */
+            __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, wr + b * Q8_BLOCK), flip);
+            __m512i acc = _mm512_dpbusd_epi32(_mm512_zextsi128_si512(_mm_cvtsi32_si128(-128 * xq[b])), wv,
+                                              _mm512_load_si512(qx + b * Q8_BLOCK));
+            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(xs[b]), f);
+        }
+        out[r] = _mm512_reduce_add_ps(f) * load_val(sc, sc_dtype, r);
+    }
+}
+
+/* y[m, n] = x[m, k] @ W.T for an int8 W of n x k. Returns 0, or -1 when out of memory. */
+int ef_q8_gemm(const void *x, int x_dtype, long m, const int8_t *qweight, const void *scales, int sc_dtype, long n,
+               long k, void *y, int y_dtype) {
+    long kpad = (k + Q8_BLOCK - 1) / Q8_BLOCK * Q8_BLOCK, nb = kpad / Q8_BLOCK;
+    int8_t *qx = aligned_alloc(64, (size_t)kpad);
+    float *xs = malloc(sizeof(float) * (size_t)nb * 2);
+    int32_t *xq = malloc(sizeof(int32_t) * (size_t)nb);
+    float *yrow = malloc(sizeof(float) * (size_t)n);
+    if (!qx || !xs || !xq || !yrow) {
+        free(qx), free(xs), free(xq), free(yrow);
+        return -1;
+    }
+    float *xsum = xs + nb;
+    for (long i = 0; i < m; i++) {
+        quantize_row(x_dtype == EF_BF16 ? (const void *)((const uint16_t *)x + i * k)
+                                        : (const void *)((const float *)x + i * k),
+                     x_dtype, k, kpad, Q8_BLOCK, qx, xs, xq, xsum);
+        long chunk = 64;
+#pragma omp parallel for schedule(static)
+        for (long r0 = 0; r0 < n; r0 += chunk)
+            q8_rows(qweight, scales, sc_dtype, r0, r0 + chunk <= n ? chunk : n - r0, k, kpad, qx, xs, xq, yrow);
+        for (long j = 0; j < n; j++) store_val(y, y_dtype, i * n + j, yrow[j]);
+    }
+    free(qx), free(xs), free(xq), free(yrow);
+    return 0;
+}
+
+/* --- a decode step's gated experts in one call ---------------------------------------------------------------
+ * For one row x and n_routes experts (slot indices into stacked int4 weights), each expert's
+ * down(silu(gate(x)) * up(x)) with gate_up = [gate; up] rows (transformers' gate_up_proj), in one parallel region:
+ * no per-expert call from Python, and x quantized once for all of them. Shapes need no padding (checked by the
+ * caller): 2 * ffn rows and hidden rows a multiple of 16, hidden and ffn multiples of their groups. */
+
+typedef struct {
+    const uint8_t *w;
+    long w_stride; /* bytes per slot */
+    const void *qp;
+    long qp_stride; /* elements per slot */
+    long group;
+} ef_q4_stack;
+
+static void q4_rows(const ef_q4_stack *st, int qp_dtype, long slot, long n, long k, long b, const int8_t *qx,
+                    const float *xs, const int32_t *xq, const float *xsum, float *out) {
+    /* Block b of 64 rows, or the tail when b is the last block and n is not a multiple of 64. */
+    const uint8_t *w = st->w + slot * st->w_stride;
+    const void *qp = qp_dtype == EF_BF16 ? (const void *)((const uint16_t *)st->qp + slot * st->qp_stride)
+                                         : (const void *)((const float *)st->qp + slot * st->qp_stride);
+    long full = n / 64 * 64;
+    if (b * 64 < full)
+        q4_block64(w + b * 64 * (k / 2), qp, qp_dtype, n, b * 64, k, st->group, qx, xs, xq, xsum, out + b * 64);
+    else
+        q4_tail(w + full * (k / 2), qp, qp_dtype, n, full, n - full, k, st->group, qx, xs, xq, xsum, out + full);
+}
+
+int ef_q4_swiglu(const void *x, int x_dtype, long hidden, long ffn, long n_routes, const long *slots,
+                 const ef_q4_stack *gate_up, const ef_q4_stack *down, int qp_dtype, void *out, int out_dtype) {
+    long ng_in = hidden / gate_up->group, ng_mid = ffn / down->group;
+    long nb_up = (2 * ffn + 63) / 64, nb_down = (hidden + 63) / 64;
+    int8_t *qx = aligned_alloc(64, (size_t)((hidden + 63) / 64 * 64));
+    float *xs = malloc(sizeof(float) * (size_t)ng_in * 2);
+    int32_t *xq = malloc(sizeof(int32_t) * (size_t)ng_in);
+    float *h = malloc(sizeof(float) * (size_t)(n_routes * 2 * ffn));
+    int8_t *qa = aligned_alloc(64, (size_t)((n_routes * ffn + 63) / 64 * 64));
+    float *as = malloc(sizeof(float) * (size_t)(n_routes * ng_mid) * 2);
+    int32_t *aq = malloc(sizeof(int32_t) * (size_t)(n_routes * ng_mid));
+    float *y = malloc(sizeof(float) * (size_t)(n_routes * hidden));
+    if (!qx || !xs || !xq || !h || !qa || !as || !aq || !y) {
+        free(qx), free(xs), free(xq), free(h), free(qa), free(as), free(aq), free(y);
+        return -1;
+    }
+    quantize_row(x, x_dtype, hidden, hidden, gate_up->group, qx, xs, xq, xs + ng_in);
+    float *asum = as + n_routes * ng_mid;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (long i = 0; i < n_routes * nb_up; i++)
+            q4_rows(gate_up, qp_dtype, slots[i / nb_up], 2 * ffn, hidden, i % nb_up, qx, xs, xq, xs + ng_in,
+                    h + (i / nb_up) * 2 * ffn);
+#pragma omp for schedule(static)
+        for (long r = 0; r < n_routes; r++) {
+            float *hr = h + r * 2 * ffn;
+            for (long j = 0; j < ffn; j++) {
+                float g = hr[j];
+                hr[j] = g / (1.f + expf(-g)) * hr[ffn + j];
+            }
+            quantize_row(hr, EF_F32, ffn, ffn, down->group, qa + r * ffn, as + r * ng_mid, aq + r * ng_mid,
+                         asum + r * ng_mid);
+        }
+#pragma omp for schedule(static)
+        for (long i = 0; i < n_routes * nb_down; i++) {
+            long r = i / nb_down;
+            q4_rows(down, qp_dtype, slots[r], hidden, ffn, i % nb_down, qa + r * ffn, as + r * ng_mid,
+                    aq + r * ng_mid, asum + r * ng_mid, y + r * hidden);
+        }
+    }
+    for (long j = 0; j < n_routes * hidden; j++) store_val(out, out_dtype, j, y[j]);
+    free(qx), free(xs), free(xq), free(h), free(qa), free(as), free(aq), free(y);
+    return 0;
+}

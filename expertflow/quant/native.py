@@ -1,0 +1,233 @@
+"""ExpertFlow's own CPU kernels for quantized matrix-vector products (``csrc/qgemv.c``), compiled on first use.
+
+torch's weight-only CPU kernels convert every weight to float; on a decode step (one row of activations) that
+conversion, not memory, bounds them. These kernels quantize the row of activations to int8 (per weight group
+for int4, per 64 columns for int8) and use the CPU's integer dot products (AVX-512 VNNI), as llama.cpp does:
+2-3x faster on a token, and a different rounding from torch's kernels (measured in docs/quantization.md).
+
+The source is compiled once per machine with the system's C compiler into ``cache_dir()/kernels`` and loaded
+with ctypes. Without a compiler, without AVX-512 VNNI and VBMI, or with ``EXPERTFLOW_KERNELS=torch``, every
+product runs on torch's kernels: :func:`status` says which, and why. ``EXPERTFLOW_KERNELS=native`` sends every
+product they take to them, whatever its size (to measure their accuracy with ``eval ppl``, whose long rows
+would otherwise go to torch's).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from expertflow.core import cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "qgemv.c"
+#: What the kernels use; each must be in /proc/cpuinfo's flags.
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi")
+# Explicit ISA flags rather than -march=native: g++ 12 miscompiles AMX code that -march=native turns on.
+CFLAGS = (
+    "-O3",
+    "-std=c11",
+    "-fPIC",
+    "-shared",
+    "-fopenmp",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512vnni",
+    "-mavx512vbmi",
+    "-mfma",
+    "-mtune=native",
+)
+ENV = "EXPERTFLOW_KERNELS"
+
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_lock = threading.Lock()
+_state: tuple[ctypes.CDLL | None, str] | None = None
+
+
+class _Stack(ctypes.Structure):
+    """``ef_q4_stack``: an int4 weight of every slot, ``[slots, ...]`` tensors."""
+
+    _fields_ = [
+        ("w", ctypes.c_void_p),
+        ("w_stride", ctypes.c_long),
+        ("qp", ctypes.c_void_p),
+        ("qp_stride", ctypes.c_long),
+        ("group", ctypes.c_long),
+    ]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(cc: str) -> Path:
+    """The compiled library for this source, flags and compiler, built once (atomically) into the cache."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + version.encode()).hexdigest()[
+        :16
+    ]
+    target = cache_dir() / "kernels" / f"qgemv-{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise OSError(f"{cc} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)  # concurrent builders each write their own file; one rename wins
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    choice = os.environ.get(ENV, "auto")
+    if choice == "torch":
+        return None, f"torch's kernels ({ENV}=torch)"
+    if choice not in ("auto", "native"):
+        return None, f"torch's kernels ({ENV}={choice!r} is not one of auto, native, torch)"
+    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return None, f"torch's kernels (the CPU lacks {', '.join(missing)})"
+    cc = _compiler()
+    if cc is None:
+        return None, "torch's kernels (no C compiler to build ExpertFlow's)"
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except OSError as exc:
+        log.warning("ExpertFlow's quantized kernels could not be built; using torch's: %s", exc)
+        return None, f"torch's kernels (building ExpertFlow's failed: {exc})"
+    p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    lib.ef_q4_gemm.argtypes = [p, i, n, p, p, i, n, n, n, p, i]
+    lib.ef_q8_gemm.argtypes = [p, i, n, p, p, i, n, n, p, i]
+    lib.ef_q4_swiglu.argtypes = [p, i, n, n, n, p, ctypes.POINTER(_Stack), ctypes.POINTER(_Stack), i, p, i]
+    lib.ef_q4_gemm.restype = lib.ef_q8_gemm.restype = lib.ef_q4_swiglu.restype = i
+    return lib, "ExpertFlow's AVX-512 VNNI kernels (activations in int8)"
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None where torch's run instead (see :func:`status`)."""
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                _state = _load()
+    return _state[0]
+
+
+def status() -> str:
+    """Which kernels quantized products run on, and why."""
+    library()
+    assert _state is not None
+    return _state[1]
+
+
+def reset() -> None:
+    """Forget the choice, so that the next product decides again (after changing ``EXPERTFLOW_KERNELS``)."""
+    global _state
+    with _lock:
+        _state = None
+
+
+def forced() -> bool:
+    """Whether every product these kernels take goes to them (``EXPERTFLOW_KERNELS=native``)."""
+    return os.environ.get(ENV) == "native"
+
+
+def supports(x: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether these kernels take this product: CPU tensors in fp32 or bf16."""
+    return x.device.type == "cpu" and x.dtype in _DTYPES and scales.dtype in _DTYPES
+
+
+def int4_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, qparams: torch.Tensor, group_size: int, out_features: int
+) -> torch.Tensor:
+    """``x [m, in] @ W.T -> [m, out]`` (padded sizes) for an int4 weight in the CPU int4 layout, in x's dtype."""
+    lib = library()
+    assert lib is not None
+    x = x.contiguous()
+    m, k = x.shape
+    y = torch.empty(m, out_features, dtype=x.dtype)
+    rc = lib.ef_q4_gemm(
+        x.data_ptr(), _DTYPES[x.dtype], m, qweight.contiguous().data_ptr(), qparams.contiguous().data_ptr(),
+        _DTYPES[qparams.dtype], out_features, k, group_size, y.data_ptr(), _DTYPES[y.dtype],
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("the int4 kernel could not allocate its buffers")
+    return y
+
+
+def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x [m, in] @ W.T -> [m, out]`` for a per-channel int8 weight ``[out, in]``, in x's dtype."""
+    lib = library()
+    assert lib is not None
+    x = x.contiguous()
+    m, k = x.shape
+    n = qweight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype)
+    rc = lib.ef_q8_gemm(
+        x.data_ptr(), _DTYPES[x.dtype], m, qweight.contiguous().data_ptr(), scales.contiguous().data_ptr(),
+        _DTYPES[scales.dtype], n, k, y.data_ptr(), _DTYPES[y.dtype],
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("the int8 kernel could not allocate its buffers")
+    return y
+
+
+def int4_swiglu(
+    x: torch.Tensor,
+    slots: list[int],
+    gate_up: tuple[torch.Tensor, torch.Tensor, int],
+    down: tuple[torch.Tensor, torch.Tensor, int],
+    ffn: int,
+) -> torch.Tensor:
+    """``down(silu(gate(x)) * up(x))`` of the experts in ``slots`` for one row ``x [hidden]``: ``[len(slots),
+    hidden]`` in the dtype of the scales. ``gate_up`` and ``down`` are ``(qweight, qparams, group)`` stacked over
+    slots (each slot's tensor contiguous, slots ``stride(0)`` apart), unpadded (``2 * ffn`` and ``hidden`` rows multiples of 16, inputs multiples of their groups)."""
+    lib = library()
+    assert lib is not None
+    stacks = []
+    for qweight, qparams, group in (gate_up, down):
+        assert qweight[0].is_contiguous() and qparams[0].is_contiguous()
+        stacks.append(
+            _Stack(qweight.data_ptr(), qweight.stride(0), qparams.data_ptr(), qparams.stride(0), group)
+        )
+    dtype = gate_up[1].dtype
+    x = x.to(dtype).contiguous()
+    hidden = x.shape[-1]
+    index = (ctypes.c_long * len(slots))(*slots)
+    y = torch.empty(len(slots), hidden, dtype=dtype)
+    rc = lib.ef_q4_swiglu(
+        x.data_ptr(), _DTYPES[dtype], hidden, ffn, len(slots), ctypes.cast(index, ctypes.c_void_p),
+        ctypes.byref(stacks[0]), ctypes.byref(stacks[1]), _DTYPES[dtype], y.data_ptr(), _DTYPES[dtype],
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("the experts kernel could not allocate its buffers")
+    return y
