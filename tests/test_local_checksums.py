@@ -85,7 +85,7 @@ def test_an_unwritable_checkpoint_directory_caches_under_xdg_cache_home(
     local: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (local / FILE_NAME).mkdir()  # what is there cannot be replaced by a file (tests run as root: no chmod)
-    monkeypatch.delenv("EXPERTFLOW_CACHE_DIR", raising=False)  # which would come first (expertflow.core.cache_dir)
+    monkeypatch.delenv("EXPERTFLOW_CACHE_DIR", raising=False)  # it would come first (core.cache_dir)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     layout = open_checkpoint(local)
     book = LocalChecksums.open(layout)
