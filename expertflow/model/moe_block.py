@@ -211,14 +211,18 @@ class OffloadedExperts(nn.Module):
         # changes no bit. The routes are weighted and summed at the end, as the family's own forward does.
         width = hidden_states.shape[-1]
         top_k = top_k_index.shape[-1]
-        rows = hidden_states.reshape(-1, width).repeat_interleave(top_k, dim=0)  # [tokens * k, H]
         route_index = top_k_index.reshape(-1)  # [tokens * k]
+        shape = (route_index.shape[0], width)
         routes: torch.Tensor | None = None  # [tokens * k, H]: each route's unweighted output
         # One token (a decode step) routed to distinct experts: each expert has one route, found by its position
         # instead of a search over the routes (a few small ops per expert; fine-grained models call hundreds).
         ids = route_index.tolist() if route_index.shape[0] == top_k and self.one_token_path else None
         if ids is not None and len(set(ids)) != len(ids):
             ids = None
+        if ids is not None:  # every route's row is the token's
+            rows = hidden_states.reshape(-1, width)[:1].expand(top_k, width)
+        else:
+            rows = hidden_states.reshape(-1, width).repeat_interleave(top_k, dim=0)  # [tokens * k, H]
         self.last_stalled = False
         for wave in self.store.fetch_as_ready(keys):
             try:
@@ -228,24 +232,29 @@ class OffloadedExperts(nn.Module):
                 t0 = time.perf_counter()
                 one_by_one = wave
                 if ids is not None and self._fused_ffn is not None:
-                    at = [ids.index(h.key.expert) for h in wave]
-                    part = fused_routes(self._slot_views, rows[:1], [h.slot for h in wave], self._fused_ffn)
-                    if routes is None:
-                        routes = torch.zeros(rows.shape, dtype=part.dtype, device=part.device)
-                    routes[at] = part
+                    placed = sorted((ids.index(h.key.expert), h.slot) for h in wave)  # in route order
+                    part = fused_routes(
+                        self._slot_views, rows[:1], [slot for _, slot in placed], self._fused_ffn
+                    )
+                    if routes is None and len(placed) == top_k:
+                        routes = part  # the whole layer in one wave: already every route in its place
+                    else:
+                        if routes is None:
+                            routes = torch.zeros(shape, dtype=part.dtype, device=part.device)
+                        routes[[i for i, _ in placed]] = part
                     one_by_one = []
                 for handle in one_by_one:
                     if ids is not None:
                         i = ids.index(handle.key.expert)
                         part = self._kernel(rows[i : i + 1], handle, top_k_weights.dtype)
                         if routes is None:
-                            routes = torch.zeros(rows.shape, dtype=part.dtype, device=part.device)
+                            routes = torch.zeros(shape, dtype=part.dtype, device=part.device)
                         routes[i] = part[0]
                         continue
                     mine = (route_index == handle.key.expert).nonzero().squeeze(1)
                     part = self._kernel(rows.index_select(0, mine), handle, top_k_weights.dtype)
                     if routes is None:
-                        routes = torch.zeros(rows.shape, dtype=part.dtype, device=part.device)
+                        routes = torch.zeros(shape, dtype=part.dtype, device=part.device)
                     routes.index_copy_(0, mine, part)  # routes of distinct experts never overlap: exact
                 self.compute_seconds += time.perf_counter() - t0
                 if routes is not None and routes.device.type == "cuda":
