@@ -26,6 +26,7 @@ from torch import nn
 
 from expertflow.config import StoreConfig
 from expertflow.core import ExpertKey
+from expertflow.model import single_route
 from expertflow.model.adapters import ExpertsAdapter
 from expertflow.model.quantized_experts import (
     QUANTIZED_IMPLEMENTATION,
@@ -142,6 +143,8 @@ class OffloadedExperts(nn.Module):
             and not self._tables
             and single_route_supported(experts, self._slot_views)
         )
+        # The same for unquantized experts run by transformers' grouped forward (same kernels, same bits).
+        self._direct = not self._tables and single_route.supported(experts, self._slot_views, implementation)
         # ...and where the native kernels take the family's experts, a wave of them is one call.
         self._fused_ffn = fused_ffn(experts, self._slot_views) if self._single_route else None
         # A private config so that our kernel choice does not leak into the rest of the model.
@@ -172,6 +175,8 @@ class OffloadedExperts(nn.Module):
         slot = handle.slot
         if self._single_route and rows.shape[0] == 1:
             return quantized_single_route(experts, self._slot_views, rows, slot)
+        if self._direct and rows.shape[0] == 1:
+            return single_route.single_route(experts, self._slot_views, rows, slot)
         for name, view in self._slot_views.items():
             experts.__dict__[name] = view[slot : slot + 1]
         expert = handle.key.expert
@@ -219,10 +224,9 @@ class OffloadedExperts(nn.Module):
         ids = route_index.tolist() if route_index.shape[0] == top_k and self.one_token_path else None
         if ids is not None and len(set(ids)) != len(ids):
             ids = None
-        if ids is not None:  # every route's row is the token's
-            rows = hidden_states.reshape(-1, width)[:1].expand(top_k, width)
-        else:
-            rows = hidden_states.reshape(-1, width).repeat_interleave(top_k, dim=0)  # [tokens * k, H]
+        flat = hidden_states.reshape(-1, width).contiguous()
+        # [tokens * k, H]: each route's row; a decode step's routes all take the token's one row
+        rows = flat if ids is not None else flat.repeat_interleave(top_k, dim=0)
         self.last_stalled = False
         for wave in self.store.fetch_as_ready(keys):
             try:
@@ -233,9 +237,7 @@ class OffloadedExperts(nn.Module):
                 one_by_one = wave
                 if ids is not None and self._fused_ffn is not None:
                     placed = sorted((ids.index(h.key.expert), h.slot) for h in wave)  # in route order
-                    part = fused_routes(
-                        self._slot_views, rows[:1], [slot for _, slot in placed], self._fused_ffn
-                    )
+                    part = fused_routes(self._slot_views, flat, [slot for _, slot in placed], self._fused_ffn)
                     if routes is None and len(placed) == top_k:
                         routes = part  # the whole layer in one wave: already every route in its place
                     else:
@@ -246,7 +248,7 @@ class OffloadedExperts(nn.Module):
                 for handle in one_by_one:
                     if ids is not None:
                         i = ids.index(handle.key.expert)
-                        part = self._kernel(rows[i : i + 1], handle, top_k_weights.dtype)
+                        part = self._kernel(flat, handle, top_k_weights.dtype)
                         if routes is None:
                             routes = torch.zeros(shape, dtype=part.dtype, device=part.device)
                         routes[i] = part[0]
