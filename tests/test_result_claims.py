@@ -74,8 +74,7 @@ def test_the_readme_results_table_is_the_scale_result_files() -> None:
     assert claim in text
 
 
-def test_the_readme_resident_table_is_the_resident_result_file() -> None:
-    rows = {r["label"]: r for r in _rows("benchmarks/resident-scale/decode.json")}
+def test_the_readme_resident_table_is_the_resident_result_files() -> None:
     labels = {
         "transformers (whole model in RAM)": "transformers (RAM)",
         "ExpertFlow bf16 (same tokens as transformers)": "expertflow lru @100%",
@@ -83,22 +82,34 @@ def test_the_readme_resident_table_is_the_resident_result_file() -> None:
         "ExpertFlow int4 experts, int8 non-experts": "expertflow lru int4 non-experts int8 @100%",
         "llama.cpp Q4_0 (repacked)": "llama.cpp Q4_0",
     }
-    table = _table("README.md", "| contender | decode tok/s | prefill tok/s |")
-    assert [name for name, *_ in table] == list(labels)
-    for name, decode, prefill, split in table:
+    peers = {
+        "expertflow lru @100%": "llama.cpp bf16",
+        "expertflow lru int4 non-experts int8 @100%": "llama.cpp Q4_0",
+    }
+    table = _table("README.md", "| model | contender | decode tok/s | prefill tok/s |")
+    assert len(table) == 15
+    rows: dict[str, Any] = {}
+    for model, name, decode, prefill, split in table:
+        if model:
+            preset = re.search(r"`([a-z-]+)`", model).group(1)  # type: ignore[union-attr]
+            rows = {r["label"]: r for r in _rows(f"benchmarks/resident-{preset}/decode.json")}
         row = rows[labels[name]]
         _shown(row["tokens_per_second"], decode.split(" ")[0])
         _shown(row["prefill_tokens_per_second"], prefill.split(" ")[0])
         if "same tokens" in name:
             assert row["same_tokens_as_transformers"] is True
+            assert (
+                f"{row['tokens_per_second'] / rows['transformers (RAM)']['tokens_per_second']:.2f}x transformers"
+                in decode
+            )
+        if row["label"] in peers:
+            ratio = row["tokens_per_second"] / rows[peers[row["label"]]]["tokens_per_second"]
+            assert f"{ratio:.2f}x llama.cpp" in decode
         if split != "—":
             parts = [p.strip() for p in split.split("/")]
             keys = ("experts_compute_ms_per_token", "store_ms_per_token", "rest_ms_per_token")
             for key, part in zip(keys, parts, strict=True):
                 _shown(row[key], part)
-    ours = rows["expertflow lru int4 non-experts int8 @100%"]
-    cpp = rows["llama.cpp Q4_0"]
-    assert f"{ours['tokens_per_second'] / cpp['tokens_per_second']:.2f}x llama.cpp Q4_0" in table[3][1]
 
 
 def test_the_grid_table_and_claims_are_the_grid_result_file() -> None:
