@@ -73,6 +73,31 @@ static void quantize_row(const void *x, int dtype, long k, long kpad, long block
     }
 }
 
+/* A row of activations as the kernels take it: int8 codes (padded), and per block the scale, the sum of the
+ * codes and the exact sum of the values. One allocation; NULL when out of memory. */
+typedef struct {
+    int8_t *q;
+    float *scale, *sum;
+    int32_t *qsum;
+    void *block;
+} ef_row;
+
+static int row_alloc(ef_row *r, long kpad, long blocks) {
+    size_t codes = (size_t)((kpad + 63) / 64 * 64), per = (size_t)blocks;
+    size_t bytes = codes + per * (2 * sizeof(float) + sizeof(int32_t));
+    r->block = aligned_alloc(64, (bytes + 63) / 64 * 64); /* a multiple of the alignment, as C11 asks */
+    if (!r->block) return -1;
+    r->q = (int8_t *)r->block;
+    r->scale = (float *)((char *)r->block + codes);
+    r->sum = r->scale + per;
+    r->qsum = (int32_t *)(r->sum + per);
+    return 0;
+}
+
+static const void *row_of(const void *x, int dtype, long i, long k) {
+    return dtype == EF_BF16 ? (const void *)((const uint16_t *)x + i * k) : (const void *)((const float *)x + i * k);
+}
+
 /* --- int4, group-wise, asymmetric: w = (q - 8) * scale + zero -------------------------------------------------
  * qweight: rows in blocks of 64; inside a block, k-major, byte (k, i) holds row i in its low nibble and row i + 32
  * in its high nibble. A tail of fewer than 64 rows holds, per k, rows 2i (low) and 2i + 1 (high).
@@ -160,31 +185,25 @@ static void q4_tail(const uint8_t *w, const void *qp, int qp_dtype, long n, long
  * out of memory. */
 int ef_q4_gemm(const void *x, int x_dtype, long m, const uint8_t *qweight, const void *qparams, int qp_dtype,
                long n, long k, long group, void *y, int y_dtype) {
-    long ng = k / group;
-    int8_t *qx = aligned_alloc(64, (size_t)((k + 63) / 64 * 64));
-    float *xs = malloc(sizeof(float) * (size_t)ng * 2);
-    int32_t *xq = malloc(sizeof(int32_t) * (size_t)ng);
+    ef_row a;
     float *yrow = malloc(sizeof(float) * (size_t)n);
-    if (!qx || !xs || !xq || !yrow) {
-        free(qx), free(xs), free(xq), free(yrow);
+    if (!yrow || row_alloc(&a, k, k / group) != 0) {
+        free(yrow);
         return -1;
     }
-    float *xsum = xs + ng;
     long full = n / 64 * 64;
     for (long i = 0; i < m; i++) {
-        quantize_row(x_dtype == EF_BF16 ? (const void *)((const uint16_t *)x + i * k)
-                                        : (const void *)((const float *)x + i * k),
-                     x_dtype, k, k, group, qx, xs, xq, xsum);
+        quantize_row(row_of(x, x_dtype, i, k), x_dtype, k, k, group, a.q, a.scale, a.qsum, a.sum);
 #pragma omp parallel for schedule(static)
         for (long b = 0; b < full / 64; b++)
-            q4_block64(qweight + b * 64 * (k / 2), qparams, qp_dtype, n, b * 64, k, group, qx, xs, xq, xsum,
-                       yrow + b * 64);
+            q4_block64(qweight + b * 64 * (k / 2), qparams, qp_dtype, n, b * 64, k, group, a.q, a.scale, a.qsum,
+                       a.sum, yrow + b * 64);
         if (full < n)
-            q4_tail(qweight + full * (k / 2), qparams, qp_dtype, n, full, n - full, k, group, qx, xs, xq, xsum,
-                    yrow + full);
+            q4_tail(qweight + full * (k / 2), qparams, qp_dtype, n, full, n - full, k, group, a.q, a.scale, a.qsum,
+                    a.sum, yrow + full);
         for (long j = 0; j < n; j++) store_val(y, y_dtype, i * n + j, yrow[j]);
     }
-    free(qx), free(xs), free(xq), free(yrow);
+    free(a.block), free(yrow);
     return 0;
 }
 
@@ -216,27 +235,23 @@ static void q8_rows(const int8_t *w, const void *sc, int sc_dtype, long row0, lo
 /* y[m, n] = x[m, k] @ W.T for an int8 W of n x k. Returns 0, or -1 when out of memory. */
 int ef_q8_gemm(const void *x, int x_dtype, long m, const int8_t *qweight, const void *scales, int sc_dtype, long n,
                long k, void *y, int y_dtype) {
-    long kpad = (k + Q8_BLOCK - 1) / Q8_BLOCK * Q8_BLOCK, nb = kpad / Q8_BLOCK;
-    int8_t *qx = aligned_alloc(64, (size_t)kpad);
-    float *xs = malloc(sizeof(float) * (size_t)nb * 2);
-    int32_t *xq = malloc(sizeof(int32_t) * (size_t)nb);
+    long kpad = (k + Q8_BLOCK - 1) / Q8_BLOCK * Q8_BLOCK;
+    ef_row a;
     float *yrow = malloc(sizeof(float) * (size_t)n);
-    if (!qx || !xs || !xq || !yrow) {
-        free(qx), free(xs), free(xq), free(yrow);
+    if (!yrow || row_alloc(&a, kpad, kpad / Q8_BLOCK) != 0) {
+        free(yrow);
         return -1;
     }
-    float *xsum = xs + nb;
     for (long i = 0; i < m; i++) {
-        quantize_row(x_dtype == EF_BF16 ? (const void *)((const uint16_t *)x + i * k)
-                                        : (const void *)((const float *)x + i * k),
-                     x_dtype, k, kpad, Q8_BLOCK, qx, xs, xq, xsum);
+        quantize_row(row_of(x, x_dtype, i, k), x_dtype, k, kpad, Q8_BLOCK, a.q, a.scale, a.qsum, a.sum);
         long chunk = 64;
 #pragma omp parallel for schedule(static)
         for (long r0 = 0; r0 < n; r0 += chunk)
-            q8_rows(qweight, scales, sc_dtype, r0, r0 + chunk <= n ? chunk : n - r0, k, kpad, qx, xs, xq, yrow);
+            q8_rows(qweight, scales, sc_dtype, r0, r0 + chunk <= n ? chunk : n - r0, k, kpad, a.q, a.scale, a.qsum,
+                    yrow);
         for (long j = 0; j < n; j++) store_val(y, y_dtype, i * n + j, yrow[j]);
     }
-    free(qx), free(xs), free(xq), free(yrow);
+    free(a.block), free(yrow);
     return 0;
 }
 
@@ -269,27 +284,25 @@ static void q4_rows(const ef_q4_stack *st, int qp_dtype, long slot, long n, long
 
 int ef_q4_swiglu(const void *x, int x_dtype, long hidden, long ffn, long n_routes, const long *slots,
                  const ef_q4_stack *gate_up, const ef_q4_stack *down, int qp_dtype, void *out, int out_dtype) {
-    long ng_in = hidden / gate_up->group, ng_mid = ffn / down->group;
+    long ng_mid = ffn / down->group;
     long nb_up = (2 * ffn + 63) / 64, nb_down = (hidden + 63) / 64;
-    int8_t *qx = aligned_alloc(64, (size_t)((hidden + 63) / 64 * 64));
-    float *xs = malloc(sizeof(float) * (size_t)ng_in * 2);
-    int32_t *xq = malloc(sizeof(int32_t) * (size_t)ng_in);
+    ef_row a, mid;
     float *h = malloc(sizeof(float) * (size_t)(n_routes * 2 * ffn));
-    int8_t *qa = aligned_alloc(64, (size_t)((n_routes * ffn + 63) / 64 * 64));
-    float *as = malloc(sizeof(float) * (size_t)(n_routes * ng_mid) * 2);
-    int32_t *aq = malloc(sizeof(int32_t) * (size_t)(n_routes * ng_mid));
     float *y = malloc(sizeof(float) * (size_t)(n_routes * hidden));
-    if (!qx || !xs || !xq || !h || !qa || !as || !aq || !y) {
-        free(qx), free(xs), free(xq), free(h), free(qa), free(as), free(aq), free(y);
+    int ok_a = row_alloc(&a, hidden, hidden / gate_up->group) == 0;
+    int ok_mid = row_alloc(&mid, n_routes * ffn, n_routes * ng_mid) == 0;
+    if (!h || !y || !ok_a || !ok_mid) {
+        free(h), free(y);
+        if (ok_a) free(a.block);
+        if (ok_mid) free(mid.block);
         return -1;
     }
-    quantize_row(x, x_dtype, hidden, hidden, gate_up->group, qx, xs, xq, xs + ng_in);
-    float *asum = as + n_routes * ng_mid;
+    quantize_row(x, x_dtype, hidden, hidden, gate_up->group, a.q, a.scale, a.qsum, a.sum);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
         for (long i = 0; i < n_routes * nb_up; i++)
-            q4_rows(gate_up, qp_dtype, slots[i / nb_up], 2 * ffn, hidden, i % nb_up, qx, xs, xq, xs + ng_in,
+            q4_rows(gate_up, qp_dtype, slots[i / nb_up], 2 * ffn, hidden, i % nb_up, a.q, a.scale, a.qsum, a.sum,
                     h + (i / nb_up) * 2 * ffn);
 #pragma omp for schedule(static)
         for (long r = 0; r < n_routes; r++) {
@@ -298,17 +311,17 @@ int ef_q4_swiglu(const void *x, int x_dtype, long hidden, long ffn, long n_route
                 float g = hr[j];
                 hr[j] = g / (1.f + expf(-g)) * hr[ffn + j];
             }
-            quantize_row(hr, EF_F32, ffn, ffn, down->group, qa + r * ffn, as + r * ng_mid, aq + r * ng_mid,
-                         asum + r * ng_mid);
+            quantize_row(hr, EF_F32, ffn, ffn, down->group, mid.q + r * ffn, mid.scale + r * ng_mid,
+                         mid.qsum + r * ng_mid, mid.sum + r * ng_mid);
         }
 #pragma omp for schedule(static)
         for (long i = 0; i < n_routes * nb_down; i++) {
             long r = i / nb_down;
-            q4_rows(down, qp_dtype, slots[r], hidden, ffn, i % nb_down, qa + r * ffn, as + r * ng_mid,
-                    aq + r * ng_mid, asum + r * ng_mid, y + r * hidden);
+            q4_rows(down, qp_dtype, slots[r], hidden, ffn, i % nb_down, mid.q + r * ffn, mid.scale + r * ng_mid,
+                    mid.qsum + r * ng_mid, mid.sum + r * ng_mid, y + r * hidden);
         }
     }
     for (long j = 0; j < n_routes * hidden; j++) store_val(out, out_dtype, j, y[j]);
-    free(qx), free(xs), free(xq), free(h), free(qa), free(as), free(aq), free(y);
+    free(a.block), free(mid.block), free(h), free(y);
     return 0;
 }
