@@ -124,22 +124,34 @@ def test_the_kernels_give_the_same_bits_on_any_number_of_threads() -> None:
         assert torch.equal(a, outs[0][0]) and torch.equal(b, outs[0][1])
 
 
-def test_a_decode_sized_product_goes_to_the_native_kernel_and_a_prefill_to_torchs() -> None:
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_large_product_goes_to_the_native_kernel_with_each_rows_bits_its_own(bits: int) -> None:
+    """Any number of rows (a decode step, a prefill, more than a chunk of 64) goes to the native kernel, and each
+    row comes out with the bits it gets alone: batching rows changes no result. A small product stays on
+    torch's kernel."""
     _native_or_skip()
     torch.manual_seed(0)
-    scheme = QuantScheme(4, 128)
+    scheme = QuantScheme(4, 128) if bits == 4 else QuantScheme(8, 0)
     n, k = 512, kernels.NATIVE_MIN_WEIGHTS // 512
     parts = quantize(torch.randn(n, k), scheme, torch.bfloat16)
-    one = torch.randn(1, k).to(torch.bfloat16)
-    assert torch.equal(
-        kernels.qlinear(one, parts, scheme, n, k),
-        native.int4_matmul(one, parts["qweight"], parts["qparams"], 128, n),
-    )
-    many = torch.randn(kernels.NATIVE_MAX_ROWS + 1, k).to(torch.bfloat16)
-    assert torch.equal(
-        kernels.qlinear(many, parts, scheme, n, k),
-        torch.ops.aten._weight_int4pack_mm_for_cpu(many, parts["qweight"], 128, parts["qparams"]),
-    )
+    rows = torch.randn(70, k).to(torch.bfloat16)  # a chunk of 64, then a tile of 4, then 2 single rows
+
+    def native_product(x: torch.Tensor) -> torch.Tensor:
+        if bits == 4:
+            return native.int4_matmul(x, parts["qweight"], parts["qparams"], 128, n)
+        return native.int8_matmul(x, parts["qweight"], parts["scales"])
+
+    together = kernels.qlinear(rows, parts, scheme, n, k)
+    assert torch.equal(together, native_product(rows))
+    for i in (0, 3, 4, 63, 64, 69):
+        assert torch.equal(together[i], native_product(rows[i : i + 1])[0])
+    small = quantize(torch.randn(64, 128), scheme, torch.bfloat16)
+    x = torch.randn(3, 128).to(torch.bfloat16)
+    if bits == 4:
+        reference = torch.ops.aten._weight_int4pack_mm_for_cpu(x, small["qweight"], 128, small["qparams"])
+    else:
+        reference = torch._weight_int8pack_mm(x, small["qweight"], small["scales"])
+    assert torch.equal(kernels.qlinear(x, small, scheme, 64, 128), reference)
 
 
 def test_kernels_torch_sends_every_product_to_torchs_kernels(monkeypatch: pytest.MonkeyPatch) -> None:

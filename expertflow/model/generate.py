@@ -101,8 +101,7 @@ def quantized_kernels(model: Any) -> str:
     if native.forced():
         return f"{native.status()} for every product they take"
     return (
-        f"{native.status()} on decode steps (products of {NATIVE_MIN_WEIGHTS} weights and more), "
-        "torch's on prefill and smaller products"
+        f"{native.status()} for products of {NATIVE_MIN_WEIGHTS} weights and more, torch's for smaller ones"
     )
 
 

@@ -1,10 +1,10 @@
 """``x @ W.T`` for a quantized ``W``: the weight is never dequantized on CPU.
 
-CPU: a few rows of activations (a decode step) go to ExpertFlow's own kernels (:mod:`expertflow.quant.native`,
-activations quantized to int8, integer dot products) where the machine has them; larger batches (a prefill)
-and other machines to torch's ``_weight_int4pack_mm_for_cpu`` (group-wise int4, the layout of
-:mod:`expertflow.quant.scheme`) and ``_weight_int8pack_mm`` (per-channel int8). All take activations in the
-dtype of the scales and give the same dtype.
+CPU: products of large enough matrices go to ExpertFlow's own kernels (:mod:`expertflow.quant.native`,
+activations quantized to int8, integer dot products, each row computed alike however many come together)
+where the machine has them; smaller products and other machines to torch's ``_weight_int4pack_mm_for_cpu``
+(group-wise int4, the layout of :mod:`expertflow.quant.scheme`) and ``_weight_int8pack_mm`` (per-channel
+int8). All take activations in the dtype of the scales and give the same dtype.
 
 CUDA: the slot holds the same bytes (packs and daemons carry one layout), already on the device; the expert is
 dequantized there into a scratch matrix and multiplied densely (:func:`qlinear_dequantized`). Device memory
@@ -22,8 +22,6 @@ from torch.nn import functional as F
 from expertflow.quant import native
 from expertflow.quant.scheme import QuantScheme, dequantize
 
-#: At most this many rows of activations go to the native kernels, which read the weight once per row.
-NATIVE_MAX_ROWS = 2
 #: Below this many weights a product is too small for the native kernels' fixed cost (a ctypes call, threads).
 NATIVE_MIN_WEIGHTS = 1 << 18
 
@@ -51,7 +49,7 @@ def qlinear(
         native_ok = (
             native.supports(x2, scales)
             and native.library() is not None
-            and (native.forced() or (x2.shape[0] <= NATIVE_MAX_ROWS and out_p * in_p >= NATIVE_MIN_WEIGHTS))
+            and (native.forced() or out_p * in_p >= NATIVE_MIN_WEIGHTS)
         )
         if scheme.bits == 4:
             if native_ok:

@@ -118,92 +118,123 @@ static inline __m512 group_params(const void *qp, int dtype, long idx, __m512 *z
     return _mm512_permutex2var_ps(a, even, b);
 }
 
-static void q4_block64(const uint8_t *w, const void *qp, int qp_dtype, long n, long row0, long k, long group,
-                       const int8_t *qx, const float *xs, const int32_t *xq, const float *xsum, float *out) {
+/* Rows row0..row0+63 of W against t rows of activations (t = 1 or TILE: each weight load serves them all). Row
+ * i's codes are at qx + i * ldq, its per-group values at xs/xq/xsum + i * ldg; its outputs accumulate into
+ * out + i * ldo (zeroed by the caller). Every activation row goes through the same operations whatever t is,
+ * so a row's result does not depend on the rows computed beside it. */
+#define TILE 4
+#define CHUNK 64 /* rows of activations per pass over the weight */
+static inline __attribute__((always_inline)) void q4_block64_t(const uint8_t *w, const void *qp, int qp_dtype,
+                                                               long n, long row0, long k, long group, int t,
+                                                               const int8_t *qx, long ldq, const float *xs,
+                                                               const int32_t *xq, const float *xsum, long ldg,
+                                                               float *out, long ldo) {
     /* Byte j of lane-group r of a permuted vector = row r's codes at k, k+1, k+2, k+3. */
     uint8_t lo_idx[64], hi_idx[64];
     for (int r = 0; r < 16; r++)
-        for (int t = 0; t < 4; t++) {
-            lo_idx[4 * r + t] = (uint8_t)(r + 32 * t);
-            hi_idx[4 * r + t] = (uint8_t)(16 + r + 32 * t);
+        for (int u = 0; u < 4; u++) {
+            lo_idx[4 * r + u] = (uint8_t)(r + 32 * u);
+            hi_idx[4 * r + u] = (uint8_t)(16 + r + 32 * u);
         }
     const __m512i ilo = _mm512_loadu_si512(lo_idx), ihi = _mm512_loadu_si512(hi_idx);
     const __m512i nib = _mm512_set1_epi8(0x0f);
-    __m512 y[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (long g = 0; g < k / group; g++) {
-        __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
-                          _mm512_setzero_si512()};
+        __m512i acc[TILE][4];
+        for (int i = 0; i < t; i++)
+            for (int r = 0; r < 4; r++) acc[i][r] = _mm512_setzero_si512();
         for (long kk = g * group; kk < (g + 1) * group; kk += 4) {
             const uint8_t *p = w + kk * 32;
             __m512i z0 = _mm512_loadu_si512(p), z1 = _mm512_loadu_si512(p + 64);
             __m512i l0 = _mm512_and_si512(z0, nib), l1 = _mm512_and_si512(z1, nib);
             __m512i h0 = _mm512_and_si512(_mm512_srli_epi16(z0, 4), nib);
             __m512i h1 = _mm512_and_si512(_mm512_srli_epi16(z1, 4), nib);
-            int32_t x4;
-            memcpy(&x4, qx + kk, 4);
-            __m512i xb = _mm512_set1_epi32(x4);
-            acc[0] = _mm512_dpbusd_epi32(acc[0], _mm512_permutex2var_epi8(l0, ilo, l1), xb);
-            acc[1] = _mm512_dpbusd_epi32(acc[1], _mm512_permutex2var_epi8(l0, ihi, l1), xb);
-            acc[2] = _mm512_dpbusd_epi32(acc[2], _mm512_permutex2var_epi8(h0, ilo, h1), xb);
-            acc[3] = _mm512_dpbusd_epi32(acc[3], _mm512_permutex2var_epi8(h0, ihi, h1), xb);
+            __m512i v[4] = {_mm512_permutex2var_epi8(l0, ilo, l1), _mm512_permutex2var_epi8(l0, ihi, l1),
+                            _mm512_permutex2var_epi8(h0, ilo, h1), _mm512_permutex2var_epi8(h0, ihi, h1)};
+            for (int i = 0; i < t; i++) {
+                int32_t x4;
+                memcpy(&x4, qx + i * ldq + kk, 4);
+                __m512i xb = _mm512_set1_epi32(x4);
+                for (int r = 0; r < 4; r++) acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], v[r], xb);
+            }
         }
         /* sum_k (q - 8) x ~= xs * (sum q qx - 8 sum qx); the zero point meets the exact sum of x. */
-        const __m512 sx = _mm512_set1_ps(xs[g]), sumx = _mm512_set1_ps(xsum[g]);
-        const __m512i corr = _mm512_set1_epi32(8 * xq[g]);
         for (int r = 0; r < 4; r++) {
             __m512 zero;
             __m512 scale = group_params(qp, qp_dtype, g * n + row0 + 16 * r, &zero);
-            __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], corr)), sx);
-            y[r] = _mm512_fmadd_ps(scale, dot, _mm512_fmadd_ps(zero, sumx, y[r]));
+            for (int i = 0; i < t; i++) {
+                const __m512 sx = _mm512_set1_ps(xs[i * ldg + g]), sumx = _mm512_set1_ps(xsum[i * ldg + g]);
+                const __m512i corr = _mm512_set1_epi32(8 * xq[i * ldg + g]);
+                __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][r], corr)), sx);
+                float *o = out + i * ldo + 16 * r;
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(scale, dot, _mm512_fmadd_ps(zero, sumx, _mm512_loadu_ps(o))));
+            }
         }
     }
-    for (int r = 0; r < 4; r++) _mm512_storeu_ps(out + 16 * r, y[r]);
+}
+
+static void q4_block64(const uint8_t *w, const void *qp, int qp_dtype, long n, long row0, long k, long group,
+                       long m, const int8_t *qx, long ldq, const float *xs, const int32_t *xq, const float *xsum,
+                       long ldg, float *out, long ldo) {
+    for (long i = 0; i < m; i++) memset(out + i * ldo, 0, 64 * sizeof(float));
+    long i = 0;
+    for (; i + TILE <= m; i += TILE)
+        q4_block64_t(w, qp, qp_dtype, n, row0, k, group, TILE, qx + i * ldq, ldq, xs + i * ldg, xq + i * ldg,
+                     xsum + i * ldg, ldg, out + i * ldo, ldo);
+    for (; i < m; i++)
+        q4_block64_t(w, qp, qp_dtype, n, row0, k, group, 1, qx + i * ldq, ldq, xs + i * ldg, xq + i * ldg,
+                     xsum + i * ldg, ldg, out + i * ldo, ldo);
 }
 
 static void q4_tail(const uint8_t *w, const void *qp, int qp_dtype, long n, long row0, long rows, long k,
-                    long group, const int8_t *qx, const float *xs, const int32_t *xq, const float *xsum,
-                    float *out) {
-    for (long r = 0; r < rows; r++) {
-        float y = 0.f;
-        for (long g = 0; g < k / group; g++) {
-            int32_t acc = 0;
-            for (long kk = g * group; kk < (g + 1) * group; kk++) {
-                uint8_t b = w[kk * (rows / 2) + r / 2];
-                int32_t q = (r & 1) ? (b >> 4) : (b & 0x0f);
-                acc += q * qx[kk];
+                    long group, long m, const int8_t *qx, long ldq, const float *xs, const int32_t *xq,
+                    const float *xsum, long ldg, float *out, long ldo) {
+    for (long i = 0; i < m; i++)
+        for (long r = 0; r < rows; r++) {
+            float y = 0.f;
+            for (long g = 0; g < k / group; g++) {
+                int32_t acc = 0;
+                for (long kk = g * group; kk < (g + 1) * group; kk++) {
+                    uint8_t b = w[kk * (rows / 2) + r / 2];
+                    int32_t q = (r & 1) ? (b >> 4) : (b & 0x0f);
+                    acc += q * qx[i * ldq + kk];
+                }
+                float scale = load_val(qp, qp_dtype, 2 * (g * n + row0 + r));
+                float zero = load_val(qp, qp_dtype, 2 * (g * n + row0 + r) + 1);
+                float dot = (float)(acc - 8 * xq[i * ldg + g]) * xs[i * ldg + g];
+                y = scale * dot + (zero * xsum[i * ldg + g] + y);
             }
-            float scale = load_val(qp, qp_dtype, 2 * (g * n + row0 + r));
-            float zero = load_val(qp, qp_dtype, 2 * (g * n + row0 + r) + 1);
-            float dot = (float)(acc - 8 * xq[g]) * xs[g];
-            y = scale * dot + (zero * xsum[g] + y);
+            out[i * ldo + r] = y;
         }
-        out[r] = y;
-    }
 }
 
 /* y[m, n] = x[m, k] @ W.T for an int4 W of n x k (both padded as the layout requires). Returns 0, or -1 when
- * out of memory. */
+ * out of memory. Rows of x go in chunks of CHUNK (bounded scratch memory); each block of 64 weight rows is
+ * read once per chunk. */
 int ef_q4_gemm(const void *x, int x_dtype, long m, const uint8_t *qweight, const void *qparams, int qp_dtype,
                long n, long k, long group, void *y, int y_dtype) {
+    long ng = k / group, rows = m < CHUNK ? m : CHUNK;
     ef_row a;
-    float *yrow = malloc(sizeof(float) * (size_t)n);
-    if (!yrow || row_alloc(&a, k, k / group) != 0) {
-        free(yrow);
+    float *out = malloc(sizeof(float) * (size_t)(rows * n));
+    if (!out || row_alloc(&a, rows * k, rows * ng) != 0) {
+        free(out);
         return -1;
     }
     long full = n / 64 * 64;
-    for (long i = 0; i < m; i++) {
-        quantize_row(row_of(x, x_dtype, i, k), x_dtype, k, k, group, a.q, a.scale, a.qsum, a.sum);
+    for (long i0 = 0; i0 < m; i0 += CHUNK) {
+        long mc = m - i0 < CHUNK ? m - i0 : CHUNK;
+        for (long i = 0; i < mc; i++)
+            quantize_row(row_of(x, x_dtype, i0 + i, k), x_dtype, k, k, group, a.q + i * k, a.scale + i * ng,
+                         a.qsum + i * ng, a.sum + i * ng);
 #pragma omp parallel for schedule(static)
         for (long b = 0; b < full / 64; b++)
-            q4_block64(qweight + b * 64 * (k / 2), qparams, qp_dtype, n, b * 64, k, group, a.q, a.scale, a.qsum,
-                       a.sum, yrow + b * 64);
+            q4_block64(qweight + b * 64 * (k / 2), qparams, qp_dtype, n, b * 64, k, group, mc, a.q, k, a.scale,
+                       a.qsum, a.sum, ng, out + b * 64, n);
         if (full < n)
-            q4_tail(qweight + full * (k / 2), qparams, qp_dtype, n, full, n - full, k, group, a.q, a.scale, a.qsum,
-                    a.sum, yrow + full);
-        for (long j = 0; j < n; j++) store_val(y, y_dtype, i * n + j, yrow[j]);
+            q4_tail(qweight + full * (k / 2), qparams, qp_dtype, n, full, n - full, k, group, mc, a.q, k, a.scale,
+                    a.qsum, a.sum, ng, out + full, n);
+        for (long j = 0; j < mc * n; j++) store_val(y, y_dtype, i0 * n + j, out[j]);
     }
-    free(a.block), free(yrow);
+    free(a.block), free(out);
     return 0;
 }
 
@@ -212,46 +243,68 @@ int ef_q4_gemm(const void *x, int x_dtype, long m, const uint8_t *qweight, const
 
 #define Q8_BLOCK 64
 
-static void q8_rows(const int8_t *w, const void *sc, int sc_dtype, long row0, long rows, long k, long kpad,
-                    const int8_t *qx, const float *xs, const int32_t *xq, float *out) {
+/* Weight rows row0..row0+rows-1 against t rows of activations (t = 1 or TILE; row i's codes at qx + i * kpad,
+ * its block values at xs/xq + i * nb), into out + i * n. The same operations for a row whatever t is. */
+static inline __attribute__((always_inline)) void q8_rows_t(const int8_t *w, const void *sc, int sc_dtype, long n,
+                                                            long row0, long rows, long k, long kpad, int t,
+                                                            const int8_t *qx, const float *xs, const int32_t *xq,
+                                                            float *out) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     long nb = kpad / Q8_BLOCK;
     for (long r = row0; r < row0 + rows; r++) {
         const int8_t *wr = w + r * k;
-        __m512 f = _mm512_setzero_ps();
+        __m512 f[TILE];
+        for (int i = 0; i < t; i++) f[i] = _mm512_setzero_ps();
         for (long b = 0; b < nb; b++) {
             long left = k - b * Q8_BLOCK;
             __mmask64 mask = left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1);
             /* (w + 128) as u8 against qx as s8: the +128 adds 128 * sum(qx), taken back in integers. */
             __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, wr + b * Q8_BLOCK), flip);
-            __m512i acc = _mm512_dpbusd_epi32(_mm512_zextsi128_si512(_mm_cvtsi32_si128(-128 * xq[b])), wv,
-                                              _mm512_load_si512(qx + b * Q8_BLOCK));
-            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(xs[b]), f);
+            for (int i = 0; i < t; i++) {
+                __m512i acc = _mm512_dpbusd_epi32(_mm512_zextsi128_si512(_mm_cvtsi32_si128(-128 * xq[i * nb + b])),
+                                                  wv, _mm512_load_si512(qx + i * kpad + b * Q8_BLOCK));
+                f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(xs[i * nb + b]), f[i]);
+            }
         }
-        out[r] = _mm512_reduce_add_ps(f) * load_val(sc, sc_dtype, r);
+        float s = load_val(sc, sc_dtype, r);
+        for (int i = 0; i < t; i++) out[i * n + r] = _mm512_reduce_add_ps(f[i]) * s;
     }
 }
 
-/* y[m, n] = x[m, k] @ W.T for an int8 W of n x k. Returns 0, or -1 when out of memory. */
+static void q8_rows(const int8_t *w, const void *sc, int sc_dtype, long n, long row0, long rows, long k, long kpad,
+                    long m, const int8_t *qx, const float *xs, const int32_t *xq, float *out) {
+    long nb = kpad / Q8_BLOCK, i = 0;
+    for (; i + TILE <= m; i += TILE)
+        q8_rows_t(w, sc, sc_dtype, n, row0, rows, k, kpad, TILE, qx + i * kpad, xs + i * nb, xq + i * nb,
+                  out + i * n);
+    for (; i < m; i++)
+        q8_rows_t(w, sc, sc_dtype, n, row0, rows, k, kpad, 1, qx + i * kpad, xs + i * nb, xq + i * nb, out + i * n);
+}
+
+/* y[m, n] = x[m, k] @ W.T for an int8 W of n x k. Returns 0, or -1 when out of memory. Each weight row is read
+ * once per chunk of CHUNK rows of x. */
 int ef_q8_gemm(const void *x, int x_dtype, long m, const int8_t *qweight, const void *scales, int sc_dtype, long n,
                long k, void *y, int y_dtype) {
-    long kpad = (k + Q8_BLOCK - 1) / Q8_BLOCK * Q8_BLOCK;
+    long kpad = (k + Q8_BLOCK - 1) / Q8_BLOCK * Q8_BLOCK, nb = kpad / Q8_BLOCK, rows = m < CHUNK ? m : CHUNK;
     ef_row a;
-    float *yrow = malloc(sizeof(float) * (size_t)n);
-    if (!yrow || row_alloc(&a, kpad, kpad / Q8_BLOCK) != 0) {
-        free(yrow);
+    float *out = malloc(sizeof(float) * (size_t)(rows * n));
+    if (!out || row_alloc(&a, rows * kpad, rows * nb) != 0) {
+        free(out);
         return -1;
     }
-    for (long i = 0; i < m; i++) {
-        quantize_row(row_of(x, x_dtype, i, k), x_dtype, k, kpad, Q8_BLOCK, a.q, a.scale, a.qsum, a.sum);
+    for (long i0 = 0; i0 < m; i0 += CHUNK) {
+        long mc = m - i0 < CHUNK ? m - i0 : CHUNK;
+        for (long i = 0; i < mc; i++)
+            quantize_row(row_of(x, x_dtype, i0 + i, k), x_dtype, k, kpad, Q8_BLOCK, a.q + i * kpad,
+                         a.scale + i * nb, a.qsum + i * nb, a.sum + i * nb);
         long chunk = 64;
 #pragma omp parallel for schedule(static)
         for (long r0 = 0; r0 < n; r0 += chunk)
-            q8_rows(qweight, scales, sc_dtype, r0, r0 + chunk <= n ? chunk : n - r0, k, kpad, a.q, a.scale, a.qsum,
-                    yrow);
-        for (long j = 0; j < n; j++) store_val(y, y_dtype, i * n + j, yrow[j]);
+            q8_rows(qweight, scales, sc_dtype, n, r0, r0 + chunk <= n ? chunk : n - r0, k, kpad, mc, a.q, a.scale,
+                    a.qsum, out);
+        for (long j = 0; j < mc * n; j++) store_val(y, y_dtype, i0 * n + j, out[j]);
     }
-    free(a.block), free(yrow);
+    free(a.block), free(out);
     return 0;
 }
 
@@ -277,9 +330,11 @@ static void q4_rows(const ef_q4_stack *st, int qp_dtype, long slot, long n, long
                                          : (const void *)((const float *)st->qp + slot * st->qp_stride);
     long full = n / 64 * 64;
     if (b * 64 < full)
-        q4_block64(w + b * 64 * (k / 2), qp, qp_dtype, n, b * 64, k, st->group, qx, xs, xq, xsum, out + b * 64);
+        q4_block64(w + b * 64 * (k / 2), qp, qp_dtype, n, b * 64, k, st->group, 1, qx, 0, xs, xq, xsum, 0,
+                   out + b * 64, 0);
     else
-        q4_tail(w + full * (k / 2), qp, qp_dtype, n, full, n - full, k, st->group, qx, xs, xq, xsum, out + full);
+        q4_tail(w + full * (k / 2), qp, qp_dtype, n, full, n - full, k, st->group, 1, qx, 0, xs, xq, xsum, 0,
+                out + full, 0);
 }
 
 int ef_q4_swiglu(const void *x, int x_dtype, long hidden, long ffn, long n_routes, const long *slots,
