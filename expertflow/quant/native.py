@@ -1,15 +1,16 @@
-"""ExpertFlow's own CPU kernels for quantized matrix-vector products (``csrc/qgemv.c``), compiled on first use.
+"""ExpertFlow's own CPU kernels for quantized matrix products (``csrc/qgemv.c``), compiled on first use.
 
 torch's weight-only CPU kernels convert every weight to float; on a decode step (one row of activations) that
-conversion, not memory, bounds them. These kernels quantize the row of activations to int8 (per weight group
-for int4, per 64 columns for int8) and use the CPU's integer dot products (AVX-512 VNNI), as llama.cpp does:
-2-3x faster on a token, and a different rounding from torch's kernels (measured in docs/quantization.md).
+conversion, not memory, bounds them. These kernels quantize each row of activations to int8 (per weight group
+for int4, per 64 columns for int8) and use the CPU's integer dot products (AVX-512 VNNI), as llama.cpp does,
+reading a block of weights once for up to 64 rows: a different rounding from torch's kernels, measured in
+docs/quantization.md, and the same result for a row whatever rows come with it.
 
 The source is compiled once per machine with the system's C compiler into ``cache_dir()/kernels`` and loaded
 with ctypes. Without a compiler, without AVX-512 VNNI and VBMI, or with ``EXPERTFLOW_KERNELS=torch``, every
 product runs on torch's kernels: :func:`status` says which, and why. ``EXPERTFLOW_KERNELS=native`` sends every
-product they take to them, whatever its size (to measure their accuracy with ``eval ppl``, whose long rows
-would otherwise go to torch's).
+product they take to them, however small (by default small matrices stay on torch's: to measure the native
+kernels' accuracy on a small model with ``eval ppl``).
 """
 
 from __future__ import annotations
