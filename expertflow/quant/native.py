@@ -53,7 +53,7 @@ ENV = "EXPERTFLOW_KERNELS"
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
-_state: tuple[ctypes.CDLL | None, str] | None = None
+_state: tuple[ctypes.CDLL | None, str, bool] | None = None  # (library, status, forced), read once
 
 
 class _Stack(ctypes.Structure):
@@ -139,7 +139,7 @@ def library() -> ctypes.CDLL | None:
     if _state is None:
         with _lock:
             if _state is None:
-                _state = _load()
+                _state = (*_load(), os.environ.get(ENV) == "native")
     return _state[0]
 
 
@@ -158,8 +158,11 @@ def reset() -> None:
 
 
 def forced() -> bool:
-    """Whether every product these kernels take goes to them (``EXPERTFLOW_KERNELS=native``)."""
-    return os.environ.get(ENV) == "native"
+    """Whether every product these kernels take goes to them (``EXPERTFLOW_KERNELS=native``, read with the
+    choice of kernels: :func:`reset` reads it again)."""
+    library()
+    assert _state is not None
+    return _state[2]
 
 
 def supports(x: torch.Tensor, scales: torch.Tensor) -> bool:

@@ -122,6 +122,13 @@ static inline __m512 group_params(const void *qp, int dtype, long idx, __m512 *z
  * i's codes are at qx + i * ldq, its per-group values at xs/xq/xsum + i * ldg; its outputs accumulate into
  * out + i * ldo (zeroed by the caller). Every activation row goes through the same operations whatever t is,
  * so a row's result does not depend on the rows computed beside it. */
+/* Bytes 4r..4r+3 of a permuted vector = row r's codes at k, k+1, k+2, k+3 (rows 0-15 from the low table,
+ * 16-31 from the high one; the two source vectors hold k, k+1 and k+2, k+3, 32 rows each). */
+#define IDX4(r) (r), (r) + 32, (r) + 64, (r) + 96
+static const uint8_t LO_IDX[64] = {IDX4(0),  IDX4(1),  IDX4(2),  IDX4(3),  IDX4(4),  IDX4(5),  IDX4(6),  IDX4(7),
+                                   IDX4(8),  IDX4(9),  IDX4(10), IDX4(11), IDX4(12), IDX4(13), IDX4(14), IDX4(15)};
+static const uint8_t HI_IDX[64] = {IDX4(16), IDX4(17), IDX4(18), IDX4(19), IDX4(20), IDX4(21), IDX4(22), IDX4(23),
+                                   IDX4(24), IDX4(25), IDX4(26), IDX4(27), IDX4(28), IDX4(29), IDX4(30), IDX4(31)};
 #define TILE 4
 #define CHUNK 64 /* rows of activations per pass over the weight */
 static inline __attribute__((always_inline)) void q4_block64_t(const uint8_t *w, const void *qp, int qp_dtype,
@@ -129,14 +136,7 @@ static inline __attribute__((always_inline)) void q4_block64_t(const uint8_t *w,
                                                                const int8_t *qx, long ldq, const float *xs,
                                                                const int32_t *xq, const float *xsum, long ldg,
                                                                float *out, long ldo) {
-    /* Byte j of lane-group r of a permuted vector = row r's codes at k, k+1, k+2, k+3. */
-    uint8_t lo_idx[64], hi_idx[64];
-    for (int r = 0; r < 16; r++)
-        for (int u = 0; u < 4; u++) {
-            lo_idx[4 * r + u] = (uint8_t)(r + 32 * u);
-            hi_idx[4 * r + u] = (uint8_t)(16 + r + 32 * u);
-        }
-    const __m512i ilo = _mm512_loadu_si512(lo_idx), ihi = _mm512_loadu_si512(hi_idx);
+    const __m512i ilo = _mm512_loadu_si512(LO_IDX), ihi = _mm512_loadu_si512(HI_IDX);
     const __m512i nib = _mm512_set1_epi8(0x0f);
     for (long g = 0; g < k / group; g++) {
         __m512i acc[TILE][4];
