@@ -34,7 +34,8 @@ lint: $(STAMP)
 	$(BIN)/mypy expertflow/__init__.py expertflow/config.py expertflow/errors.py expertflow/core.py expertflow/aio.py expertflow/assemble.py expertflow/pipeline \
 		expertflow/wire expertflow/services/server.py expertflow/services/frontend.py expertflow/services/curve.py \
 		expertflow/services/monitoring.py expertflow/tiers/remote.py \
-		expertflow/tiers/fingerprint.py expertflow/services/process.py expertflow/quant expertflow/model/quantized_experts.py expertflow/model/quantize_pack.py expertflow/model/hf_quantized.py expertflow/model/batch.py expertflow/model/vision.py expertflow/model/routing.py expertflow/model/verify.py expertflow/model/tiny.py expertflow/lab/accuracy.py expertflow/lab/grid.py
+		expertflow/tiers/fingerprint.py expertflow/services/process.py expertflow/quant expertflow/model/quantized_experts.py expertflow/model/quantize_pack.py expertflow/model/hf_quantized.py expertflow/model/batch.py expertflow/model/vision.py expertflow/model/routing.py expertflow/model/verify.py expertflow/model/tiny.py expertflow/lab/accuracy.py expertflow/lab/grid.py \
+		expertflow/model/decoding.py expertflow/model/locking.py expertflow/devices.py expertflow/model/generate.py
 
 format: $(STAMP)
 	$(BIN)/ruff format expertflow tests

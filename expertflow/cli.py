@@ -10,12 +10,15 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from expertflow.config import POLICIES, PREDICTORS, READ_MODES, StoreConfig, parse_size
 from expertflow.errors import ConfigError, ExpertFlowError
 
 Handler = Callable[[argparse.Namespace], int]
+#: cache-aware routing's default margin of router probability
+ROUTING_MARGIN = 0.1
 
 
 def _open_layout(path: str) -> Any:
@@ -94,66 +97,151 @@ def _store_config(args: argparse.Namespace) -> StoreConfig:
         curve_server_key=args.curve_server_key,
         curve_client_secret=args.curve_client_secret,
         routing=args.routing,
-        routing_margin=args.routing_margin,
+        routing_margin=ROUTING_MARGIN if args.routing_margin is None else args.routing_margin,
     )
 
 
 def _cmd_generate_many(args: argparse.Namespace) -> int:
     from expertflow.model.batch import generate_many, read_requests
+    from expertflow.model.generate import text_decoder
 
     if args.prompt or args.token_ids:
         raise ConfigError("--prompts takes the prompts from its file: leave --prompt / --token-ids out")
+    if args.chat or args.stop or _sampling_given(args):
+        raise ConfigError(
+            "--chat, --stop and sampling options apply to one --prompt, not to --prompts (greedy)"
+        )
     requests = read_requests(
         args.prompts, args.path, max_new_tokens=args.max_new_tokens, byte_tokens=args.byte_tokens
     )
+    vocab = _vocab_size(args.path)
+    for r in requests:
+        _check_ids(r.input_ids, vocab, f"{args.prompts}: request {r.id!r}")
+    decode = text_decoder(args.path, args.byte_tokens)
     # The batch holds up to --max-batch requests at once: room for the longest of them together.
     lengths = sorted((len(r.input_ids) + r.max_new_tokens for r in requests), reverse=True)
     with _load(args, sum(lengths[: args.max_batch]) or 1) as model:
         result = generate_many(model, requests, schedule=args.schedule, max_requests=args.max_batch)
     if args.json:
-        print(json.dumps(result.as_dict(), indent=2, default=str))
+        data = result.as_dict()
+        if decode is not None:
+            data["texts"] = {rid: decode(tokens) for rid, tokens in result.outputs.items()}
+        print(json.dumps(data, indent=2, default=str))
         return 0
     for r in requests:
         tokens = result.outputs[r.id]
-        text = (
-            "".join(chr(t) if 32 <= t < 127 or t == 10 else f"[{t}]" for t in tokens)
-            if args.byte_tokens
-            else None
-        )
-        print(json.dumps({"id": r.id, "tokens": tokens, **({"text": text} if text is not None else {})}))
-    print(result.summary())
+        text = {"text": decode(tokens)} if decode is not None else {}
+        print(json.dumps({"id": r.id, "tokens": tokens, **text}))
+    print(result.summary(), file=sys.stderr)
     return 0
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from expertflow.model.generate import encode_prompt, format_summary, generate
+def _sampling_given(args: argparse.Namespace) -> bool:
+    return any(getattr(args, k) is not None for k in ("temperature", "top_p", "top_k", "seed"))
 
+
+def _vocab_size(path: str) -> int | None:
+    """The checkpoint's vocabulary size from its config.json (None when it does not say), without loading it."""
+    try:
+        with open(f"{path}/config.json", encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None  # load_model explains what is wrong with the directory
+    for where in (config, config.get("text_config") or {}):
+        if isinstance(where, dict) and isinstance(where.get("vocab_size"), int):
+            return int(where["vocab_size"])
+    return None
+
+
+def _check_ids(ids: Sequence[int], vocab: int | None, where: str) -> None:
+    bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
+    if bad:
+        raise ConfigError(
+            f"{where}: token id {bad[0]} is outside the model's vocabulary (0..{(vocab or 1) - 1})"
+        )
+
+
+def _check_generation_args(args: argparse.Namespace) -> None:
+    """What can be refused before a model loads (loading a large one takes minutes)."""
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    _check_store_args(args)
+
+
+def _check_store_args(args: argparse.Namespace) -> None:
+    from expertflow.devices import check_device
+
+    check_device(args.device)
+    if args.routing_margin is not None and args.routing != "cache-aware":
+        raise ConfigError("--routing-margin applies to --routing cache-aware")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from expertflow.model.decoding import Sampling, TextStream, cut_at_stop, ids_decode
+    from expertflow.model.generate import encode_prompt, eos_ids, format_summary, generate, text_decoder
+
+    _check_generation_args(args)
     if args.prompts:
         if args.image:
             raise ConfigError(
                 "--prompts takes its images from the file ('image' per line): leave --image out"
             )
         return _cmd_generate_many(args)
-    ids = encode_prompt(args.path, args.prompt, args.token_ids, args.byte_tokens)
+    ids = encode_prompt(args.path, args.prompt, args.token_ids, args.byte_tokens, chat=args.chat)
+    _check_ids(ids, _vocab_size(args.path), "--token-ids" if args.token_ids else "the prompt")
+    decode = text_decoder(args.path, args.byte_tokens)
+    if args.stop and decode is None:
+        raise ConfigError(
+            "--stop needs text: this checkpoint has no tokenizer (use --byte-tokens if byte-level)"
+        )
     prompt: list[int] | dict[str, Any] = ids
     if args.image:
         from expertflow.model.vision import ImagePrompts
 
         prompt = ImagePrompts(args.path).inputs(ids, args.image)  # checked before the model loads
     prompt_tokens = len(ids) if isinstance(prompt, list) else int(prompt["input_ids"].shape[1])
-    model = _load(args, prompt_tokens + max(args.max_new_tokens, 0))
+    model = _load(args, prompt_tokens + args.max_new_tokens)
     try:
+        sampling = Sampling.from_generation_config(
+            model.generation_config,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+        stream = TextStream(decode or ids_decode)
+        eos = set() if args.ignore_eos else set(eos_ids(model) or ())
+        stop = tuple(args.stop or ())
+        hold = max((len(x) for x in stop), default=1) - 1  # a tail that may be the start of a stop string
+        printed = 0
 
         def show(token: int) -> None:
-            text = chr(token) if args.byte_tokens and 32 <= token < 127 else f"[{token}]"
-            print(text, end="", flush=True)
+            nonlocal printed
+            if args.json or token in eos:
+                return  # --json: stdout is one JSON document; end-of-sequence is not text
+            stream.push(token)
+            text, hit = cut_at_stop(stream.text, stop)
+            safe = text if hit is not None else text[: max(len(text) - hold, printed)]
+            if len(safe) > printed:
+                print(safe[printed:], end="", flush=True)
+                printed = len(safe)
 
-        result = generate(model, prompt, args.max_new_tokens, on_token=show)
-        print()
+        result = generate(
+            model,
+            prompt,
+            args.max_new_tokens,
+            on_token=show,
+            sampling=sampling,
+            stop=args.stop or (),
+            decode=decode,
+            ignore_eos=args.ignore_eos,
+        )
         if args.json:
             print(json.dumps(result.as_dict(), indent=2, default=str))
-        else:
-            print(format_summary(result))
+            return 0
+        final = result.text if result.text is not None else stream.text + stream.flush()
+        print(final[printed:])
+        print(format_summary(result), file=sys.stderr)
     finally:
         model.close()
     return 0
@@ -164,10 +252,15 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     from expertflow.model.tracing import RoutingRecorder
     from expertflow.pipeline.traces import save
 
+    _check_generation_args(args)
+    out_dir = Path(args.out).resolve().parent
+    if not out_dir.is_dir():
+        raise ConfigError(f"--out: {out_dir} is not a directory (the trace is written there after the run)")
     ids = encode_prompt(args.path, args.prompt, args.token_ids, args.byte_tokens)
-    with _load(args, len(ids) + max(args.max_new_tokens, 0)) as model:
+    _check_ids(ids, _vocab_size(args.path), "--token-ids" if args.token_ids else "the prompt")
+    with _load(args, len(ids) + args.max_new_tokens) as model:
         recorder = RoutingRecorder(model, meta={"model": str(args.path), "prompt_tokens": len(ids)})
-        generate(model, ids, args.max_new_tokens)
+        generate(model, ids, args.max_new_tokens, ignore_eos=True)  # a trace of the length asked for
         trace = recorder.finish()
     save(trace, args.out)
     print(f"{trace.tokens} tokens x {trace.num_layers} MoE layers (top-{trace.top_k}) -> {args.out}")
@@ -209,7 +302,10 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
         help="cache-aware (LOSSY): a missing expert is replaced by a resident one within --routing-margin",
     )
     p.add_argument(
-        "--routing-margin", type=float, default=0.1, help="router-probability margin of cache-aware routing"
+        "--routing-margin",
+        type=float,
+        default=None,
+        help=f"router-probability margin of cache-aware routing (default: {ROUTING_MARGIN})",
     )
     p.add_argument(
         "--predictor", choices=PREDICTORS, default="combined", help="expert prediction for prefetch"
@@ -230,6 +326,7 @@ def _load(args: argparse.Namespace, context: int) -> Any:
     (what the requests take) unless ``--context`` says otherwise."""
     from expertflow.model.loader import load_model
 
+    _check_store_args(args)
     if args.trust_family:
         print(
             "WARNING: --trust-family: this family's offloaded experts are not proved exact; outputs may be wrong",
@@ -444,13 +541,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint directory")
     p.set_defaults(func=_cmd_checksums)
 
-    p = sub.add_parser("generate", help="greedy generation with experts offloaded; prints a summary")
+    p = sub.add_parser(
+        "generate",
+        help="generate text with experts offloaded: streams the text to stdout, a summary to stderr",
+    )
     p.add_argument("path", help="Hugging Face model directory")
     _add_prompt_options(p)
     p.add_argument(
-        "--max-new-tokens", type=int, default=32, help="(with --prompts: for lines that give none)"
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        help="at most this many new tokens (with --prompts: for lines that give none) (default: 32)",
     )
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--chat", action="store_true", help="put --prompt in the tokenizer's chat template")
+    p.add_argument(
+        "--stop", action="append", help="stop when the text contains this string (repeatable; not printed)"
+    )
+    p.add_argument(
+        "--ignore-eos", action="store_true", help="do not stop at end-of-sequence (fixed-length runs)"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature; 0 is greedy (default: the checkpoint's generation config, greedy if unset)",
+    )
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this probability mass")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling: same seed, same tokens")
+    p.add_argument("--json", action="store_true", help="print only the result, as one JSON document")
     p.add_argument(
         "--image",
         help="an image for the prompt (MoE vision-language models: Qwen3-VL-MoE, GLM-4.5V-MoE, "

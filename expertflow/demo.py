@@ -43,7 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = load_model(root, config=config)
     try:
         print("generated ids:", end=" ", flush=True)
-        result = generate(model, prompt, args.new_tokens, on_token=lambda t: print(t, end=" ", flush=True))
+        result = generate(
+            model, prompt, args.new_tokens, on_token=lambda t: print(t, end=" ", flush=True), ignore_eos=True
+        )
         print("\n")
         print(format_summary(result))
     finally:

@@ -237,8 +237,8 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
         )
     load_seconds = time.perf_counter() - t0
     if spec.warmup:
-        generate(model, spec.prompt, spec.warmup)
-    result = generate(model, spec.prompt, spec.new_tokens)
+        generate(model, spec.prompt, spec.warmup, ignore_eos=True)
+    result = generate(model, spec.prompt, spec.new_tokens, ignore_eos=True)  # fixed length, as llama-bench
     steps = max(1, result.new_tokens - 1)
     decode = result.decode_stats or {}
     out = {

@@ -1,10 +1,11 @@
-"""Greedy generation with timing and the store's statistics: what ``expertflow generate`` prints."""
+"""Generation with timing and the store's statistics: what ``expertflow generate`` prints."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,15 @@ import torch
 
 from expertflow.config import format_size
 from expertflow.errors import ConfigError
+from expertflow.model.decoding import (
+    Decode,
+    Sampling,
+    StopOnText,
+    byte_decode,
+    cut_at_stop,
+    tokenizer_decode,
+)
+from expertflow.model.locking import model_lock
 from expertflow.model.quantized_experts import QUANTIZED_IMPLEMENTATION
 from expertflow.model.quantized_linear import QuantizedLinear
 from expertflow.quant import native
@@ -33,6 +43,8 @@ class GenerationResult:
     prediction: dict[str, Any] = field(default_factory=dict)
     budget: str = ""  # the host budget and why it is that size
     kernels: str = ""  # which kernels ran the quantized products (quantized models only)
+    text: str | None = None  # the tokens as text (None when there was no way to decode them)
+    finish_reason: str = "length"  # "stop" (end-of-sequence or a stop string) or "length" (max_new_tokens)
 
     @property
     def new_tokens(self) -> int:
@@ -49,6 +61,8 @@ class GenerationResult:
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
             "tokens": self.tokens,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
             "prefill_seconds": self.prefill_seconds,
             "decode_seconds": self.decode_seconds,
             "tokens_per_second": self.tokens_per_second,
@@ -149,11 +163,20 @@ def generate(
     max_new_tokens: int,
     *,
     on_token: Callable[[int], None] | None = None,
+    sampling: Sampling | None = None,
+    stop: Sequence[str] = (),
+    decode: Decode | None = None,
+    ignore_eos: bool = False,
 ) -> GenerationResult:
-    """Greedy decode ``max_new_tokens`` after ``input_ids`` with ``model.generate`` (any HF causal LM).
+    """Generate up to ``max_new_tokens`` after ``input_ids`` with ``model.generate`` (any HF causal LM).
 
     ``input_ids`` is a prompt's token ids, or a processor's inputs for one prompt (``input_ids`` with a
     batch of one, plus e.g. ``pixel_values``; see :class:`expertflow.model.vision.ImagePrompts`).
+
+    Tokens are chosen by ``sampling`` (default: the checkpoint's generation config, greedy unless it says
+    otherwise). Generation ends at an end-of-sequence id of the generation config (unless ``ignore_eos``: a
+    benchmark's fixed length), when the text contains a string of ``stop`` (needs ``decode``; the result's
+    ``text`` ends before it), or after ``max_new_tokens``. ``decode`` turns tokens into the result's ``text``.
 
     When the model was loaded by :func:`expertflow.load_model`, the result carries the store's counters
     for this call (hits, misses, bytes per source, stall, prefetch) and the predictor's precision/recall.
@@ -171,49 +194,117 @@ def generate(
     prompt_tokens = int(inputs["input_ids"].shape[1])
     if max_new_tokens < 1:
         raise ConfigError("max_new_tokens must be >= 1")
+    if stop and decode is None:
+        raise ConfigError("stop strings need a way to decode tokens to text (a tokenizer or byte tokens)")
+    check_token_ids(model, inputs["input_ids"])
+    if sampling is None:
+        sampling = Sampling.from_generation_config(model.generation_config)
+    eos = None if ignore_eos else eos_ids(model)
+    extra: dict[str, Any] = {}
+    if stop:
+        from transformers import StoppingCriteriaList
+
+        assert decode is not None
+        extra["stopping_criteria"] = StoppingCriteriaList([StopOnText(decode, stop, prompt_tokens)])
     store = getattr(model, "expert_store", None)
-    before = run_counters(model)
-    at_first: dict[str, Any] = {}
+    with model_lock(model):
+        before = run_counters(model)
+        at_first: dict[str, Any] = {}
 
-    def snapshot() -> None:
-        at_first.update(run_counters(model))
+        def snapshot() -> None:
+            at_first.update(run_counters(model))
 
-    streamer = _Streamer(on_token, snapshot)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            do_sample=False,
-            streamer=streamer,
-            pad_token_id=0,
+        streamer = _Streamer(on_token, snapshot)
+        t0 = time.perf_counter()
+        with torch.inference_mode(), _seeded(sampling.seed):
+            model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                streamer=streamer,
+                pad_token_id=pad_id(model, eos),
+                **sampling.generate_kwargs(),
+                **extra,
+            )
+        t_end = time.perf_counter()
+        first = streamer.times[0] if streamer.times else t_end
+        result = GenerationResult(
+            prompt_tokens=prompt_tokens,
+            tokens=streamer.tokens,
+            prefill_seconds=first - t0,
+            decode_seconds=t_end - first,
         )
-    t_end = time.perf_counter()
-    first = streamer.times[0] if streamer.times else t_end
-    result = GenerationResult(
-        prompt_tokens=prompt_tokens,
-        tokens=streamer.tokens,
-        prefill_seconds=first - t0,
-        decode_seconds=t_end - first,
-    )
-    if store is not None:
-        end = run_counters(model)
-        result.stats = counters_delta(end, before)
-        result.decode_stats = counters_delta(end, at_first or end)
-        result.budget = store.budget.describe()
+        if store is not None:
+            end = run_counters(model)
+            result.stats = counters_delta(end, before)
+            result.decode_stats = counters_delta(end, at_first or end)
+            result.budget = store.budget.describe()
     result.kernels = quantized_kernels(model)
+    result.finish_reason = "length"
+    if eos and result.tokens and result.tokens[-1] in eos:
+        result.finish_reason = "stop"
+    if decode is not None:
+        text = decode(result.tokens[:-1] if result.finish_reason == "stop" else result.tokens)
+        text, hit = cut_at_stop(text, stop)
+        result.text = text
+        if hit is not None:
+            result.finish_reason = "stop"
     predictor = getattr(model, "expert_predictor", None)
     if predictor is not None:
         result.prediction = predictor.stats()
     return result
 
 
+def eos_ids(model: Any) -> list[int] | None:
+    """The end-of-sequence ids generation stops at: the generation config's, else the model config's."""
+    for source in (model.generation_config, model.config):
+        value = getattr(source, "eos_token_id", None)
+        if value is not None:
+            return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return None
+
+
+def pad_id(model: Any, eos: list[int] | None) -> int:
+    """A pad id for ``generate`` (a single prompt never pads, but transformers wants one)."""
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    if isinstance(pad, int):
+        return pad
+    return eos[0] if eos else 0
+
+
+def check_token_ids(model: Any, input_ids: torch.Tensor) -> None:
+    """Refuse ids outside the vocabulary before they reach the embedding (an IndexError deep inside)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab:
+        bad = high if high >= vocab else low
+        raise ConfigError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """torch's random state seeded for one run and restored after it (sampling draws from it)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def encode_prompt(
-    model_dir: str | Path, prompt: str | None, token_ids: str | None, byte_tokens: bool
+    model_dir: str | Path,
+    prompt: str | None,
+    token_ids: str | None,
+    byte_tokens: bool,
+    *,
+    chat: bool = False,
 ) -> list[int]:
-    """Token ids from ``--token-ids 1,2,3``, from UTF-8 bytes, or from the checkpoint's tokenizer."""
+    """Token ids from ``--token-ids 1,2,3``, from UTF-8 bytes, or from the checkpoint's tokenizer (``chat``: the
+    prompt as a user's message in the tokenizer's chat template, ready for the assistant's answer)."""
     if token_ids:
+        if chat:
+            raise ConfigError("--chat takes --prompt text, not --token-ids")
         try:
             return [int(t) for t in token_ids.replace(" ", "").split(",") if t]
         except ValueError:
@@ -221,8 +312,34 @@ def encode_prompt(
     if prompt is None:
         raise ConfigError("give --prompt or --token-ids")
     if byte_tokens:
+        if chat:
+            raise ConfigError("--chat needs a tokenizer with a chat template; byte-level models have none")
         return list(prompt.encode("utf-8"))
-    return list(load_tokenizer(str(model_dir))(prompt)["input_ids"])
+    tokenizer = load_tokenizer(str(model_dir))
+    if chat:
+        return chat_ids(tokenizer, [{"role": "user", "content": prompt}], str(model_dir))
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def chat_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], where: str = "the model") -> list[int]:
+    """``messages`` in the tokenizer's chat template, ending with the assistant's turn to answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{where}'s tokenizer has no chat template: use a plain prompt")
+    out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    if isinstance(out, Mapping) or hasattr(out, "input_ids"):
+        out = out["input_ids"]
+    return [int(t) for t in out]
+
+
+def text_decoder(model_dir: str | Path, byte_tokens: bool) -> Decode | None:
+    """How this checkpoint's tokens become text: bytes for byte-level models, else its tokenizer; None when it
+    has no tokenizer (tokens can then only be shown as ids)."""
+    if byte_tokens:
+        return byte_decode
+    try:
+        return tokenizer_decode(load_tokenizer(str(model_dir)))
+    except ConfigError:
+        return None
 
 
 @functools.lru_cache(maxsize=4)

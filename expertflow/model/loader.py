@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from expertflow.assemble import open_store
 from expertflow.config import StoreConfig, format_size
 from expertflow.core import DTYPE_SIZES, routed_top_k, torch_dtype
+from expertflow.devices import check_device
 from expertflow.errors import (
     BudgetError,
     CheckpointError,
@@ -55,6 +56,7 @@ from expertflow.model.hf_quantized import (
     prequantized_naming,
     quantized_groups,
 )
+from expertflow.model.locking import install_lock, model_lock
 from expertflow.model.moe_block import OffloadedExperts, SlotStore
 from expertflow.model.prefetch import attach_predictor
 from expertflow.model.quantized_experts import (
@@ -86,8 +88,10 @@ class ExpertFlowModelMixin:
     _expertflow_close: Callable[[], None]
 
     def close(self) -> None:
-        """Close the expert store (when load_model created it). Idempotent."""
-        self._expertflow_close()
+        """Close the expert store (when load_model created it), after any call running in another thread.
+        Idempotent."""
+        with model_lock(self):
+            self._expertflow_close()
 
     def expert_stats(self) -> Any:
         """The store's statistics (hits, misses, bytes read, stalls, prefetches)."""
@@ -159,7 +163,9 @@ def _load_model(
         raise ConfigError(f"the store computes on {store.device}, but the model is asked for {device}")
     config = store.config if store is not None else (config or StoreConfig())
     if device is not None:
-        config = config.with_(device=str(torch.device(device)))
+        config = config.with_(device=str(check_device(device)))
+    else:
+        check_device(config.device)
     prep = _prepare(root, config, dtype, layout, family)
     layout, model, adapters, fmt, dtype = prep.layout, prep.model, prep.adapters, prep.fmt, prep.dtype
     if store is not None and store.layout.fingerprint() != layout.fingerprint():
@@ -221,6 +227,7 @@ def _load_model(
     extended.expert_family_check = prep.family_check
     extended._expertflow_close = weakref.finalize(model, close_store)
     model.eval()
+    install_lock(model)  # callers from several threads queue instead of interleaving on the store
     return model
 
 
