@@ -35,7 +35,7 @@ lint: $(STAMP)
 		expertflow/wire expertflow/services/server.py expertflow/services/frontend.py expertflow/services/curve.py \
 		expertflow/services/monitoring.py expertflow/tiers/remote.py \
 		expertflow/tiers/fingerprint.py expertflow/services/process.py expertflow/quant expertflow/model/quantized_experts.py expertflow/model/quantize_pack.py expertflow/model/hf_quantized.py expertflow/model/batch.py expertflow/model/vision.py expertflow/model/routing.py expertflow/model/verify.py expertflow/model/tiny.py expertflow/lab/accuracy.py expertflow/lab/grid.py \
-		expertflow/model/decoding.py expertflow/model/locking.py expertflow/devices.py expertflow/model/generate.py
+		expertflow/model/decoding.py expertflow/model/locking.py expertflow/devices.py expertflow/model/generate.py expertflow/serving
 
 format: $(STAMP)
 	$(BIN)/ruff format expertflow tests

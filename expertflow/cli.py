@@ -247,6 +247,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve_model(args: argparse.Namespace) -> int:
+    from expertflow.serving.model_server import ServeOptions, require_serving_extra, serve_model
+
+    require_serving_extra()
+    _check_store_args(args)
+    if args.max_model_len < 2 or args.max_batch < 1 or args.max_queue < 1:
+        raise ConfigError("--max-model-len must be >= 2, --max-batch and --max-queue >= 1")
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        name=args.served_model_name,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        schedule=args.schedule,
+        max_model_len=args.max_model_len,
+        byte_tokens=args.byte_tokens,
+    )
+    return serve_model(args.path, lambda context: _load(args, context), options)
+
+
 def _cmd_trace(args: argparse.Namespace) -> int:
     from expertflow.model.generate import encode_prompt, generate
     from expertflow.model.tracing import RoutingRecorder
@@ -590,6 +610,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="with --prompts: requests running at once")
     _add_store_options(p)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
+        "serve-model",
+        help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions) with continuous batching",
+    )
+    p.add_argument("path", help="Hugging Face model directory (or an ExpertFlow pack)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default: 8000)")
+    p.add_argument("--served-model-name", help="the model id clients use (default: the directory's name)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests in the running batch (default: 8)")
+    p.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting; more are answered 429 (default: 64)"
+    )
+    p.add_argument(
+        "--schedule",
+        choices=("experts", "fifo"),
+        default="experts",
+        help="which waiting request takes a free place: the one whose predicted experts overlap the batch's "
+        "most, or the oldest (default: experts)",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=2048,
+        help="prompt + completion tokens per request (default: 2048)",
+    )
+    p.add_argument("--byte-tokens", action="store_true", help="byte-level model: token id = UTF-8 byte")
+    _add_store_options(p)
+    p.set_defaults(func=_cmd_serve_model)
 
     p = sub.add_parser("trace", help="record the routing of a run, for `expertflow bench policies --trace`")
     p.add_argument("path", help="Hugging Face model directory")

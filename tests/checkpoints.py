@@ -476,3 +476,24 @@ def save_dense_checkpoint(path: Path, *, layers: int = 2, seed: int = 0) -> Path
         )
         transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     return path
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> w{{ 10 if m['role'] == 'user' else 11 }} {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}w11{% endif %}"
+)
+
+
+def save_tokenizer(root: Path, vocab: int) -> None:
+    """A word-level tokenizer written by transformers beside a checkpoint: ``w3``..``w{vocab-1}``, ``<s>`` 1,
+    ``</s>`` 2, and a chat template (user turns start ``w10``, the assistant's ``w11``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(root)

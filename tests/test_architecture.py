@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "expertflow"
-SUBPACKAGES = ("quant", "wire", "tiers", "pipeline", "model", "services", "lab")
+SUBPACKAGES = ("quant", "wire", "tiers", "pipeline", "model", "services", "serving", "lab")
 
 
 def _imports(path: Path) -> set[str]:
@@ -22,7 +22,7 @@ def _imports(path: Path) -> set[str]:
 
 
 #: Top-level modules of the runtime, nodes of the graph like the sub-packages.
-TOP_LEVEL = ("_version", "errors", "config", "core", "aio", "assemble", "threads")
+TOP_LEVEL = ("_version", "errors", "config", "core", "aio", "assemble", "threads", "devices")
 #: Front ends: they parse, print and dispatch, to the runtime and to the lab alike.
 FRONT_ENDS = ("__init__", "cli", "demo", "__main__")
 NODES = (*SUBPACKAGES, *TOP_LEVEL)
@@ -85,7 +85,9 @@ def test_dependencies_point_the_documented_way() -> None:
     assert graph["tiers"] <= {"quant", "wire", *base}, "storage tiers know nothing of the pipeline or models"
     assert graph["pipeline"] <= {"quant", "tiers", *base}
     assert graph["services"] <= {"pipeline", "tiers", "quant", "wire", *base}
-    assert graph["model"] <= {"pipeline", "tiers", "quant", "assemble", *base}
+    assert graph["model"] <= {"pipeline", "tiers", "quant", "assemble", "devices", *base}
+    assert graph["serving"] <= {"model", "pipeline", *base}, "serving sits on loaded models"
+    assert graph["devices"] <= {"errors"}
 
 
 def test_among_the_tiers_only_the_remote_one_knows_the_network() -> None:

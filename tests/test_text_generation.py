@@ -16,26 +16,7 @@ from expertflow.errors import ConfigError
 from expertflow.model.decoding import Sampling, StopOnText, TextStream, byte_decode, cut_at_stop
 from expertflow.model.generate import encode_prompt, generate, load_tokenizer
 from expertflow.model.loader import load_model
-from tests.checkpoints import save_checkpoint
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s> w{{ 10 if m['role'] == 'user' else 11 }} {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}w11{% endif %}"
-)
-
-
-def _tokenizer(root: Path, vocab: int) -> None:
-    """A word-level tokenizer written by transformers: ``w3``..``w{vocab-1}``, ``<s>`` 1, ``</s>`` 2."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
-    tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(root)
+from tests.checkpoints import save_checkpoint, save_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +24,7 @@ def worded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
     """A tiny Mixtral with a tokenizer whose end-of-sequence id is the 3rd token greedy decoding gives for the
     prompt "w5 w6 w7" (so that a run stops there), and those greedy tokens."""
     root = save_checkpoint("mixtral", tmp_path_factory.mktemp("text") / "mixtral", shard_size=None)
-    _tokenizer(root, 256)
+    save_tokenizer(root, 256)
     reference = AutoModelForCausalLM.from_pretrained(root).eval()
     ids = torch.tensor([load_tokenizer(str(root))("w5 w6 w7")["input_ids"]])
     with torch.no_grad():

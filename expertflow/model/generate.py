@@ -167,6 +167,7 @@ def generate(
     stop: Sequence[str] = (),
     decode: Decode | None = None,
     ignore_eos: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` after ``input_ids`` with ``model.generate`` (any HF causal LM).
 
@@ -200,12 +201,17 @@ def generate(
     if sampling is None:
         sampling = Sampling.from_generation_config(model.generation_config)
     eos = None if ignore_eos else eos_ids(model)
-    extra: dict[str, Any] = {}
+    criteria: list[Any] = []
     if stop:
+        assert decode is not None
+        criteria.append(StopOnText(decode, stop, prompt_tokens))
+    if should_stop is not None:
+        criteria.append(lambda input_ids, scores, **kw: torch.full((input_ids.shape[0],), should_stop()))
+    extra: dict[str, Any] = {}
+    if criteria:
         from transformers import StoppingCriteriaList
 
-        assert decode is not None
-        extra["stopping_criteria"] = StoppingCriteriaList([StopOnText(decode, stop, prompt_tokens)])
+        extra["stopping_criteria"] = StoppingCriteriaList(criteria)
     store = getattr(model, "expert_store", None)
     with model_lock(model):
         before = run_counters(model)

@@ -51,6 +51,18 @@ def _cosine(a: Mapping[int, float], b: Mapping[int, float]) -> float:
     return dot / (na * nb) if na and nb else 0.0
 
 
+def profile_similarity(running: Sequence[Profile], candidate: Profile) -> float:
+    """How much ``candidate``'s predicted experts overlap the ``running`` requests' together: cosine similarity
+    of expert weights, summed over layers (the measure :func:`group_requests` batches by)."""
+    total: dict[int, dict[int, float]] = {}
+    for r in running:
+        for layer, ids in r.items():
+            acc = total.setdefault(layer, {})
+            for e, x in _as_weights(ids).items():
+                acc[e] = acc.get(e, 0.0) + x
+    return sum(_cosine(total.get(layer, {}), _as_weights(ids)) for layer, ids in candidate.items())
+
+
 def group_requests(requests: Sequence[Profile], batch_size: int) -> list[list[int]]:
     """Batches of request indices; a request is its predicted experts per layer, as sets or as weights
     (e.g. how often the predictor expects each expert over the request's tokens).
