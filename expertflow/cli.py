@@ -247,6 +247,59 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    """An interactive conversation on the terminal: each line you type is a user's turn."""
+    from expertflow.model.decoding import Sampling, TextStream, tokenizer_decode
+    from expertflow.model.generate import chat_ids, eos_ids, generate, load_tokenizer
+
+    _check_generation_args(args)
+    tokenizer = load_tokenizer(args.path)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{args.path}'s tokenizer has no chat template: use `expertflow generate --prompt`")
+    decode = tokenizer_decode(tokenizer)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    context = args.context or 4096
+    model = _load(args, context)
+    try:
+        sampling = Sampling.from_generation_config(
+            model.generation_config,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+        eos = set(eos_ids(model) or ())
+        print("type a message, an empty line or Ctrl-D to end", file=sys.stderr)
+        while True:
+            try:
+                line = input("> " if sys.stdin.isatty() else "")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line})
+            ids = chat_ids(tokenizer, messages, args.path)
+            while len(ids) + args.max_new_tokens > context and len(messages) > 1 + bool(args.system):
+                del messages[int(bool(args.system)) : int(bool(args.system)) + 2]  # the oldest exchange goes
+                ids = chat_ids(tokenizer, messages, args.path)
+            stream = TextStream(decode)
+
+            def show(token: int, stream: TextStream = stream) -> None:
+                if token not in eos:
+                    print(stream.push(token), end="", flush=True)
+
+            result = generate(
+                model, ids, args.max_new_tokens, on_token=show, sampling=sampling, decode=decode
+            )
+            print(stream.flush())
+            messages.append({"role": "assistant", "content": result.text or ""})
+    finally:
+        model.close()
+    return 0
+
+
 def _cmd_serve_model(args: argparse.Namespace) -> int:
     from expertflow.serving.model_server import ServeOptions, require_serving_extra, serve_model
 
@@ -264,6 +317,12 @@ def _cmd_serve_model(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         byte_tokens=args.byte_tokens,
     )
+    if args.plain_transformers:
+        from expertflow.serving.model_server import load_plain
+        from expertflow.threads import set_threads
+
+        set_threads(args.threads)
+        return serve_model(args.path, lambda context: load_plain(args.path), options)
     return serve_model(args.path, lambda context: _load(args, context), options)
 
 
@@ -442,6 +501,32 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    _require_bench_extra("matplotlib", "fastapi", "uvicorn")
+    from expertflow.lab.report import markdown_table
+    from expertflow.lab.serve import COLUMNS, bench_serve, default_contenders, plot_serve, read_prompts
+
+    clients = [int(c) for c in args.clients.split(",")]
+    if not clients or min(clients) < 1:
+        raise ConfigError("--clients takes counts >= 1, e.g. 1,4,16")
+    prompts = read_prompts(args.prompts, args.byte_tokens, args.model)[: args.requests]
+    common = ["--max-batch", str(args.max_batch), "--max-queue", str(max(64, args.requests))]
+    common += ["--max-model-len", str(args.max_model_len)] + (["--byte-tokens"] if args.byte_tokens else [])
+    result = bench_serve(
+        args.model,
+        prompts,
+        contenders=default_contenders(args.host_mem),
+        clients=clients,
+        max_tokens=args.max_tokens,
+        common_args=common,
+    )
+    result.write(args.out, COLUMNS)
+    plot_serve(result, f"{args.out}/serve.png")
+    print(markdown_table(result.rows, COLUMNS))
+    print(f"written to {args.out}/serve.json, serve.md, serve.png")
+    return 0
+
+
 def _cmd_bench_policies(args: argparse.Namespace) -> int:
     _require_bench_extra("matplotlib")
     from expertflow.lab.policies import bench_policies, plot_policies
@@ -504,6 +589,32 @@ def _cmd_eval_grid(args: argparse.Namespace) -> int:
     for r in errors:
         print(f"ERROR {r['config']}: {r['error']}", file=sys.stderr)
     return 1 if errors else 0
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, with each option's default appended where its text does not give one already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        silent = (None, False, argparse.SUPPRESS)
+        if not action.option_strings or "default" in text or action.default in silent:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _finish_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--version`` on the top parser; defaults shown in the help of it and of every sub-command."""
+    from expertflow._version import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    todo = [parser]
+    while todo:
+        p = todo.pop()
+        p.formatter_class = _HelpFormatter
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo.extend(action.choices.values())
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -612,6 +723,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser(
+        "chat", help="an interactive conversation on the terminal (the tokenizer's chat template)"
+    )
+    p.add_argument("path", help="Hugging Face model directory with a chat template")
+    p.add_argument("--system", help="a system message to start the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="at most this many tokens per answer")
+    p.add_argument(
+        "--temperature", type=float, default=None, help="0 is greedy (default: the generation config)"
+    )
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this probability mass")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    _add_store_options(p)
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser(
         "serve-model",
         help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions) with continuous batching",
     )
@@ -637,6 +763,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt + completion tokens per request (default: 2048)",
     )
     p.add_argument("--byte-tokens", action="store_true", help="byte-level model: token id = UTF-8 byte")
+    p.add_argument(
+        "--plain-transformers",
+        action="store_true",
+        help="serve the checkpoint with plain transformers, whole model in RAM (a baseline; no store)",
+    )
     _add_store_options(p)
     p.set_defaults(func=_cmd_serve_model)
 
@@ -764,6 +895,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks")
     p.set_defaults(func=_cmd_bench_decode)
 
+    p = bench.add_parser(
+        "serve",
+        help="concurrent clients against serve-model: fifo vs experts beyond RAM, beside transformers",
+    )
+    p.add_argument("--model", required=True, help="checkpoint to serve")
+    p.add_argument("--prompts", required=True, help="a requests file (JSONL, as generate --prompts takes)")
+    p.add_argument("--byte-tokens", action="store_true", help="byte-level model: token id = UTF-8 byte")
+    p.add_argument("--requests", type=int, default=32, help="requests per run (the file's first N)")
+    p.add_argument("--clients", default="1,4,16", help="numbers of concurrent clients, one run each")
+    p.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request")
+    p.add_argument("--max-batch", type=int, default=8, help="the servers' --max-batch")
+    p.add_argument("--max-model-len", type=int, default=512, help="the servers' --max-model-len")
+    p.add_argument("--host-mem", required=True, help="ExpertFlow's host budget: below the experts' bytes")
+    p.add_argument("--out", default="bench-serve", help="output directory")
+    p.set_defaults(func=_cmd_bench_serve)
+
     p = bench.add_parser("policies", help="replay routing traces through every policy, beside Belady")
     p.add_argument("--trace", action="append", required=True, help="trace file (.npz; repeatable)")
     p.add_argument("--capacities", default="2,3,4,6", help="experts cached per layer")
@@ -775,7 +922,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="benchmarks")
     p.set_defaults(func=_cmd_bench_policies)
-    return parser
+    return _finish_parser(parser)
 
 
 def _curve_client_args(p: argparse.ArgumentParser) -> None:
@@ -938,7 +1085,7 @@ def build_store_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="directory for NAME.key and NAME.key_secret")
     p.add_argument("--name", default="server", help="file name stem (default: server)")
     p.set_defaults(func=_cmd_keygen)
-    return parser
+    return _finish_parser(parser)
 
 
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:

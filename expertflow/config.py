@@ -154,8 +154,21 @@ class StoreConfig:
         if isinstance(self.remote, str):
             raise ConfigError("remote must be a sequence of addresses, not one string")
         object.__setattr__(self, "remote", tuple(self.remote))
+        for address in self.remote:
+            check_endpoint(address, "remote")
         object.__setattr__(self, "static_experts", tuple(tuple(k) for k in self.static_experts))
 
     def with_(self, **changes: object) -> StoreConfig:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def check_endpoint(address: str, what: str) -> None:
+    """Refuse an address ZeroMQ cannot use, saying what one looks like (``localhost:5999`` lacks its scheme)."""
+    scheme, sep, rest = address.partition("://")
+    if not sep or scheme not in ("tcp", "ipc") or not rest:
+        raise ConfigError(f"{what} address {address!r}: expected tcp://host:port or ipc://path")
+    if scheme == "tcp":
+        host, colon, port = rest.rpartition(":")
+        if not colon or not host or not (port.isdigit() or port == "*"):
+            raise ConfigError(f"{what} address {address!r}: expected tcp://host:port")

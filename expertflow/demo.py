@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=args.new_tokens,
-            min_new_tokens=args.new_tokens,
+            eos_token_id=None,  # as generate(ignore_eos=True): a fixed length, end-of-sequence included
             do_sample=False,
             pad_token_id=0,
         )

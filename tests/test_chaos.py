@@ -46,10 +46,10 @@ def _save(path: Path, seed: int) -> Path:
 def _reference(path: Path, prompt: list[int]) -> list[int]:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
-        # As expertflow's generate: exactly NEW_TOKENS (the end-of-sequence token does not stop it).
+        # As expertflow's generate(ignore_eos=True): exactly NEW_TOKENS (the end-of-sequence token does not stop it).
         ids = torch.tensor([prompt])
         out = model.generate(
-            ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+            ids, max_new_tokens=NEW_TOKENS, eos_token_id=None, do_sample=False, pad_token_id=0
         )
     return out[0, len(prompt) :].tolist()
 
@@ -157,7 +157,7 @@ def test_two_daemons_killed_restarted_and_replaced_never_change_a_token(tmp_path
                 for action in schedule.get(len(seen), []):
                     action()
 
-            tokens = generate(model, prompt, NEW_TOKENS, on_token=on_token).tokens
+            tokens = generate(model, prompt, NEW_TOKENS, on_token=on_token, ignore_eos=True).tokens
             stats = model.expert_stats()
             tier = next(
                 s for s in model.expert_store.async_store.sources.sources if isinstance(s, RemoteTier)

@@ -110,3 +110,97 @@ def test_a_bench_without_its_extra_says_which_extra_before_any_work(tmp_path) ->
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0, run.stderr  # one line, no traceback
     assert "expertflow[bench]" in run.stderr and "matplotlib" in run.stderr
+
+
+# -- traps a new user hit: one-line errors, before any work ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "ppl", "/nonexistent/model", "--text", "t.py"],
+        ["eval", "ppl", "org/name", "--text", "t.py"],  # a hub id: nothing is downloaded
+    ],
+)
+def test_eval_of_a_missing_model_directory_is_one_line(argv, capsys) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is not a model directory" in err and "Traceback" not in err
+
+
+def test_eval_with_a_missing_reference_is_refused_before_the_text_is_read(checkpoints, capsys) -> None:
+    argv = ["eval", "ppl", str(checkpoints.get("mixtral")), "--text", "/nonexistent.py"]
+    assert main([*argv, "--reference", "/nonexistent/ref"]) == 2
+    assert "/nonexistent/ref is not a model directory" in capsys.readouterr().err
+
+
+def test_bench_decode_refuses_budgets_below_one_tokens_experts_before_running(checkpoints, tmp_path, capsys):
+    argv = ["bench", "decode", "--model", str(checkpoints.get("mixtral")), "--workdir", str(tmp_path)]
+    assert main([*argv, "--budgets", "0.01", "--contenders", "lru", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "below this model's minimum" in err and "--budgets" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_addresses_without_a_scheme_say_what_an_address_looks_like() -> None:
+    from expertflow.config import StoreConfig
+    from expertflow.errors import ConfigError
+    from expertflow.services.server import ServerConfig
+
+    with pytest.raises(ConfigError, match=r"'localhost:5999': expected tcp://host:port or ipc://path"):
+        StoreConfig(remote=("localhost:5999",))
+    with pytest.raises(ConfigError, match=r"'127.0.0.1:5601': expected tcp://host:port or ipc://path"):
+        ServerConfig(binds=("127.0.0.1:5601",))
+    with pytest.raises(ConfigError, match="expected tcp://host:port"):
+        StoreConfig(remote=("tcp://hostonly",))
+    StoreConfig(remote=("tcp://127.0.0.1:5555", "ipc:///tmp/x.sock"))  # fine
+
+
+async def test_an_ipc_path_another_process_serves_is_refused_and_a_stale_one_reused(tmp_path) -> None:
+    import socket
+
+    import zmq.asyncio
+
+    from expertflow.errors import ConfigError
+    from expertflow.services.frontend import FrontendLimits, ZmtpFrontend
+
+    path = tmp_path / "d.sock"
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(path))
+    live.listen(1)  # someone serves it
+    ctx = zmq.asyncio.Context()
+    front = ZmtpFrontend(ctx, "inproc://backend", FrontendLimits())
+    try:
+        with pytest.raises(ConfigError, match="another process is serving it"):
+            front.bind(f"ipc://{path}")
+        live.close()  # the socket file stays, nobody answers: a stale one of an earlier run
+        assert front.bind(f"ipc://{path}") == f"ipc://{path}"
+    finally:
+        await front.aclose()
+        ctx.term()
+
+
+def test_a_pack_without_its_manifest_says_so(checkpoints, tmp_path) -> None:
+    from expertflow.errors import CheckpointError
+    from expertflow.tiers.pack import pack_checkpoint
+    from expertflow.tiers.safetensors_index import open_checkpoint
+
+    packed = pack_checkpoint(checkpoints.get("mixtral"), tmp_path / "p", progress=False)
+    (packed / "expertflow-manifest.json").unlink()
+    with pytest.raises(CheckpointError, match=r"expertflow-manifest\.json"):
+        open_checkpoint(packed)
+
+
+def test_version_and_defaults_in_help(capsys) -> None:
+    from expertflow import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"expertflow {__version__}"
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--max-new-tokens MAX_NEW_TOKENS at most this many new tokens" in text and "(default: 32)" in text
+    assert (
+        "--device DEVICE compute device (cpu, cuda:0) (default: cpu)" in text
+    )  # added where the text had none

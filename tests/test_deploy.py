@@ -540,6 +540,8 @@ def test_the_readme_and_the_docs_show_every_command() -> None:
         "eval",
         "checksums",
         "trace",
+        "serve-model",
+        "chat",
     } <= seen
 
 

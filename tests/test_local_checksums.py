@@ -1,6 +1,7 @@
 """The local copy's checksums of an unpacked checkpoint: computed on the first local read of each expert,
 cached beside the checkpoint, never trusted once the checkpoint changed, and the only thing a daemon's
-reply for an unpacked checkpoint is checked against."""
+reply for an unpacked checkpoint is checked against. The cache lives in the user's cache directory, never in
+the model's folder."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from expertflow import StoreConfig, open_async_store
 from expertflow.cli import main as cli_main
 from expertflow.tiers.checksum import spec_checksum
-from expertflow.tiers.local_checksums import FILE_NAME, LocalChecksums, fill
+from expertflow.tiers.local_checksums import FILE_NAME, LocalChecksums, default_cache_dir, fill
 from expertflow.tiers.nvme import NvmeTier
 from expertflow.tiers.safetensors_index import open_checkpoint
 from tests.server_helpers import daemon
@@ -29,13 +30,15 @@ def local(tmp_path: Path) -> Path:
 
 
 def test_values_are_the_key_bound_checksums_of_the_local_bytes(local: Path) -> None:
+    before = [p.name for p in local.iterdir()]
     layout = open_checkpoint(local)
     book = LocalChecksums.open(layout)
     try:
         assert fill(book) == len(layout.experts) and fill(book) == 0
     finally:
         book.close()
-    assert book.path == local / FILE_NAME
+    assert book.path is not None and book.path.parent == default_cache_dir()
+    assert not (local / FILE_NAME).exists() and sorted(p.name for p in local.iterdir()) == sorted(before)
     with NvmeTier(layout, "mmap") as tier:
         for key in sorted(layout.experts):
             assert book.get(key) == spec_checksum(layout.spec(key), tier.read_expert(key))
@@ -54,7 +57,7 @@ def test_a_checkpoint_edited_in_place_starts_a_fresh_cache(local: Path) -> None:
     fresh = LocalChecksums.open(open_checkpoint(local))
     assert len(fresh) == 0 and fresh.loaded == 0
     fresh.close()
-    assert (local / FILE_NAME).read_text().count("\n") == 1  # only the new header
+    assert fresh.path is not None and fresh.path.read_text().count("\n") == 1  # only the new header
 
 
 def test_a_torn_line_junk_and_disagreeing_values_are_not_trusted(local: Path) -> None:
@@ -63,13 +66,14 @@ def test_a_torn_line_junk_and_disagreeing_values_are_not_trusted(local: Path) ->
     fill(book)
     book.close()
     keys = layout.keys()
-    lines = (local / FILE_NAME).read_text().split("\n")
+    assert book.path is not None
+    lines = book.path.read_text().split("\n")
     header, body = lines[0], [ln for ln in lines[1:] if ln]
     disagree = f"{keys[1].layer} {keys[1].expert} {0:016x}"
     torn = body[2][:-3]  # a crash in the middle of an append
     junk = ["not a line", "99 99 0123456789abcdef", f"{keys[3].layer} {keys[3].expert} xyz"]
     kept = [ln for ln in body if not ln.startswith((f"{keys[2].layer} {keys[2].expert} ",))]
-    (local / FILE_NAME).write_text("\n".join([header, *kept, disagree, *junk, torn]))
+    book.path.write_text("\n".join([header, *kept, disagree, *junk, torn]))
     again = LocalChecksums.open(layout)
     try:
         assert again.get(keys[0]) == book.get(keys[0])
@@ -81,10 +85,9 @@ def test_a_torn_line_junk_and_disagreeing_values_are_not_trusted(local: Path) ->
         again.close()
 
 
-def test_an_unwritable_checkpoint_directory_caches_under_xdg_cache_home(
+def test_the_cache_follows_xdg_cache_home_and_an_unusable_one_keeps_values_in_memory(
     local: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (local / FILE_NAME).mkdir()  # what is there cannot be replaced by a file (tests run as root: no chmod)
     monkeypatch.delenv("EXPERTFLOW_CACHE_DIR", raising=False)  # it would come first (core.cache_dir)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     layout = open_checkpoint(local)
@@ -93,6 +96,11 @@ def test_an_unwritable_checkpoint_directory_caches_under_xdg_cache_home(
     book.close()
     assert book.path is not None and book.path.is_relative_to(tmp_path / "cache" / "expertflow" / "checksums")
     assert LocalChecksums.open(layout).loaded == len(layout.experts)
+    (tmp_path / "blocked").write_text("a file where the cache directory would be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "blocked"))
+    memory = LocalChecksums.open(layout)
+    assert memory.path is None and fill(memory) == len(layout.experts)  # still checked, for this run
+    memory.close()
 
 
 def test_the_checksums_cli_fills_the_cache_and_says_so_for_a_pack(

@@ -46,24 +46,36 @@ def big_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _peak_rss(argv: list[str], group: Path | None = None) -> int:
-    """Peak RSS in bytes of the CLI run with ``argv`` (in the cgroup ``group`` when given); it must succeed."""
+    """Peak RSS in bytes of the CLI run with ``argv`` (in the cgroup ``group`` when given); it must succeed.
+
+    The child's own high-water mark (``VmHWM``), not ``wait4``'s ``ru_maxrss``: Linux carries a forked child's
+    RSS before ``exec`` (this test process's, hundreds of MiB late in the suite) into the latter."""
 
     def enter() -> None:
         if group is not None:
             (group / "cgroup.procs").write_text(str(os.getpid()))
 
-    with tempfile.TemporaryFile() as err:  # a file, not a pipe: nothing can block the child while we wait
+    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as hwm:
         proc = subprocess.Popen(
-            [sys.executable, "-c", _CLI, *argv], stdout=subprocess.DEVNULL, stderr=err, preexec_fn=enter
+            [sys.executable, "-c", _CLI, hwm.name, *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            preexec_fn=enter,
         )
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.wait()
         err.seek(0)
         assert proc.returncode == 0, err.read().decode()[-2000:]
-    return usage.ru_maxrss * 1024
+        return int(hwm.read().split()[0]) * 1024  # kB
 
 
-_CLI = "import sys; from expertflow.cli import main; sys.exit(main(sys.argv[1:]))"
+_CLI = (
+    "import sys\n"
+    "from expertflow.cli import main\n"
+    "code = main(sys.argv[2:])\n"
+    "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]\n"
+    "open(sys.argv[1], 'w').write(hwm)\n"
+    "sys.exit(code)\n"
+)
 
 
 def test_pack_quantize_memory_does_not_grow_with_the_model(big_checkpoint: Path, tmp_path: Path) -> None:

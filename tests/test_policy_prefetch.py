@@ -220,7 +220,7 @@ def test_the_replay_predicts_what_generate_predicted_from_the_same_routing(check
 
         monkeypatch.setattr(predictor, "predict", predict)
         recorder = RoutingRecorder(model)
-        generate(model, [7], max_new_tokens=12)
+        generate(model, [7], max_new_tokens=12, ignore_eos=True)
         trace = recorder.finish()
     lab = RuntimePrediction(trace, depth=1)
     replayed = [

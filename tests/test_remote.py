@@ -60,7 +60,7 @@ def expected(mixtral_dir: Path) -> tuple[list[int], list[int]]:
     )
     prompt = torch.randint(0, config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        out = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+        out = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
     return prompt[0].tolist(), out[0, prompt.shape[1] :].tolist()
 
 
@@ -98,7 +98,7 @@ def test_generation_through_a_daemon_matches_transformers(
         daemon(mixtral_dir, (bind,), "--mem", str(8 * _slot(mixtral_layout))) as proc,
         load_model(mixtral_dir, config=_config(mixtral_layout, [proc.address])) as model,
     ):
-        result = generate(model, prompt, NEW_TOKENS)
+        result = generate(model, prompt, NEW_TOKENS, ignore_eos=True)
         stats = model.expert_stats()
     assert result.tokens == want
     assert stats.reads.get("remote", 0) > len(
@@ -125,7 +125,7 @@ def test_a_daemon_killed_mid_generation_is_survived_with_identical_output(
                 a.kill()
 
         with load_model(mixtral_dir, config=config) as model:
-            result = generate(model, prompt, NEW_TOKENS, on_token=kill_after_third)
+            result = generate(model, prompt, NEW_TOKENS, on_token=kill_after_third, ignore_eos=True)
             stats = model.expert_stats()
             tier = next(
                 s for s in model.expert_store.async_store.sources.sources if isinstance(s, RemoteTier)
@@ -195,7 +195,7 @@ async def test_a_lying_daemon_never_changes_a_token(
 
             def run() -> tuple[list[int], object, dict[str, int]]:
                 with load_model(mixtral_dir, config=_config(mixtral_layout, [proxy.address])) as model:
-                    tokens = generate(model, prompt, NEW_TOKENS).tokens
+                    tokens = generate(model, prompt, NEW_TOKENS, ignore_eos=True).tokens
                     tier = next(
                         s for s in model.expert_store.async_store.sources.sources if isinstance(s, RemoteTier)
                     )

@@ -289,3 +289,31 @@ def test_a_seeded_sampled_request_repeats_and_matches_the_library(worded: Path) 
             for _ in range(2)
         ]
     assert texts == [want, want]
+
+
+def test_bench_serve_measures_every_contender_under_each_load(worded: Path, tmp_path: Path) -> None:
+    from expertflow.lab.serve import COLUMNS, ServeContender, bench_serve, plot_serve
+
+    prompts = [[5, 6, 7], [40, 41], [100, 7, 9, 12], [8]]
+    contenders = [
+        ServeContender("transformers (all in RAM)", ("--plain-transformers",)),
+        ServeContender("expertflow experts", ("--host-mem", BUDGET, "--schedule", "experts")),
+    ]
+    result = bench_serve(
+        str(worded), prompts, contenders=contenders, clients=(1, 2), max_tokens=4, log=lambda _: None
+    )
+    assert [(r["contender"], r["clients"]) for r in result.rows] == [
+        ("transformers (all in RAM)", 1),
+        ("transformers (all in RAM)", 2),
+        ("expertflow experts", 1),
+        ("expertflow experts", 2),
+    ]
+    for row in result.rows:
+        assert row["requests"] == 4 and 0 < row["output_tokens"] <= 16 and row["output_tok_s"] > 0
+        assert row["ttft_p50_ms"] > 0 and row["ttft_p99_ms"] >= row["ttft_p50_ms"]
+    plain, offloaded = result.rows[0], result.rows[2]
+    assert plain["expert_loads_per_token"] is None  # no store behind plain transformers
+    assert offloaded["expert_loads_per_token"] > 0 and 0 <= offloaded["hit_rate"] < 1
+    result.write(tmp_path, COLUMNS)
+    plot_serve(result, tmp_path / "serve.png")
+    assert (tmp_path / "serve.md").read_text().count("expertflow experts") == 2

@@ -13,8 +13,15 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from expertflow.cli import main
 from expertflow.config import StoreConfig
 from expertflow.errors import ConfigError
-from expertflow.model.decoding import Sampling, StopOnText, TextStream, byte_decode, cut_at_stop
-from expertflow.model.generate import encode_prompt, generate, load_tokenizer
+from expertflow.model.decoding import (
+    Sampling,
+    StopOnText,
+    TextStream,
+    byte_decode,
+    cut_at_stop,
+    tokenizer_decode,
+)
+from expertflow.model.generate import chat_ids, encode_prompt, generate, load_tokenizer
 from expertflow.model.loader import load_model
 from tests.checkpoints import save_checkpoint, save_tokenizer
 
@@ -203,3 +210,30 @@ def test_the_library_refuses_out_of_vocabulary_ids_and_unusable_devices(checkpoi
         with pytest.raises(ConfigError, match="outside the model's vocabulary"):
             generate(model, [1, 256], 2)
         assert len(generate(model, [1, 2], 2, ignore_eos=True).tokens) == 2  # and the model still works
+
+
+def test_chat_session_answers_each_line_with_the_whole_conversation(worded, monkeypatch, capsys) -> None:
+    import io
+    import sys
+
+    root, _ = worded
+    tokenizer = load_tokenizer(str(root))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("w5 w6\nw7\n\n"))
+    assert main(["chat", str(root), "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    replies = capsys.readouterr().out.splitlines()
+    messages = [{"role": "user", "content": "w5 w6"}]
+    decode = tokenizer_decode(tokenizer)
+    with load_model(root) as model:
+        first = generate(model, chat_ids(tokenizer, messages), 3, decode=decode).text
+        messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "w7"}]
+        second = generate(model, chat_ids(tokenizer, messages), 3, decode=decode).text
+    assert replies == [first, second]
+
+
+def test_generate_many_refuses_out_of_vocabulary_ids_before_the_batch_starts(checkpoints) -> None:
+    from expertflow.model.batch import Request, generate_many
+
+    with load_model(checkpoints.get("mixtral")) as model:
+        with pytest.raises(ConfigError, match="request 'b': token id 256 is outside"):
+            generate_many(model, [Request("a", (1, 2), 2), Request("b", (3, 256), 2)])
+        assert generate_many(model, [Request("a", (1, 2), 2)]).outputs["a"]  # still works

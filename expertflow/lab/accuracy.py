@@ -139,6 +139,18 @@ def evaluate(
     return result
 
 
+def check_model_dir(path: str | Path) -> None:
+    """Refuse what is not a local model directory before any work: nothing is downloaded from a hub, so
+    ``org/name`` is a path like any other."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ConfigError(
+            f"{path} is not a model directory (models are local directories; nothing is downloaded)"
+        )
+    if not (root / "config.json").is_file():
+        raise ConfigError(f"{path} has no config.json: not a Hugging Face model directory or ExpertFlow pack")
+
+
 def load_for_eval(
     path: str | Path, host_bytes: int | None = None, routing_margin: float | None = None
 ) -> Any:
@@ -220,6 +232,8 @@ def evaluate_models(
 ) -> list[EvalResult]:
     """``eval ppl``: each model's perplexity on the text of ``texts`` (tokenized once, by the first model; every
     other model must tokenize it alike), and its KL / top-1 agreement against ``reference`` when given."""
+    for path in [*models, *([reference] if reference else [])]:
+        check_model_dir(path)
     text = read_texts(texts)
     ids = token_ids(models[0], text)
     ref = load_reference(reference) if reference else None

@@ -593,6 +593,26 @@ def run_llama_cpp(
     return row
 
 
+def _check_budgets(
+    contenders: Sequence[Contender], models: dict[str | None, tuple[str, int]], read_mode: str
+) -> None:
+    """Refuse, before any contender runs, a budget below what one token's experts take together (every row
+    of it would be an error)."""
+    from expertflow.pipeline.planner import budget_sizes
+    from expertflow.tiers.safetensors_index import open_checkpoint
+
+    for c in contenders:
+        if c.kind != "expertflow" or not isinstance(c.budget, float):
+            continue
+        path, all_slots = models[c.quantize]
+        minimum = budget_sizes(open_checkpoint(path), read_mode)["minimum"]
+        if minimum is not None and int(all_slots * c.budget) < minimum:
+            raise ConfigError(
+                f"budget {c.budget:g} of {c.label} is below this model's minimum: one token's experts take "
+                f"{minimum / all_slots:.3f} of all experts; give --budgets at or above it"
+            )
+
+
 def bench_decode(
     model_dir: str,
     *,
@@ -676,6 +696,7 @@ def bench_decode(
                 f"{c.quantize} pack {pack}: {q.expert_bytes / 2**20:.1f} MiB of experts "
                 f"({q.expert_bytes / layout.expert_bytes:.2f}x), built by `expertflow pack --quantize`"
             )
+    _check_budgets(contenders, models, read_mode)
     best: dict[str, dict[str, Any]] = {}
     rounds: list[dict[str, float]] = []  # per round, each contender's tok/s (for medians and paired ratios)
     for i in range(max(1, repeats)):

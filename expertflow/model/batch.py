@@ -270,6 +270,13 @@ def generate_many(
         raise ConfigError("max_requests and max_batch_tokens must be >= 1")
     if len({r.id for r in requests}) != len(requests):
         raise ConfigError("request ids must be unique")
+    vocab = model.get_input_embeddings().num_embeddings
+    for r in requests:
+        bad = [t for t in r.input_ids if not 0 <= t < vocab]
+        if bad:  # the batch's worker thread would die on it with a traceback in its log
+            raise ConfigError(
+                f"request {r.id!r}: token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})"
+            )
     order = admission_order(model, requests, schedule, max_requests)
     longest = max(len(r.input_ids) + r.max_new_tokens for r in requests)
     blocks = math.ceil(longest / page_size) * (max_requests + 1)

@@ -428,8 +428,10 @@ class ZmtpFrontend:
         elif scheme == "ipc":
             path = rest
             with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.stat(path).st_mode):  # a stale socket of an earlier run, as libzmq does
-                    os.unlink(path)
+                if stat.S_ISSOCK(os.stat(path).st_mode):
+                    if _unix_socket_answers(path):  # libzmq would take it over silently
+                        raise ConfigError(f"cannot bind {address}: another process is serving it")
+                    os.unlink(path)  # a stale socket of an earlier run
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.bind(path)
@@ -513,3 +515,16 @@ class ZmtpFrontend:
 
     def _pending_replies(self) -> bool:
         return any(c.writing or int(c.dealer.getsockopt(zmq.EVENTS)) & zmq.POLLIN for c in self._open)
+
+
+def _unix_socket_answers(path: str) -> bool:
+    """Whether a process accepts connections on the Unix socket at ``path`` (a stale one refuses them)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True

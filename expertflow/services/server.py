@@ -30,7 +30,7 @@ import zmq
 import zmq.asyncio
 
 from expertflow.aio import cancel_and_wait
-from expertflow.config import PolicyName, ReadMode, StoreConfig
+from expertflow.config import PolicyName, ReadMode, StoreConfig, check_endpoint
 from expertflow.core import ExpertKey
 from expertflow.errors import CheckpointChangedError, ConfigError, ExpertFlowError
 from expertflow.pipeline.store import AsyncExpertStore, ExpertHandle
@@ -89,6 +89,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.binds:
             raise ConfigError("the server needs at least one --bind address")
+        for address in self.binds:
+            check_endpoint(address, "--bind")
         exposed = [b for b in self.binds if not _is_local(b)]
         if exposed and not self.curve_secret and not self.insecure:
             raise ConfigError(

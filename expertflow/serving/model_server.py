@@ -79,6 +79,18 @@ def _uvicorn_server() -> type:
     return Server
 
 
+def load_plain(model_dir: str | Path) -> Any:
+    """The checkpoint as plain transformers loads it, whole model in RAM: the baseline ``bench serve`` runs
+    behind the same server. Guarded by the same per-model lock as an ExpertFlow model."""
+    from transformers import AutoModelForCausalLM
+
+    from expertflow.model.locking import install_lock
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", local_files_only=True).eval()
+    install_lock(model)
+    return model
+
+
 def serve_model(model_dir: str | Path, load: Callable[[int], Any], options: ServeOptions) -> int:
     """Serve the checkpoint at ``model_dir``; ``load(context_tokens)`` loads it with the caller's store options.
     Returns when the server is stopped."""
@@ -152,6 +164,8 @@ def serve_model(model_dir: str | Path, load: Callable[[int], Any], options: Serv
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sock.close()
-        model.close()
+        close = getattr(model, "close", None)
+        if callable(close):
+            close()
     print("server stopped", file=sys.stderr)
     return 0

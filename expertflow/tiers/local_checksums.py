@@ -1,4 +1,4 @@
-"""Checksums of an unpacked checkpoint's experts, computed from the local copy and cached beside it.
+"""Checksums of an unpacked checkpoint's experts, computed from the local copy and cached in the user's cache.
 
 A pack's manifest records a checksum per expert; a checkpoint as ``save_pretrained`` wrote it has none. A
 store that reads experts from a daemon must still never use bytes that differ from its own copy, so it keeps
@@ -6,8 +6,9 @@ its own: the first time an expert is read from the local disk its checksum (``co
 by the key) is computed and appended to a small text file, and from then on a daemon's reply for that expert
 is checked against it. An expert without a local checksum is not taken from a daemon at all.
 
-The file is ``.expertflow-checksums`` in the checkpoint directory, or, when that directory is read-only, a
-file named by the checkpoint's fingerprint under ``$XDG_CACHE_HOME/expertflow/checksums``. Its first line
+The file is named by the checkpoint's fingerprint and its files' identity under the cache directory
+(``core.cache_dir()/checksums``: ``$EXPERTFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/expertflow``, else
+``~/.cache/expertflow``), as Hub-style tools keep theirs: nothing is written into a model's folder. Its first line
 names the expert structure and the identity (inode, size, mtime) of every weight file; a file that does not
 match is started afresh, so a checkpoint replaced or edited in place never inherits old values. Each further
 line is ``layer expert checksum``; lines are appended whole, so a torn last line is the only damage a crash
@@ -29,7 +30,7 @@ from expertflow.tiers.safetensors_index import open_regular
 
 log = logging.getLogger(__name__)
 
-FILE_NAME = ".expertflow-checksums"
+FILE_NAME = ".expertflow-checksums"  # where versions before 0.2 wrote it: in the model folder (packs skip it)
 MAGIC = "expertflow-checksums"
 VERSION = 1
 _LINE_MAX = 64  # "layer expert 16-hex-digits\n" with room to spare
@@ -71,23 +72,19 @@ class LocalChecksums:
         """The book for ``layout``: the values its cache file holds if that file matches this exact copy."""
         fingerprint, identity = layout.fingerprint(), files_identity(layout)
         header = f"{MAGIC} {VERSION} {fingerprint} {identity}"
-        candidates = [
-            Path(layout.root) / FILE_NAME,
-            (cache_dir or default_cache_dir()) / f"{fingerprint}-{identity}",
-        ]
-        for path in candidates:
-            try:
-                values = _read(path, header, layout)
-                fd = _open_for_append(path, header, fresh=values is None)
-            except OSError as exc:
-                log.debug("checksum cache %s not usable: %s", path, exc)
-                continue
-            return cls(layout, values or {}, fd, path)
-        log.warning(
-            "no writable place for the expert checksum cache of %s; checksums last for this run only",
-            layout.root,
-        )
-        return cls(layout, {}, None, None)
+        path = (cache_dir or default_cache_dir()) / f"{fingerprint}-{identity}"
+        try:
+            values = _read(path, header, layout)
+            fd = _open_for_append(path, header, fresh=values is None)
+        except OSError as exc:
+            log.warning(
+                "the expert checksum cache %s is not usable (%s); checksums of %s last for this run only",
+                path,
+                exc,
+                layout.root,
+            )
+            return cls(layout, {}, None, None)
+        return cls(layout, values or {}, fd, path)
 
     def get(self, key: ExpertKey) -> int | None:
         """The local copy's checksum of ``key``, or None if it was never read locally."""

@@ -53,6 +53,7 @@ from expertflow.tiers.local_checksums import FILE_NAME as CHECKSUMS_NAME
 from expertflow.tiers.nvme import NvmeTier, buffer_address
 from expertflow.tiers.safetensors_index import (
     INDEX_NAME,
+    PACK_DATA_NAME,
     PACK_MANIFEST_NAME,
     read_config,
     read_header,
@@ -61,7 +62,7 @@ from expertflow.tiers.safetensors_index import (
 
 FORMAT = "expertflow-pack"
 FORMAT_VERSION = 2  # 2: expert checksums are seeded by the expert key (core.expert_checksum)
-DATA_NAME = "experts.bin"
+DATA_NAME = PACK_DATA_NAME
 NON_EXPERT_NAME = "model.safetensors"
 ALIGNMENT = BLOCK
 # Weight files of any format are never copied into a pack; everything else at the top level (config,

@@ -22,6 +22,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 PACK_MANIFEST_NAME = "expertflow-manifest.json"
+PACK_DATA_NAME = "experts.bin"  # a pack's experts (tiers.pack)
 # The reference implementation refuses headers above 100 MB; so do we, before allocating anything.
 MAX_HEADER_BYTES = 100_000_000
 
@@ -305,6 +306,12 @@ def open_checkpoint(path: str | os.PathLike[str], *, naming: Naming | None = Non
         from expertflow.tiers.pack import load_packed_layout
 
         return load_packed_layout(root)
+    if (root / PACK_DATA_NAME).is_file():
+        raise CheckpointError(
+            f"{root} holds an ExpertFlow pack's {PACK_DATA_NAME} but not its {PACK_MANIFEST_NAME}: the manifest "
+            "says where each expert is; pack the checkpoint again",
+            file=str(root / PACK_MANIFEST_NAME),
+        )
     tensors, config, files = scan_checkpoint(root)
     return build_layout(
         tensors,
