@@ -519,6 +519,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         clients=clients,
         max_tokens=args.max_tokens,
         common_args=common,
+        repeats=args.repeats,
     )
     result.write(args.out, COLUMNS)
     plot_serve(result, f"{args.out}/serve.png")
@@ -908,6 +909,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="the servers' --max-batch")
     p.add_argument("--max-model-len", type=int, default=512, help="the servers' --max-model-len")
     p.add_argument("--host-mem", required=True, help="ExpertFlow's host budget: below the experts' bytes")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of every contender; rows keep the best")
     p.add_argument("--out", default="bench-serve", help="output directory")
     p.set_defaults(func=_cmd_bench_serve)
 

@@ -137,3 +137,21 @@ def test_a_requests_file_without_requests_is_refused(mixtral: Path, tmp_path: Pa
     path = _write(tmp_path, "", "   ")
     with pytest.raises(ConfigError, match="has no requests"):
         read_requests(path, mixtral, max_new_tokens=4)
+
+
+def test_a_requests_expert_profile_fires_none_of_the_models_hooks(mixtral: Path) -> None:
+    """The server profiles a waiting request between two forward passes of the running batch: the look-ahead
+    norms must not run through their modules' hooks, or the predictor's captured residual stream (a pre-hook
+    on those norms) would be that prompt's embeddings instead of the batch's hidden states."""
+    from expertflow.model.batch import expert_profiles
+    from expertflow.model.prefetch import find_gates
+
+    with load_model(mixtral, config=StoreConfig(host_bytes=300 << 10)) as model:
+        _, norms = find_gates(model, model.expert_layers)
+        fired: list[int] = []
+        for layer, norm in norms.items():
+            norm.register_forward_pre_hook(lambda *_, layer=layer: fired.append(layer))
+        profile = expert_profiles(model, [Request("a", (1, 2, 3), 1)])[0]
+        assert fired == [] and set(profile) == set(norms)
+        model(torch.tensor([[1, 2, 3]]))
+        assert sorted(set(fired)) == sorted(norms)  # the model's own forward does fire them

@@ -176,3 +176,20 @@ def test_the_non_expert_accuracy_table_is_its_result_file() -> None:
             (row["top1_agreement"], top1),
         ):
             _shown(value, text)
+
+
+def test_the_readme_serve_table_is_the_serve_result_file() -> None:
+    rows = {(r["contender"], r["clients"]): r for r in _rows("benchmarks/serve/serve.json")}
+    table = _table("README.md", "| clients | transformers, all in RAM")
+    assert [int(r[0]) for r in table] == [1, 4, 16]
+    names = ("transformers (all in RAM)", "expertflow fifo", "expertflow experts")
+    for clients, *cells, loads in table:
+        for name, cell in zip(names, cells, strict=True):
+            row = rows[(name, int(clients))]
+            tok_s, ttft = (c.strip() for c in cell.split(","))
+            _shown(row["output_tok_s"], tok_s)
+            _shown(row["ttft_p50_ms"], ttft.removesuffix(" ms"))
+        fifo, experts = (c.strip() for c in loads.split("/"))
+        _shown(rows[("expertflow fifo", int(clients))]["expert_loads_per_token"], fifo)
+        _shown(rows[("expertflow experts", int(clients))]["expert_loads_per_token"], experts)
+    assert "bench serve" in json.loads((REPO / "benchmarks/serve/serve.json").read_text())["command"]

@@ -6,7 +6,7 @@ in RAM behind the same HTTP server (``serve-model --plain-transformers``). For e
 clients, the same requests (greedy, streamed) are sent by that many client threads, each starting its next
 request when the previous one ends. Measured per run: output tokens/s over the run's wall time, time to the
 first token (TTFT) and between tokens (ITL) at p50 and p99, and expert loads per output token from the
-server's ``/metrics`` (expert misses over tokens generated).
+server's ``/metrics`` (experts read into the store, on demand or by prefetch, over tokens generated).
 """
 
 from __future__ import annotations
@@ -176,6 +176,7 @@ def run_load(url: str, prompts: Sequence[Sequence[int]], clients: int, max_token
     itl = [1e3 * (b - a) for t in timings if t.chunks for a, b in zip(t.chunks, t.chunks[1:])]
     misses = after.get("expert_misses_total", 0) - before.get("expert_misses_total", 0)
     hits = after.get("expert_hits_total", 0) - before.get("expert_hits_total", 0)
+    reads = after.get("expert_reads_total", 0) - before.get("expert_reads_total", 0)
     has_store = "expert_misses_total" in after
     return {
         "clients": clients,
@@ -187,7 +188,7 @@ def run_load(url: str, prompts: Sequence[Sequence[int]], clients: int, max_token
         "ttft_p99_ms": _percentile(ttft, 0.99),
         "itl_p50_ms": _percentile(itl, 0.5),
         "itl_p99_ms": _percentile(itl, 0.99),
-        "expert_loads_per_token": misses / tokens if has_store and tokens else None,
+        "expert_loads_per_token": reads / tokens if has_store and tokens else None,
         "hit_rate": hits / (hits + misses) if has_store and hits + misses else None,
     }
 
@@ -200,9 +201,14 @@ def bench_serve(
     clients: Sequence[int] = (1, 4, 16),
     max_tokens: int = 32,
     common_args: Sequence[str] = (),
+    repeats: int = 1,
     log: Callable[[str], None] = print,
 ) -> BenchResult:
-    """Every contender's server under every number of concurrent clients, the same prompts each time."""
+    """Every contender's server under every number of concurrent clients, the same prompts each time.
+
+    With ``repeats`` > 1 the contenders run that many rounds, in the given order and reversed alternately (a
+    fresh server each round); a row is the round with the most output tokens/s (this machine's noise only
+    slows a run down), with every round's figure beside it."""
     if not prompts:
         raise ConfigError("no prompts to send")
     result = BenchResult("serve", [])
@@ -213,8 +219,9 @@ def bench_serve(
     )
     result.notes.append(
         "output tok/s: completion tokens of all requests over the run's wall time; TTFT: request sent to first "
-        "text chunk; ITL: between consecutive text chunks; expert loads per token: the server's expert misses "
-        "over the tokens it generated in the run"
+        "text chunk; ITL: between consecutive text chunks; expert loads per token: experts the server read into "
+        "its store (on demand or by prefetch) over the tokens it generated in the run; hit rate: the share of "
+        "expert uses found resident"
     )
     for c in contenders:
         log(f"{c.label} ...")

@@ -66,7 +66,9 @@ def find_gates(
         def gate(
             x: torch.Tensor, norm: nn.Module = norm, weight: torch.Tensor = weight, bias: Any = bias
         ) -> torch.Tensor:
-            return F.linear(norm(x).to(weight.dtype), weight, bias)
+            # norm.forward, not norm(x): the module's hooks (the predictor's capture of the residual stream)
+            # are for the model's own forward, not for a look-ahead or a request's expert profile.
+            return F.linear(norm.forward(x).to(weight.dtype), weight, bias)
 
         gates[layer] = gate
         norms[layer] = norm

@@ -439,6 +439,7 @@ class Engine:
             out["expert_misses_total"] = misses
             out["expert_hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
             out["stall_seconds_total"] = counters.get("stall_seconds", 0.0)
+            out["expert_reads_total"] = sum((counters.get("reads") or {}).values())
             for source, nbytes in (counters.get("bytes_read") or {}).items():
                 out[f'expert_bytes_read_total{{source="{source}"}}'] = nbytes
         return out
