@@ -17,6 +17,8 @@ from expertflow.config import POLICIES, PREDICTORS, READ_MODES, StoreConfig, par
 from expertflow.errors import ConfigError, ExpertFlowError
 
 Handler = Callable[[argparse.Namespace], int]
+#: bench decode's budgets when none are given (fractions of what all experts take)
+DEFAULT_BUDGETS = "1.0,0.5,0.25,0.1"
 #: cache-aware routing's default margin of router probability
 ROUTING_MARGIN = 0.1
 
@@ -476,7 +478,7 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
     )
     from expertflow.lab.report import markdown_table
 
-    budgets = parse_budgets(args.budgets)
+    budgets = parse_budgets(args.budgets or DEFAULT_BUDGETS)
     contenders = default_contenders(budgets, [c.strip() for c in args.contenders.split(",")])
     model = resolve_model(args.model, args.preset, args.learned_from, args.workdir)
     prompt = tuple(args.prompt.encode("utf-8")) if args.prompt else tuple(range(1, 17))
@@ -492,6 +494,7 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         llama_cpp=args.llama_cpp,
         warmup=args.warmup,
+        budgets_given=args.budgets is not None,
         command="expertflow " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None,
     )
     result.write(args.out, COLUMNS)
@@ -858,8 +861,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--budgets",
-        default="1.0,0.5,0.25,0.1",
-        help="host budgets as fractions of what all experts take (one slot each), or auto (the default budget)",
+        default=None,
+        help="host budgets as fractions of what all experts take (one slot each), or auto (the default budget) "
+        f"(default: {DEFAULT_BUDGETS}, those below one token's experts left out)",
     )
     p.add_argument(
         "--contenders",

@@ -204,3 +204,18 @@ def test_version_and_defaults_in_help(capsys) -> None:
     assert (
         "--device DEVICE compute device (cpu, cuda:0) (default: cpu)" in text
     )  # added where the text had none
+
+
+def test_default_bench_budgets_below_one_tokens_experts_are_left_out_with_a_note(checkpoints) -> None:
+    from expertflow.lab.decode import _check_budgets, default_contenders
+    from expertflow.lab.report import BenchResult
+    from expertflow.pipeline.planner import all_experts_bytes
+    from expertflow.tiers.safetensors_index import open_checkpoint
+
+    path = checkpoints.get("mixtral")  # top-2 experts: 2% of all experts is less than two of them
+    models = {None: (str(path), all_experts_bytes(open_checkpoint(path), "mmap"))}
+    contenders = default_contenders([1.0, 0.02], ["transformers", "lru"])
+    result = BenchResult("decode", [])
+    kept = _check_budgets(contenders, models, "mmap", False, result, lambda _: None)
+    assert [c.label for c in kept] == ["transformers (RAM)", "expertflow lru @100%"]
+    assert any("default budget 0.02 is below this model's minimum" in n for n in result.notes)

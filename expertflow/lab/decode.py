@@ -594,23 +594,37 @@ def run_llama_cpp(
 
 
 def _check_budgets(
-    contenders: Sequence[Contender], models: dict[str | None, tuple[str, int]], read_mode: str
-) -> None:
-    """Refuse, before any contender runs, a budget below what one token's experts take together (every row
-    of it would be an error)."""
+    contenders: Sequence[Contender],
+    models: dict[str | None, tuple[str, int]],
+    read_mode: str,
+    given: bool,
+    result: BenchResult,
+    log: Callable[[str], None],
+) -> list[Contender]:
+    """The contenders whose budget holds one token's experts. A budget below that (every row of it would be
+    an error) is refused before any contender runs when the caller gave it, and left out, saying so, when it
+    is one of the default budgets."""
     from expertflow.pipeline.planner import budget_sizes
     from expertflow.tiers.safetensors_index import open_checkpoint
 
+    kept = []
     for c in contenders:
-        if c.kind != "expertflow" or not isinstance(c.budget, float):
-            continue
-        path, all_slots = models[c.quantize]
-        minimum = budget_sizes(open_checkpoint(path), read_mode)["minimum"]
-        if minimum is not None and int(all_slots * c.budget) < minimum:
-            raise ConfigError(
-                f"budget {c.budget:g} of {c.label} is below this model's minimum: one token's experts take "
-                f"{minimum / all_slots:.3f} of all experts; give --budgets at or above it"
-            )
+        if c.kind == "expertflow" and isinstance(c.budget, float):
+            path, all_slots = models[c.quantize]
+            minimum = budget_sizes(open_checkpoint(path), read_mode)["minimum"]
+            if minimum is not None and int(all_slots * c.budget) < minimum:
+                why = f"one token's experts take {minimum / all_slots:.3f} of all experts"
+                if given:
+                    raise ConfigError(
+                        f"budget {c.budget:g} of {c.label} is below this model's minimum: {why}; give --budgets "
+                        "at or above it"
+                    )
+                note = f"{c.label}: left out, the default budget {c.budget:g} is below this model's minimum ({why})"
+                result.notes.append(note)
+                log(note)
+                continue
+        kept.append(c)
+    return kept
 
 
 def bench_decode(
@@ -628,9 +642,12 @@ def bench_decode(
     llama_cpp: str | Path | None = None,
     command: str | None = None,
     warmup: int = 0,
+    budgets_given: bool = True,
     log: Callable[[str], None] = print,
 ) -> BenchResult:
     """Every contender on the same checkpoint and prompt; rows with tokens/s, stall, bytes, bound, efficiency.
+
+    A budget below one token's experts is refused when ``budgets_given``, else left out with a note.
 
     With ``repeats`` > 1 the contenders run that many rounds (order alternating, see :func:`round_order`); each
     row is a contender's fastest run (this machine's noise only ever slows a run down) with the median of its
@@ -696,7 +713,7 @@ def bench_decode(
                 f"{c.quantize} pack {pack}: {q.expert_bytes / 2**20:.1f} MiB of experts "
                 f"({q.expert_bytes / layout.expert_bytes:.2f}x), built by `expertflow pack --quantize`"
             )
-    _check_budgets(contenders, models, read_mode)
+    contenders = _check_budgets(contenders, models, read_mode, budgets_given, result, log)
     best: dict[str, dict[str, Any]] = {}
     rounds: list[dict[str, float]] = []  # per round, each contender's tok/s (for medians and paired ratios)
     for i in range(max(1, repeats)):
