@@ -269,3 +269,13 @@ def test_two_checkpoints_of_one_folder_name_get_their_own_quantized_packs(tmp_pa
     pack_a2 = quantized_pack(a, "int4", work, log=lambda _: None)
     assert pack_a2 not in (pack_a, pack_b)
     assert first_expert(pack_a2) not in (first_expert(pack_a), first_expert(pack_b))
+
+
+def test_a_contenders_row_keeps_its_fastest_decode_and_its_fastest_prefill() -> None:
+    from expertflow.lab.decode import _keep
+
+    best: dict = {}
+    _keep(best, {}, {"label": "x", "tokens_per_second": 10.0, "prefill_tokens_per_second": 90.0})
+    _keep(best, {}, {"label": "x", "tokens_per_second": 12.0, "prefill_tokens_per_second": 50.0})
+    _keep(best, {}, {"label": "x", "error": "exit 1"})
+    assert best["x"]["tokens_per_second"] == 12.0 and best["x"]["prefill_tokens_per_second"] == 90.0

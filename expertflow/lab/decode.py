@@ -771,13 +771,23 @@ def bench_decode(
 
 
 def _keep(best: dict[str, dict[str, Any]], this_round: dict[str, float], row: dict[str, Any]) -> None:
-    """Record a run: its tok/s in this round, and the row if it is the contender's fastest so far."""
+    """Record a run: its tok/s in this round, and the row if it is the contender's fastest so far.
+
+    Prefill (one prompt's forward, a fraction of a second) is kept as the best over the runs too, on its own:
+    the run with the fastest decode may have had its prompt slowed by a hiccup of the machine."""
     label = row["label"]
     if "error" not in row:
         this_round[label] = row["tokens_per_second"]
     kept = best.get(label)
+    prefills = [
+        r["prefill_tokens_per_second"]
+        for r in (kept, row)
+        if r is not None and "error" not in r and r.get("prefill_tokens_per_second")
+    ]
     if kept is None or "error" in kept or row.get("tokens_per_second", 0) > kept.get("tokens_per_second", 0):
         best[label] = row
+    if prefills:
+        best[label]["prefill_tokens_per_second"] = max(prefills)
 
 
 def round_order(contenders: Sequence[Contender], i: int) -> list[Contender]:
