@@ -272,3 +272,27 @@ def test_the_summary_says_which_kernels_ran_a_quantized_model(
     with load_model(src, config=StoreConfig(predictor="none")) as model:
         assert quantized_kernels(model) == ""
         assert "quantized products" not in format_summary(generate(model, [1, 2, 3], max_new_tokens=2))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantized_linear_plans_its_product_once_with_qlinears_bits_and_replans_on_a_new_choice(
+    bits: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from expertflow.model.quantized_linear import QuantizedLinear
+
+    _native_or_skip()
+    torch.manual_seed(1)
+    scheme = QuantScheme(8, 0) if bits == 8 else QuantScheme(4, 128)
+    parts = quantize(torch.randn(1024, 1024), scheme, torch.bfloat16)
+    module = QuantizedLinear(parts, scheme, 1024, 1024, None)
+    x = torch.randn(2, 3, 1024).to(torch.bfloat16)
+    y = module(x)
+    assert module._fast is not None and module._fast[1] is not None  # the native plan
+    assert torch.equal(y, kernels.qlinear(x, parts, scheme, 1024, 1024))
+    assert torch.equal(module(x.float()), kernels.qlinear(x.float(), parts, scheme, 1024, 1024).float())
+    monkeypatch.setenv(native.ENV, "torch")
+    native.reset()  # a new kernel choice: the module must not keep calling the native kernel
+    torch_y = module(x)
+    assert module._fast[1] is None
+    assert torch.equal(torch_y, kernels.qlinear(x, parts, scheme, 1024, 1024))
+    assert not torch.equal(torch_y, y)  # torch's kernel rounds otherwise: the choice really changed

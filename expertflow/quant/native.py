@@ -54,6 +54,7 @@ ENV = "EXPERTFLOW_KERNELS"
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
 _state: tuple[ctypes.CDLL | None, str, bool] | None = None  # (library, status, forced), read once
+_generation = 0
 
 
 class _Stack(ctypes.Structure):
@@ -152,9 +153,15 @@ def status() -> str:
 
 def reset() -> None:
     """Forget the choice, so that the next product decides again (after changing ``EXPERTFLOW_KERNELS``)."""
-    global _state
+    global _state, _generation
     with _lock:
         _state = None
+        _generation += 1
+
+
+def generation() -> int:
+    """Changes whenever :func:`reset` forgets the choice: callers that cached a plan made from it re-plan."""
+    return _generation
 
 
 def forced() -> bool:
