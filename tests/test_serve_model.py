@@ -233,6 +233,23 @@ def test_malformed_requests_get_400_with_an_openai_error(
     assert _post(worded_server, "/v1/completions", b'{"prompt": "w5", "max_tokens": 2}')[0] == 200
 
 
+def test_a_body_over_the_limit_is_refused_with_413_before_it_is_buffered(worded_server: str) -> None:
+    import socket
+    from urllib.parse import urlparse
+
+    from expertflow.serving.openai_api import MAX_BODY_BYTES
+
+    url = urlparse(worded_server)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"{head}Content-Length: {MAX_BODY_BYTES + 1}\r\n\r\n".encode() + b'{"prompt": "w')
+        reply = ""  # answered before the body is sent, let alone buffered
+        while "exceeds" not in reply and (data := sock.recv(65536)):
+            reply += data.decode()
+    assert reply.startswith("HTTP/1.1 413") and "exceeds" in reply
+    assert _post(worded_server, "/v1/completions", b'{"prompt": "w5", "max_tokens": 2}')[0] == 200
+
+
 def test_bad_chat_requests_get_400(worded_server: str) -> None:
     for body in (
         b'{"messages": []}',

@@ -204,8 +204,21 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+#: The largest request body read; a longer one is refused (413) before it is buffered whole.
+MAX_BODY_BYTES = 4 << 20
+
+
 async def _json_body(request: Any) -> dict[str, Any]:
-    raw = await request.body()
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+        raise ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes", "invalid_request_error")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes", "invalid_request_error")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
