@@ -430,6 +430,18 @@ def _add_prompt_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--byte-tokens", action="store_true", help="byte-level model: token id = UTF-8 byte")
 
 
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature; 0 is greedy (default: the checkpoint's generation config, greedy if unset)",
+    )
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this probability mass")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling: same seed, same tokens")
+
+
 def _require_bench_extra(*modules: str) -> None:
     """Check, before any work, that the optional packages a bench needs are installed."""
     import importlib
@@ -695,15 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ignore-eos", action="store_true", help="do not stop at end-of-sequence (fixed-length runs)"
     )
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=None,
-        help="sampling temperature; 0 is greedy (default: the checkpoint's generation config, greedy if unset)",
-    )
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this probability mass")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling: same seed, same tokens")
+    _add_sampling_options(p)
     p.add_argument("--json", action="store_true", help="print only the result, as one JSON document")
     p.add_argument(
         "--image",
@@ -732,12 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="Hugging Face model directory with a chat template")
     p.add_argument("--system", help="a system message to start the conversation")
     p.add_argument("--max-new-tokens", type=int, default=512, help="at most this many tokens per answer")
-    p.add_argument(
-        "--temperature", type=float, default=None, help="0 is greedy (default: the generation config)"
-    )
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this probability mass")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    _add_sampling_options(p)
     _add_store_options(p)
     p.set_defaults(func=_cmd_chat)
 

@@ -8,16 +8,13 @@ gives the same prompt alone, in this process.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -41,36 +38,12 @@ def worded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@contextmanager
-def server(root: Path, *extra: str) -> Iterator[str]:
-    """``serve-model`` in a subprocess on a free loopback port; yields its base URL, stops it after."""
-    cmd = [sys.executable, "-m", "expertflow.cli", "serve-model", str(root), "--port", "0"]
-    cmd += ["--host-mem", BUDGET, "--max-model-len", "512", *extra]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # printed once the engine runs
-        match = re.search(r"at (http://\S+)/v1", line)
-        if match is None:
-            proc.kill()
-            raise AssertionError(
-                f"server did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}"
-            )
-        yield match.group(1)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise AssertionError("the server did not stop on SIGTERM") from None
-    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+def server(root: Path, *extra: str) -> AbstractContextManager[str]:
+    """``serve-model`` in a subprocess on a free loopback port (the bench's runner: it also checks that the
+    server exits with status 0 on SIGTERM); yields its base URL."""
+    from expertflow.lab.serve import running_server
+
+    return running_server(str(root), ["--host-mem", BUDGET, "--max-model-len", "512", *extra], lambda _: None)
 
 
 def _client(url: str) -> openai.OpenAI:

@@ -58,7 +58,8 @@ def default_contenders(host_mem: str) -> list[ServeContender]:
 
 @contextmanager
 def running_server(model: str, args: Sequence[str], log: Callable[[str], None]) -> Iterator[str]:
-    """``expertflow serve-model`` in a subprocess on a free loopback port; yields its base URL."""
+    """``expertflow serve-model`` in a subprocess on a free loopback port; yields its base URL. SIGTERM stops it
+    after; a server that does not then exit cleanly (status 0 within 30 s) is an error."""
     cmd = [sys.executable, "-m", "expertflow.cli", "serve-model", model, "--port", "0", *args]
     proc = subprocess.Popen(
         cmd,
@@ -72,18 +73,26 @@ def running_server(model: str, args: Sequence[str], log: Callable[[str], None]) 
         line = proc.stdout.readline()
         match = re.search(r"at (http://\S+)/v1", line)
         if match is None:
-            proc.kill()
-            err = proc.stderr.read() if proc.stderr else ""
-            raise ConfigError(f"serve-model did not start: {line.strip()} {err.strip()[-500:]}")
+            raise ConfigError(f"serve-model did not start: {line.strip()} {_stderr_tail(proc)}")
         log(f"  server: {' '.join(args)} at {match.group(1)}")
         yield match.group(1)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise ConfigError("serve-model did not stop within 30 s of SIGTERM") from None
+    if proc.returncode != 0:
+        raise ConfigError(f"serve-model exited with status {proc.returncode}: {_stderr_tail(proc)}")
+
+
+def _stderr_tail(proc: subprocess.Popen[str]) -> str:
+    return (proc.stderr.read() if proc.stderr else "").strip()[-500:]
 
 
 def metrics(url: str) -> dict[str, float]:
