@@ -207,8 +207,6 @@ class OffloadedExperts(nn.Module):
             top_k_index = self.routing(hidden_states, top_k_index, resident)
         for hook in self.route_hooks:
             hook(self.layer, hidden_states, top_k_index, top_k_weights)
-        # Most-wanted experts are requested first; the store yields the resident ones before any read.
-        keys = [ExpertKey(self.layer, e) for e in plan_layer(top_k_index)]
         # Each route is its own row with a unit weight, and each expert's routes are computed by a call of the
         # family's kernel that holds only them, in a fresh tensor: its output then depends on its own rows alone.
         # (A grouped GEMM's rounding depends on where a group's rows sit, so computing an expert beside others
@@ -224,6 +222,10 @@ class OffloadedExperts(nn.Module):
         ids = route_index.tolist() if route_index.shape[0] == top_k and self.one_token_path else None
         if ids is not None and len(set(ids)) != len(ids):
             ids = None
+        # Most-wanted experts are requested first; the store yields the resident ones before any read. One
+        # token wants each of its experts once: plan_layer's order is then the experts' ids, sorted.
+        wanted = sorted(ids) if ids is not None else plan_layer(top_k_index)
+        keys = [ExpertKey(self.layer, e) for e in wanted]
         flat = hidden_states.reshape(-1, width).contiguous()
         # [tokens * k, H]: each route's row; a decode step's routes all take the token's one row
         rows = flat if ids is not None else flat.repeat_interleave(top_k, dim=0)
