@@ -156,11 +156,9 @@ def _vocab_size(path: str) -> int | None:
 
 
 def _check_ids(ids: Sequence[int], vocab: int | None, where: str) -> None:
-    bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
-    if bad:
-        raise ConfigError(
-            f"{where}: token id {bad[0]} is outside the model's vocabulary (0..{(vocab or 1) - 1})"
-        )
+    from expertflow.model.generate import check_ids_in_vocabulary
+
+    check_ids_in_vocabulary(ids, vocab, where)
 
 
 def _check_generation_args(args: argparse.Namespace) -> None:

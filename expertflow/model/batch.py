@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from expertflow.errors import ConfigError, ExpertFlowError
-from expertflow.model.generate import counters_delta, encode_prompt, run_counters
+from expertflow.model.generate import check_token_ids, counters_delta, encode_prompt, run_counters
 from expertflow.model.prefetch import find_gates
 from expertflow.pipeline.schedule import group_requests
 
@@ -270,13 +270,8 @@ def generate_many(
         raise ConfigError("max_requests and max_batch_tokens must be >= 1")
     if len({r.id for r in requests}) != len(requests):
         raise ConfigError("request ids must be unique")
-    vocab = model.get_input_embeddings().num_embeddings
-    for r in requests:
-        bad = [t for t in r.input_ids if not 0 <= t < vocab]
-        if bad:  # the batch's worker thread would die on it with a traceback in its log
-            raise ConfigError(
-                f"request {r.id!r}: token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})"
-            )
+    for r in requests:  # the batch's worker thread would die on a bad id, with a traceback in its log
+        check_token_ids(model, r.input_ids, f"request {r.id!r}")
     order = admission_order(model, requests, schedule, max_requests)
     longest = max(len(r.input_ids) + r.max_new_tokens for r in requests)
     blocks = math.ceil(longest / page_size) * (max_requests + 1)

@@ -278,13 +278,22 @@ def pad_id(model: Any, eos: list[int] | None) -> int:
     return eos[0] if eos else 0
 
 
-def check_token_ids(model: Any, input_ids: torch.Tensor) -> None:
-    """Refuse ids outside the vocabulary before they reach the embedding (an IndexError deep inside)."""
-    vocab = model.get_input_embeddings().num_embeddings
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab:
-        bad = high if high >= vocab else low
-        raise ConfigError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
+def check_token_ids(model: Any, input_ids: torch.Tensor | Sequence[int], where: str = "") -> None:
+    """Refuse ids outside the model's vocabulary before they reach the embedding (an IndexError deep inside,
+    or a dead batch worker)."""
+    ids = input_ids.reshape(-1).tolist() if isinstance(input_ids, torch.Tensor) else input_ids
+    check_ids_in_vocabulary(ids, model.get_input_embeddings().num_embeddings, where)
+
+
+def check_ids_in_vocabulary(ids: Sequence[int], vocab: int | None, where: str = "") -> None:
+    """A :class:`ConfigError` naming the first id outside ``0..vocab-1`` (only negative ones when ``vocab`` is
+    not known), prefixed with ``where``."""
+    bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
+    if bad:
+        known = f" (0..{vocab - 1})" if vocab is not None else ""
+        raise ConfigError(
+            f"{where + ': ' if where else ''}token id {bad[0]} is outside the model's vocabulary{known}"
+        )
 
 
 @contextlib.contextmanager

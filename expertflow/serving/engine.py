@@ -30,7 +30,7 @@ from typing import Any
 
 from expertflow.errors import ConfigError, ExpertFlowError
 from expertflow.model.decoding import Decode, Sampling, TextStream, cut_at_stop
-from expertflow.model.generate import eos_ids, generate, pad_id, run_counters
+from expertflow.model.generate import check_token_ids, eos_ids, generate, pad_id, run_counters
 from expertflow.model.locking import model_lock
 
 log = logging.getLogger(__name__)
@@ -189,10 +189,7 @@ class Engine:
         """Refuse what the model cannot take (:class:`ConfigError`, HTTP 400) before it waits anywhere."""
         if not request.prompt:
             raise ConfigError("the prompt is empty")
-        vocab = self.model.get_input_embeddings().num_embeddings
-        bad = [t for t in request.prompt if not 0 <= t < vocab]
-        if bad:
-            raise ConfigError(f"token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
+        check_token_ids(self.model, request.prompt)
         if request.max_tokens < 1:
             raise ConfigError("max_tokens must be >= 1")
         if len(request.prompt) + request.max_tokens > self.max_model_len:
