@@ -77,7 +77,6 @@ class _Pending:
     stream: TextStream | None = None
     shown: int = 0  # characters of the text already sent
     done: bool = False
-    admitted_at: float = 0.0
 
 
 @dataclass
@@ -290,10 +289,7 @@ class Engine:
 
     def _start_batched(self, pending: _Pending) -> None:
         manager = self._manager
-        pending.admitted_at = time.monotonic()
         self._running[pending.id] = pending
-        loop = self._loop
-        assert loop is not None
 
         def deliver(output: Any) -> None:
             self._on_output(pending, output)
