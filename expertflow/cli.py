@@ -177,7 +177,7 @@ def _check_store_args(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from expertflow.model.decoding import Sampling, TextStream, cut_at_stop, ids_decode
+    from expertflow.model.decoding import Sampling, StopText, ids_decode
     from expertflow.model.generate import encode_prompt, eos_ids, format_summary, generate, text_decoder
 
     _check_generation_args(args)
@@ -209,22 +209,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             seed=args.seed,
         )
-        stream = TextStream(decode or ids_decode)
-        eos = set() if args.ignore_eos else set(eos_ids(model) or ())
-        stop = tuple(args.stop or ())
-        hold = max((len(x) for x in stop), default=1) - 1  # a tail that may be the start of a stop string
-        printed = 0
+        eos = () if args.ignore_eos else eos_ids(model) or ()
+        shown = StopText(decode or ids_decode, args.stop or (), eos)
 
         def show(token: int) -> None:
-            nonlocal printed
-            if args.json or token in eos:
-                return  # --json: stdout is one JSON document; end-of-sequence is not text
-            stream.push(token)
-            text, hit = cut_at_stop(stream.text, stop)
-            safe = text if hit is not None else text[: max(len(text) - hold, printed)]
-            if len(safe) > printed:
-                print(safe[printed:], end="", flush=True)
-                printed = len(safe)
+            if not args.json:  # --json: stdout is one JSON document
+                print(shown.push(token), end="", flush=True)
 
         result = generate(
             model,
@@ -239,8 +229,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result.as_dict(), indent=2, default=str))
             return 0
-        final = result.text if result.text is not None else stream.text + stream.flush()
-        print(final[printed:])
+        print(shown.finish())
         print(format_summary(result), file=sys.stderr)
     finally:
         model.close()
@@ -249,7 +238,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     """An interactive conversation on the terminal: each line you type is a user's turn."""
-    from expertflow.model.decoding import Sampling, TextStream, tokenizer_decode
+    from expertflow.model.decoding import Sampling, StopText, tokenizer_decode
     from expertflow.model.generate import chat_ids, eos_ids, generate, load_tokenizer
 
     _check_generation_args(args)
@@ -270,7 +259,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             seed=args.seed,
         )
-        eos = set(eos_ids(model) or ())
+        eos = eos_ids(model) or ()
         print("type a message, an empty line or Ctrl-D to end", file=sys.stderr)
         while True:
             try:
@@ -284,16 +273,15 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             while len(ids) + args.max_new_tokens > context and len(messages) > 1 + bool(args.system):
                 del messages[int(bool(args.system)) : int(bool(args.system)) + 2]  # the oldest exchange goes
                 ids = chat_ids(tokenizer, messages, args.path)
-            stream = TextStream(decode)
+            shown = StopText(decode, eos=eos)
 
-            def show(token: int, stream: TextStream = stream) -> None:
-                if token not in eos:
-                    print(stream.push(token), end="", flush=True)
+            def show(token: int, shown: StopText = shown) -> None:
+                print(shown.push(token), end="", flush=True)
 
             result = generate(
                 model, ids, args.max_new_tokens, on_token=show, sampling=sampling, decode=decode
             )
-            print(stream.flush())
+            print(shown.finish())
             messages.append({"role": "assistant", "content": result.text or ""})
     finally:
         model.close()

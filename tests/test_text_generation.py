@@ -237,3 +237,15 @@ def test_generate_many_refuses_out_of_vocabulary_ids_before_the_batch_starts(che
         with pytest.raises(ConfigError, match="request 'b': token id 256 is outside"):
             generate_many(model, [Request("a", (1, 2), 2), Request("b", (3, 256), 2)])
         assert generate_many(model, [Request("a", (1, 2), 2)]).outputs["a"]  # still works
+
+
+def test_stop_text_holds_back_a_possible_stop_string_and_never_shows_it() -> None:
+    from expertflow.model.decoding import StopText
+
+    shown = StopText(byte_decode, ["END", "##"], eos=[0])
+    pieces = [shown.push(t) for t in b"abE#cEN"] + [shown.push(0)]
+    assert "".join(pieces) == "abE#c" and not shown.stopped  # "EN" could still become a stop string
+    assert shown.push(ord("D")) == "" and shown.stopped  # ...and did: the text ends before it
+    assert shown.push(ord("z")) == "" and shown.finish() == ""
+    tail = StopText(byte_decode, ["END"])
+    assert [tail.push(t) for t in b"xEN"] == ["", "", "x"] and tail.finish() == "EN"  # never became one

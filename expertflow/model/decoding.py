@@ -140,6 +140,39 @@ class TextStream:
         return new
 
 
+class StopText:
+    """The text of a stream of tokens as it may be shown while stop strings are watched: end-of-sequence ids
+    are not text, a tail that could be the start of a stop string is held back, and nothing from a stop string
+    on is ever shown. :meth:`push` returns the new text a token makes safe, :meth:`finish` the rest."""
+
+    def __init__(self, decode: Decode, stop: Sequence[str] = (), eos: Sequence[int] = ()) -> None:
+        self.stream = TextStream(decode)
+        self.stop = tuple(stop)
+        self.eos = frozenset(eos)
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.shown = 0  # characters returned so far
+        self.stopped = False  # a stop string has appeared: nothing more is text
+
+    def push(self, token: int) -> str:
+        if self.stopped or token in self.eos:
+            return ""
+        self.stream.push(token)
+        text, hit = cut_at_stop(self.stream.text, self.stop)
+        self.stopped = hit is not None
+        safe = text if self.stopped else text[: max(len(text) - self.hold, self.shown)]
+        return self._advance(safe)
+
+    def finish(self) -> str:
+        """What was held back (a cut character, a tail that did not become a stop string)."""
+        self.stream.flush()
+        return self._advance(cut_at_stop(self.stream.text, self.stop)[0])
+
+    def _advance(self, safe: str) -> str:
+        new = safe[self.shown :]
+        self.shown = max(self.shown, len(safe))
+        return new
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, str | None]:
     """``text`` up to the first stop string it contains, and that string (None when none occurs)."""
     first: tuple[int, str] | None = None

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from expertflow.errors import ConfigError, ExpertFlowError
-from expertflow.model.decoding import Decode, Sampling, TextStream, cut_at_stop
+from expertflow.model.decoding import Decode, Sampling, StopText
 from expertflow.model.generate import check_token_ids, eos_ids, generate, pad_id, run_counters
 from expertflow.model.locking import model_lock
 
@@ -74,8 +74,7 @@ class _Pending:
     profile: dict[int, dict[int, float]] = field(default_factory=dict)
     passed_over: int = 0
     sent: list[int] = field(default_factory=list)  # tokens already turned into events
-    stream: TextStream | None = None
-    shown: int = 0  # characters of the text already sent
+    text: StopText | None = None  # the request's text as it may be sent
     done: bool = False
 
 
@@ -212,7 +211,7 @@ class Engine:
                 f"{len(self._waiting)} requests are waiting already (--max-queue {self.max_queue})"
             )
         pending = _Pending(f"cmpl-{next(self._ids)}", request, asyncio.Queue())
-        pending.stream = TextStream(self.decode)
+        pending.text = StopText(self.decode, request.stop, self.eos)
         if self.schedule == "experts" and request.sampling.greedy:
             pending.profile = await self._profile(request.prompt)
             if len(self._waiting) >= self.max_queue:  # others came in while the profile was computed
@@ -318,20 +317,14 @@ class Engine:
 
     def _tokens(self, pending: _Pending, new: list[int]) -> None:
         """New tokens of a request: text events, and the end at a stop string."""
-        assert pending.stream is not None
+        assert pending.text is not None
         for token in new:
             pending.sent.append(token)
             self.stats.tokens_generated += 1
-            if token in self.eos:
-                continue
-            pending.stream.push(token)
-            text, hit = cut_at_stop(pending.stream.text, pending.request.stop)
-            hold = max((len(s) for s in pending.request.stop), default=1) - 1
-            safe = text if hit is not None else text[: max(len(text) - hold, pending.shown)]
-            if len(safe) > pending.shown or hit is not None:
-                pending.events.put_nowait(Event(text=safe[pending.shown :], tokens=[token]))
-                pending.shown = len(safe)
-            if hit is not None:
+            text = pending.text.push(token)
+            if text or pending.text.stopped:
+                pending.events.put_nowait(Event(text=text, tokens=[token]))
+            if pending.text.stopped:
                 self._finish(pending, Event(finish_reason="stop"))
                 self._stop_generation(pending)
                 return
@@ -339,11 +332,8 @@ class Engine:
     def _finish(self, pending: _Pending, last: Event) -> None:
         if pending.done:
             return
-        if last.finish_reason in ("stop", "length") and pending.stream is not None:
-            pending.stream.flush()  # a character cut at the very end
-            text, _ = cut_at_stop(pending.stream.text, pending.request.stop)
-            last.text = text[pending.shown :]
-            pending.shown = len(text)
+        if last.finish_reason in ("stop", "length") and pending.text is not None:
+            last.text = pending.text.finish()  # what was held back, up to a stop string
         pending.done = True
         pending.events.put_nowait(last)
         self._release(pending)
