@@ -114,6 +114,7 @@ def test_completions_and_chat_streamed_and_not_give_the_tokens_of_a_lone_generat
         stop = want.split(" ")[2]
         cut = client.completions.create(model="mixtral", prompt="w5 w6 w7", max_tokens=6, stop=[stop])
         assert cut.choices[0].text == want[: want.index(stop)] and cut.choices[0].finish_reason == "stop"
+        assert cut.usage.completion_tokens == 3  # every generated token counts, held-back text or not
         health = urllib.request.urlopen(f"{url}/health", timeout=10)
         assert health.status == 200
         metrics = _metrics(url)

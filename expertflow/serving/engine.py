@@ -321,9 +321,8 @@ class Engine:
         for token in new:
             pending.sent.append(token)
             self.stats.tokens_generated += 1
-            text = pending.text.push(token)
-            if text or pending.text.stopped:
-                pending.events.put_nowait(Event(text=text, tokens=[token]))
+            # An event per token, text or not: usage counts every generated token (held-back text included).
+            pending.events.put_nowait(Event(text=pending.text.push(token), tokens=[token]))
             if pending.text.stopped:
                 self._finish(pending, Event(finish_reason="stop"))
                 self._stop_generation(pending)
