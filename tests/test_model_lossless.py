@@ -93,6 +93,42 @@ def test_offloaded_model_matches_transformers_logits_and_greedy_tokens(family: s
         assert sum(m.waves for m in layers) > sum(m.calls for m in layers)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_model_whose_experts_all_fit_decodes_on_their_slots_without_pins_and_exactly(
+    family: str, checkpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Room for every expert: once read, an expert keeps its slot, and decode steps compute on the slots they
+    know (no pin, no release per step), with the same tokens as transformers."""
+    root = Path(checkpoints.get(family))
+    layout = open_checkpoint(root)
+    top_k = _top_k(root)
+    reference = _reference(root)
+    one = _prompt(reference.config.get_text_config().vocab_size, batch=1, seed=5)
+    with load_model(root, config=_small_budget(layout, len(layout.experts))) as model:
+        store = model.expert_store
+        with torch.no_grad():
+            want = reference.generate(
+                one, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
+            )
+            first = model.generate(one, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+            pinned: list[set] = []
+            real = store.fetch_as_ready
+
+            def fetch_as_ready(keys):
+                pinned.append(set(keys))
+                return real(keys)
+
+            monkeypatch.setattr(store, "fetch_as_ready", fetch_as_ready)
+            hits = store.stats().device_hits
+            again = model.generate(one, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        assert torch.equal(first, want) and torch.equal(again, want), f"{family}: greedy tokens differ"
+        layers = len(model.expert_layers)
+        assert len(pinned) == layers  # the prompt's pass only: its routes are not one token's
+        decode_routes = (NEW_TOKENS - 1) * layers * top_k
+        assert store.stats().device_hits - hits == sum(len(keys) for keys in pinned) + decode_routes
+        assert store.stats().device_misses == len(store.resident()) and store.pinned() == []
+
+
 def test_closing_the_model_closes_the_store_it_created(checkpoints) -> None:
     root = Path(checkpoints.get(FAMILIES[0]))
     model = load_model(root)

@@ -484,6 +484,47 @@ def test_a_resident_layer_is_served_without_the_store_loop(ckpt):
         assert store.stats().device_hits == 2
 
 
+def test_a_store_holding_every_expert_gives_fixed_slots_of_resident_experts_only(ckpt):
+    """Every expert has a slot: a resident expert's slot is handed out without a pin, and never changes."""
+    _, layout, ref = ckpt
+    keys = [ExpertKey(1, 2), ExpertKey(1, 5)]
+    with ExpertStore(layout, StoreConfig(host_bytes=budget_for(layout, len(layout.experts)))) as store:
+        assert store.fixed_slots(keys) is None  # not resident yet
+        handles = store.fetch(keys)
+        slots = [h.slot for h in handles]
+        store.release(handles)
+        assert store.fixed_slots(keys) == slots
+        assert store.fixed_slots([*keys, ExpertKey(0, 0)]) is None  # one of them not resident
+        assert store.pinned() == []
+        hits = store.stats().device_hits
+        store.count_hits(2)
+        assert store.stats().device_hits == hits + 2
+        for layer in range(3):  # load all the others: nothing moves
+            store.release(store.fetch([ExpertKey(layer, e) for e in range(8)]))
+        assert store.fixed_slots(keys) == slots
+        for handle in store.fetch(keys):
+            assert_expert_equals(store, handle, ref)
+    assert store.fixed_slots(keys) is None  # closed
+
+
+def test_a_store_smaller_than_the_model_gives_no_fixed_slots(ckpt):
+    """Slots are reused when not every expert fits (or when nothing is kept): a slot is only good while pinned."""
+    _, layout, _ = ckpt
+    keys = [ExpertKey(1, 2)]
+    room = budget_for(layout, len(layout.experts))
+    for config in (
+        StoreConfig(host_bytes=budget_for(layout, len(layout.experts) - 1)),
+        StoreConfig(host_bytes=room, policy="none"),
+    ):
+        with ExpertStore(layout, config) as store:
+            handles = store.fetch(keys)
+            assert store.fixed_slots(keys) is None
+            store.release(handles)
+            if config.policy != "none":
+                assert store.resident() == keys
+            assert store.fixed_slots(keys) is None
+
+
 async def test_prefetch_must_be_likelier_the_busier_the_reads_are(ckpt):
     _, layout, _ = ckpt
     store, source = await open_store(layout, 6, gated=True, max_concurrent_reads=2)

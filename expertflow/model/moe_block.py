@@ -66,6 +66,13 @@ class SlotStore(Protocol):
 
     def release(self, handles: Iterable[ExpertHandle]) -> None: ...
 
+    def fixed_slots(self, keys: Sequence[ExpertKey]) -> list[int] | None: ...
+
+    def count_hits(self, n: int) -> None: ...
+
+    @property
+    def closed(self) -> bool: ...
+
     def prefetch(self, keys: Iterable[ExpertKey], priority: float = 0.0) -> None: ...
 
     def prefetch_ranked(self, ranked: Iterable[tuple[ExpertKey, float]]) -> None: ...
@@ -130,6 +137,7 @@ class OffloadedExperts(nn.Module):
         # Lossy, opt-in (expertflow.model.routing): rewrites routing toward resident experts.
         self.routing: Any = None
         self.last_stalled = False
+        self._fixed: dict[int, int] = {}  # expert id -> slot, once resident for good (see _fixed_slots)
         # [num_slots, *per_expert] views over the slot arena. Each call hands the kernel the one slot it computes
         # (a free slice): a grouped kernel's cost grows with the number of groups it is given.
         self._slot_views: dict[str, Any] = {}  # tensors, or QuantizedStack for quantized weights
@@ -168,18 +176,16 @@ class OffloadedExperts(nn.Module):
         slot: valid while the caller holds the expert's pin)."""
         return {name: view[slot] for name, view in self._slot_views.items() if isinstance(view, torch.Tensor)}
 
-    def _kernel(self, rows: torch.Tensor, handle: ExpertHandle, weight_dtype: torch.dtype) -> torch.Tensor:
-        """The family's own experts forward of ``rows``, every one a route to the expert of ``handle`` with a unit
-        weight: the module sees one expert, the one in the handle's slot."""
+    def _kernel(self, rows: torch.Tensor, slot: int, expert: int, weight_dtype: torch.dtype) -> torch.Tensor:
+        """The family's own experts forward of ``rows``, every one a route to ``expert`` (held in ``slot``) with a
+        unit weight: the module sees one expert, the one in that slot."""
         experts: nn.Module = self.__dict__["_experts"]
-        slot = handle.slot
         if self._single_route and rows.shape[0] == 1:
             return quantized_single_route(experts, self._slot_views, rows, slot)
         if self._direct and rows.shape[0] == 1:
             return single_route.single_route(experts, self._slot_views, rows, slot)
         for name, view in self._slot_views.items():
             experts.__dict__[name] = view[slot : slot + 1]
-        expert = handle.key.expert
         for owner, name, per_expert in self._tables:
             # Resident per-expert tensors (Ergo's per-expert norm) are indexed like the slots: the module's
             # expert 0 is this one.
@@ -215,18 +221,73 @@ class OffloadedExperts(nn.Module):
         width = hidden_states.shape[-1]
         top_k = top_k_index.shape[-1]
         route_index = top_k_index.reshape(-1)  # [tokens * k]
-        shape = (route_index.shape[0], width)
-        routes: torch.Tensor | None = None  # [tokens * k, H]: each route's unweighted output
+        flat = hidden_states.reshape(-1, width).contiguous()
         # One token (a decode step) routed to distinct experts: each expert has one route, found by its position
         # instead of a search over the routes (a few small ops per expert; fine-grained models call hundreds).
         ids = route_index.tolist() if route_index.shape[0] == top_k and self.one_token_path else None
         if ids is not None and len(set(ids)) != len(ids):
             ids = None
+        routes: torch.Tensor | None  # [tokens * k, H]: each route's unweighted output
+        slots = self._fixed_slots(ids) if ids is not None else None
+        if slots is not None and ids is not None:
+            routes = self._resident_routes(flat, ids, slots, top_k_weights.dtype)
+        else:
+            routes = self._routes_in_waves(flat, route_index, ids, top_k, top_k_weights.dtype)
+        if routes is None:  # no tokens routed here
+            return torch.zeros_like(hidden_states)
+        # The family's combination: routing weights times route outputs, summed over a token's k routes in one
+        # reduction (fp32 inside for half types), rounded once.
+        weighted = routes * top_k_weights.reshape(-1, 1)
+        out = weighted.view(-1, top_k, width).sum(dim=1)
+        return out.to(hidden_states.dtype).reshape(hidden_states.shape)
+
+    def _fixed_slots(self, ids: list[int]) -> list[int] | None:
+        """The slots of experts ``ids`` while they stay resident for good (see ``ExpertStore.fixed_slots``), else
+        None. A slot learnt once is kept: it cannot change while the store is open."""
+        store = self.store
+        if store.closed:  # the waves' path raises the store's own error
+            return None
+        known = self._fixed
+        slots = [known.get(e, -1) for e in ids]
+        if -1 in slots:
+            found = store.fixed_slots([ExpertKey(self.layer, e) for e in ids])
+            if found is None:
+                return None
+            known.update(zip(ids, found))
+            slots = found
+        return slots
+
+    def _resident_routes(
+        self, flat: torch.Tensor, ids: list[int], slots: list[int], weight_dtype: torch.dtype
+    ) -> torch.Tensor:
+        """A decode step's routes, one per expert in ``ids``' order, computed on ``slots`` (theirs, which cannot change): no pin,
+        no release, no wave. The same kernels on the same rows as the waves' path: the same bits."""
+        t0 = time.perf_counter()
+        self.last_stalled = False
+        self.waves += 1
+        if self._fused_ffn is not None:
+            routes = fused_routes(self._slot_views, flat, slots, self._fused_ffn)
+        else:
+            routes = torch.cat([self._kernel(flat, slot, e, weight_dtype) for slot, e in zip(slots, ids)])
+        self.compute_seconds += time.perf_counter() - t0
+        self.store.count_hits(len(ids))
+        return routes
+
+    def _routes_in_waves(
+        self,
+        flat: torch.Tensor,
+        route_index: torch.Tensor,
+        ids: list[int] | None,
+        top_k: int,
+        weight_dtype: torch.dtype,
+    ) -> torch.Tensor | None:
+        """Every route's output, computed wave by wave as the store pins the experts (resident ones first)."""
+        shape = (route_index.shape[0], flat.shape[-1])
+        routes: torch.Tensor | None = None
         # Most-wanted experts are requested first; the store yields the resident ones before any read. One
         # token wants each of its experts once: plan_layer's order is then the experts' ids, sorted.
-        wanted = sorted(ids) if ids is not None else plan_layer(top_k_index)
+        wanted = sorted(ids) if ids is not None else plan_layer(route_index.view(-1, top_k))
         keys = [ExpertKey(self.layer, e) for e in wanted]
-        flat = hidden_states.reshape(-1, width).contiguous()
         # [tokens * k, H]: each route's row; a decode step's routes all take the token's one row
         rows = flat if ids is not None else flat.repeat_interleave(top_k, dim=0)
         self.last_stalled = False
@@ -248,15 +309,16 @@ class OffloadedExperts(nn.Module):
                         routes[[i for i, _ in placed]] = part
                     one_by_one = []
                 for handle in one_by_one:
+                    slot, expert = handle.slot, handle.key.expert
                     if ids is not None:
-                        i = ids.index(handle.key.expert)
-                        part = self._kernel(flat, handle, top_k_weights.dtype)
+                        i = ids.index(expert)
+                        part = self._kernel(flat, slot, expert, weight_dtype)
                         if routes is None:
                             routes = torch.zeros(shape, dtype=part.dtype, device=part.device)
                         routes[i] = part[0]
                         continue
-                    mine = (route_index == handle.key.expert).nonzero().squeeze(1)
-                    part = self._kernel(rows.index_select(0, mine), handle, top_k_weights.dtype)
+                    mine = (route_index == expert).nonzero().squeeze(1)
+                    part = self._kernel(rows.index_select(0, mine), slot, expert, weight_dtype)
                     if routes is None:
                         routes = torch.zeros(shape, dtype=part.dtype, device=part.device)
                     routes.index_copy_(0, mine, part)  # routes of distinct experts never overlap: exact
@@ -267,13 +329,7 @@ class OffloadedExperts(nn.Module):
                     torch.cuda.current_stream(routes.device).synchronize()
             finally:
                 self.store.release(wave)
-        if routes is None:  # no tokens routed here
-            return torch.zeros_like(hidden_states)
-        # The family's combination: routing weights times route outputs, summed over a token's k routes in one
-        # reduction (fp32 inside for half types), rounded once.
-        weighted = routes * top_k_weights.reshape(-1, 1)
-        out = weighted.view(-1, top_k, width).sum(dim=1)
-        return out.to(hidden_states.dtype).reshape(hidden_states.shape)
+        return routes
 
     def extra_repr(self) -> str:
         return (

@@ -280,6 +280,24 @@ class CacheLevel:
                 entry.pins += 1
             return entries
 
+    def resident_slots(self, keys: Sequence[ExpertKey]) -> list[int] | None:
+        """The slot of each key if every one is resident now, else None; pins nothing, counts nothing."""
+        with self.lock:
+            if self._closed:
+                return None
+            slots = []
+            for key in keys:
+                entry = self.entries.get(key)
+                if entry is None or entry.state is not State.READY or entry.slot is None:
+                    return None
+                slots.append(entry.slot)
+            return slots
+
+    def count_hits(self, n: int) -> None:
+        """Count ``n`` uses of resident experts made without a pin (see AsyncExpertStore.fixed_slots)."""
+        with self.lock:
+            setattr(self.stats, self._hit, getattr(self.stats, self._hit) + n)
+
     def screen(self, keys: Iterable[ExpertKey], priority: float, floor: float) -> list[ExpertKey]:
         """The keys a prefetch at ``priority`` may still be queued for (safe from any thread).
 

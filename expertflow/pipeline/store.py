@@ -154,6 +154,8 @@ class AsyncExpertStore:
         self.num_slots = self.device_tier.num_slots
         self.views = SlotViews(layout, self.device_tier.arena)
         self._stats.num_slots = self.num_slots
+        # Every expert has a slot of its own and stays once loaded: nothing can ever be evicted.
+        self._all_fit = self._device.keep_after_use and self.num_slots >= len(layout.experts)
         self._stats.host_buffers = self.pool.num_buffers
         self._stats.host_bytes = self.pool.nbytes
 
@@ -373,6 +375,28 @@ class AsyncExpertStore:
             return None
         self._note_layer(keys)
         return [self._handle(e) for e in entries]
+
+    def fixed_slots(self, keys: Sequence[ExpertKey]) -> list[int] | None:
+        """The slot of each key once every one is resident for good, else None. Safe from any thread.
+
+        For good: every expert of the checkpoint has a slot of its own and the cache keeps what it loaded, so
+        no expert is ever evicted and a slot, once filled, holds its expert until the store closes. A caller
+        may then remember these slots and compute on them without pinning (counting its uses with
+        :meth:`count_hits`): a resident decode step's experts cost a list lookup instead of a pin and a
+        release each.
+        """
+        if not self._all_fit or self._closed:
+            return None
+        slots = self._device.resident_slots(keys)
+        if slots is None:
+            return None
+        for slot in slots:
+            self.device_tier.wait_ready(slot)  # a device copy still in flight (CUDA) lands first
+        return slots
+
+    def count_hits(self, n: int) -> None:
+        """Count ``n`` uses of experts computed on :meth:`fixed_slots` (device hits, as a pin would count)."""
+        self._device.count_hits(n)
 
     async def start_fetch(self, keys: Sequence[ExpertKey]) -> PendingFetch:
         """Pin every key (deduplicated) and queue the missing ones; resident ones come back at once.

@@ -95,6 +95,16 @@ class ExpertStore:
     def release(self, handles: Iterable[ExpertHandle]) -> None:
         self.async_store.release(handles)
 
+    def fixed_slots(self, keys: Sequence[ExpertKey]) -> list[int] | None:
+        return self.async_store.fixed_slots(keys)
+
+    def count_hits(self, n: int) -> None:
+        self.async_store.count_hits(n)
+
+    @property
+    def closed(self) -> bool:
+        return self.async_store.closed
+
     def prefetch(self, keys: Iterable[ExpertKey], priority: float = 0.0) -> None:
         self.prefetch_ranked((key, priority) for key in keys)
 
