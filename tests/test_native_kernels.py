@@ -245,9 +245,9 @@ def test_a_decode_step_runs_a_layers_experts_in_one_native_call(
     monkeypatch.setenv(native.ENV, "native")  # every size: the fixture's experts are small
     native.reset()
     calls: list[int] = []
-    real = native.int4_swiglu
+    real = native.Int4Swiglu.__call__
     monkeypatch.setattr(
-        native, "int4_swiglu", lambda x, slots, *a: calls.append(len(slots)) or real(x, slots, *a)
+        native.Int4Swiglu, "__call__", lambda self, x, slots: calls.append(len(slots)) or real(self, x, slots)
     )
     fused = step_logits()
     config = transformers.AutoConfig.from_pretrained(src)

@@ -30,8 +30,8 @@ from expertflow.model import single_route
 from expertflow.model.adapters import ExpertsAdapter
 from expertflow.model.quantized_experts import (
     QUANTIZED_IMPLEMENTATION,
+    FusedRoutes,
     fused_ffn,
-    fused_routes,
     quantized_single_route,
     single_route_supported,
 )
@@ -154,7 +154,8 @@ class OffloadedExperts(nn.Module):
         # The same for unquantized experts run by transformers' grouped forward (same kernels, same bits).
         self._direct = not self._tables and single_route.supported(experts, self._slot_views, implementation)
         # ...and where the native kernels take the family's experts, a wave of them is one call.
-        self._fused_ffn = fused_ffn(experts, self._slot_views) if self._single_route else None
+        ffn = fused_ffn(experts, self._slot_views) if self._single_route else None
+        self._fused = None if ffn is None else FusedRoutes(self._slot_views, ffn)
         # A private config so that our kernel choice does not leak into the rest of the model.
         config: Any = copy.copy(experts.config)
         config._experts_implementation_internal = implementation
@@ -265,8 +266,8 @@ class OffloadedExperts(nn.Module):
         t0 = time.perf_counter()
         self.last_stalled = False
         self.waves += 1
-        if self._fused_ffn is not None:
-            routes = fused_routes(self._slot_views, flat, slots, self._fused_ffn)
+        if self._fused is not None:
+            routes = self._fused(flat, slots)
         else:
             routes = torch.cat([self._kernel(flat, slot, e, weight_dtype) for slot, e in zip(slots, ids)])
         self.compute_seconds += time.perf_counter() - t0
@@ -298,9 +299,9 @@ class OffloadedExperts(nn.Module):
                 self.waves += 1
                 t0 = time.perf_counter()
                 one_by_one = wave
-                if ids is not None and self._fused_ffn is not None:
+                if ids is not None and self._fused is not None:
                     placed = sorted((ids.index(h.key.expert), h.slot) for h in wave)  # in route order
-                    part = fused_routes(self._slot_views, flat, [slot for _, slot in placed], self._fused_ffn)
+                    part = self._fused(flat, [slot for _, slot in placed])
                     if routes is None and len(placed) == top_k:
                         routes = part  # the whole layer in one wave: already every route in its place
                     else:

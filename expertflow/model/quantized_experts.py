@@ -190,7 +190,7 @@ def quantized_single_route(
 
 def fused_ffn(module: nn.Module, stacks: Mapping[str, Any]) -> int | None:
     """The intermediate size when a decode step's experts of this module can run in one native call
-    (:func:`fused_routes`): SwiGLU experts (transformers' default gate, SiLU) with unpadded int4 weights of one
+    (:class:`FusedRoutes`): SwiGLU experts (transformers' default gate, SiLU) with unpadded int4 weights of one
     block each, on a machine with the native kernels, large enough for them (or forced). Else None."""
     if not single_route_supported(module, stacks) or not getattr(module, "has_gate", False):
         return None
@@ -217,23 +217,34 @@ def fused_ffn(module: nn.Module, stacks: Mapping[str, Any]) -> int | None:
     return ffn if native.library() is not None else None
 
 
-def fused_routes(
-    stacks: Mapping[str, QuantizedStack], x: torch.Tensor, slots: list[int], ffn: int
-) -> torch.Tensor:
-    """The experts in ``slots`` applied to one row ``x [1, hidden]`` with unit weights, in one native call
+class FusedRoutes:
+    """The experts in chosen slots applied to one row ``x [1, hidden]`` with unit weights, in one native call
     (see :func:`fused_ffn`): ``[len(slots), hidden]``. Each expert's output depends on its own slot alone, so
-    which experts share a call changes no bit."""
-    (up_parts, up_s, _, _), (down_parts, down_s, _, _) = (
-        stacks["gate_up_proj"].blocks[0],
-        stacks["down_proj"].blocks[0],
-    )
-    return native.int4_swiglu(
-        x.reshape(-1),
-        slots,
-        (up_parts["qweight"], up_parts["qparams"], up_s.group_size),
-        (down_parts["qweight"], down_parts["qparams"], down_s.group_size),
-        ffn,
-    ).to(x.dtype)
+    which experts share a call changes no bit. The call's fixed arguments are prepared once (again after
+    ``native.reset()``)."""
+
+    def __init__(self, stacks: Mapping[str, QuantizedStack], ffn: int) -> None:
+        self._stacks = stacks
+        self.ffn = ffn
+        self._call: native.Int4Swiglu | None = None
+
+    def _prepare(self) -> native.Int4Swiglu:
+        (up_parts, up_s, _, _), (down_parts, down_s, _, _) = (
+            self._stacks["gate_up_proj"].blocks[0],
+            self._stacks["down_proj"].blocks[0],
+        )
+        return native.Int4Swiglu(
+            (up_parts["qweight"], up_parts["qparams"], up_s.group_size),
+            (down_parts["qweight"], down_parts["qparams"], down_s.group_size),
+            self.ffn,
+        )
+
+    def __call__(self, x: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        call = self._call
+        if call is None or call.generation != native.generation():
+            call = self._call = self._prepare()
+        y = call(x.reshape(-1), slots)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def scheme_of(layout: ExpertLayout) -> QuantScheme | None:

@@ -212,6 +212,57 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     return y
 
 
+class Int4Swiglu:
+    """``down(silu(gate(x)) * up(x))`` of chosen slots' experts for one row, with the arguments that never
+    change between calls (the stacked weights, their strides, the sizes) prepared once: a fine-grained model's
+    decode step makes this call once a layer, and ctypes' argument building costs more than the call.
+
+    ``gate_up`` and ``down`` are ``(qweight, qparams, group)`` stacked over slots (each slot's tensor
+    contiguous, slots ``stride(0)`` apart), unpadded (``2 * ffn`` and ``hidden`` rows multiples of 16, inputs
+    multiples of their groups). The tensors are kept alive by this object.
+    """
+
+    def __init__(
+        self,
+        gate_up: tuple[torch.Tensor, torch.Tensor, int],
+        down: tuple[torch.Tensor, torch.Tensor, int],
+        ffn: int,
+    ) -> None:
+        lib = library()
+        assert lib is not None
+        self.generation = generation()
+        stacks = []
+        for qweight, qparams, group in (gate_up, down):
+            assert qweight[0].is_contiguous() and qparams[0].is_contiguous()
+            stacks.append(
+                _Stack(qweight.data_ptr(), qweight.stride(0), qparams.data_ptr(), qparams.stride(0), group)
+            )
+        self._tensors = (gate_up[0], gate_up[1], down[0], down[1])
+        self._stacks = stacks
+        self._up, self._down = ctypes.byref(stacks[0]), ctypes.byref(stacks[1])
+        self.dtype = gate_up[1].dtype
+        self._code = _DTYPES[self.dtype]
+        self.ffn = ffn
+        self._fn = lib.ef_q4_swiglu
+
+    def __call__(self, x: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """``[len(slots), hidden]`` in the dtype of the scales, for ``x [hidden]``."""
+        if x.dtype != self.dtype or not x.is_contiguous():
+            x = x.to(self.dtype).contiguous()
+        hidden = x.shape[-1]
+        n = len(slots)
+        index = (ctypes.c_long * n)(*slots)
+        y = torch.empty(n, hidden, dtype=self.dtype)
+        code = self._code
+        rc = self._fn(
+            x.data_ptr(), code, hidden, self.ffn, n, ctypes.addressof(index), self._up, self._down, code,
+            y.data_ptr(), code,
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("the experts kernel could not allocate its buffers")
+        return y
+
+
 def int4_swiglu(
     x: torch.Tensor,
     slots: list[int],
@@ -219,26 +270,5 @@ def int4_swiglu(
     down: tuple[torch.Tensor, torch.Tensor, int],
     ffn: int,
 ) -> torch.Tensor:
-    """``down(silu(gate(x)) * up(x))`` of the experts in ``slots`` for one row ``x [hidden]``: ``[len(slots),
-    hidden]`` in the dtype of the scales. ``gate_up`` and ``down`` are ``(qweight, qparams, group)`` stacked over
-    slots (each slot's tensor contiguous, slots ``stride(0)`` apart), unpadded (``2 * ffn`` and ``hidden`` rows multiples of 16, inputs multiples of their groups)."""
-    lib = library()
-    assert lib is not None
-    stacks = []
-    for qweight, qparams, group in (gate_up, down):
-        assert qweight[0].is_contiguous() and qparams[0].is_contiguous()
-        stacks.append(
-            _Stack(qweight.data_ptr(), qweight.stride(0), qparams.data_ptr(), qparams.stride(0), group)
-        )
-    dtype = gate_up[1].dtype
-    x = x.to(dtype).contiguous()
-    hidden = x.shape[-1]
-    index = (ctypes.c_long * len(slots))(*slots)
-    y = torch.empty(len(slots), hidden, dtype=dtype)
-    rc = lib.ef_q4_swiglu(
-        x.data_ptr(), _DTYPES[dtype], hidden, ffn, len(slots), ctypes.cast(index, ctypes.c_void_p),
-        ctypes.byref(stacks[0]), ctypes.byref(stacks[1]), _DTYPES[dtype], y.data_ptr(), _DTYPES[dtype],
-    )  # fmt: skip
-    if rc != 0:
-        raise MemoryError("the experts kernel could not allocate its buffers")
-    return y
+    """One :class:`Int4Swiglu` call: ``[len(slots), hidden]`` for one row ``x [hidden]``."""
+    return Int4Swiglu(gate_up, down, ffn)(x, slots)
