@@ -12,7 +12,7 @@ import transformers
 
 from expertflow.config import StoreConfig
 from expertflow.model.generate import format_summary, generate, quantized_kernels
-from expertflow.model.loader import load_model
+from expertflow.model.loader import load_model, plan_model
 from expertflow.model.quantize_pack import pack_quantized
 from expertflow.quant import kernels, native
 from expertflow.quant.scheme import QuantScheme, dequantize, quantize, unpack_int4
@@ -204,6 +204,38 @@ def _stacks(slots: int, hidden: int, ffn: int, group: int, dtype: torch.dtype) -
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_a_prompts_routes_in_one_call_give_each_row_the_bits_a_decode_step_gives_it(
+    dtype: torch.dtype,
+) -> None:
+    """A prompt's routes, grouped by expert so that each weight is read once for all its rows, in one call: each
+    route's result is the one-row (decode) kernel's for that row and slot, however the routes are grouped."""
+    _native_or_skip()
+    torch.manual_seed(1)
+    hidden, ffn = 288, 224  # hidden 288: whole blocks of 64 rows and a tail of 32 in the down product
+    weights, up, down = _stacks(5, hidden, ffn, 32, dtype)
+    x = torch.randn(7, hidden).to(dtype)
+    call = native.Int4Swiglu(tuple(up), tuple(down), ffn)
+    # Groups of 5, 1, 7 rows and none: rows four at a time (one pass over a weight block) and the rest one by one.
+    groups = [(3, [0, 2, 5, 6, 1]), (0, [4]), (4, [1, 2, 3, 4, 5, 6, 0]), (1, [])]
+    together = call.rows(x, groups)
+    other = [(4, [0, 1]), (3, [6, 5, 2, 1, 0]), (0, [4]), (4, [6, 5, 4, 3, 2])]
+    regrouped = call.rows(x, other)
+    assert together.shape == (13, hidden)
+    routes = [(slot, r) for slot, members in groups for r in members]
+    again = [(slot, r) for slot, members in other for r in members]
+    for i, (slot, r) in enumerate(routes):
+        alone = call(x[r], [slot])[0]
+        assert torch.equal(together[i], alone), f"route {i} (row {r}, slot {slot})"
+        assert torch.equal(regrouped[again.index((slot, r))], alone)
+        w_up, w_down = weights[slot]
+        gate, lin = (w_up @ x[r].double()).chunk(2)
+        exact = w_down @ (torch.nn.functional.silu(gate) * lin)
+        assert ((together[i].double() - exact).norm() / exact.norm()).item() < 3e-2
+    with pytest.raises(IndexError):
+        call.rows(x, [(0, [7])])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_a_wave_of_experts_in_one_call_gives_each_expert_the_bits_it_gets_alone(dtype: torch.dtype) -> None:
     """The decode step's experts of a layer run as one call; an expert's output depends on its slot alone (which
     experts share the call, and in what order, changes no bit), and is the SwiGLU expert's to int8 rounding."""
@@ -255,6 +287,50 @@ def test_a_decode_step_runs_a_layers_experts_in_one_native_call(
     assert sum(calls) >= config.num_hidden_layers * config.num_experts_per_tok
     assert not torch.equal(fused, reference)  # other kernels, other rounding...
     assert ((fused - reference).norm() / reference.norm()).item() < 2e-2  # ...of the activations only
+
+
+def test_a_prompt_runs_each_waves_experts_in_one_native_call_with_the_bits_each_token_gets_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the native kernels, a prompt's routes go through a wave's experts in one call (each expert's weights
+    read once for all its tokens): each token's result is the one it gets alone (a decode step's kernel), the
+    same whatever the budget, and the logits are torch's kernels' to the activations' int8 rounding."""
+    _native_or_skip()
+    src = save_checkpoint("mixtral", tmp_path / "src")
+    pack = pack_quantized(src, tmp_path / "q", QuantScheme(4, 32), progress=False)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]])
+    monkeypatch.setenv(native.ENV, "torch")
+    native.reset()
+    with load_model(pack, config=StoreConfig(predictor="none")) as model, torch.no_grad():
+        reference = model(input_ids=ids).logits.float()
+    monkeypatch.setenv(native.ENV, "native")  # every size: the fixture's experts are small
+    native.reset()
+    calls: list[int] = []
+    real = native.Int4Swiglu.rows
+    monkeypatch.setattr(
+        native.Int4Swiglu, "rows", lambda self, x, groups: calls.append(len(groups)) or real(self, x, groups)
+    )
+    slot = plan_model(pack).slot_nbytes
+    logits = []
+    for host in (None, 3 * slot):  # every expert resident; three slots: many waves, evictions
+        with (
+            load_model(pack, config=StoreConfig(predictor="none", host_bytes=host)) as model,
+            torch.no_grad(),
+        ):
+            seen: list[tuple[torch.Tensor, ...]] = []
+            layer = next(iter(model.expert_layers.values()))
+            hook = layer.register_forward_hook(lambda m, args, out, seen=seen: seen.append((*args, out)))
+            logits.append(model(input_ids=ids).logits.float())
+            hook.remove()
+            ((hidden, index, weights, together),) = seen
+            for t in range(hidden.shape[0]):
+                alone = layer(hidden[t : t + 1], index[t : t + 1], weights[t : t + 1])
+                assert torch.equal(together[t : t + 1], alone), f"token {t}"
+    config = transformers.AutoConfig.from_pretrained(src)
+    assert len(calls) >= config.num_hidden_layers and max(calls) > 1  # a wave's experts in one call
+    assert torch.equal(logits[0], logits[1])
+    assert not torch.equal(logits[0], reference)  # other kernels, other rounding...
+    assert ((logits[0] - reference).norm() / reference.norm()).item() < 2e-2  # ...of the activations only
 
 
 def test_the_summary_says_which_kernels_ran_a_quantized_model(

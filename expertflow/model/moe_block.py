@@ -289,8 +289,15 @@ class OffloadedExperts(nn.Module):
         # token wants each of its experts once: plan_layer's order is then the experts' ids, sorted.
         wanted = sorted(ids) if ids is not None else plan_layer(route_index.view(-1, top_k))
         keys = [ExpertKey(self.layer, e) for e in wanted]
+        # Several tokens on the native kernels: each wave's experts in one call, every expert's weights read
+        # once for all the routes to it (route r takes token r // top_k).
+        grouped: dict[int, list[int]] | None = None
+        if ids is None and self._fused is not None:
+            grouped = {}
+            for r, e in enumerate(route_index.tolist()):
+                grouped.setdefault(e, []).append(r)
         # [tokens * k, H]: each route's row; a decode step's routes all take the token's one row
-        rows = flat if ids is not None else flat.repeat_interleave(top_k, dim=0)
+        rows = flat if ids is not None or grouped is not None else flat.repeat_interleave(top_k, dim=0)
         self.last_stalled = False
         for wave in self.store.fetch_as_ready(keys):
             try:
@@ -308,6 +315,14 @@ class OffloadedExperts(nn.Module):
                         if routes is None:
                             routes = torch.zeros(shape, dtype=part.dtype, device=part.device)
                         routes[[i for i, _ in placed]] = part
+                    one_by_one = []
+                elif grouped is not None:
+                    members = [(h.slot, grouped[h.key.expert]) for h in wave]
+                    part = self._fused.rows(flat, [(slot, [r // top_k for r in rs]) for slot, rs in members])
+                    if routes is None:
+                        routes = torch.zeros(shape, dtype=part.dtype, device=part.device)
+                    order = torch.tensor([r for _, rs in members for r in rs], device=part.device)
+                    routes.index_copy_(0, order, part)  # routes of distinct experts never overlap: exact
                     one_by_one = []
                 for handle in one_by_one:
                     slot, expert = handle.slot, handle.key.expert

@@ -239,11 +239,38 @@ class FusedRoutes:
             self.ffn,
         )
 
-    def __call__(self, x: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    #: Routes per native call of :meth:`rows`: bounds its scratch memory (~ routes * (2 * ffn + hidden) floats).
+    ROWS_PER_CALL = 512
+
+    def _ready(self) -> native.Int4Swiglu:
         call = self._call
         if call is None or call.generation != native.generation():
             call = self._call = self._prepare()
-        y = call(x.reshape(-1), slots)
+        return call
+
+    def __call__(self, x: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        y = self._ready()(x.reshape(-1), slots)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def rows(self, x: torch.Tensor, groups: list[tuple[int, list[int]]]) -> torch.Tensor:
+        """Rows of ``x [m, hidden]`` through the experts of their slots, ``groups`` being ``(slot, rows)`` pairs:
+        ``[routes, hidden]``, each group's rows in turn, each with the bits :meth:`__call__` gives that row. In
+        as few native calls as the scratch bound allows (each reads a group's weights once for all its rows)."""
+        call = self._ready()
+        parts: list[torch.Tensor] = []
+        batch: list[tuple[int, list[int]]] = []
+        size = 0
+        for slot, members in groups:
+            for i in range(0, len(members), self.ROWS_PER_CALL):
+                piece = members[i : i + self.ROWS_PER_CALL]
+                if size + len(piece) > self.ROWS_PER_CALL:
+                    parts.append(call.rows(x, batch))
+                    batch, size = [], 0
+                batch.append((slot, piece))
+                size += len(piece)
+        if batch:
+            parts.append(call.rows(x, batch))
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 

@@ -130,7 +130,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.ef_q4_gemm.argtypes = [p, i, n, p, p, i, n, n, n, p, i]
     lib.ef_q8_gemm.argtypes = [p, i, n, p, p, i, n, n, p, i]
     lib.ef_q4_swiglu.argtypes = [p, i, n, n, n, p, ctypes.POINTER(_Stack), ctypes.POINTER(_Stack), i, p, i]
+    stack = ctypes.POINTER(_Stack)
+    lib.ef_q4_swiglu_rows.argtypes = [p, i, n, n, n, n, p, p, p, stack, stack, i, p, i]
     lib.ef_q4_gemm.restype = lib.ef_q8_gemm.restype = lib.ef_q4_swiglu.restype = i
+    lib.ef_q4_swiglu_rows.restype = i
     return lib, "ExpertFlow's AVX-512 VNNI kernels (activations in int8)"
 
 
@@ -244,6 +247,7 @@ class Int4Swiglu:
         self._code = _DTYPES[self.dtype]
         self.ffn = ffn
         self._fn = lib.ef_q4_swiglu
+        self._lib = lib
 
     def __call__(self, x: torch.Tensor, slots: list[int]) -> torch.Tensor:
         """``[len(slots), hidden]`` in the dtype of the scales, for ``x [hidden]``."""
@@ -257,6 +261,36 @@ class Int4Swiglu:
         rc = self._fn(
             x.data_ptr(), code, hidden, self.ffn, n, ctypes.addressof(index), self._up, self._down, code,
             y.data_ptr(), code,
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("the experts kernel could not allocate its buffers")
+        return y
+
+    def rows(self, x: torch.Tensor, groups: list[tuple[int, list[int]]]) -> torch.Tensor:
+        """Many rows through many experts in one call: ``groups`` holds ``(slot, rows of x [m, hidden])`` pairs,
+        and the result ``[routes, hidden]`` holds each group's rows in turn. Each route's result is the one a
+        one-row call gives for that row and slot (see ``ef_q4_swiglu_rows``)."""
+        if x.dtype != self.dtype or not x.is_contiguous():
+            x = x.to(self.dtype).contiguous()
+        m, hidden = x.shape
+        slots = [slot for slot, _ in groups]
+        start = [0]
+        flat: list[int] = []
+        for _, members in groups:
+            flat.extend(members)
+            start.append(len(flat))
+        if any(not 0 <= r < m for r in flat):
+            raise IndexError(f"a route's row is outside the {m} rows given")
+        slot_arr = (ctypes.c_long * len(slots))(*slots)
+        start_arr = (ctypes.c_long * len(start))(*start)
+        row_arr = (ctypes.c_long * max(1, len(flat)))(*flat)
+        y = torch.empty(len(flat), hidden, dtype=self.dtype)
+        if not flat:
+            return y
+        code = self._code
+        rc = self._lib.ef_q4_swiglu_rows(
+            x.data_ptr(), code, m, hidden, self.ffn, len(slots), ctypes.addressof(slot_arr),
+            ctypes.addressof(start_arr), ctypes.addressof(row_arr), self._up, self._down, code, y.data_ptr(), code,
         )  # fmt: skip
         if rc != 0:
             raise MemoryError("the experts kernel could not allocate its buffers")

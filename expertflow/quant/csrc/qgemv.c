@@ -380,3 +380,91 @@ int ef_q4_swiglu(const void *x, int x_dtype, long hidden, long ffn, long n_route
     free(a.block), free(mid.block), free(h), free(y);
     return 0;
 }
+
+/* --- a prompt's gated experts in one call --------------------------------------------------------------------
+ * Rows of x (m of them) routed to experts: route r takes row rows[r] through the expert in slot slots[g] of its
+ * group g (routes start[g] .. start[g + 1] - 1, grouped by expert so that each weight block is read once for
+ * all of a group's rows). out[r] = down(silu(gate(x)) * up(x)) for route r's row. Every route goes through the
+ * operations a decode step's route goes through in ef_q4_swiglu (each row quantized the same way, the same
+ * per-row arithmetic whatever the rows beside it): a route's result does not depend on the other routes, nor
+ * on how they are grouped into calls. */
+int ef_q4_swiglu_rows(const void *x, int x_dtype, long m, long hidden, long ffn, long n_groups, const long *slots,
+                      const long *start, const long *rows, const ef_q4_stack *gate_up, const ef_q4_stack *down,
+                      int qp_dtype, void *out, int out_dtype) {
+    long n_routes = start[n_groups];
+    long ng_in = hidden / gate_up->group, ng_mid = ffn / down->group;
+    long nb_up = (2 * ffn + 63) / 64, nb_down = (hidden + 63) / 64;
+    ef_row a, ra, mid;
+    float *h = malloc(sizeof(float) * (size_t)(n_routes * 2 * ffn));
+    float *y = malloc(sizeof(float) * (size_t)(n_routes * hidden));
+    int ok_a = row_alloc(&a, m * hidden, m * ng_in) == 0;
+    int ok_ra = row_alloc(&ra, n_routes * hidden, n_routes * ng_in) == 0;
+    int ok_mid = row_alloc(&mid, n_routes * ffn, n_routes * ng_mid) == 0;
+    if (!h || !y || !ok_a || !ok_ra || !ok_mid) {
+        free(h), free(y);
+        if (ok_a) free(a.block);
+        if (ok_ra) free(ra.block);
+        if (ok_mid) free(mid.block);
+        return -1;
+    }
+    for (long i = 0; i < m; i++)
+        quantize_row(row_of(x, x_dtype, i, hidden), x_dtype, hidden, hidden, gate_up->group, a.q + i * hidden,
+                     a.scale + i * ng_in, a.qsum + i * ng_in, a.sum + i * ng_in);
+    /* Each route's quantized row, so that a group's rows sit one after another. */
+    for (long r = 0; r < n_routes; r++) {
+        long i = rows[r];
+        memcpy(ra.q + r * hidden, a.q + i * hidden, (size_t)hidden);
+        memcpy(ra.scale + r * ng_in, a.scale + i * ng_in, sizeof(float) * (size_t)ng_in);
+        memcpy(ra.qsum + r * ng_in, a.qsum + i * ng_in, sizeof(int32_t) * (size_t)ng_in);
+        memcpy(ra.sum + r * ng_in, a.sum + i * ng_in, sizeof(float) * (size_t)ng_in);
+    }
+    long full_up = 2 * ffn / 64 * 64, full_down = hidden / 64 * 64;
+#pragma omp parallel
+    {
+#pragma omp for schedule(dynamic)
+        for (long i = 0; i < n_groups * nb_up; i++) {
+            long g = i / nb_up, b = i % nb_up, r0 = start[g], cnt = start[g + 1] - r0;
+            const uint8_t *w = gate_up->w + slots[g] * gate_up->w_stride;
+            const void *qp = qp_dtype == EF_BF16
+                                 ? (const void *)((const uint16_t *)gate_up->qp + slots[g] * gate_up->qp_stride)
+                                 : (const void *)((const float *)gate_up->qp + slots[g] * gate_up->qp_stride);
+            if (b * 64 < full_up)
+                q4_block64(w + b * 64 * (hidden / 2), qp, qp_dtype, 2 * ffn, b * 64, hidden, gate_up->group, cnt,
+                           ra.q + r0 * hidden, hidden, ra.scale + r0 * ng_in, ra.qsum + r0 * ng_in,
+                           ra.sum + r0 * ng_in, ng_in, h + r0 * 2 * ffn + b * 64, 2 * ffn);
+            else
+                q4_tail(w + full_up * (hidden / 2), qp, qp_dtype, 2 * ffn, full_up, 2 * ffn - full_up, hidden,
+                        gate_up->group, cnt, ra.q + r0 * hidden, hidden, ra.scale + r0 * ng_in,
+                        ra.qsum + r0 * ng_in, ra.sum + r0 * ng_in, ng_in, h + r0 * 2 * ffn + full_up, 2 * ffn);
+        }
+#pragma omp for schedule(static)
+        for (long r = 0; r < n_routes; r++) {
+            float *hr = h + r * 2 * ffn;
+            for (long j = 0; j < ffn; j++) {
+                float g = hr[j];
+                hr[j] = g / (1.f + expf(-g)) * hr[ffn + j];
+            }
+            quantize_row(hr, EF_F32, ffn, ffn, down->group, mid.q + r * ffn, mid.scale + r * ng_mid,
+                         mid.qsum + r * ng_mid, mid.sum + r * ng_mid);
+        }
+#pragma omp for schedule(dynamic)
+        for (long i = 0; i < n_groups * nb_down; i++) {
+            long g = i / nb_down, b = i % nb_down, r0 = start[g], cnt = start[g + 1] - r0;
+            const uint8_t *w = down->w + slots[g] * down->w_stride;
+            const void *qp = qp_dtype == EF_BF16
+                                 ? (const void *)((const uint16_t *)down->qp + slots[g] * down->qp_stride)
+                                 : (const void *)((const float *)down->qp + slots[g] * down->qp_stride);
+            if (b * 64 < full_down)
+                q4_block64(w + b * 64 * (ffn / 2), qp, qp_dtype, hidden, b * 64, ffn, down->group, cnt,
+                           mid.q + r0 * ffn, ffn, mid.scale + r0 * ng_mid, mid.qsum + r0 * ng_mid,
+                           mid.sum + r0 * ng_mid, ng_mid, y + r0 * hidden + b * 64, hidden);
+            else
+                q4_tail(w + full_down * (ffn / 2), qp, qp_dtype, hidden, full_down, hidden - full_down, ffn,
+                        down->group, cnt, mid.q + r0 * ffn, ffn, mid.scale + r0 * ng_mid, mid.qsum + r0 * ng_mid,
+                        mid.sum + r0 * ng_mid, ng_mid, y + r0 * hidden + full_down, hidden);
+        }
+    }
+    for (long j = 0; j < n_routes * hidden; j++) store_val(out, out_dtype, j, y[j]);
+    free(a.block), free(ra.block), free(mid.block), free(h), free(y);
+    return 0;
+}
