@@ -316,7 +316,7 @@ class OffloadedExperts(nn.Module):
                             routes = torch.zeros(shape, dtype=part.dtype, device=part.device)
                         routes[[i for i, _ in placed]] = part
                     one_by_one = []
-                elif grouped is not None:
+                elif grouped is not None and self._fused is not None:
                     members = [(h.slot, grouped[h.key.expert]) for h in wave]
                     part = self._fused.rows(flat, [(slot, [r // top_k for r in rs]) for slot, rs in members])
                     if routes is None:
