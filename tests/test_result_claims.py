@@ -112,6 +112,17 @@ def test_the_readme_resident_table_is_the_resident_result_files() -> None:
                 _shown(row[key], part)
 
 
+def test_the_readme_tiny_trained_resident_claim_is_its_result_file() -> None:
+    rows = {r["label"]: r for r in _rows("benchmarks/resident-tiny-trained/decode.json")}
+    ours, ref = rows["expertflow lru @100%"], rows["transformers (RAM)"]
+    assert ours["same_tokens_as_transformers"] is True
+    text = " ".join((REPO / "README.md").read_text().split())
+    ratio = ours["tokens_per_second"] / ref["tokens_per_second"]
+    claim = f"({ratio:.2f}x on the tiny trained model, `benchmarks/resident-tiny-trained`: "
+    claim += f"{ours['tokens_per_second']:.0f} against {ref['tokens_per_second']:.0f} tok/s, same tokens)"
+    assert claim in text
+
+
 def test_the_grid_table_and_claims_are_the_grid_result_file() -> None:
     rows = _rows("benchmarks/grid/grid.json")
     by = {(r["routing"], r["quantize"]): r for r in rows if r["budget"] == 0.25 and r["schedule"] == "fifo"}
