@@ -256,6 +256,21 @@ def test_a_wave_of_experts_in_one_call_gives_each_expert_the_bits_it_gets_alone(
         assert ((together[row].double() - exact).norm() / exact.norm()).item() < 3e-2
 
 
+def _native_counting(monkeypatch: pytest.MonkeyPatch, method: str) -> list[int]:
+    """Switch to the native kernels for every size (the fixtures' experts are small) and record the number of
+    experts (slots or groups) each call of ``Int4Swiglu.<method>`` takes."""
+    monkeypatch.setenv(native.ENV, "native")
+    native.reset()
+    calls: list[int] = []
+    real = getattr(native.Int4Swiglu, method)
+    monkeypatch.setattr(
+        native.Int4Swiglu,
+        method,
+        lambda self, x, experts: calls.append(len(experts)) or real(self, x, experts),
+    )
+    return calls
+
+
 def test_a_decode_step_runs_a_layers_experts_in_one_native_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -274,13 +289,7 @@ def test_a_decode_step_runs_a_layers_experts_in_one_native_call(
     monkeypatch.setenv(native.ENV, "torch")
     native.reset()
     reference = step_logits()
-    monkeypatch.setenv(native.ENV, "native")  # every size: the fixture's experts are small
-    native.reset()
-    calls: list[int] = []
-    real = native.Int4Swiglu.__call__
-    monkeypatch.setattr(
-        native.Int4Swiglu, "__call__", lambda self, x, slots: calls.append(len(slots)) or real(self, x, slots)
-    )
+    calls = _native_counting(monkeypatch, "__call__")
     fused = step_logits()
     config = transformers.AutoConfig.from_pretrained(src)
     assert len(calls) >= config.num_hidden_layers  # one call per layer (or per wave) on the decode step
@@ -303,13 +312,7 @@ def test_a_prompt_runs_each_waves_experts_in_one_native_call_with_the_bits_each_
     native.reset()
     with load_model(pack, config=StoreConfig(predictor="none")) as model, torch.no_grad():
         reference = model(input_ids=ids).logits.float()
-    monkeypatch.setenv(native.ENV, "native")  # every size: the fixture's experts are small
-    native.reset()
-    calls: list[int] = []
-    real = native.Int4Swiglu.rows
-    monkeypatch.setattr(
-        native.Int4Swiglu, "rows", lambda self, x, groups: calls.append(len(groups)) or real(self, x, groups)
-    )
+    calls = _native_counting(monkeypatch, "rows")
     slot = plan_model(pack).slot_nbytes
     logits = []
     for host in (None, 3 * slot):  # every expert resident; three slots: many waves, evictions

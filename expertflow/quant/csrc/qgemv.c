@@ -322,12 +322,29 @@ typedef struct {
     long group;
 } ef_q4_stack;
 
+/* Slot `slot`'s (scale, zero) pairs in a stack. */
+static inline const void *slot_qp(const ef_q4_stack *st, int qp_dtype, long slot) {
+    return qp_dtype == EF_BF16 ? (const void *)((const uint16_t *)st->qp + slot * st->qp_stride)
+                               : (const void *)((const float *)st->qp + slot * st->qp_stride);
+}
+
+/* A route's gate/up outputs h[0..2 ffn) -> silu(gate) * up, quantized for the down product (route r's place). */
+static void swiglu_mid(float *h, long ffn, long group, ef_row *mid, long r) {
+    long ng = ffn / group;
+    for (long j = 0; j < ffn; j++) {
+        float g = h[j];
+        h[j] = g / (1.f + expf(-g)) * h[ffn + j];
+    }
+    quantize_row(h, EF_F32, ffn, ffn, group, mid->q + r * ffn, mid->scale + r * ng, mid->qsum + r * ng,
+                 mid->sum + r * ng);
+}
+
 static void q4_rows(const ef_q4_stack *st, int qp_dtype, long slot, long n, long k, long b, const int8_t *qx,
                     const float *xs, const int32_t *xq, const float *xsum, float *out) {
-    /* Block b of 64 rows, or the tail when b is the last block and n is not a multiple of 64. */
+    /* Block b of 64 rows, or the tail when b is the last block and n is not a multiple of 64. Kept apart from
+     * q4_block_rows: with one row in constants, the compiler specializes the block's loops (a few percent faster). */
     const uint8_t *w = st->w + slot * st->w_stride;
-    const void *qp = qp_dtype == EF_BF16 ? (const void *)((const uint16_t *)st->qp + slot * st->qp_stride)
-                                         : (const void *)((const float *)st->qp + slot * st->qp_stride);
+    const void *qp = slot_qp(st, qp_dtype, slot);
     long full = n / 64 * 64;
     if (b * 64 < full)
         q4_block64(w + b * 64 * (k / 2), qp, qp_dtype, n, b * 64, k, st->group, 1, qx, 0, xs, xq, xsum, 0,
@@ -360,15 +377,7 @@ int ef_q4_swiglu(const void *x, int x_dtype, long hidden, long ffn, long n_route
             q4_rows(gate_up, qp_dtype, slots[i / nb_up], 2 * ffn, hidden, i % nb_up, a.q, a.scale, a.qsum, a.sum,
                     h + (i / nb_up) * 2 * ffn);
 #pragma omp for schedule(static)
-        for (long r = 0; r < n_routes; r++) {
-            float *hr = h + r * 2 * ffn;
-            for (long j = 0; j < ffn; j++) {
-                float g = hr[j];
-                hr[j] = g / (1.f + expf(-g)) * hr[ffn + j];
-            }
-            quantize_row(hr, EF_F32, ffn, ffn, down->group, mid.q + r * ffn, mid.scale + r * ng_mid,
-                         mid.qsum + r * ng_mid, mid.sum + r * ng_mid);
-        }
+        for (long r = 0; r < n_routes; r++) swiglu_mid(h + r * 2 * ffn, ffn, down->group, &mid, r);
 #pragma omp for schedule(static)
         for (long i = 0; i < n_routes * nb_down; i++) {
             long r = i / nb_down;
@@ -388,6 +397,22 @@ int ef_q4_swiglu(const void *x, int x_dtype, long hidden, long ffn, long n_route
  * operations a decode step's route goes through in ef_q4_swiglu (each row quantized the same way, the same
  * per-row arithmetic whatever the rows beside it): a route's result does not depend on the other routes, nor
  * on how they are grouped into calls. */
+/* Block b of 64 rows (or the tail past the last whole block) of slot `slot`'s n x k weight against `cnt` rows of
+ * quantized activations, one after another (codes k apart, per-group values ldg apart), into out (ldo apart). */
+static void q4_block_rows(const ef_q4_stack *st, int qp_dtype, long slot, long n, long k, long b, long cnt,
+                          const int8_t *qx, const float *xs, const int32_t *xq, const float *xsum, long ldg,
+                          float *out, long ldo) {
+    const uint8_t *w = st->w + slot * st->w_stride;
+    const void *qp = slot_qp(st, qp_dtype, slot);
+    long full = n / 64 * 64;
+    if (b * 64 < full)
+        q4_block64(w + b * 64 * (k / 2), qp, qp_dtype, n, b * 64, k, st->group, cnt, qx, k, xs, xq, xsum, ldg,
+                   out + b * 64, ldo);
+    else
+        q4_tail(w + full * (k / 2), qp, qp_dtype, n, full, n - full, k, st->group, cnt, qx, k, xs, xq, xsum, ldg,
+                out + full, ldo);
+}
+
 int ef_q4_swiglu_rows(const void *x, int x_dtype, long m, long hidden, long ffn, long n_groups, const long *slots,
                       const long *start, const long *rows, const ef_q4_stack *gate_up, const ef_q4_stack *down,
                       int qp_dtype, void *out, int out_dtype) {
@@ -418,50 +443,23 @@ int ef_q4_swiglu_rows(const void *x, int x_dtype, long m, long hidden, long ffn,
         memcpy(ra.qsum + r * ng_in, a.qsum + i * ng_in, sizeof(int32_t) * (size_t)ng_in);
         memcpy(ra.sum + r * ng_in, a.sum + i * ng_in, sizeof(float) * (size_t)ng_in);
     }
-    long full_up = 2 * ffn / 64 * 64, full_down = hidden / 64 * 64;
 #pragma omp parallel
     {
-#pragma omp for schedule(dynamic)
+#pragma omp for schedule(static)
         for (long i = 0; i < n_groups * nb_up; i++) {
-            long g = i / nb_up, b = i % nb_up, r0 = start[g], cnt = start[g + 1] - r0;
-            const uint8_t *w = gate_up->w + slots[g] * gate_up->w_stride;
-            const void *qp = qp_dtype == EF_BF16
-                                 ? (const void *)((const uint16_t *)gate_up->qp + slots[g] * gate_up->qp_stride)
-                                 : (const void *)((const float *)gate_up->qp + slots[g] * gate_up->qp_stride);
-            if (b * 64 < full_up)
-                q4_block64(w + b * 64 * (hidden / 2), qp, qp_dtype, 2 * ffn, b * 64, hidden, gate_up->group, cnt,
-                           ra.q + r0 * hidden, hidden, ra.scale + r0 * ng_in, ra.qsum + r0 * ng_in,
-                           ra.sum + r0 * ng_in, ng_in, h + r0 * 2 * ffn + b * 64, 2 * ffn);
-            else
-                q4_tail(w + full_up * (hidden / 2), qp, qp_dtype, 2 * ffn, full_up, 2 * ffn - full_up, hidden,
-                        gate_up->group, cnt, ra.q + r0 * hidden, hidden, ra.scale + r0 * ng_in,
-                        ra.qsum + r0 * ng_in, ra.sum + r0 * ng_in, ng_in, h + r0 * 2 * ffn + full_up, 2 * ffn);
+            long g = i / nb_up, r0 = start[g];
+            q4_block_rows(gate_up, qp_dtype, slots[g], 2 * ffn, hidden, i % nb_up, start[g + 1] - r0,
+                          ra.q + r0 * hidden, ra.scale + r0 * ng_in, ra.qsum + r0 * ng_in, ra.sum + r0 * ng_in,
+                          ng_in, h + r0 * 2 * ffn, 2 * ffn);
         }
 #pragma omp for schedule(static)
-        for (long r = 0; r < n_routes; r++) {
-            float *hr = h + r * 2 * ffn;
-            for (long j = 0; j < ffn; j++) {
-                float g = hr[j];
-                hr[j] = g / (1.f + expf(-g)) * hr[ffn + j];
-            }
-            quantize_row(hr, EF_F32, ffn, ffn, down->group, mid.q + r * ffn, mid.scale + r * ng_mid,
-                         mid.qsum + r * ng_mid, mid.sum + r * ng_mid);
-        }
-#pragma omp for schedule(dynamic)
+        for (long r = 0; r < n_routes; r++) swiglu_mid(h + r * 2 * ffn, ffn, down->group, &mid, r);
+#pragma omp for schedule(static)
         for (long i = 0; i < n_groups * nb_down; i++) {
-            long g = i / nb_down, b = i % nb_down, r0 = start[g], cnt = start[g + 1] - r0;
-            const uint8_t *w = down->w + slots[g] * down->w_stride;
-            const void *qp = qp_dtype == EF_BF16
-                                 ? (const void *)((const uint16_t *)down->qp + slots[g] * down->qp_stride)
-                                 : (const void *)((const float *)down->qp + slots[g] * down->qp_stride);
-            if (b * 64 < full_down)
-                q4_block64(w + b * 64 * (ffn / 2), qp, qp_dtype, hidden, b * 64, ffn, down->group, cnt,
-                           mid.q + r0 * ffn, ffn, mid.scale + r0 * ng_mid, mid.qsum + r0 * ng_mid,
-                           mid.sum + r0 * ng_mid, ng_mid, y + r0 * hidden + b * 64, hidden);
-            else
-                q4_tail(w + full_down * (ffn / 2), qp, qp_dtype, hidden, full_down, hidden - full_down, ffn,
-                        down->group, cnt, mid.q + r0 * ffn, ffn, mid.scale + r0 * ng_mid, mid.qsum + r0 * ng_mid,
-                        mid.sum + r0 * ng_mid, ng_mid, y + r0 * hidden + full_down, hidden);
+            long g = i / nb_down, r0 = start[g];
+            q4_block_rows(down, qp_dtype, slots[g], hidden, ffn, i % nb_down, start[g + 1] - r0, mid.q + r0 * ffn,
+                          mid.scale + r0 * ng_mid, mid.qsum + r0 * ng_mid, mid.sum + r0 * ng_mid, ng_mid,
+                          y + r0 * hidden, hidden);
         }
     }
     for (long j = 0; j < n_routes * hidden; j++) store_val(out, out_dtype, j, y[j]);
