@@ -23,13 +23,16 @@ from expertflow.cli import main
 from expertflow.config import StoreConfig
 from expertflow.core import routed_top_k
 from expertflow.errors import CheckpointError, UnsupportedModelError
+from expertflow.model import loader
 from expertflow.model.loader import load_model, open_model_checkpoint
 from expertflow.model.quantize_pack import dequantized_state_dict, pack_quantized
+from expertflow.model.router_precision import find_router
 from expertflow.model.support import UNSUPPORTED
 from expertflow.quant.scheme import QuantScheme
 from expertflow.tiers.layout import ExpertLayout
 from expertflow.tiers.safetensors_index import open_checkpoint
 from tests.family_fixtures import (
+    build_tiny_model,
     discover_expert_families,
     model_class_name,
     runnable_model_type,
@@ -111,6 +114,57 @@ def test_a_family_runs_int4_experts_like_transformers_with_the_dequantized_weigh
         return
     scale = max(want.abs().max().item(), 1.0)
     assert (got - want).abs().max().item() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in UNSUPPORTED])
+def test_a_bf16_familys_int4_pack_routes_in_float32_closer_to_the_unrounded_model(
+    family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pack is lossy by choice, and its routers run in float32 (as transformers itself keeps about half the
+    families' routers): on a bf16 model, each router found is float32 at load, the family's own routing code
+    runs on it, and the logits are at least as close to the float32 model with the dequantized experts as with
+    the routers left in bf16."""
+    runnable = runnable_model_type(family)
+    model = build_tiny_model(runnable, seed=0).to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(tmp_path / "bf16")
+    del model
+    pack = pack_quantized(tmp_path / "bf16", tmp_path / "int4", QuantScheme(4, 32), progress=False)
+    class_name, _ = model_class_name(runnable)
+    reference = (
+        getattr(transformers, class_name).from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+    )
+    reference.load_state_dict(dequantized_state_dict(pack, reference), strict=False)
+    want = _forward(reference)
+    del reference
+    errors, dtypes = [], []
+    for keep_bf16 in (False, True):
+        if keep_bf16:
+            monkeypatch.setattr(loader, "float32_routers", lambda *args: 0)
+        try:
+            with load_model(pack, config=StoreConfig(predictor="none")) as offloaded:
+                got = _forward(offloaded)
+                routers = [
+                    router
+                    for m in offloaded.expert_layers.values()
+                    if (
+                        router := find_router(
+                            offloaded.get_submodule(m.module_path.rpartition(".")[0]), m.num_experts
+                        )
+                    )
+                    is not None
+                ]
+        except UnsupportedModelError as exc:
+            _refusal_allowed(family, exc)
+            return
+        assert torch.isfinite(got).all()
+        dtypes.append(got.dtype)  # the family's own output dtype, whatever the routers' precision
+        if not keep_bf16:
+            assert all(r.weight.dtype == torch.float32 for r in routers)
+        errors.append(((got.float() - want).norm() / want.norm()).item())
+    assert errors[0] <= errors[1] * 1.05 + 1e-4, (
+        f"{family}: float32 routers {errors[0]:.4g}, bf16 {errors[1]:.4g}"
+    )
 
 
 def _refusal_allowed(family: str, exc: UnsupportedModelError) -> None:

@@ -336,3 +336,31 @@ def test_experts_with_biases_keep_the_grouped_forward(tmp_path: Path) -> None:
     pack = pack_quantized(src, tmp_path / "q", INT4, progress=False)
     with load_model(pack, config=StoreConfig(predictor="none")) as model:
         assert not any(layer._single_route for layer in model.expert_layers.values())
+
+
+def test_a_packs_routers_compute_in_float32_and_a_lossless_load_keeps_the_checkpoints(tmp_path: Path) -> None:
+    """bf16 Mixtral: loaded as it is, its routers are the checkpoint's (bf16, transformers' own product); from an
+    int4 pack (lossy by choice) each router holds the same values in float32 and computes its logits from the
+    bf16 hidden states in float32, exactly F.linear in float32."""
+    from tests.checkpoints import build_model
+
+    model = build_model("mixtral").to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(tmp_path / "bf16")
+    del model
+    pack = pack_quantized(tmp_path / "bf16", tmp_path / "q", QuantScheme(4, 32), progress=False)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with load_model(tmp_path / "bf16", config=StoreConfig(predictor="none")) as lossless:
+        routers = [layer.mlp.gate for layer in lossless.model.layers]
+        assert all(r.weight.dtype == torch.bfloat16 and not r._forward_pre_hooks for r in routers)
+        stored = [r.weight.detach().clone() for r in routers]
+    with load_model(pack, config=StoreConfig(predictor="none")) as packed, torch.no_grad():
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        router = packed.model.layers[0].mlp.gate
+        assert all(layer.mlp.gate.weight.dtype == torch.float32 for layer in packed.model.layers)
+        assert torch.equal(router.weight, stored[0].float())
+        router.register_forward_hook(lambda m, args, out: seen.append((args[0], out[0])))
+        packed(input_ids=ids)
+    (hidden, logits), *_ = seen
+    assert hidden.dtype == torch.float32 and logits.dtype == torch.float32
+    assert torch.equal(logits, torch.nn.functional.linear(hidden, stored[0].float()))

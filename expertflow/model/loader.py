@@ -66,6 +66,7 @@ from expertflow.model.quantized_experts import (
     scheme_of,
 )
 from expertflow.model.quantized_linear import QuantizedLinear
+from expertflow.model.router_precision import float32_routers
 from expertflow.model.routing import attach as attach_routing
 from expertflow.model.support import check_supported
 from expertflow.model.verify import FamilyCheck, cached_status, verify_family
@@ -205,6 +206,12 @@ def _load_model(
             _finish(model, root, {a.module_path for a in adapters.values()})
         quantized = prep.scheme is not None or fmt is not None
         expert_layers = _swap_experts(model, adapters, store, prep.hf_config, quantized=quantized)
+        if prep.scheme is not None and not experts_only:  # a pack is lossy by choice: its routers in float32
+            float32_routers(
+                model,
+                {layer: m.module_path for layer, m in expert_layers.items()},
+                {layer: m.num_experts for layer, m in expert_layers.items()},
+            )
         if config.routing == "cache-aware" and not experts_only:
             attach_routing(model, expert_layers, config.routing_margin)
         predictor = (

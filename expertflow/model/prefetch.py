@@ -18,12 +18,12 @@ from torch.nn import functional as F
 
 from expertflow.config import StoreConfig
 from expertflow.model.moe_block import OffloadedExperts, SlotStore
+from expertflow.model.router_precision import ROUTER_NAMES
 from expertflow.pipeline.predictor import Gate, Predictor
 
 log = logging.getLogger(__name__)
 
 _NORM_NAMES = ("post_attention_layernorm", "post_feedforward_layernorm_pre", "ln_2")
-_ROUTER_NAMES = ("gate", "router")
 
 
 def _router_weight(router: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -55,7 +55,7 @@ def find_gates(
             None,
         )
         router = next(
-            (getattr(block, n) for n in _ROUTER_NAMES if isinstance(getattr(block, n, None), nn.Module)), None
+            (getattr(block, n) for n in ROUTER_NAMES if isinstance(getattr(block, n, None), nn.Module)), None
         )
         wb = _router_weight(router) if router is not None else None
         if norm is None or wb is None:
