@@ -17,9 +17,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from expertflow.errors import ConfigError
+from expertflow.model.router_precision import ROUTER_NAMES
 
 Router = Callable[[torch.Tensor], torch.Tensor]  # hidden states [tokens, hidden] -> router logits [tokens, E]
-_ROUTER_NAMES = ("gate", "router")
 
 
 class CacheAwareRouting:
@@ -79,7 +79,7 @@ def attach(model: nn.Module, layers: Mapping[int, Any], margin: float) -> dict[i
         block_path = names.get(id(experts), "").rpartition(".")[0]
         block = model.get_submodule(block_path) if block_path else None
         router = next(
-            (getattr(block, n) for n in _ROUTER_NAMES if isinstance(getattr(block, n, None), nn.Module)), None
+            (getattr(block, n) for n in ROUTER_NAMES if isinstance(getattr(block, n, None), nn.Module)), None
         )
         weight = getattr(router, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
