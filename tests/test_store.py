@@ -489,6 +489,7 @@ def test_a_store_holding_every_expert_gives_fixed_slots_of_resident_experts_only
     _, layout, ref = ckpt
     keys = [ExpertKey(1, 2), ExpertKey(1, 5)]
     with ExpertStore(layout, StoreConfig(host_bytes=budget_for(layout, len(layout.experts)))) as store:
+        assert store.holds_every_expert
         assert store.fixed_slots(keys) is None  # not resident yet
         handles = store.fetch(keys)
         slots = [h.slot for h in handles]
@@ -517,6 +518,7 @@ def test_a_store_smaller_than_the_model_gives_no_fixed_slots(ckpt):
         StoreConfig(host_bytes=room, policy="none"),
     ):
         with ExpertStore(layout, config) as store:
+            assert not store.holds_every_expert
             handles = store.fetch(keys)
             assert store.fixed_slots(keys) is None
             store.release(handles)

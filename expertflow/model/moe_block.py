@@ -55,6 +55,7 @@ class SlotStore(Protocol):
     slot_nbytes: int
     budget: BudgetPlan
     last_fetch_waited: bool
+    holds_every_expert: bool
 
     def stacked(self, layer: int, roles: str | tuple[str, ...]) -> torch.Tensor: ...
 
@@ -246,7 +247,7 @@ class OffloadedExperts(nn.Module):
         """The slots of experts ``ids`` while they stay resident for good (see ``ExpertStore.fixed_slots``), else
         None. A slot learnt once is kept: it cannot change while the store is open."""
         store = self.store
-        if store.closed:  # the waves' path raises the store's own error
+        if not store.holds_every_expert or store.closed:  # (closed: the waves' path raises the store's error)
             return None
         known = self._fixed
         slots = [known.get(e, -1) for e in ids]
@@ -261,8 +262,9 @@ class OffloadedExperts(nn.Module):
     def _resident_routes(
         self, flat: torch.Tensor, ids: list[int], slots: list[int], weight_dtype: torch.dtype
     ) -> torch.Tensor:
-        """A decode step's routes, one per expert in ``ids``' order, computed on ``slots`` (theirs, which cannot change): no pin,
-        no release, no wave. The same kernels on the same rows as the waves' path: the same bits."""
+        """A decode step's routes, one per expert in ``ids``' order, computed on ``slots`` (theirs, which cannot
+        change): no pin, no release, no wave. The same kernels on the same rows as the waves' path: the same
+        bits."""
         t0 = time.perf_counter()
         self.last_stalled = False
         self.waves += 1

@@ -154,8 +154,8 @@ class AsyncExpertStore:
         self.num_slots = self.device_tier.num_slots
         self.views = SlotViews(layout, self.device_tier.arena)
         self._stats.num_slots = self.num_slots
-        # Every expert has a slot of its own and stays once loaded: nothing can ever be evicted.
-        self._all_fit = self._device.keep_after_use and self.num_slots >= len(layout.experts)
+        #: Every expert has a slot of its own and stays once loaded: nothing is ever evicted (see fixed_slots).
+        self.holds_every_expert = self._device.keep_after_use and self.num_slots >= len(layout.experts)
         self._stats.host_buffers = self.pool.num_buffers
         self._stats.host_bytes = self.pool.nbytes
 
@@ -385,7 +385,7 @@ class AsyncExpertStore:
         :meth:`count_hits`): a resident decode step's experts cost a list lookup instead of a pin and a
         release each.
         """
-        if not self._all_fit or self._closed:
+        if not self.holds_every_expert or self._closed:
             return None
         slots = self._device.resident_slots(keys)
         if slots is None:

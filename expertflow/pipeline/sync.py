@@ -59,6 +59,7 @@ class ExpertStore:
         self.slot_nbytes: int = self.async_store.slot_nbytes
         self.budget: BudgetPlan = self.async_store.budget
         self.plan: StorePlan = self.async_store.plan
+        self.holds_every_expert: bool = self.async_store.holds_every_expert
         #: Whether the last :meth:`fetch_as_ready` had to wait for a read (compute stalled on that layer).
         self.last_fetch_waited = False
 
