@@ -223,6 +223,9 @@ class FusedRoutes:
     which experts share a call changes no bit. The call's fixed arguments are prepared once (again after
     ``native.reset()``)."""
 
+    #: Routes per native call of :meth:`rows`: bounds its scratch memory (~ routes * (2 * ffn + hidden) floats).
+    ROWS_PER_CALL = 512
+
     def __init__(self, stacks: Mapping[str, QuantizedStack], ffn: int) -> None:
         self._stacks = stacks
         self.ffn = ffn
@@ -238,9 +241,6 @@ class FusedRoutes:
             (down_parts["qweight"], down_parts["qparams"], down_s.group_size),
             self.ffn,
         )
-
-    #: Routes per native call of :meth:`rows`: bounds its scratch memory (~ routes * (2 * ffn + hidden) floats).
-    ROWS_PER_CALL = 512
 
     def _ready(self) -> native.Int4Swiglu:
         call = self._call

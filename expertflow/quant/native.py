@@ -129,8 +129,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     lib.ef_q4_gemm.argtypes = [p, i, n, p, p, i, n, n, n, p, i]
     lib.ef_q8_gemm.argtypes = [p, i, n, p, p, i, n, n, p, i]
-    lib.ef_q4_swiglu.argtypes = [p, i, n, n, n, p, ctypes.POINTER(_Stack), ctypes.POINTER(_Stack), i, p, i]
     stack = ctypes.POINTER(_Stack)
+    lib.ef_q4_swiglu.argtypes = [p, i, n, n, n, p, stack, stack, i, p, i]
     lib.ef_q4_swiglu_rows.argtypes = [p, i, n, n, n, n, p, p, p, stack, stack, i, p, i]
     lib.ef_q4_gemm.restype = lib.ef_q8_gemm.restype = lib.ef_q4_swiglu.restype = i
     lib.ef_q4_swiglu_rows.restype = i
