@@ -14,6 +14,7 @@ from expertflow.config import StoreConfig
 from expertflow.model.generate import format_summary, generate, quantized_kernels
 from expertflow.model.loader import load_model, plan_model
 from expertflow.model.quantize_pack import pack_quantized
+from expertflow.model.quantized_experts import FusedRoutes
 from expertflow.quant import kernels, native
 from expertflow.quant.scheme import QuantScheme, dequantize, quantize, unpack_int4
 from tests.checkpoints import save_checkpoint
@@ -315,7 +316,9 @@ def test_a_prompt_runs_each_waves_experts_in_one_native_call_with_the_bits_each_
     calls = _native_counting(monkeypatch, "rows")
     slot = plan_model(pack).slot_nbytes
     logits = []
-    for host in (None, 3 * slot):  # every expert resident; three slots: many waves, evictions
+    # Every expert resident; three slots (many waves, evictions); every expert resident, at most 3 routes a call.
+    for host, per_call in ((None, 512), (3 * slot, 512), (None, 3)):
+        monkeypatch.setattr(FusedRoutes, "ROWS_PER_CALL", per_call)
         with (
             load_model(pack, config=StoreConfig(predictor="none", host_bytes=host)) as model,
             torch.no_grad(),
@@ -331,7 +334,7 @@ def test_a_prompt_runs_each_waves_experts_in_one_native_call_with_the_bits_each_
                 assert torch.equal(together[t : t + 1], alone), f"token {t}"
     config = transformers.AutoConfig.from_pretrained(src)
     assert len(calls) >= config.num_hidden_layers and max(calls) > 1  # a wave's experts in one call
-    assert torch.equal(logits[0], logits[1])
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
     assert not torch.equal(logits[0], reference)  # other kernels, other rounding...
     assert ((logits[0] - reference).norm() / reference.norm()).item() < 2e-2  # ...of the activations only
 

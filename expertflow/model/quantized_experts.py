@@ -219,9 +219,9 @@ def fused_ffn(module: nn.Module, stacks: Mapping[str, Any]) -> int | None:
 
 class FusedRoutes:
     """The experts in chosen slots applied to one row ``x [1, hidden]`` with unit weights, in one native call
-    (see :func:`fused_ffn`): ``[len(slots), hidden]``. Each expert's output depends on its own slot alone, so
-    which experts share a call changes no bit. The call's fixed arguments are prepared once (again after
-    ``native.reset()``)."""
+    (see :func:`fused_ffn`): ``[len(slots), hidden]``; :meth:`rows` takes many rows grouped by expert. Each
+    route's output depends on its own row and slot alone, so which routes share a call changes no bit. The
+    call's fixed arguments are prepared once (again after ``native.reset()``)."""
 
     #: Routes per native call of :meth:`rows`: bounds its scratch memory (~ routes * (2 * ffn + hidden) floats).
     ROWS_PER_CALL = 512
