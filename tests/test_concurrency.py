@@ -11,7 +11,7 @@ import torch
 from expertflow.config import StoreConfig
 from expertflow.errors import ExpertReadError
 from expertflow.model.generate import generate
-from expertflow.model.loader import load_model
+from expertflow.model.loader import load_model, plan_model
 from tests.checkpoints import save_checkpoint
 
 PROMPTS = [(1, 2, 3, 4), (200, 17, 9), (33, 34, 35, 36, 37), (120, 121)]
@@ -20,6 +20,11 @@ PROMPTS = [(1, 2, 3, 4), (200, 17, 9), (33, 34, 35, 36, 37), (120, 121)]
 @pytest.fixture(scope="module")
 def mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_checkpoint("mixtral", tmp_path_factory.mktemp("concurrency") / "mixtral", shard_size=None)
+
+
+def _few_slots(root: Path, **options) -> StoreConfig:
+    """Room for two layers' top-2 experts of the fixture's 24: reads and evictions on every token."""
+    return StoreConfig(host_bytes=4 * plan_model(root).slot_nbytes, **options)
 
 
 def _hf_generate(model, prompt: tuple[int, ...], n: int = 6) -> list[int]:
@@ -49,10 +54,10 @@ def _in_threads(fn, prompts) -> tuple[dict[int, list[int]], list[BaseException]]
 
 
 def test_generate_from_four_threads_gives_each_thread_its_alone_tokens_fifty_times(mixtral: Path) -> None:
-    """The issue's reproducer: ``model.generate`` from four threads on one model whose budget (2 experts' worth
-    of slots) forces reads and evictions on every token. Without the model's lock this failed with
+    """The issue's reproducer: ``model.generate`` from four threads on one model whose budget (4 of its 24
+    experts) forces reads and evictions on every token. Without the model's lock this failed with
     ``pop from empty list`` or mismatched batch sizes, and sometimes left the store broken for later calls."""
-    with load_model(mixtral, config=StoreConfig(host_bytes=2 << 20, predictor="combined")) as model:
+    with load_model(mixtral, config=_few_slots(mixtral, predictor="combined")) as model:
         alone = {i: _hf_generate(model, p) for i, p in enumerate(PROMPTS)}
         for run in range(50):
             results, errors = _in_threads(lambda p: _hf_generate(model, p), PROMPTS)
@@ -60,10 +65,11 @@ def test_generate_from_four_threads_gives_each_thread_its_alone_tokens_fifty_tim
             assert results == alone, f"run {run}"
         # ...and a single-threaded call after all that still works
         assert _hf_generate(model, PROMPTS[0]) == alone[0]
+        assert model.expert_stats().evictions > 0
 
 
 def test_expertflow_generate_from_threads_queues_whole_generations(mixtral: Path) -> None:
-    with load_model(mixtral, config=StoreConfig(host_bytes=2 << 20)) as model:
+    with load_model(mixtral, config=_few_slots(mixtral)) as model:
         alone = {i: generate(model, p, 5, ignore_eos=True).tokens for i, p in enumerate(PROMPTS)}
         results, errors = _in_threads(lambda p: generate(model, p, 5, ignore_eos=True).tokens, PROMPTS)
         assert not errors and results == alone
@@ -72,9 +78,9 @@ def test_expertflow_generate_from_threads_queues_whole_generations(mixtral: Path
 def test_a_failed_generation_leaves_the_model_working_for_the_next_caller(
     mixtral: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A read error in the middle of a generation (every source fails once) releases the lock and the pins:
-    the next call, from another thread, gets the tokens it gets on a fresh model."""
-    with load_model(mixtral, config=StoreConfig(host_bytes=2 << 20)) as model:
+    """A read error in the middle of a generation (the store's third fetch fails) releases the lock and the
+    pins: the next call, from another thread, gets the tokens it gets on a fresh model."""
+    with load_model(mixtral, config=_few_slots(mixtral)) as model:
         expected = _hf_generate(model, PROMPTS[1])
         store = model.expert_store
         real = store.fetch_as_ready

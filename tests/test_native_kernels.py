@@ -332,6 +332,10 @@ def test_a_prompt_runs_each_waves_experts_in_one_native_call_with_the_bits_each_
             for t in range(hidden.shape[0]):
                 alone = layer(hidden[t : t + 1], index[t : t + 1], weights[t : t + 1])
                 assert torch.equal(together[t : t + 1], alone), f"token {t}"
+            if model.expert_store.holds_every_expert:  # again, on the slots its experts keep: no pins
+                hits = model.expert_store.stats().device_hits
+                assert torch.equal(model(input_ids=ids).logits.float(), logits[-1])
+                assert model.expert_store.pinned() == [] and model.expert_store.stats().device_hits > hits
     config = transformers.AutoConfig.from_pretrained(src)
     assert len(calls) >= config.num_hidden_layers and max(calls) > 1  # a wave's experts in one call
     assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])

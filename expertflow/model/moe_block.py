@@ -17,6 +17,7 @@ the output: greedy decoding repeats, in any dtype.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
@@ -109,6 +110,49 @@ def _expert_tables(
         del registry[leaf]
         found.append((owner, leaf, tensor.detach()))
     return found
+
+
+@dataclasses.dataclass
+class _RoutePlan:
+    """One call's routes and where their outputs go, shared by the waves that compute them."""
+
+    flat: torch.Tensor  # [tokens, H]
+    route_index: torch.Tensor  # [tokens * k]: each route's expert
+    ids: list[int] | None  # one token to distinct experts: the experts in route order
+    top_k: int
+    weight_dtype: torch.dtype
+    grouped: dict[int, list[int]] | None  # expert -> its routes, when the native kernels take many rows
+    rows: torch.Tensor  # [tokens * k, H] (or the token's one row): each route's input
+    routes: torch.Tensor | None = None  # [tokens * k, H]: each route's unweighted output, once any is known
+
+    @classmethod
+    def of(
+        cls,
+        flat: torch.Tensor,
+        route_index: torch.Tensor,
+        ids: list[int] | None,
+        top_k: int,
+        weight_dtype: torch.dtype,
+        fused: bool,
+    ) -> _RoutePlan:
+        # Several tokens on the native kernels: each wave's experts in one call, every expert's weights read
+        # once for all the routes to it (route r takes token r // top_k).
+        grouped: dict[int, list[int]] | None = None
+        if ids is None and fused:
+            grouped = {}
+            for r, e in enumerate(route_index.tolist()):
+                grouped.setdefault(e, []).append(r)
+        # a decode step's routes all take the token's one row
+        rows = flat if ids is not None or grouped is not None else flat.repeat_interleave(top_k, dim=0)
+        return cls(flat, route_index, ids, top_k, weight_dtype, grouped, rows)
+
+    def place(self, part: torch.Tensor, at: list[int] | torch.Tensor) -> None:
+        """Route outputs ``part`` into their places ``at`` (routes of distinct experts never overlap: exact)."""
+        if self.routes is None:
+            shape = (self.route_index.shape[0], self.flat.shape[-1])
+            self.routes = torch.zeros(shape, dtype=part.dtype, device=part.device)
+        index = at if isinstance(at, torch.Tensor) else torch.tensor(at, device=part.device)
+        self.routes.index_copy_(0, index, part)
 
 
 class OffloadedExperts(nn.Module):
@@ -230,11 +274,21 @@ class OffloadedExperts(nn.Module):
         if ids is not None and len(set(ids)) != len(ids):
             ids = None
         routes: torch.Tensor | None  # [tokens * k, H]: each route's unweighted output
-        slots = self._fixed_slots(ids) if ids is not None else None
-        if slots is not None and ids is not None:
+        if ids is not None and (slots := self._fixed_slots(ids)) is not None:
             routes = self._resident_routes(flat, ids, slots, top_k_weights.dtype)
         else:
-            routes = self._routes_in_waves(flat, route_index, ids, top_k, top_k_weights.dtype)
+            plan = _RoutePlan.of(flat, route_index, ids, top_k, top_k_weights.dtype, self._fused is not None)
+            # Most-wanted experts are requested first; the store yields the resident ones before any read. One
+            # token wants each of its experts once: plan_layer's order is then the experts' ids, sorted.
+            wanted = sorted(ids) if ids is not None else plan_layer(top_k_index)
+            fixed = self._fixed_slots(wanted) if ids is None else None
+            if fixed is not None:  # several tokens, every expert resident for good: one wave, no pins
+                self.last_stalled = False
+                self._compute_wave(plan, list(zip(fixed, wanted)))
+                self.store.count_hits(len(wanted))
+            else:
+                self._routes_in_waves(plan, wanted)
+            routes = plan.routes
         if routes is None:  # no tokens routed here
             return torch.zeros_like(hidden_states)
         # The family's combination: routing weights times route outputs, summed over a token's k routes in one
@@ -276,78 +330,51 @@ class OffloadedExperts(nn.Module):
         self.store.count_hits(len(ids))
         return routes
 
-    def _routes_in_waves(
-        self,
-        flat: torch.Tensor,
-        route_index: torch.Tensor,
-        ids: list[int] | None,
-        top_k: int,
-        weight_dtype: torch.dtype,
-    ) -> torch.Tensor | None:
-        """Every route's output, computed wave by wave as the store pins the experts (resident ones first)."""
-        shape = (route_index.shape[0], flat.shape[-1])
-        routes: torch.Tensor | None = None
-        # Most-wanted experts are requested first; the store yields the resident ones before any read. One
-        # token wants each of its experts once: plan_layer's order is then the experts' ids, sorted.
-        wanted = sorted(ids) if ids is not None else plan_layer(route_index.view(-1, top_k))
-        keys = [ExpertKey(self.layer, e) for e in wanted]
-        # Several tokens on the native kernels: each wave's experts in one call, every expert's weights read
-        # once for all the routes to it (route r takes token r // top_k).
-        grouped: dict[int, list[int]] | None = None
-        if ids is None and self._fused is not None:
-            grouped = {}
-            for r, e in enumerate(route_index.tolist()):
-                grouped.setdefault(e, []).append(r)
-        # [tokens * k, H]: each route's row; a decode step's routes all take the token's one row
-        rows = flat if ids is not None or grouped is not None else flat.repeat_interleave(top_k, dim=0)
+    def _routes_in_waves(self, plan: _RoutePlan, wanted: list[int]) -> None:
+        """Every route's output into ``plan``, computed wave by wave as the store pins the experts ``wanted``
+        (in that order of preference; resident ones come first)."""
         self.last_stalled = False
-        for wave in self.store.fetch_as_ready(keys):
+        for wave in self.store.fetch_as_ready([ExpertKey(self.layer, e) for e in wanted]):
             try:
                 # Did compute have to wait for some of this layer's experts? (set by the store per fetch)
                 self.last_stalled = self.store.last_fetch_waited
-                self.waves += 1
-                t0 = time.perf_counter()
-                one_by_one = wave
-                if ids is not None and self._fused is not None:
-                    placed = sorted((ids.index(h.key.expert), h.slot) for h in wave)  # in route order
-                    part = self._fused(flat, [slot for _, slot in placed])
-                    if routes is None and len(placed) == top_k:
-                        routes = part  # the whole layer in one wave: already every route in its place
-                    else:
-                        if routes is None:
-                            routes = torch.zeros(shape, dtype=part.dtype, device=part.device)
-                        routes[[i for i, _ in placed]] = part
-                    one_by_one = []
-                elif grouped is not None and self._fused is not None:
-                    members = [(h.slot, grouped[h.key.expert]) for h in wave]
-                    part = self._fused.rows(flat, [(slot, [r // top_k for r in rs]) for slot, rs in members])
-                    if routes is None:
-                        routes = torch.zeros(shape, dtype=part.dtype, device=part.device)
-                    order = torch.tensor([r for _, rs in members for r in rs], device=part.device)
-                    routes.index_copy_(0, order, part)  # routes of distinct experts never overlap: exact
-                    one_by_one = []
-                for handle in one_by_one:
-                    slot, expert = handle.slot, handle.key.expert
-                    if ids is not None:
-                        i = ids.index(expert)
-                        part = self._kernel(flat, slot, expert, weight_dtype)
-                        if routes is None:
-                            routes = torch.zeros(shape, dtype=part.dtype, device=part.device)
-                        routes[i] = part[0]
-                        continue
-                    mine = (route_index == expert).nonzero().squeeze(1)
-                    part = self._kernel(rows.index_select(0, mine), slot, expert, weight_dtype)
-                    if routes is None:
-                        routes = torch.zeros(shape, dtype=part.dtype, device=part.device)
-                    routes.index_copy_(0, mine, part)  # routes of distinct experts never overlap: exact
-                self.compute_seconds += time.perf_counter() - t0
+                self._compute_wave(plan, [(h.slot, h.key.expert) for h in wave])
+                routes = plan.routes
                 if routes is not None and routes.device.type == "cuda":
                     # Kernels run asynchronously: a released slot may be refilled by the copy stream at once,
                     # so the kernels reading this wave's slots must be done first.
                     torch.cuda.current_stream(routes.device).synchronize()
             finally:
                 self.store.release(wave)
-        return routes
+
+    def _compute_wave(self, plan: _RoutePlan, wave: list[tuple[int, int]]) -> None:
+        """The routes to the experts of one wave (``(slot, expert)`` pairs, each resident while this runs) into
+        ``plan.routes``: each expert's routes computed on their own, so the bits do not depend on the wave."""
+        self.waves += 1
+        t0 = time.perf_counter()
+        ids, top_k, flat = plan.ids, plan.top_k, plan.flat
+        one_by_one = wave
+        if ids is not None and self._fused is not None:
+            placed = sorted((ids.index(expert), slot) for slot, expert in wave)  # in route order
+            part = self._fused(flat, [slot for _, slot in placed])
+            if plan.routes is None and len(placed) == top_k:
+                plan.routes = part  # the whole layer in one wave: already every route in its place
+            else:
+                plan.place(part, [i for i, _ in placed])
+            one_by_one = []
+        elif plan.grouped is not None and self._fused is not None:
+            members = [(slot, plan.grouped[expert]) for slot, expert in wave]
+            part = self._fused.rows(flat, [(slot, [r // top_k for r in rs]) for slot, rs in members])
+            plan.place(part, [r for _, rs in members for r in rs])
+            one_by_one = []
+        for slot, expert in one_by_one:
+            if ids is not None:
+                plan.place(self._kernel(flat, slot, expert, plan.weight_dtype), [ids.index(expert)])
+                continue
+            mine = (plan.route_index == expert).nonzero().squeeze(1)
+            part = self._kernel(plan.rows.index_select(0, mine), slot, expert, plan.weight_dtype)
+            plan.place(part, mine)
+        self.compute_seconds += time.perf_counter() - t0
 
     def extra_repr(self) -> str:
         return (
