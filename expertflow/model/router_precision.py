@@ -5,7 +5,8 @@ error changes which experts run), and in a bf16 or fp16 model they still round t
 dtype. Held in float32 and fed float32 inputs, they pick experts closer to what the unrounded model would,
 and the product is cheaper too: on the CPU, torch's bf16 product of a decode step's one row costs ~110 us a
 layer inside the model (oneDNN's path, run cold after the experts' kernel) against ~30 us in float32, 1.8 ms
-a token on a 16-layer model. llama.cpp keeps routers in float32 for the same reasons.
+a token on a 16-layer model. transformers itself keeps about half the families' routers in float32
+(``_keep_in_fp32_modules_strict``), and llama.cpp's GGUF files keep them in F32 too.
 
 Only the router module changes: its weight (and bias) become float32 and its floating-point inputs are cast
 on the way in, so the family's own routing code (softmax, top-k, normalisation, biases) runs unchanged on
