@@ -245,10 +245,11 @@ def test_a_wave_of_experts_in_one_call_gives_each_expert_the_bits_it_gets_alone(
     hidden, ffn = 256, 192  # 2 * ffn = 384 rows: 6 blocks of 64; hidden 256: 4 blocks
     weights, up, down = _stacks(5, hidden, ffn, 64, dtype)
     x = torch.randn(hidden).to(dtype)
-    together = native.int4_swiglu(x, [3, 0, 4], tuple(up), tuple(down), ffn)
-    reordered = native.int4_swiglu(x, [4, 3, 0], tuple(up), tuple(down), ffn)
+    call = native.Int4Swiglu(tuple(up), tuple(down), ffn)
+    together = call(x, [3, 0, 4])
+    reordered = call(x, [4, 3, 0])
     for row, slot in enumerate([3, 0, 4]):
-        alone = native.int4_swiglu(x, [slot], tuple(up), tuple(down), ffn)
+        alone = call(x, [slot])
         assert torch.equal(together[row], alone[0])
         assert torch.equal(reordered[[1, 2, 0][row]], alone[0])
         w_up, w_down = weights[slot]

@@ -295,14 +295,3 @@ class Int4Swiglu:
         if rc != 0:
             raise MemoryError("the experts kernel could not allocate its buffers")
         return y
-
-
-def int4_swiglu(
-    x: torch.Tensor,
-    slots: list[int],
-    gate_up: tuple[torch.Tensor, torch.Tensor, int],
-    down: tuple[torch.Tensor, torch.Tensor, int],
-    ffn: int,
-) -> torch.Tensor:
-    """One :class:`Int4Swiglu` call: ``[len(slots), hidden]`` for one row ``x [hidden]``."""
-    return Int4Swiglu(gate_up, down, ffn)(x, slots)
